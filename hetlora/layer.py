@@ -1,0 +1,305 @@
+"""`HetLoraLinear`: one frozen linear layer serving K LoRA adapters of different ranks.
+
+The adapters are stored rank-major packed (DESIGN.md section 2): ``lora_A [R, d_in]``
+and ``lora_B [R, d_out]``; adapter k owns rows ``layout.offsets[k]:offsets[k+1]``.
+peft's ``lora_A.weight`` is ``A_k`` and peft's ``lora_B.weight`` is ``B_k^T``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from hetlora_kernels import AdapterLayout, TokenGroups, lora_delta, lora_linear
+
+SCALING_RULES = ("alpha/r", "rslora", "fixed")
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # transformers' GPT-2 Conv1D: weight [d_in, d_out], y = x W + b
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def base_dims(base: nn.Module) -> tuple[int, int]:
+    """``(d_in, d_out)`` of an ``nn.Linear`` or a transformers ``Conv1D``."""
+    if isinstance(base, nn.Linear):
+        return base.in_features, base.out_features
+    if _is_conv1d(base):
+        return base.weight.shape[0], base.weight.shape[1]
+    raise TypeError(f"base_linear must be an nn.Linear or a transformers Conv1D, got {type(base).__name__}")
+
+
+def scaling_value(alpha: float, rank: int, rule: str) -> float:
+    """Scaling ``s`` of an adapter: ``alpha/r``, ``alpha/sqrt(r)`` (rsLoRA) or ``alpha`` (fixed)."""
+    if rule == "alpha/r":
+        return alpha / rank
+    if rule == "rslora":
+        return alpha / math.sqrt(rank)
+    if rule == "fixed":
+        return float(alpha)
+    raise ValueError(f"scaling_rule must be one of {SCALING_RULES}, got {rule!r}")
+
+
+def per_adapter(value, K: int, name: str, kind=float) -> list:
+    """Broadcast a scalar to K entries, or check a sequence has K."""
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        value = [value] * K
+    if len(value) != K:
+        raise ValueError(f"{name} must be a single value or one per adapter ({K}), got {len(value)}")
+    out = []
+    for i, v in enumerate(value):
+        if kind is float:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{name}[{i}] must be a finite number, got {v!r}")
+            out.append(float(v))
+        else:
+            out.append(v)
+    return out
+
+
+class Routing:
+    """The current batch's sequence -> adapter ids, shared by every layer of a model.
+
+    Layers see inputs ``[batch, ..., d]``; the tokens of sequence ``b`` belong to
+    adapter ``adapter_ids[b]``.  `TokenGroups` are built once per distinct number of
+    tokens per sequence (usually one per forward) and reused by every layer.
+    """
+
+    def __init__(self) -> None:
+        self.adapter_ids: torch.Tensor | None = None
+        self.num_adapters = 0
+        self._groups: dict = {}
+
+    def set(self, adapter_ids: torch.Tensor | None, num_adapters: int) -> None:
+        self.adapter_ids, self.num_adapters, self._groups = adapter_ids, num_adapters, {}
+
+    def groups_for(self, x: torch.Tensor) -> TokenGroups | None:
+        ids = self.adapter_ids
+        if ids is None:
+            return None
+        if x.dim() < 2 or x.shape[0] != ids.shape[0]:
+            raise ValueError(
+                f"adapter_ids has {ids.shape[0]} entries (one per sequence) but a LoRA layer "
+                f"received input of shape {tuple(x.shape)}"
+            )
+        per_row = x[0, ..., 0].numel() if x.dim() > 1 else 1
+        key = (per_row, x.device)
+        g = self._groups.get(key)
+        if g is None:
+            tok = ids.to(x.device).repeat_interleave(per_row) if per_row != 1 else ids.to(x.device)
+            g = TokenGroups.from_adapter_ids(tok, self.num_adapters)
+            self._groups[key] = g
+        return g
+
+
+class HetLoraLinear(nn.Module):
+    """A frozen ``nn.Linear`` (or GPT-2 ``Conv1D``) plus K LoRA adapters of mixed ranks.
+
+    Args:
+        base_linear: the layer to adapt; its parameters are frozen.
+        ranks: K positive ints.
+        alpha: LoRA alpha, one float or one per adapter.
+        dropout: LoRA dropout probability on the adapter input (training only).
+        scaling_rule: ``"alpha/r"`` (peft's default), ``"rslora"`` (``alpha/sqrt(r)``) or
+            ``"fixed"`` (``s = alpha`` whatever the rank); one string or one per adapter.
+        init_lora_weights: peft's init (A Kaiming-uniform, B zero) when True, else both zero.
+
+    Attributes:
+        lora_A: ``[R, d_in]`` and lora_B: ``[R, d_out]`` packed rank-major parameters.
+        layout: `AdapterLayout`.  scaling: ``[K]`` float32 buffer.
+    """
+
+    def __init__(
+        self,
+        base_linear: nn.Module,
+        ranks: Sequence[int] | AdapterLayout,
+        alpha: float | Sequence[float] = 8.0,
+        dropout: float = 0.0,
+        *,
+        scaling_rule: str | Sequence[str] = "alpha/r",
+        init_lora_weights: bool = True,
+    ) -> None:
+        super().__init__()
+        d_in, d_out = base_dims(base_linear)
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+        self.base_layer = base_linear
+        for p in self.base_layer.parameters():
+            p.requires_grad_(False)
+        self.in_features, self.out_features = d_in, d_out
+        self.fan_in_fan_out = _is_conv1d(base_linear)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout_p = float(dropout)
+        layout = AdapterLayout(ranks)
+        w = base_linear.weight
+        self.lora_A = nn.Parameter(torch.zeros(layout.total_rank, d_in, dtype=w.dtype, device=w.device))
+        self.lora_B = nn.Parameter(torch.zeros(layout.total_rank, d_out, dtype=w.dtype, device=w.device))
+        self.register_buffer("scaling", torch.zeros(layout.num_adapters, dtype=torch.float32, device=w.device))
+        self.layout = layout
+        self.alphas = per_adapter(alpha, layout.num_adapters, "alpha")
+        rules = per_adapter(scaling_rule, layout.num_adapters, "scaling_rule", kind=str)
+        for i, r in enumerate(rules):
+            if r not in SCALING_RULES:
+                raise ValueError(f"scaling_rule[{i}] must be one of {SCALING_RULES}, got {r!r}")
+        self.scaling_rules = rules
+        self._refresh_scaling()
+        self.routing: Routing | None = None  # set by MultiLoraModel
+        if init_lora_weights:
+            for k in range(layout.num_adapters):
+                self.reset_adapter(k)
+
+    # -- adapters -------------------------------------------------------------------------------
+    @property
+    def num_adapters(self) -> int:
+        return self.layout.num_adapters
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return self.layout.ranks
+
+    def _refresh_scaling(self) -> None:
+        vals = [scaling_value(a, r, rule) for a, r, rule in zip(self.alphas, self.layout.ranks, self.scaling_rules)]
+        self.scaling = torch.tensor(vals, dtype=torch.float32, device=self.lora_A.device)
+        self._scaling_host = vals
+
+    @torch.no_grad()
+    def reset_adapter(self, k: int) -> None:
+        """peft's initialisation of adapter k: A Kaiming-uniform(a=sqrt(5)), B zero."""
+        rows = self.layout.rows(k)
+        a = torch.empty(rows.stop - rows.start, self.in_features, dtype=torch.float32, device=self.lora_A.device)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        self.lora_A[rows] = a.to(self.lora_A.dtype)
+        self.lora_B[rows] = 0
+
+    def get_adapter(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adapter k's ``(A_k [r_k, d_in], B_k [r_k, d_out])`` (detached clones)."""
+        rows = self.layout.rows(k)
+        return self.lora_A.detach()[rows].clone(), self.lora_B.detach()[rows].clone()
+
+    @torch.no_grad()
+    def set_adapters(
+        self,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        ranks: Sequence[int] | AdapterLayout,
+        alphas: float | Sequence[float] | None = None,
+        scaling_rules: str | Sequence[str] | None = None,
+    ) -> None:
+        """Replace all adapters by packed ``A [R, d_in]``, ``B [R, d_out]`` of ``ranks``.
+
+        The parameters are new tensors: optimisers holding the old ones must be rebuilt.
+        """
+        layout = AdapterLayout(ranks)
+        K = layout.num_adapters
+        if A.shape != (layout.total_rank, self.in_features):
+            raise ValueError(f"A must be [{layout.total_rank}, {self.in_features}], got {tuple(A.shape)}")
+        if B.shape != (layout.total_rank, self.out_features):
+            raise ValueError(f"B must be [{layout.total_rank}, {self.out_features}], got {tuple(B.shape)}")
+        if alphas is None:
+            if K != self.num_adapters:
+                raise ValueError("alphas must be given when the number of adapters changes")
+            alphas = self.alphas
+        if scaling_rules is None:
+            scaling_rules = self.scaling_rules if K == self.num_adapters else self.scaling_rules[0]
+        dev, dt = self.lora_A.device, self.lora_A.dtype
+        self.lora_A = nn.Parameter(A.detach().to(device=dev, dtype=dt).clone())
+        self.lora_B = nn.Parameter(B.detach().to(device=dev, dtype=dt).clone())
+        self.layout = layout
+        self.alphas = per_adapter(alphas, K, "alphas")
+        self.scaling_rules = per_adapter(scaling_rules, K, "scaling_rules", kind=str)
+        self._refresh_scaling()
+
+    @torch.no_grad()
+    def resize(self, ranks: Sequence[int]) -> None:
+        """Change adapter ranks in place: truncate trailing components or append zero ones."""
+        new = AdapterLayout(ranks)
+        if new.num_adapters != self.num_adapters:
+            raise ValueError(f"ranks must have {self.num_adapters} entries, got {new.num_adapters}")
+        A = self.lora_A.new_zeros(new.total_rank, self.in_features)
+        B = self.lora_B.new_zeros(new.total_rank, self.out_features)
+        for k in range(self.num_adapters):
+            n = min(new.ranks[k], self.layout.ranks[k])
+            src, dst = self.layout.offsets[k], new.offsets[k]
+            A[dst : dst + n] = self.lora_A[src : src + n]
+            B[dst : dst + n] = self.lora_B[src : src + n]
+        self.set_adapters(A, B, new)
+
+    @torch.no_grad()
+    def load_adapter(self, k: int, A_k: torch.Tensor, B_k: torch.Tensor, alpha: float | None = None,
+                     scaling_rule: str | None = None) -> None:
+        """Put ``A_k [r, d_in]``, ``B_k [r, d_out]`` into slot k (its rank becomes r)."""
+        if A_k.dim() != 2 or A_k.shape[1] != self.in_features:
+            raise ValueError(f"A_k must be [r, {self.in_features}], got {tuple(A_k.shape)}")
+        if B_k.dim() != 2 or B_k.shape != (A_k.shape[0], self.out_features):
+            raise ValueError(f"B_k must be [{A_k.shape[0]}, {self.out_features}], got {tuple(B_k.shape)}")
+        ranks = list(self.layout.ranks)
+        ranks[k] = A_k.shape[0]
+        self.resize(ranks)
+        rows = self.layout.rows(k)
+        self.lora_A[rows] = A_k.to(self.lora_A)
+        self.lora_B[rows] = B_k.to(self.lora_B)
+        if alpha is not None:
+            self.alphas[k] = float(alpha)
+        if scaling_rule is not None:
+            self.scaling_rules[k] = scaling_rule
+        self._refresh_scaling()
+
+    # -- forward --------------------------------------------------------------------------------
+    def _groups(self, x: torch.Tensor, adapter_ids, groups) -> TokenGroups | None:
+        if groups is not None:
+            return groups
+        if adapter_ids is not None:
+            r = Routing()
+            r.set(torch.as_tensor(adapter_ids, device=x.device), self.num_adapters)
+            return r.groups_for(x)
+        if self.routing is not None and self.routing.adapter_ids is not None:
+            return self.routing.groups_for(x)
+        if self.num_adapters == 1:
+            n = x.numel() // self.in_features if self.in_features else 0
+            return TokenGroups.from_lengths(torch.tensor([n], device=x.device))
+        raise ValueError(
+            f"adapter_ids is required: this layer holds {self.num_adapters} adapters "
+            "(pass adapter_ids= per sequence, or groups=)"
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        adapter_ids: torch.Tensor | Sequence[int] | None = None,
+        groups: TokenGroups | None = None,
+    ) -> torch.Tensor:
+        """``x: [batch, ..., d_in] -> [batch, ..., d_out]``.
+
+        Args:
+            adapter_ids: ``[batch]`` adapter of each row of x (``-1``: base only); or
+            groups: a `TokenGroups` over the flattened ``batch * ...`` tokens.
+            Neither: the owning model's routing, or adapter 0 when K == 1.
+        """
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x must end in d_in={self.in_features}, got shape {tuple(x.shape)}")
+        g = self._groups(x, adapter_ids, groups)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if g.num_tokens != x2.shape[0]:
+            raise ValueError(f"groups cover {g.num_tokens} tokens but x holds {x2.shape[0]}")
+        xa = x2.to(self.lora_A.dtype)
+        scaling = self._scaling_host if self.num_adapters > 1 else self._scaling_host[0]
+        if isinstance(self.base_layer, nn.Linear) and isinstance(self.lora_dropout, nn.Identity) and xa is x2:
+            w = self.base_layer.weight
+            if w.dtype == x2.dtype:
+                y = lora_linear(x2, w, self.base_layer.bias, self.lora_A, self.lora_B, self.layout, g, scaling)
+                return y.reshape(*lead, self.out_features)
+        base = self.base_layer(x)
+        delta = lora_delta(self.lora_dropout(xa), self.lora_A, self.lora_B, self.layout, g, scaling)
+        return base + delta.to(base.dtype).reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, ranks={list(self.layout.ranks)}, "
+            f"alphas={self.alphas}, scaling_rules={self.scaling_rules}, dropout={self.dropout_p}"
+        )

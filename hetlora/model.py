@@ -1,0 +1,193 @@
+"""`MultiLoraModel`: inject `HetLoraLinear` into any transformers model, peft-style.
+
+Every targeted layer shares one adapter layout (one rank per adapter, the same in
+every layer) and one `Routing`, so a forward pass builds its `TokenGroups` once and
+all layers reuse them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hetlora_kernels import AdapterLayout
+
+from .layer import HetLoraLinear, Routing, _is_conv1d, per_adapter
+
+
+def match_module_names(model: nn.Module, spec: str | Sequence[str], what: str) -> list[str]:
+    """Module names selected as peft selects them: a regex (full match) or a list of
+    names, each matching a module whose name equals it or ends with ``"." + name``."""
+    names = [n for n, _ in model.named_modules() if n]
+    if isinstance(spec, str):
+        try:
+            pat = re.compile(spec)
+        except re.error as e:
+            raise ValueError(f"{what} is not a valid regular expression: {e}") from None
+        hits = [n for n in names if pat.fullmatch(n)]
+    else:
+        keys = list(spec)
+        if not keys or not all(isinstance(k, str) and k for k in keys):
+            raise ValueError(f"{what} must be a regex string or a non-empty list of module names, got {spec!r}")
+        hits = [n for n in names if any(n == k or n.endswith("." + k) for k in keys)]
+    return hits
+
+
+class MultiLoraModel(nn.Module):
+    """A transformers model whose target linear layers carry K mixed-rank LoRA adapters.
+
+    Args:
+        model: any ``transformers`` (or plain torch) model; its parameters are frozen.
+        target_modules: peft-style: list of names (``["query", "value"]``) or a regex.
+        ranks: K positive ints.
+        alpha: LoRA alpha, one float or one per adapter.
+        dropout: LoRA dropout on the adapter input.
+        scaling_rule: ``"alpha/r"`` (default), ``"rslora"`` or ``"fixed"``.
+        modules_to_save: module names (peft-style) kept trainable and shared by all
+            adapters, e.g. ``["classifier"]``; exported with each adapter.
+
+    ``forward(*args, adapter_ids=ids, **kwargs)``: ``ids [batch]`` names each sequence's
+    adapter (``-1``: base model only); an int applies one adapter to all sequences.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target_modules: str | Sequence[str],
+        ranks: Sequence[int],
+        alpha: float | Sequence[float] = 8.0,
+        dropout: float = 0.0,
+        *,
+        scaling_rule: str = "alpha/r",
+        modules_to_save: Sequence[str] | None = None,
+        init_lora_weights: bool = True,
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        layout = AdapterLayout(ranks)
+        self.model = model
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.target_modules = target_modules if isinstance(target_modules, str) else list(target_modules)
+        self.routing = Routing()
+        self.dropout = dropout
+        self.scaling_rule = scaling_rule
+        alphas = per_adapter(alpha, layout.num_adapters, "alpha")
+        hits = match_module_names(model, target_modules, "target_modules")
+        self.lora_module_names: list[str] = []
+        for name in hits:
+            mod = model.get_submodule(name)
+            if isinstance(mod, HetLoraLinear):
+                raise ValueError(f"target_modules matched {name!r}, which already holds LoRA adapters")
+            if not (isinstance(mod, nn.Linear) or _is_conv1d(mod)):
+                continue  # peft also skips matched containers; only leaves are adapted
+            layer = HetLoraLinear(
+                mod, layout, alphas, dropout, scaling_rule=scaling_rule, init_lora_weights=init_lora_weights
+            )
+            layer.routing = self.routing
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+            self.lora_module_names.append(name)
+        if not self.lora_module_names:
+            sample = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or _is_conv1d(m)][:8]
+            raise ValueError(
+                f"target_modules={target_modules!r} matched no nn.Linear/Conv1D in the model; linear layers "
+                f"include {sample}"
+            )
+        self.modules_to_save: list[str] = []
+        if modules_to_save:
+            hits = match_module_names(model, list(modules_to_save), "modules_to_save")
+            top = [h for h in hits if not any(h.startswith(o + ".") for o in hits)]
+            if not top:
+                raise ValueError(f"modules_to_save={list(modules_to_save)!r} matched no module")
+            for name in top:
+                for p in model.get_submodule(name).parameters():
+                    p.requires_grad_(True)
+            self.modules_to_save = top
+
+    # -- structure ------------------------------------------------------------------------------
+    def lora_layers(self) -> Iterator[tuple[str, HetLoraLinear]]:
+        """``(module name, layer)`` of every adapted layer, in model order."""
+        for name in self.lora_module_names:
+            yield name, self.model.get_submodule(name)
+
+    def _first(self) -> HetLoraLinear:
+        return self.model.get_submodule(self.lora_module_names[0])
+
+    @property
+    def layout(self) -> AdapterLayout:
+        return self._first().layout
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return self.layout.ranks
+
+    @property
+    def num_adapters(self) -> int:
+        return self.layout.num_adapters
+
+    @property
+    def alphas(self) -> list[float]:
+        return list(self._first().alphas)
+
+    def lora_parameters(self) -> Iterator[nn.Parameter]:
+        for _, layer in self.lora_layers():
+            yield layer.lora_A
+            yield layer.lora_B
+
+    def set_ranks(self, ranks: Sequence[int]) -> None:
+        """Truncate or zero-pad every adapter to ``ranks`` in every layer."""
+        for _, layer in self.lora_layers():
+            layer.resize(ranks)
+
+    def adapter_state(self, k: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Adapter k: module name -> ``(A_k [r_k, d_in], B_k [r_k, d_out])`` clones."""
+        return {name: layer.get_adapter(k) for name, layer in self.lora_layers()}
+
+    # -- forward --------------------------------------------------------------------------------
+    def _normalise_ids(self, adapter_ids, batch_hint: int | None) -> torch.Tensor | None:
+        K = self.num_adapters
+        if adapter_ids is None:
+            if K == 1:
+                return None  # each layer then applies adapter 0 to every token
+            raise ValueError(f"adapter_ids is required: the model holds {K} adapters")
+        if isinstance(adapter_ids, int) and not isinstance(adapter_ids, bool):
+            if batch_hint is None:
+                raise ValueError("adapter_ids given as an int needs input_ids (or a tensor input) to size the batch")
+            if not -1 <= adapter_ids < K:
+                raise ValueError(f"adapter_ids must lie in [-1, {K - 1}], got {adapter_ids}")
+            return torch.full((batch_hint,), adapter_ids, dtype=torch.int64)
+        ids = torch.as_tensor(adapter_ids)
+        if ids.dim() != 1:
+            raise ValueError(f"adapter_ids must be 1-D [batch], got shape {tuple(ids.shape)}")
+        if batch_hint is not None and ids.shape[0] != batch_hint:
+            raise ValueError(f"adapter_ids has {ids.shape[0]} entries but the batch has {batch_hint} sequences")
+        return ids
+
+    def forward(self, *args, adapter_ids=None, **kwargs):
+        first = next((a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        batch = first.shape[0] if first is not None and first.dim() > 0 else None
+        ids = self._normalise_ids(adapter_ids, batch)
+        self.routing.set(ids, self.num_adapters)
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            self.routing.set(None, 0)
+
+    # -- peft interop -----------------------------------------------------------------------------
+    def export_peft(self, k: int, path: str | Path, base_model_name_or_path: str | None = None) -> Path:
+        """Write adapter k as a peft adapter directory (adapter_config.json + safetensors)."""
+        from .peft_io import export_peft
+
+        return export_peft(self, k, path, base_model_name_or_path)
+
+    def import_peft(self, k: int, path: str | Path, strict: bool = True) -> None:
+        """Load a peft LoRA adapter directory (weights, rank, alpha) into slot k."""
+        from .peft_io import import_peft
+
+        import_peft(self, k, path, strict)

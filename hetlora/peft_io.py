@@ -1,0 +1,208 @@
+"""Adapters to and from peft's on-disk LoRA format.
+
+A peft adapter directory holds ``adapter_config.json`` and ``adapter_model.safetensors``
+with keys ``base_model.model.<module>.lora_A.weight`` (``[r, d_in]`` = our ``A_k``) and
+``...lora_B.weight`` (``[d_out, r]`` = our ``B_k^T``), plus the full weights of
+``modules_to_save`` under ``base_model.model.<module>.<param>``.  Only safetensors is
+read: a pickled ``adapter_model.bin`` is refused, never unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .layer import scaling_value
+
+if TYPE_CHECKING:
+    from .model import MultiLoraModel
+
+PREFIX = "base_model.model."
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def _task_type(model: torch.nn.Module) -> str | None:
+    name = type(model).__name__
+    if name.endswith("ForSequenceClassification"):
+        return "SEQ_CLS"
+    if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
+        return "CAUSAL_LM"
+    if name.endswith("ForTokenClassification"):
+        return "TOKEN_CLS"
+    return None
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _check_slot(mlm: MultiLoraModel, k: object) -> int:
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int adapter index, got {type(k).__name__}")
+    if not 0 <= k < mlm.num_adapters:
+        raise ValueError(f"k must lie in [0, {mlm.num_adapters - 1}], got {k}")
+    return k
+
+
+def export_peft(mlm: MultiLoraModel, k: int, path: str | Path, base_model_name_or_path: str | None = None) -> Path:
+    """Write adapter ``k`` of ``mlm`` to directory ``path`` in peft's format; returns the path.
+
+    peft has no "fixed" scaling: such an adapter is written with ``lora_alpha = s * r``
+    so that peft's ``alpha / r`` gives the same ``s``.
+    """
+    from peft import LoraConfig
+
+    k = _check_slot(mlm, k)
+    layers = list(mlm.lora_layers())
+    first = layers[0][1]
+    r = first.layout.ranks[k]
+    rule, alpha = first.scaling_rules[k], first.alphas[k]
+    lora_alpha = scaling_value(alpha, r, "fixed") * r if rule == "fixed" else alpha
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(getattr(mlm.model, "config", None), "_name_or_path", None) or None
+    cfg = LoraConfig(
+        r=r,
+        lora_alpha=lora_alpha,
+        target_modules=[n for n, _ in layers],
+        lora_dropout=float(mlm.dropout),
+        use_rslora=(rule == "rslora"),
+        fan_in_fan_out=any(layer.fan_in_fan_out for _, layer in layers),
+        modules_to_save=list(mlm.modules_to_save) or None,
+        task_type=_task_type(mlm.model),
+        base_model_name_or_path=base_model_name_or_path,
+    )
+    cfg_dict = cfg.to_dict()
+    for key, val in cfg_dict.items():
+        if isinstance(val, set):
+            cfg_dict[key] = sorted(val)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, layer in layers:
+        A_k, B_k = layer.get_adapter(k)
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = A_k.contiguous()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = B_k.t().contiguous()
+    for name in mlm.modules_to_save:
+        for pname, p in mlm.model.get_submodule(name).state_dict().items():
+            tensors[f"{PREFIX}{name}.{pname}"] = p.detach().clone().contiguous()
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(cfg_dict, indent=2, sort_keys=True)))
+    return out
+
+
+def read_peft_adapter(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(config dict, tensors with the base_model.model. prefix removed)`` of a peft directory."""
+    d = Path(path)
+    if not d.is_dir():
+        raise FileNotFoundError(f"path {str(d)!r} is not a peft adapter directory")
+    cfg_path = d / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path} is missing: not a peft adapter directory")
+    w_path = d / WEIGHTS_NAME
+    if not w_path.is_file():
+        if (d / "adapter_model.bin").exists():
+            raise ValueError(
+                f"{d} holds only adapter_model.bin (a pickle); hetlora never unpickles files. "
+                "Re-save the adapter with safe_serialization=True"
+            )
+        raise FileNotFoundError(f"{w_path} is missing")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path} is not valid JSON: {e}") from None
+    tensors = load_file(str(w_path))
+    stripped = {}
+    for key, t in tensors.items():
+        stripped[key[len(PREFIX) :] if key.startswith(PREFIX) else key] = t
+    return cfg, stripped
+
+
+def import_peft(mlm: MultiLoraModel, k: int, path: str | Path, strict: bool = True) -> None:
+    """Load a peft LoRA adapter (weights, rank, alpha, rsLoRA flag) into slot ``k``.
+
+    With ``strict`` (default), every adapted layer of ``mlm`` must be in the file and
+    every LoRA module of the file must be adapted here; otherwise missing layers get a
+    zero adapter and unknown ones are ignored.
+    """
+    k = _check_slot(mlm, k)
+    cfg, tensors = read_peft_adapter(path)
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{path}: peft_type is {cfg.get('peft_type')!r}, only LORA adapters can be imported")
+    if cfg.get("use_dora"):
+        raise ValueError(f"{path}: DoRA adapters (use_dora=true) are not LoRA adapters hetlora can hold")
+    r = cfg.get("r")
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"{path}: adapter_config.json has r={r!r}, expected a positive int")
+    alpha = cfg.get("lora_alpha", 8)
+    for key in ("rank_pattern", "alpha_pattern"):
+        pattern = cfg.get(key) or {}
+        ref = r if key == "rank_pattern" else alpha
+        if any(v != ref for v in pattern.values()):
+            raise ValueError(
+                f"{path}: {key} gives layers different values; hetlora holds one rank and alpha per adapter"
+            )
+    rule = "rslora" if cfg.get("use_rslora") else "alpha/r"
+
+    lora: dict[str, dict[str, torch.Tensor]] = {}
+    other: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        for part in ("lora_A", "lora_B"):
+            tail = f".{part}.weight"
+            if key.endswith(tail):
+                lora.setdefault(key[: -len(tail)], {})[part] = t
+                break
+        else:
+            other[key] = t
+    ours = dict(mlm.lora_layers())
+    missing = [n for n in ours if n not in lora]
+    unknown = [n for n in lora if n not in ours]
+    if strict and (missing or unknown):
+        raise ValueError(
+            f"{path}: adapter modules do not match the model (missing here: {missing[:5]}, "
+            f"not adapted here: {unknown[:5]}); pass strict=False to zero the missing and ignore the unknown"
+        )
+    staged = {}
+    for name, layer in ours.items():
+        if name in lora:
+            parts = lora[name]
+            if set(parts) != {"lora_A", "lora_B"}:
+                raise ValueError(f"{path}: module {name!r} lacks lora_A or lora_B")
+            A_k, Bt = parts["lora_A"], parts["lora_B"]
+            if A_k.shape != (r, layer.in_features) or Bt.shape != (layer.out_features, r):
+                raise ValueError(
+                    f"{path}: module {name!r} has lora_A {tuple(A_k.shape)} and lora_B {tuple(Bt.shape)}; "
+                    f"expected ({r}, {layer.in_features}) and ({layer.out_features}, {r})"
+                )
+            staged[name] = (A_k, Bt.t())
+        else:
+            staged[name] = (torch.zeros(r, layer.in_features), torch.zeros(r, layer.out_features))
+    saved_mods = {}
+    for key, t in other.items():
+        owner = next((m for m in mlm.modules_to_save if key.startswith(m + ".")), None)
+        if owner is None:
+            if strict:
+                raise ValueError(f"{path}: tensor {key!r} belongs to no adapted layer or module to save here")
+            continue
+        saved_mods.setdefault(owner, {})[key[len(owner) + 1 :]] = t
+    # everything checked: now write (nothing half-loaded on a bad file)
+    for name, (A_k, B_k) in staged.items():
+        ours[name].load_adapter(k, A_k, B_k, alpha=alpha, scaling_rule=rule)
+    for owner, sd in saved_mods.items():
+        mlm.model.get_submodule(owner).load_state_dict(sd, strict=strict)

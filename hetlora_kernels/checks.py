@@ -1,0 +1,162 @@
+"""Argument validation shared by every backend: a clear exception naming the argument."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+
+import torch
+
+from .layout import AdapterLayout, TokenGroups
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_tensor(t: object, name: str, dim: int | None = None) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dim is not None and t.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
+    return t
+
+
+def check_layout(layout: object) -> AdapterLayout:
+    if not isinstance(layout, AdapterLayout):
+        raise TypeError(f"layout must be an AdapterLayout, got {type(layout).__name__}")
+    return layout
+
+
+def check_factors(A: torch.Tensor, B: torch.Tensor, layout: AdapterLayout, a_name: str = "A", b_name: str = "B"):
+    """``A [R, d_in]``, ``B [R, d_out]`` packed for ``layout``, same dtype and device."""
+    check_tensor(A, a_name, 2)
+    check_tensor(B, b_name, 2)
+    check_layout(layout)
+    if A.shape[0] != layout.total_rank:
+        raise ValueError(
+            f"{a_name} has {A.shape[0]} rows but layout.total_rank is {layout.total_rank} (ranks {list(layout.ranks)})"
+        )
+    if B.shape[0] != layout.total_rank:
+        raise ValueError(
+            f"{b_name} has {B.shape[0]} rows but layout.total_rank is {layout.total_rank} (ranks {list(layout.ranks)})"
+        )
+    if A.dtype != B.dtype:
+        raise TypeError(f"{b_name} dtype {B.dtype} differs from {a_name} dtype {A.dtype}")
+    if A.device != B.device:
+        raise ValueError(f"{b_name} is on {B.device} but {a_name} is on {A.device}")
+
+
+def check_scaling(scaling: object, num_adapters: int, device: torch.device) -> float | torch.Tensor:
+    """A finite float, or a finite ``[K]`` tensor.  Returns a float or a float32 ``[K]`` tensor."""
+    if isinstance(scaling, torch.Tensor):
+        if scaling.dim() == 0:
+            scaling = scaling.item()
+        else:
+            if scaling.shape != (num_adapters,):
+                raise ValueError(
+                    f"scaling must be a float or a [K={num_adapters}] tensor, got shape {tuple(scaling.shape)}"
+                )
+            if not (scaling.dtype.is_floating_point or scaling.dtype in (torch.int32, torch.int64)):
+                raise TypeError(f"scaling must be a float tensor, got {scaling.dtype}")
+            if not bool(torch.isfinite(scaling).all()):
+                raise ValueError("scaling must be finite, got a non-finite entry")
+            return scaling.detach().to(device=device, dtype=torch.float32)
+    if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
+        if isinstance(scaling, Sequence) and not isinstance(scaling, (str, bytes)):
+            # checked on the host, so a list costs no device synchronisation
+            if len(scaling) != num_adapters:
+                raise ValueError(f"scaling must be a float or hold K={num_adapters} values, got {len(scaling)}")
+            for i, v in enumerate(scaling):
+                if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+                    raise ValueError(f"scaling[{i}] must be a finite number, got {v!r}")
+            return torch.tensor([float(v) for v in scaling], dtype=torch.float32, device=device)
+        raise TypeError(f"scaling must be a float or a [K] tensor, got {type(scaling).__name__}")
+    s = float(scaling)
+    if not math.isfinite(s):
+        raise ValueError(f"scaling must be finite, got {s}")
+    return s
+
+
+def check_lora_inputs(x, A, B, layout, groups, scaling):
+    """Validate the arguments of ``lora_delta``; returns the normalised scaling."""
+    check_tensor(x, "x", 2)
+    check_factors(A, B, layout)
+    if not isinstance(groups, TokenGroups):
+        raise TypeError(f"groups must be a TokenGroups, got {type(groups).__name__}")
+    if x.shape[1] != A.shape[1]:
+        raise ValueError(f"x has d_in={x.shape[1]} but A has {A.shape[1]} columns")
+    if x.dtype != A.dtype:
+        raise TypeError(f"A dtype {A.dtype} differs from x dtype {x.dtype}")
+    if x.device != A.device:
+        raise ValueError(f"A is on {A.device} but x is on {x.device}")
+    if groups.num_tokens != x.shape[0]:
+        raise ValueError(f"groups cover {groups.num_tokens} tokens but x has T={x.shape[0]} rows")
+    if groups.num_adapters != layout.num_adapters:
+        raise ValueError(
+            f"groups were built for {groups.num_adapters} adapters but layout has {layout.num_adapters}"
+        )
+    if groups.device != x.device:
+        raise ValueError(f"groups are on {groups.device} but x is on {x.device}")
+    return check_scaling(scaling, layout.num_adapters, x.device)
+
+
+def check_base(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, d_out: int):
+    check_tensor(weight, "weight", 2)
+    if weight.shape != (d_out, x.shape[1]):
+        raise ValueError(f"weight must be [d_out={d_out}, d_in={x.shape[1]}], got {tuple(weight.shape)}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} differs from x dtype {x.dtype}")
+    if bias is not None:
+        check_tensor(bias, "bias", 1)
+        if bias.shape[0] != d_out:
+            raise ValueError(f"bias must be [d_out={d_out}], got {tuple(bias.shape)}")
+        if bias.dtype != x.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} differs from x dtype {x.dtype}")
+
+
+def as_layer_lists(A, B, a_name: str = "A", b_name: str = "B") -> tuple[list, list, bool]:
+    """Normalise one tensor pair or per-layer lists to lists; returns (As, Bs, was_list)."""
+    if isinstance(A, (list, tuple)) or isinstance(B, (list, tuple)):
+        if not isinstance(A, (list, tuple)) or not isinstance(B, (list, tuple)):
+            raise TypeError(f"{a_name} and {b_name} must both be tensors or both be lists of tensors")
+        if len(A) != len(B):
+            raise ValueError(f"{a_name} has {len(A)} layers but {b_name} has {len(B)}")
+        if len(A) == 0:
+            raise ValueError(f"{a_name} must hold at least one layer, got an empty list")
+        return list(A), list(B), True
+    return [A], [B], False
+
+
+def check_weights(weights: object, num_adapters: int, device: torch.device) -> torch.Tensor:
+    """Finite ``[K]`` weights as a float64 tensor on ``device``."""
+    if not isinstance(weights, torch.Tensor):
+        try:
+            weights = torch.as_tensor(weights, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f"weights must be a [K] tensor or a sequence of floats: {e}") from None
+    if weights.dim() != 1 or weights.shape[0] != num_adapters:
+        raise ValueError(f"weights must be [K={num_adapters}], got shape {tuple(weights.shape)}")
+    if not (weights.dtype.is_floating_point or weights.dtype in (torch.int32, torch.int64)):
+        raise TypeError(f"weights must be real, got {weights.dtype}")
+    w = weights.detach().to(device=device, dtype=torch.float64)
+    if not bool(torch.isfinite(w).all()):
+        bad = int((~torch.isfinite(w)).nonzero()[0, 0])
+        raise ValueError(f"weights must be finite, weights[{bad}] = {w[bad].item()}")
+    return w
+
+
+def check_finite_per_adapter(t: torch.Tensor, layout: AdapterLayout, name: str) -> None:
+    """Raise naming the first adapter (client) whose rows hold NaN/Inf."""
+    bad_rows = ~torch.isfinite(t).all(dim=1)
+    if bool(bad_rows.any()):
+        row = int(bad_rows.nonzero()[0, 0])
+        k = int(layout.row_adapter(t.device)[row])
+        raise ValueError(f"{name} holds non-finite values in adapter {k} (row {row})")
+
+
+def as_int(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return int(value)

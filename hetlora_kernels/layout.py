@@ -1,0 +1,259 @@
+"""Packed mixed-rank adapter layout and per-batch token grouping.
+
+`AdapterLayout` describes how K adapters of ranks ``r_k`` share one rank-major
+packed pair ``A [R, d_in]``, ``B [R, d_out]`` (``R = sum r_k``; adapter k owns rows
+``offsets[k]:offsets[k+1]``).  `TokenGroups` is the token -> adapter mapping of
+one batch: it is built once (one stable sort) and shared by every layer.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["AdapterLayout", "TokenGroups"]
+
+
+def _as_int(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+            return int(value.item())
+        raise TypeError(f"{what} must be an int, got {type(value).__name__}")
+    return int(value)
+
+
+class AdapterLayout:
+    """Ranks of K adapters packed rank-major into one ``[R, d]`` tensor pair.
+
+    Args:
+        ranks: K positive ints, adapter k's rank ``r_k``.
+
+    Attributes:
+        ranks: tuple of K ints.
+        offsets: tuple of K+1 ints; adapter k owns rows ``offsets[k]:offsets[k+1]``.
+        num_adapters: K.  total_rank: R.  max_rank: ``max r_k``.
+    """
+
+    __slots__ = ("ranks", "offsets", "num_adapters", "total_rank", "max_rank", "_cache")
+
+    def __init__(self, ranks: Sequence[int] | torch.Tensor | "AdapterLayout"):
+        if isinstance(ranks, AdapterLayout):
+            ranks = ranks.ranks
+        if isinstance(ranks, torch.Tensor):
+            if ranks.dim() != 1 or ranks.is_floating_point():
+                raise TypeError("ranks must be a 1-D integer tensor or a sequence of ints")
+            ranks = ranks.tolist()
+        if isinstance(ranks, (str, bytes)) or not isinstance(ranks, Sequence):
+            raise TypeError(f"ranks must be a sequence of ints, got {type(ranks).__name__}")
+        if len(ranks) == 0:
+            raise ValueError("ranks must name at least one adapter, got an empty sequence")
+        rs = tuple(_as_int(r, f"ranks[{i}]") for i, r in enumerate(ranks))
+        bad = [(i, r) for i, r in enumerate(rs) if r <= 0]
+        if bad:
+            i, r = bad[0]
+            raise ValueError(f"ranks must be positive, got ranks[{i}] = {r}")
+        offs = [0]
+        for r in rs:
+            offs.append(offs[-1] + r)
+        self.ranks: tuple[int, ...] = rs
+        self.offsets: tuple[int, ...] = tuple(offs)
+        self.num_adapters: int = len(rs)
+        self.total_rank: int = offs[-1]
+        self.max_rank: int = max(rs)
+        self._cache: dict = {}
+
+    # -- derived index tensors, cached per device -------------------------------------------
+    def _cached(self, key: str, device: torch.device | str | None, build) -> torch.Tensor:
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        k = (key, dev)
+        t = self._cache.get(k)
+        if t is None:
+            t = build().to(dev)
+            self._cache[k] = t
+        return t
+
+    def ranks_tensor(self, device=None) -> torch.Tensor:
+        """``[K]`` int64 ranks on ``device``."""
+        return self._cached("ranks", device, lambda: torch.tensor(self.ranks, dtype=torch.int64))
+
+    def offsets_tensor(self, device=None) -> torch.Tensor:
+        """``[K+1]`` int64 row offsets on ``device``."""
+        return self._cached("offsets", device, lambda: torch.tensor(self.offsets, dtype=torch.int64))
+
+    def row_adapter(self, device=None) -> torch.Tensor:
+        """``[R]`` int64: the adapter that owns each packed row."""
+        return self._cached(
+            "row_adapter",
+            device,
+            lambda: torch.repeat_interleave(torch.arange(self.num_adapters), torch.tensor(self.ranks)),
+        )
+
+    def row_component(self, device=None) -> torch.Tensor:
+        """``[R]`` int64: each packed row's component index ``j`` within its adapter."""
+
+        def build():
+            offs = torch.tensor(self.offsets[:-1])
+            return torch.arange(self.total_rank) - torch.repeat_interleave(offs, torch.tensor(self.ranks))
+
+        return self._cached("row_component", device, build)
+
+    def rows(self, k: int) -> slice:
+        """Packed rows of adapter ``k``."""
+        if not -self.num_adapters <= k < self.num_adapters:
+            raise IndexError(f"adapter index {k} out of range for {self.num_adapters} adapters")
+        k %= self.num_adapters
+        return slice(self.offsets[k], self.offsets[k + 1])
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, AdapterLayout) and other.ranks == self.ranks
+
+    def __hash__(self) -> int:
+        return hash(self.ranks)
+
+    def __len__(self) -> int:
+        return self.num_adapters
+
+    def __repr__(self) -> str:
+        return f"AdapterLayout(ranks={list(self.ranks)})"
+
+
+@dataclass(eq=False)
+class TokenGroups:
+    """Token -> adapter mapping of one batch, sorted once and shared by every layer.
+
+    Attributes:
+        adapter_ids: ``[T]`` int64, adapter of each token (``-1``: base output only).
+        num_adapters: K.
+        order: ``[T]`` int64 stable argsort of ``adapter_ids``; the ``-1`` tokens come first.
+        starts: ``[K+1]`` int64; tokens of adapter k are ``order[starts[k]:starts[k+1]]``.
+        counts: ``[K]`` int64 tokens per adapter.
+        counts_list / starts_list: the same on the host (read once at build time so that
+            no layer has to synchronise with the device again).
+        is_sorted: ``order`` is the identity (tokens already grouped, no ``-1``), so
+            implementations may skip the gather/scatter.
+    """
+
+    adapter_ids: torch.Tensor
+    num_adapters: int
+    order: torch.Tensor
+    starts: torch.Tensor
+    counts: torch.Tensor
+    counts_list: tuple[int, ...]
+    starts_list: tuple[int, ...]
+    is_sorted: bool
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.adapter_ids.shape[0])
+
+    @property
+    def num_routed(self) -> int:
+        """Tokens that belong to some adapter (id != -1)."""
+        return self.starts_list[-1] - self.starts_list[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.adapter_ids.device
+
+    @classmethod
+    def from_adapter_ids(cls, adapter_ids: torch.Tensor | Sequence[int], num_adapters: int) -> "TokenGroups":
+        """Build the groups of a batch.
+
+        Args:
+            adapter_ids: ``[T]`` integers in ``[-1, num_adapters)``, any order.
+            num_adapters: K, the number of adapters of the layout the groups will serve.
+        """
+        num_adapters = _as_int(num_adapters, "num_adapters")
+        if num_adapters <= 0:
+            raise ValueError(f"num_adapters must be positive, got {num_adapters}")
+        if not isinstance(adapter_ids, torch.Tensor):
+            try:
+                adapter_ids = torch.as_tensor(adapter_ids, dtype=torch.int64)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise TypeError(f"adapter_ids must be a 1-D integer tensor: {e}") from None
+            if adapter_ids.dim() == 0 or (adapter_ids.numel() == 0 and adapter_ids.dim() != 1):
+                adapter_ids = adapter_ids.reshape(-1)
+        if adapter_ids.dtype.is_floating_point or adapter_ids.dtype.is_complex or adapter_ids.dtype == torch.bool:
+            raise TypeError(f"adapter_ids must be an integer tensor, got dtype {adapter_ids.dtype}")
+        if adapter_ids.dim() != 1:
+            raise ValueError(f"adapter_ids must be 1-D [T], got shape {tuple(adapter_ids.shape)}")
+        ids = adapter_ids.to(torch.int64)
+        T = ids.shape[0]
+        if T:
+            lo, hi = torch.aminmax(ids)
+            lo, hi = int(lo), int(hi)
+            if lo < -1 or hi >= num_adapters:
+                bad = lo if lo < -1 else hi
+                raise ValueError(
+                    f"adapter_ids must lie in [-1, {num_adapters - 1}] (num_adapters={num_adapters}), found {bad}"
+                )
+        order = torch.sort(ids, stable=True).indices
+        # counts of ids -1..K-1 in one bincount, shifted so -1 lands in bin 0
+        binc = torch.bincount(ids + 1, minlength=num_adapters + 1)
+        counts = binc[1:]
+        starts = torch.cumsum(binc, 0)  # starts[k] = #tokens with id < k
+        starts_list = tuple(starts.tolist())
+        counts_list = tuple(counts.tolist())
+        is_sorted = starts_list[0] == 0 and (T < 2 or bool((ids[1:] >= ids[:-1]).all()))
+        return cls(ids, num_adapters, order, starts, counts, counts_list, starts_list, is_sorted)
+
+    @classmethod
+    def from_lengths(cls, lengths: torch.Tensor | Sequence[int]) -> "TokenGroups":
+        """Groups for a batch whose tokens are already contiguous per adapter.
+
+        Args:
+            lengths: ``[K]`` non-negative ints; the first ``lengths[0]`` tokens belong to
+                adapter 0, the next ``lengths[1]`` to adapter 1, and so on.
+        """
+        if isinstance(lengths, torch.Tensor):
+            if lengths.dim() != 1 or lengths.is_floating_point():
+                raise TypeError("lengths must be a 1-D integer tensor or a sequence of ints")
+            device = lengths.device
+            lens = lengths.tolist()
+        else:
+            device = torch.device("cpu")
+            if isinstance(lengths, (str, bytes)) or not isinstance(lengths, Sequence):
+                raise TypeError(f"lengths must be a sequence of ints, got {type(lengths).__name__}")
+            lens = [_as_int(n, f"lengths[{i}]") for i, n in enumerate(lengths)]
+        if len(lens) == 0:
+            raise ValueError("lengths must name at least one adapter")
+        for i, n in enumerate(lens):
+            if n < 0:
+                raise ValueError(f"lengths must be non-negative, got lengths[{i}] = {n}")
+        K = len(lens)
+        counts = torch.tensor(lens, dtype=torch.int64, device=device)
+        ids = torch.repeat_interleave(torch.arange(K, device=device), counts)
+        starts = torch.zeros(K + 1, dtype=torch.int64, device=device)
+        torch.cumsum(counts, 0, out=starts[1:])
+        order = torch.arange(ids.shape[0], device=device)
+        return cls(ids, K, order, starts, counts, tuple(lens), tuple(starts.tolist()), True)
+
+    def routed_order(self) -> torch.Tensor:
+        """``[T_routed]`` token indices of every routed token, grouped by adapter."""
+        t = self._cache.get("routed")
+        if t is None:
+            t = self.order[self.starts_list[0] :]
+            self._cache["routed"] = t
+        return t
+
+    def to(self, device: torch.device | str) -> "TokenGroups":
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        return TokenGroups(
+            self.adapter_ids.to(device),
+            self.num_adapters,
+            self.order.to(device),
+            self.starts.to(device),
+            self.counts.to(device),
+            self.counts_list,
+            self.starts_list,
+            self.is_sorted,
+        )
+
+    def __repr__(self) -> str:
+        return f"TokenGroups(num_tokens={self.num_tokens}, num_adapters={self.num_adapters}, counts={list(self.counts_list)})"

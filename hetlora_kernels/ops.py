@@ -1,0 +1,90 @@
+"""Public ops: validate once, then run the backend chosen by `dispatch`.
+
+Shapes and semantics are those of `hetlora_kernels.reference` (DESIGN.md sections 2, 4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from . import reference as ref
+from .dispatch import resolve
+from .layout import AdapterLayout, TokenGroups
+
+
+def lora_delta(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    layout: AdapterLayout,
+    groups: TokenGroups,
+    scaling: float | torch.Tensor,
+) -> torch.Tensor:
+    """Mixed-rank LoRA delta ``[T, d_out]``: ``y[t] = s_k (x[t] A_k^T) B_k``; 0 where id is -1.
+
+    Args:
+        x: ``[T, d_in]`` float32/float16/bfloat16/float64.
+        A: ``[R, d_in]``, B: ``[R, d_out]``, packed rank-major for ``layout``, x's dtype.
+        layout: the adapters' ranks.  groups: this batch's token grouping (T tokens).
+        scaling: float or ``[K]`` tensor (not differentiated).
+    Returns ``[T, d_out]`` in x's dtype, differentiable in x, A and B.
+    """
+    args = ref.prepare_lora_delta(x, A, B, layout, groups, scaling)
+    return resolve("lora_delta", x.device)[1](*args)
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    layout: AdapterLayout,
+    groups: TokenGroups,
+    scaling: float | torch.Tensor,
+) -> torch.Tensor:
+    """``x weight^T + bias + lora_delta(x, A, B, ...)``: weight ``[d_out, d_in]``, bias ``[d_out]`` or None."""
+    args = ref.prepare_lora_linear(x, weight, bias, A, B, layout, groups, scaling)
+    return resolve("lora_linear", x.device)[1](*args)
+
+
+def _device(A) -> torch.device:
+    t = A[0] if isinstance(A, (list, tuple)) and A else A
+    return t.device if isinstance(t, torch.Tensor) else torch.device("cpu")
+
+
+def component_norms(A, B, layout: AdapterLayout, reduce: str = "none") -> torch.Tensor:
+    """Per component ``||a_kj|| * ||b_kj||``: ``[K, r_max]``, 0 past ``r_k``.
+
+    With lists of per-layer tensors: ``[L, K, r_max]``, or ``[K, r_max]`` summed over
+    layers when ``reduce="sum"``.  Differentiable (float32 result for half inputs).
+    """
+    args, extra = ref.prepare_component_norms(A, B, layout, reduce)
+    return ref.finish_component_norms(resolve("component_norms", _device(A))[1](*args), extra)
+
+
+def delta_fro_norms(A, B, layout: AdapterLayout, scaling: float | torch.Tensor | None = None) -> torch.Tensor:
+    """``||s_k B_k^T A_k||_F`` per adapter: ``[K]`` (``[L, K]`` for lists), via two ``r_k x r_k`` Grams."""
+    args, was_list = ref.prepare_delta_fro_norms(A, B, layout, scaling)
+    return ref.finish_delta_fro_norms(resolve("delta_fro_norms", _device(A))[1](*args), was_list)
+
+
+def weighted_aggregate(A, B, layout: AdapterLayout, weights, out_rank: int | None = None):
+    """Zero-pad every adapter to ``out_rank`` (default ``max_rank``) and sum with ``weights [K]``.
+
+    Returns ``(A_g [out_rank, d_in], B_g [out_rank, d_out])`` (lists of them for list
+    inputs).  Raises ``ValueError`` naming the adapter whose rows are not finite.
+    """
+    args, was_list = ref.prepare_weighted_aggregate(A, B, layout, weights, out_rank)
+    return ref.finish_pair(resolve("weighted_aggregate", _device(A))[1](*args), was_list)
+
+
+def truncate(A_g, B_g, ranks: Sequence[int] | AdapterLayout):
+    """Distribute the global ``A_g [r, d_in]``, ``B_g [r, d_out]``: rows ``0:r_k`` per adapter.
+
+    Returns ``(A [R, d_in], B [R, d_out], layout)`` (lists of A and B for list inputs).
+    """
+    args, was_list = ref.prepare_truncate(A_g, B_g, ranks)
+    return ref.finish_truncate(resolve("truncate", _device(A_g))[1](*args), was_list, args[2])

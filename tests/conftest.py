@@ -1,0 +1,41 @@
+"""Test configuration.
+
+``TRITON_INTERPRET`` is read when Triton kernels are decorated (at import), so it is
+set here, before any test module imports hetlora_kernels, unless a GPU is present.
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_backend():
+    """Fresh seed per test; every test starts and ends on the 'auto' backend."""
+    import hetlora_kernels as hk
+
+    torch.manual_seed(1234)
+    hk.set_backend("auto")
+    yield
+    hk.set_backend("auto")
