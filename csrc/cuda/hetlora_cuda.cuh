@@ -1,0 +1,69 @@
+// Torch-free entry points of the hetlora CUDA kernels.
+//
+// Everything here takes raw device pointers, sizes and a cudaStream_t, so the .cu
+// files compile with nvcc alone (no torch headers: ~1.5 s per arch instead of ~70 s)
+// and are bound to torch by csrc/cuda/bindings_cuda.cpp.
+//
+// Conventions (DESIGN.md section 2, rank-major packed layout):
+//   * All tensors are dense row-major (contiguous).  Element type `dt` is one of
+//     float32 / float16 / bfloat16 / float64; "acc" is float for the first three and
+//     double for float64: every sum is accumulated in acc.
+//   * order   [T]   int64: token indices grouped by adapter, the -1 tokens first.
+//     starts  [K+1] int64: tokens of adapter k are order[starts[k]:starts[k+1]];
+//                   starts[0] == base (number of -1 tokens), starts[K] == T.
+//     offsets [K+1] int64: adapter k owns packed rows offsets[k]:offsets[k+1].
+//   * scales: nullable acc-typed [K] device array; when null, the scalar `scale`
+//     is used for every adapter.
+//   * Each launcher returns the launch's cudaError_t (cudaGetLastError()).
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace hetlora {
+namespace cuda {
+
+enum class DType : int { F32 = 0, F16 = 1, BF16 = 2, F64 = 3 };
+
+// h[t, j] = s_k * sum_c x[t, c] * w[offsets[k] + j, c]  for routed tokens t of adapter k,
+// j < r_k; h[t, j] = 0 for r_k <= j < r_max.  Rows of -1 tokens are not written.
+//   x [T, d] dt, w [R, d] dt, h [T, r_max] acc.
+cudaError_t shrink(DType dt, const void* x, const void* w, void* h, const int64_t* order,
+                   const int64_t* starts, const int64_t* offsets, const void* scales, double scale,
+                   int64_t base, int64_t T, int64_t K, int64_t d, int64_t r_max, cudaStream_t stream);
+
+// y[t, c] = s_k * sum_{j < r_k} h[t, j] * w[offsets[k] + j, c]  for routed tokens t.
+// Rows of -1 tokens are not written (the caller zero-fills y when base > 0).
+//   h [T, r_max] acc, w [R, d] dt, y [T, d] dt.
+cudaError_t expand(DType dt, const void* h, const void* w, void* y, const int64_t* order,
+                   const int64_t* starts, const int64_t* offsets, const void* scales, double scale,
+                   int64_t base, int64_t T, int64_t K, int64_t d, int64_t r_max, cudaStream_t stream);
+
+// out[offsets[k] + j, c] = s_k * sum_{t in group k} h[t, j] * x[t, c], every packed row
+// written (zeros for an adapter with no tokens).  Deterministic: each output element is
+// one thread's sequential sum over the group's tokens in `order`.
+//   h [T, r_max] acc, x [T, d] dt, out [R, d] dt.
+cudaError_t wgrad(DType dt, const void* h, const void* x, void* out, const int64_t* order,
+                  const int64_t* starts, const int64_t* offsets, const void* scales, double scale,
+                  int64_t T, int64_t K, int64_t d, int64_t r_max, cudaStream_t stream);
+
+// na[r] = ||A[r]||, nb[r] = ||B[r]||, out[k, j] = na[offsets[k]+j] * nb[offsets[k]+j].
+// Entries of out past r_k are not written (the caller zero-fills out).
+//   A [R, d_in] dt, B [R, d_out] dt, out [K, r_max] acc, na/nb [R] acc.
+cudaError_t component_norms(DType dt, const void* A, const void* B, void* out, void* na, void* nb,
+                            const int64_t* offsets, int64_t R, int64_t K, int64_t d_in, int64_t d_out,
+                            int64_t r_max, cudaStream_t stream);
+
+// out[i, c] = sum_{k : i < r_k} w_k * t[offsets[k] + i, c]   (zero-pad to out_rank, weigh, sum),
+// summed in adapter order (deterministic).   t [R, d] dt, weights [K] acc, out [out_rank, d] dt.
+cudaError_t weighted_aggregate(DType dt, const void* t, const void* weights, void* out, const int64_t* offsets,
+                               int64_t K, int64_t d, int64_t out_rank, cudaStream_t stream);
+
+// out[k] = sum_{i,j < r_k} (a_i . a_j)(b_i . b_j) = ||B_k^T A_k||_F^2 by the Gram identity.
+//   A [R, d_in] dt, B [R, d_out] dt, out [K] acc.
+cudaError_t delta_fro_sq(DType dt, const void* A, const void* B, void* out, const int64_t* offsets, int64_t K,
+                         int64_t d_in, int64_t d_out, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace hetlora

@@ -1,0 +1,178 @@
+// Segmented mixed-rank LoRA GEMMs (forward and backward), torch-free.
+//
+// One kernel family serves all four products of DESIGN.md section 2:
+//   forward   h  = x A_k^T          shrink(x, A)            y  = s_k h B_k   expand(h, B, s)
+//   backward  g  = s_k dy B_k^T     shrink(dy, B, s)        dx = g A_k       expand(g, A)
+//             dA_k = sum g^T x      wgrad(g, x)             dB_k = s_k sum h^T dy   wgrad(h, dy, s)
+// Tokens are visited through `order` (grouped by adapter, -1 tokens first), so inputs
+// are never gathered into a copy.  Every output element is produced by exactly one
+// thread or warp with a fixed summation order: results are bitwise reproducible.
+#include "common.cuh"
+
+namespace hetlora {
+namespace cuda {
+namespace {
+
+using detail::Acc;
+using detail::ceil_div;
+using detail::find_segment;
+using detail::from_acc;
+using detail::scale_of;
+using detail::to_acc;
+using detail::warp_sum;
+
+constexpr int kWarps = 8;       // warps per block in the warp-per-row kernels
+constexpr int kThreads = 256;   // threads per block in the column-parallel kernels
+constexpr int kRows = 8;        // rank components handled together (register accumulators)
+
+// One warp per routed token: the warp reads x[t] once per group of kRows components and
+// keeps kRows partial dot products per lane, then reduces them across the warp.
+template <typename T>
+__global__ void __launch_bounds__(kWarps * 32)
+shrink_kernel(const T* __restrict__ x, const T* __restrict__ w, typename Acc<T>::type* __restrict__ h,
+              const int64_t* __restrict__ order, const int64_t* __restrict__ starts,
+              const int64_t* __restrict__ offsets, const typename Acc<T>::type* __restrict__ scales,
+              typename Acc<T>::type scale, int64_t base, int64_t T_total, int K, int64_t d, int64_t r_max) {
+  using A = typename Acc<T>::type;
+  const int lane = threadIdx.x & 31;
+  const int64_t p = base + static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  if (p >= T_total) return;  // whole warps leave together: no shuffle sees a missing lane
+  const int k = find_segment(starts, K, p);
+  const int64_t tok = order[p];
+  const A s = scale_of(scales, scale, k);
+  const int64_t r0 = offsets[k];
+  const int rk = static_cast<int>(offsets[k + 1] - r0);
+  const T* xr = x + tok * d;
+  A* hr = h + tok * r_max;
+  for (int j0 = 0; j0 < rk; j0 += kRows) {
+    A acc[kRows];
+#pragma unroll
+    for (int u = 0; u < kRows; ++u) acc[u] = A(0);
+    const int nu = rk - j0 < kRows ? rk - j0 : kRows;
+    const T* wr = w + (r0 + j0) * d;
+    for (int64_t c = lane; c < d; c += 32) {
+      const A xv = to_acc(xr[c]);
+#pragma unroll
+      for (int u = 0; u < kRows; ++u)
+        if (u < nu) acc[u] += xv * to_acc(wr[u * d + c]);
+    }
+#pragma unroll
+    for (int u = 0; u < kRows; ++u) acc[u] = warp_sum(acc[u]);
+    if (lane == 0) {
+#pragma unroll
+      for (int u = 0; u < kRows; ++u)
+        if (u < nu) hr[j0 + u] = acc[u] * s;
+    }
+  }
+  for (int64_t j = rk + lane; j < r_max; j += 32) hr[j] = A(0);
+}
+
+// grid.x: routed token, grid.y: tile of kThreads output columns.  Each thread walks the
+// token's r_k components; h[t, j] is a warp-wide broadcast load, w rows are coalesced.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+expand_kernel(const typename Acc<T>::type* __restrict__ h, const T* __restrict__ w, T* __restrict__ y,
+              const int64_t* __restrict__ order, const int64_t* __restrict__ starts,
+              const int64_t* __restrict__ offsets, const typename Acc<T>::type* __restrict__ scales,
+              typename Acc<T>::type scale, int64_t base, int K, int64_t d, int64_t r_max) {
+  using A = typename Acc<T>::type;
+  const int64_t p = base + blockIdx.x;
+  const int64_t c = static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x;
+  if (c >= d) return;
+  const int k = find_segment(starts, K, p);
+  const int64_t tok = order[p];
+  const A s = scale_of(scales, scale, k);
+  const int64_t r0 = offsets[k];
+  const int rk = static_cast<int>(offsets[k + 1] - r0);
+  const A* hr = h + tok * r_max;
+  A acc = A(0);
+  for (int j = 0; j < rk; ++j) acc += hr[j] * to_acc(w[(r0 + j) * d + c]);
+  y[tok * d + c] = from_acc<T>(acc * s);
+}
+
+// grid.x: tile of kThreads columns, grid.y: adapter k, grid.z: group of kRows components.
+// Each thread owns kRows output elements of one column and sums over the adapter's tokens
+// in `order` sequentially: no atomics, so the result does not depend on scheduling.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+wgrad_kernel(const typename Acc<T>::type* __restrict__ h, const T* __restrict__ x, T* __restrict__ out,
+             const int64_t* __restrict__ order, const int64_t* __restrict__ starts,
+             const int64_t* __restrict__ offsets, const typename Acc<T>::type* __restrict__ scales,
+             typename Acc<T>::type scale, int64_t d, int64_t r_max) {
+  using A = typename Acc<T>::type;
+  const int k = blockIdx.y;
+  const int j0 = blockIdx.z * kRows;
+  const int64_t r0 = offsets[k];
+  const int rk = static_cast<int>(offsets[k + 1] - r0);
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (j0 >= rk || c >= d) return;
+  const int nu = rk - j0 < kRows ? rk - j0 : kRows;
+  A acc[kRows];
+#pragma unroll
+  for (int u = 0; u < kRows; ++u) acc[u] = A(0);
+  const int64_t p1 = starts[k + 1];
+  for (int64_t p = starts[k]; p < p1; ++p) {
+    const int64_t tok = order[p];
+    const A xv = to_acc(x[tok * d + c]);
+    const A* hr = h + tok * r_max + j0;
+#pragma unroll
+    for (int u = 0; u < kRows; ++u)
+      if (u < nu) acc[u] += hr[u] * xv;
+  }
+  const A s = scale_of(scales, scale, k);
+#pragma unroll
+  for (int u = 0; u < kRows; ++u)
+    if (u < nu) out[(r0 + j0 + u) * d + c] = from_acc<T>(acc[u] * s);
+}
+
+}  // namespace
+
+cudaError_t shrink(DType dt, const void* x, const void* w, void* h, const int64_t* order, const int64_t* starts,
+                   const int64_t* offsets, const void* scales, double scale, int64_t base, int64_t T, int64_t K,
+                   int64_t d, int64_t r_max, cudaStream_t stream) {
+  const int64_t n = T - base;
+  if (n <= 0) return cudaSuccess;
+  if (ceil_div(n, kWarps) > 0x7fffffffu) return cudaErrorInvalidConfiguration;
+  return HETLORA_DISPATCH_DT(dt, [&] {
+    using A = typename Acc<scalar_t>::type;
+    shrink_kernel<scalar_t><<<ceil_div(n, kWarps), kWarps * 32, 0, stream>>>(
+        static_cast<const scalar_t*>(x), static_cast<const scalar_t*>(w), static_cast<A*>(h), order, starts,
+        offsets, static_cast<const A*>(scales), static_cast<A>(scale), base, T, static_cast<int>(K), d, r_max);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t expand(DType dt, const void* h, const void* w, void* y, const int64_t* order, const int64_t* starts,
+                   const int64_t* offsets, const void* scales, double scale, int64_t base, int64_t T, int64_t K,
+                   int64_t d, int64_t r_max, cudaStream_t stream) {
+  const int64_t n = T - base;
+  if (n <= 0 || d == 0) return cudaSuccess;
+  if (n > 0x7fffffff || ceil_div(d, kThreads) > 65535u) return cudaErrorInvalidConfiguration;
+  const dim3 grid(static_cast<unsigned>(n), ceil_div(d, kThreads));
+  return HETLORA_DISPATCH_DT(dt, [&] {
+    using A = typename Acc<scalar_t>::type;
+    expand_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
+        static_cast<const A*>(h), static_cast<const scalar_t*>(w), static_cast<scalar_t*>(y), order, starts,
+        offsets, static_cast<const A*>(scales), static_cast<A>(scale), base, static_cast<int>(K), d, r_max);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t wgrad(DType dt, const void* h, const void* x, void* out, const int64_t* order, const int64_t* starts,
+                  const int64_t* offsets, const void* scales, double scale, int64_t T, int64_t K, int64_t d,
+                  int64_t r_max, cudaStream_t stream) {
+  (void)T;
+  if (K == 0 || d == 0 || r_max == 0) return cudaSuccess;
+  if (K > 65535 || ceil_div(r_max, kRows) > 65535u) return cudaErrorInvalidConfiguration;
+  const dim3 grid(ceil_div(d, kThreads), static_cast<unsigned>(K), ceil_div(r_max, kRows));
+  return HETLORA_DISPATCH_DT(dt, [&] {
+    using A = typename Acc<scalar_t>::type;
+    wgrad_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
+        static_cast<const A*>(h), static_cast<const scalar_t*>(x), static_cast<scalar_t*>(out), order, starts,
+        offsets, static_cast<const A*>(scales), static_cast<A>(scale), d, r_max);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace cuda
+}  // namespace hetlora

@@ -1,0 +1,143 @@
+"""Autograd wiring of the mixed-rank LoRA kernels: the triton ``lora_delta`` / ``lora_linear``.
+
+Forward (2 launches): ``h = shrink(x, A)`` (fp32, kept for the backward), ``y = expand(h, B)``.
+Backward (4 launches, +2 on the two-stage weight-gradient path):
+``g = shrink(dy, B, s)``, ``dx = expand(g, A)``, ``dA = wgrad(g, x)``, ``dB = wgrad(h, dy, s)``.
+``lora_linear`` runs the base GEMM with torch (``F.linear``) and lets the expand kernels
+add the LoRA terms into its output (forward) and into ``dy W`` (backward) in place, which
+saves one pass over ``[T, d_out]`` and one over ``[T, d_in]``.
+
+Inputs fp32/fp16/bf16 accumulate in fp32; results come back in the input dtype. float64
+inputs are served by the torch reference implementation (Triton's tensor-core paths do
+not cover them and the reference is exact there).  Weight gradients are bitwise
+reproducible run to run (no atomics).  Not twice differentiable.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import reference
+from ..layout import AdapterLayout, TokenGroups
+from .expand import expand
+from .shrink import shrink
+from .wgrad import wgrad
+
+
+def _rowmajor(t: torch.Tensor) -> torch.Tensor:
+    """Kernels take any row stride but need unit column stride."""
+    return t if (t.dim() == 2 and t.stride(1) == 1) or t.numel() == 0 else t.contiguous()
+
+
+def _forward(x, A, B, layout, groups, scaling, out):
+    h = shrink(x, A, layout, groups)
+    y = expand(h, B, layout, groups, scaling, out=out)
+    return y, h
+
+
+def _backward(ctx, dy, x, A, B, h, dx_out):
+    """LoRA gradients; ``dx_out`` (if given) receives the dx term in place."""
+    layout, groups, scaling = ctx.layout, ctx.groups, ctx.scaling
+    need_x, need_A, need_B = ctx.lora_needs
+    dy = _rowmajor(dy)
+    dx = dA = dB = None
+    if need_x or need_A:
+        g = shrink(dy, B, layout, groups, scaling)
+        if need_x:
+            dx = expand(g, A, layout, groups, 1.0, out=dx_out)
+        if need_A:
+            dA = wgrad(g, x, layout, groups)
+    if need_B:
+        dB = wgrad(h, dy, layout, groups, scaling)
+    return dx, dA, dB
+
+
+class _LoraDelta(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, A, B, layout, groups, scaling):
+        x, A, B = _rowmajor(x), A.contiguous(), B.contiguous()
+        y, h = _forward(x, A, B, layout, groups, scaling, None)
+        ctx.layout, ctx.groups, ctx.scaling = layout, groups, scaling
+        ctx.lora_needs = ctx.needs_input_grad[:3]
+        ctx.save_for_backward(x, A, B, h)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, A, B, h = ctx.saved_tensors
+        dx, dA, dB = _backward(ctx, dy, x, A, B, h, None)
+        return dx, dA, dB, None, None, None
+
+
+class _LoraLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, layout, groups, scaling):
+        x, A, B = _rowmajor(x), A.contiguous(), B.contiguous()
+        base = F.linear(x, weight, bias)
+        if base.stride(1) != 1:
+            base = base.contiguous()
+        y, h = _forward(x, A, B, layout, groups, scaling, base)
+        ctx.layout, ctx.groups, ctx.scaling = layout, groups, scaling
+        n = ctx.needs_input_grad
+        ctx.lora_needs = (n[0], n[3], n[4])
+        ctx.base_needs = (n[1], n[2] and bias is not None)
+        ctx.save_for_backward(x, weight, A, B, h)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, weight, A, B, h = ctx.saved_tensors
+        need_w, need_b = ctx.base_needs
+        dy = _rowmajor(dy)
+        dx_base = dy.mm(weight) if ctx.lora_needs[0] else None
+        dx, dA, dB = _backward(ctx, dy, x, A, B, h, dx_base)
+        dW = dy.t().mm(x) if need_w else None
+        db = dy.sum(0) if need_b else None
+        return dx, dW, db, dA, dB, None, None, None
+
+
+def lora_delta_impl(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    layout: AdapterLayout,
+    groups: TokenGroups,
+    scaling: float | torch.Tensor,
+) -> torch.Tensor:
+    """``y [T, d_out] = s_k (x[t] A_k^T) B_k`` per token, 0 for ``-1`` tokens.
+
+    Args (validated by ``reference.prepare_lora_delta``):
+        x: ``[T, d_in]`` fp32/fp16/bf16 (float64 goes to the torch reference), any strides.
+        A: ``[R, d_in]``, B: ``[R, d_out]`` packed for ``layout``, x's dtype and device.
+        scaling: Python float, or fp32 ``[K]`` tensor on x's device (not differentiated).
+    Returns ``[T, d_out]`` in x's dtype, differentiable in x, A and B.
+    """
+    if x.dtype == torch.float64:
+        return reference.lora_delta_impl(x, A, B, layout, groups, scaling)
+    return _LoraDelta.apply(x, A, B, layout, groups, scaling)
+
+
+def lora_linear_impl(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    layout: AdapterLayout,
+    groups: TokenGroups,
+    scaling: float | torch.Tensor,
+) -> torch.Tensor:
+    """``x weight^T + bias + lora_delta(x, A, B, ...)``: ``[T, d_out]`` in x's dtype.
+
+    weight ``[d_out, d_in]`` and bias ``[d_out]`` (or None) in x's dtype; differentiable in
+    x, weight, bias, A and B.  float64 goes to the torch reference.
+    """
+    if x.dtype == torch.float64:
+        return reference.lora_linear_impl(x, weight, bias, A, B, layout, groups, scaling)
+    return _LoraLinear.apply(x, weight, bias, A, B, layout, groups, scaling)
+
+
+IMPLS = {"lora_delta": lora_delta_impl, "lora_linear": lora_linear_impl}

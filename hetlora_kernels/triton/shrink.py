@@ -1,0 +1,132 @@
+"""Segmented mixed-rank shrink: ``h[p] = s_k * x[order[p]] A_k^T`` in one launch.
+
+Used by the forward (``h = x A_k^T``, scale 1) and the backward
+(``g = s_k dy B_k^T``).  Tokens stay where they are: rows are gathered through
+``groups.order``.  The result is written by *position* ``p`` in ``order`` (row ``p`` of
+an fp32 ``[T, r_max]`` buffer), so that the consumers (expand, weight gradients) read
+each adapter's rows contiguously.  Only columns ``< r_k`` of adapter k's positions are
+written; positions of ``-1`` tokens and columns ``>= r_k`` are never written nor read.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..layout import AdapterLayout, TokenGroups
+from .schedule import BLOCK_R, autotune, cdiv, dot_mode, interpret_meta, next_pow2, token_tiles, torch_to_tl_scale
+
+_CONFIGS = [
+    triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s)
+    for bk, w, s in ((64, 4, 4), (128, 4, 3), (128, 8, 3), (256, 8, 2))
+]
+
+
+@autotune(_CONFIGS, key=["d_in", "BLOCK_T"])
+@triton.jit
+def _shrink_kernel(
+    X,  # [T, d_in] (row stride stride_x, unit column stride)
+    stride_x,
+    W,  # [R, d_in] packed factor (A, or B in the backward)
+    stride_w,
+    H,  # [T, r_max] fp32 output, by position
+    stride_h,
+    order,  # [T] int64
+    tiles,  # [n_tiles, 3] int32 (adapter, p_start, p_end)
+    offsets,  # [K+1] int64
+    scale_ptr,  # [K] fp32 when HAS_SCALE_PTR
+    scale_val,
+    d_in,
+    HAS_SCALE_PTR: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # rank tile on the fastest grid axis: the programs that share one x tile run together,
+    # so x is read from DRAM once and from L2 for the other rank tiles
+    pid_r = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    a = tl.load(tiles + pid_t * 3)
+    p0 = tl.load(tiles + pid_t * 3 + 1)
+    p1 = tl.load(tiles + pid_t * 3 + 2)
+    row0 = tl.load(offsets + a)
+    rank = tl.load(offsets + a + 1) - row0
+    r0 = pid_r * BLOCK_R
+    if r0 < rank:
+        offs_p = p0 + tl.arange(0, BLOCK_T)
+        mask_t = offs_p < p1
+        tok = tl.load(order + offs_p, mask=mask_t, other=0)
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < rank
+        offs_k = tl.arange(0, BLOCK_K)
+        x_ptrs = X + tok[:, None] * stride_x + offs_k[None, :]
+        w_ptrs = W + (row0 + offs_r)[None, :] * stride_w + offs_k[:, None]
+        acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+        for k0 in range(0, d_in, BLOCK_K):
+            mask_k = offs_k < d_in - k0
+            xt = tl.load(x_ptrs, mask=mask_t[:, None] & mask_k[None, :], other=0.0)
+            wt = tl.load(w_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+            if DOT_F32:
+                acc = tl.dot(xt.to(tl.float32), wt.to(tl.float32), acc, input_precision=DOT_PREC)
+            else:
+                acc = tl.dot(xt, wt, acc)
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        if HAS_SCALE_PTR:
+            acc = acc * tl.load(scale_ptr + a)
+        else:
+            acc = acc * scale_val
+        h_ptrs = H + offs_p[:, None] * stride_h + offs_r[None, :]
+        tl.store(h_ptrs, acc, mask=mask_t[:, None] & mask_r[None, :])
+
+
+def shrink_block_t(groups: TokenGroups) -> int:
+    """Token tile of the shrink/expand schedule: small when groups are small, so that a
+    batch of many clients with a few tokens each wastes little of each tile."""
+    routed = groups.num_routed
+    busy = sum(1 for c in groups.counts_list if c)
+    mean = routed // max(busy, 1)
+    return 64 if (mean >= 48 or routed == 0) else (32 if mean >= 24 else 16)
+
+
+def shrink(
+    x: torch.Tensor,
+    W: torch.Tensor,
+    layout: AdapterLayout,
+    groups: TokenGroups,
+    scaling: float | torch.Tensor = 1.0,
+    block_t: int | None = None,
+) -> torch.Tensor:
+    """``h[p, :r_k] = s_k * x[order[p]] @ W_k^T`` for every routed position ``p``.
+
+    Args:
+        x: ``[T, d]`` fp32/fp16/bf16 with unit column stride (any row stride).
+        W: ``[R, d]`` contiguous, x's dtype, packed for ``layout``.
+        scaling: float, or fp32 ``[K]`` tensor on x's device.
+        block_t: token tile (default: ``shrink_block_t(groups)``).
+    Returns:
+        fp32 ``[T, max(r_max, 1)]`` indexed by position in ``groups.order``; only the
+        entries ``[p, j]`` with ``p`` a position of adapter k and ``j < r_k`` are defined.
+    """
+    T, d = x.shape
+    h = torch.empty(T, layout.max_rank, dtype=torch.float32, device=x.device)
+    if groups.num_routed == 0 or d == 0:
+        if d == 0:
+            h.zero_()
+        return h
+    block_t = block_t or shrink_block_t(groups)
+    tiles, n_unrouted = token_tiles(groups, block_t)
+    tiles = tiles[n_unrouted:]
+    offsets = layout.offsets_tensor(x.device)
+    scale_ptr, scale_val, has_ptr = torch_to_tl_scale(scaling, x.device, offsets)
+    dot_f32, prec = dot_mode(x.dtype)
+    grid = (cdiv(layout.max_rank, BLOCK_R), tiles.shape[0])
+    _shrink_kernel[grid](
+        x, x.stride(0), W, W.stride(0), h, h.stride(0), groups.order, tiles, offsets, scale_ptr, scale_val, d,
+        HAS_SCALE_PTR=has_ptr, DOT_F32=dot_f32, DOT_PREC=prec, BLOCK_T=block_t, BLOCK_R=BLOCK_R,
+        **interpret_meta(BLOCK_K=min(256, max(16, next_pow2(d)))),
+    )  # fmt: skip
+    return h

@@ -1,0 +1,224 @@
+"""Segmented weight gradients: ``dW_k = s_k * sum_{p in k} h[p, :r_k]^T X[order[p]]``.
+
+``dA_k = sum g^T x`` (``h = g``, ``X = x``, scale 1) and ``dB_k = s_k sum h^T dy``
+(``X = dy``).  Results are bitwise reproducible run to run: no atomics.  Each program
+owns one (token chunk, rank tile, column block) and sums its chunk's tokens in a fixed
+order.  With one chunk per adapter (the default where that gives the GPU enough
+programs) it writes ``dW`` directly; otherwise each chunk writes an fp32 partial and a
+second launch adds an adapter's partials in chunk order.
+
+The product is computed transposed, ``dW_k^T [d, r] = X^T h``, so the wide column block
+is the MMA's M dimension and the narrow rank tile its N dimension.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..layout import AdapterLayout, TokenGroups
+from .schedule import (
+    BLOCK_R,
+    INTERPRET,
+    autotune,
+    cdiv,
+    dot_mode,
+    interpret_meta,
+    next_pow2,
+    sm_count,
+    token_chunks,
+    torch_to_tl_scale,
+)
+
+# tests set this to force the two-stage path (chunks of this many tokens)
+FORCE_CHUNK_T: int | None = None
+
+_CONFIGS = [
+    triton.Config({"BLOCK_T": bt, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    for bt, bn, w, s in ((32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (64, 128, 8, 3), (32, 128, 4, 4))
+]
+
+
+@autotune(_CONFIGS, key=["d", "DIRECT"])
+@triton.jit
+def _wgrad_kernel(
+    Hm,  # [T, r_max] fp32, by position (h or g)
+    stride_h,
+    X,  # [T, d] by token (x or dy), unit column stride
+    stride_x,
+    Out,  # DIRECT: [R, d] gradient; else [n_chunks, r_pad, d] fp32 partials
+    stride_oc,
+    stride_or,
+    order,
+    chunks,  # [n_chunks, 3] int32 (adapter, p_start, p_end)
+    offsets,
+    scale_ptr,
+    scale_val,
+    d,
+    HAS_SCALE_PTR: tl.constexpr,
+    DIRECT: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    c = tl.program_id(2)
+    a = tl.load(chunks + c * 3)
+    p0 = tl.load(chunks + c * 3 + 1)
+    p1 = tl.load(chunks + c * 3 + 2)
+    row0 = tl.load(offsets + a)
+    rank = tl.load(offsets + a + 1) - row0
+    r0 = pid_r * BLOCK_R
+    if r0 < rank:
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < rank
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < d
+        acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+        for q in range(p0, p1, BLOCK_T):
+            offs_p = q + tl.arange(0, BLOCK_T)
+            mask_t = offs_p < p1
+            tok = tl.load(order + offs_p, mask=mask_t, other=0)
+            xt = tl.load(X + tok[None, :] * stride_x + offs_n[:, None], mask=mask_n[:, None] & mask_t[None, :], other=0.0)
+            ht = tl.load(Hm + offs_p[:, None] * stride_h + offs_r[None, :], mask=mask_t[:, None] & mask_r[None, :], other=0.0)
+            if DOT_F32:
+                acc = tl.dot(xt.to(tl.float32), ht, acc, input_precision=DOT_PREC)
+            else:
+                acc = tl.dot(xt, ht.to(X.dtype.element_ty), acc)
+        mask = mask_n[:, None] & mask_r[None, :]
+        if DIRECT:
+            if HAS_SCALE_PTR:
+                acc = acc * tl.load(scale_ptr + a)
+            else:
+                acc = acc * scale_val
+            o_ptrs = Out + (row0 + offs_r)[None, :] * stride_or + offs_n[:, None]
+            tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=mask)
+        else:
+            o_ptrs = Out + c * stride_oc + offs_r[None, :] * stride_or + offs_n[:, None]
+            tl.store(o_ptrs, acc, mask=mask)
+
+
+@triton.jit
+def _wgrad_reduce_kernel(
+    P,  # [n_chunks, r_pad, d] fp32 partials
+    stride_pc,
+    stride_pr,
+    Out,  # [R, d]
+    stride_o,
+    chunk_starts,  # [K+1] int32
+    offsets,
+    scale_ptr,
+    scale_val,
+    d,
+    HAS_SCALE_PTR: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    a = tl.program_id(2)
+    row0 = tl.load(offsets + a)
+    rank = tl.load(offsets + a + 1) - row0
+    r0 = pid_r * BLOCK_R
+    if r0 < rank:
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = (offs_r < rank)[:, None] & (offs_n < d)[None, :]
+        c0 = tl.load(chunk_starts + a)
+        c1 = tl.load(chunk_starts + a + 1)
+        acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+        # a fixed summation order (chunk by chunk) keeps the result bitwise reproducible
+        for c in range(c0, c1):
+            acc += tl.load(P + c * stride_pc + offs_r[:, None] * stride_pr + offs_n[None, :], mask=mask, other=0.0)
+        if HAS_SCALE_PTR:
+            acc = acc * tl.load(scale_ptr + a)
+        else:
+            acc = acc * scale_val
+        tl.store(Out + (row0 + offs_r)[:, None] * stride_o + offs_n[None, :], acc.to(Out.dtype.element_ty), mask=mask)
+
+
+def _pick_chunk(groups: TokenGroups, layout: AdapterLayout, d: int, device: torch.device) -> int | None:
+    """Token chunk for the two-stage path, or None for one program per adapter.
+
+    One chunk per adapter needs no second pass, so it is kept while it already offers the
+    GPU a few waves of programs, or while no adapter has many tokens.
+    """
+    if FORCE_CHUNK_T is not None:
+        return FORCE_CHUNK_T
+    if INTERPRET:
+        return None
+    biggest = max(groups.counts_list, default=0)
+    if biggest <= 512:
+        return None
+    n_blocks = cdiv(d, 128)
+    rank_tiles = sum(cdiv(r, BLOCK_R) for r, c in zip(layout.ranks, groups.counts_list) if c)
+    target = 4 * sm_count(device)
+    if rank_tiles * n_blocks >= target:
+        return None
+    # split the busiest adapters so that about `target` programs run, chunks >= 256 tokens
+    chunk = max(256, next_pow2(cdiv(groups.num_routed * rank_tiles * n_blocks, target * max(len(layout.ranks), 1))))
+    return None if chunk >= biggest else chunk
+
+
+def wgrad(
+    hm: torch.Tensor,
+    X: torch.Tensor,
+    layout: AdapterLayout,
+    groups: TokenGroups,
+    scaling: float | torch.Tensor = 1.0,
+    chunk_t: int | None = None,
+    auto_chunk: bool = True,
+) -> torch.Tensor:
+    """``dW[rows of k] = s_k * sum_{p in k} hm[p, :r_k]^T X[order[p]]`` for every adapter.
+
+    Args:
+        hm: fp32 ``[T, r_max]`` by position (``h`` from the forward or ``g``).
+        X: ``[T, d]`` fp32/fp16/bf16 by token, unit column stride (any row stride).
+        scaling: float, or fp32 ``[K]`` tensor on X's device.
+        chunk_t: tokens per program; ``None`` with ``auto_chunk`` picks by heuristic.
+    Returns:
+        ``[R, d]`` in X's dtype; rows of adapters without tokens are zero.
+    """
+    d = X.shape[1]
+    dev = X.device
+    out = torch.empty(layout.total_rank, d, dtype=X.dtype, device=dev)
+    if d == 0 or groups.num_routed == 0:
+        return out.zero_()
+    if chunk_t is None and auto_chunk:
+        chunk_t = _pick_chunk(groups, layout, d, dev)
+    chunks, chunk_starts, _ = token_chunks(groups, chunk_t)
+    n_chunks = chunks.shape[0]
+    direct = n_chunks == layout.num_adapters  # one chunk per adapter: no second pass
+    offsets = layout.offsets_tensor(dev)
+    scale_ptr, scale_val, has_ptr = torch_to_tl_scale(scaling, dev, offsets)
+    dot_f32, prec = dot_mode(X.dtype)
+    r_tiles = cdiv(layout.max_rank, BLOCK_R)
+    meta = interpret_meta(BLOCK_T=64, BLOCK_N=min(256, max(16, next_pow2(d))))
+    if direct:
+        target, s_c, s_r = out, 0, out.stride(0)
+        k_scale_ptr, k_scale_val = scale_ptr, scale_val
+    else:
+        r_pad = r_tiles * BLOCK_R
+        target = torch.empty(n_chunks, r_pad, d, dtype=torch.float32, device=dev)
+        s_c, s_r = target.stride(0), target.stride(1)
+        k_scale_ptr, k_scale_val = scale_ptr, 1.0
+
+    def grid(meta):
+        return (r_tiles, cdiv(d, meta["BLOCK_N"]), n_chunks)
+
+    _wgrad_kernel[grid](
+        hm, hm.stride(0), X, X.stride(0), target, s_c, s_r, groups.order, chunks, offsets, k_scale_ptr,
+        k_scale_val, d, HAS_SCALE_PTR=has_ptr and direct, DIRECT=direct, DOT_F32=dot_f32, DOT_PREC=prec,
+        BLOCK_R=BLOCK_R, **meta,
+    )  # fmt: skip
+    if not direct:
+        block_n = 128 if not INTERPRET else min(256, max(16, next_pow2(d)))
+        _wgrad_reduce_kernel[(r_tiles, cdiv(d, block_n), layout.num_adapters)](
+            target, s_c, s_r, out, out.stride(0), chunk_starts, offsets, scale_ptr, scale_val, d,
+            HAS_SCALE_PTR=has_ptr, BLOCK_R=BLOCK_R, BLOCK_N=block_n,
+        )  # fmt: skip
+    return out

@@ -1,0 +1,125 @@
+"""AdapterLayout, TokenGroups and argument validation of the public ops."""
+
+import math
+
+import pytest
+import torch
+
+import hetlora_kernels as hk
+
+
+def test_layout_fields():
+    lay = hk.AdapterLayout([3, 1, 7])
+    assert lay.ranks == (3, 1, 7)
+    assert lay.offsets == (0, 3, 4, 11)
+    assert (lay.num_adapters, lay.total_rank, lay.max_rank) == (3, 11, 7)
+    assert lay.row_adapter().tolist() == [0, 0, 0, 1, 2, 2, 2, 2, 2, 2, 2]
+    assert lay.row_component().tolist() == [0, 1, 2, 0, 0, 1, 2, 3, 4, 5, 6]
+    assert lay.rows(2) == slice(4, 11)
+    assert hk.AdapterLayout(torch.tensor([3, 1, 7])) == lay
+
+
+@pytest.mark.parametrize(
+    "ranks, exc",
+    [([], ValueError), ([2, 0], ValueError), ([-1], ValueError), ([1.5], TypeError), ([True], TypeError), ("3", TypeError)],
+)
+def test_layout_rejects_bad_ranks(ranks, exc):
+    with pytest.raises(exc, match="ranks"):
+        hk.AdapterLayout(ranks)
+
+
+def test_token_groups_unsorted_and_unrouted():
+    ids = torch.tensor([2, -1, 0, 2, -1, 0, 0])
+    g = hk.TokenGroups.from_adapter_ids(ids, 4)
+    assert g.num_tokens == 7 and g.num_routed == 5
+    assert g.counts_list == (3, 0, 2, 0)
+    assert g.starts_list == (2, 5, 5, 7, 7)
+    assert not g.is_sorted
+    for k in range(4):
+        members = g.order[g.starts_list[k] : g.starts_list[k + 1]]
+        assert torch.all(ids[members] == k)
+        assert torch.all(members[1:] > members[:-1])  # stable
+    assert torch.all(ids[g.order[:2]] == -1)
+
+
+def test_token_groups_from_lengths():
+    g = hk.TokenGroups.from_lengths([2, 0, 3])
+    assert g.adapter_ids.tolist() == [0, 0, 2, 2, 2]
+    assert g.is_sorted and g.counts_list == (2, 0, 3)
+    assert hk.TokenGroups.from_adapter_ids(torch.tensor([0, 0, 1]), 2).is_sorted
+    with pytest.raises(ValueError, match="lengths"):
+        hk.TokenGroups.from_lengths([1, -2])
+
+
+@pytest.mark.parametrize("ids", [torch.tensor([0, 3]), torch.tensor([-2, 0])])
+def test_token_groups_reject_out_of_range_ids(ids):
+    with pytest.raises(ValueError, match="adapter_ids"):
+        hk.TokenGroups.from_adapter_ids(ids, 3)
+
+
+def test_token_groups_reject_bad_types():
+    with pytest.raises(TypeError, match="adapter_ids"):
+        hk.TokenGroups.from_adapter_ids(torch.tensor([0.0, 1.0]), 2)
+    with pytest.raises(ValueError, match="adapter_ids"):
+        hk.TokenGroups.from_adapter_ids(torch.zeros(2, 2, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match="num_adapters"):
+        hk.TokenGroups.from_adapter_ids(torch.tensor([0]), 0)
+
+
+def _setup():
+    layout = hk.AdapterLayout([2, 3])
+    x = torch.randn(4, 6)
+    A, B = torch.randn(5, 6), torch.randn(5, 7)
+    groups = hk.TokenGroups.from_adapter_ids(torch.tensor([0, 1, 1, -1]), 2)
+    return x, A, B, layout, groups
+
+
+@pytest.mark.parametrize(
+    "mutate, exc, name",
+    [
+        (lambda a: a.update(x=torch.randn(4, 6, 1)), ValueError, "x"),
+        (lambda a: a.update(x=torch.randn(5, 6)), ValueError, "x has T=5"),
+        (lambda a: a.update(x=torch.randn(4, 5)), ValueError, "d_in"),
+        (lambda a: a.update(A=torch.randn(4, 6)), ValueError, "A has 4 rows"),
+        (lambda a: a.update(B=torch.randn(5, 7, dtype=torch.float64)), TypeError, "B dtype"),
+        (lambda a: a.update(x=torch.randn(4, 6, dtype=torch.float16)), TypeError, "A dtype"),
+        (lambda a: a.update(x=torch.ones(4, 6, dtype=torch.long)), TypeError, "x must be"),
+        (lambda a: a.update(scaling=math.nan), ValueError, "scaling"),
+        (lambda a: a.update(scaling=torch.tensor([1.0, math.inf])), ValueError, "scaling"),
+        (lambda a: a.update(scaling=torch.ones(3)), ValueError, "scaling"),
+        (lambda a: a.update(scaling="1"), TypeError, "scaling"),
+        (lambda a: a.update(layout=[2, 3]), TypeError, "layout"),
+        (lambda a: a.update(groups=torch.tensor([0, 1, 1, 0])), TypeError, "groups"),
+        (lambda a: a.update(groups=hk.TokenGroups.from_adapter_ids(torch.tensor([0, 1, 1, 0]), 3)), ValueError, "groups"),
+    ],
+)
+def test_lora_delta_bad_input_names_argument(mutate, exc, name):
+    x, A, B, layout, groups = _setup()
+    args = dict(x=x, A=A, B=B, layout=layout, groups=groups, scaling=1.0)
+    mutate(args)
+    with pytest.raises(exc, match=name):
+        hk.lora_delta(**args)
+
+
+def test_lora_linear_bad_base():
+    x, A, B, layout, groups = _setup()
+    with pytest.raises(ValueError, match="weight"):
+        hk.lora_linear(x, torch.randn(6, 7), None, A, B, layout, groups, 1.0)
+    with pytest.raises(ValueError, match="bias"):
+        hk.lora_linear(x, torch.randn(7, 6), torch.randn(6), A, B, layout, groups, 1.0)
+
+
+def test_backend_switch():
+    assert hk.get_backend() == "auto"
+    with hk.use_backend("torch"):
+        assert hk.get_backend() == "torch"
+        x, A, B, layout, groups = _setup()
+        hk.lora_delta(x, A, B, layout, groups, 1.0)
+    assert hk.get_backend() == "auto"
+    hk.set_backend("torch")
+    assert hk.get_backend() == "torch"
+    with pytest.raises(ValueError, match="backend"):
+        hk.set_backend("numpy")
+    with pytest.raises(ValueError, match="backend"):
+        with hk.use_backend("fast"):
+            pass

@@ -1,0 +1,191 @@
+"""MultiLoraModel: injection into transformers models, mixed batches, peft export/import."""
+
+import copy
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+
+from hetlora import HetLoraLinear, MultiLoraModel
+
+from .helpers import rel_err
+
+
+def tiny_bert(num_labels=3, seed=0):
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+        num_labels=num_labels, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=64,
+    )
+    return BertForSequenceClassification(cfg).eval()
+
+
+def tiny_gpt2(seed=0):
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=2, n_positions=32, resid_pdrop=0.0,
+                     embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def _randomise_lora(mlm, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in mlm.lora_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+def test_injection_freezes_base_and_matches_peft_names():
+    base = tiny_bert()
+    mlm = MultiLoraModel(copy.deepcopy(base), ["query", "value"], [2, 5], alpha=4.0)
+    names = mlm.lora_module_names
+    assert names == [f"bert.encoder.layer.{i}.attention.self.{m}" for i in range(2) for m in ("query", "value")]
+    trainable = [n for n, p in mlm.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert all(isinstance(m, HetLoraLinear) for _, m in mlm.lora_layers())
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["query", "value"]))
+    peft_names = sorted(n for n, m in peft_model.base_model.model.named_modules() if hasattr(m, "lora_A"))
+    assert peft_names == sorted(names)
+
+
+def test_mixed_batch_equals_peft_per_adapter():
+    base = tiny_bert()
+    ranks, alphas = [1, 3, 7], [2.0, 6.0, 3.5]
+    mlm = MultiLoraModel(copy.deepcopy(base), ["query", "key", "value", "dense"], ranks, alpha=alphas,
+                         modules_to_save=None)
+    _randomise_lora(mlm)
+    ids = torch.randint(0, 101, (7, 9))
+    mask = torch.ones_like(ids)
+    mask[2, 6:] = 0
+    adapter_ids = torch.tensor([2, 0, 1, 1, -1, 2, 0])
+    out = mlm(input_ids=ids, attention_mask=mask, adapter_ids=adapter_ids).logits
+    peft_model = None
+    for k, r in enumerate(ranks):
+        cfg = LoraConfig(r=r, lora_alpha=alphas[k], target_modules=["query", "key", "value", "dense"])
+        if peft_model is None:
+            peft_model = get_peft_model(copy.deepcopy(base), cfg, adapter_name=f"a{k}")
+        else:
+            peft_model.add_adapter(f"a{k}", cfg)
+        state = mlm.adapter_state(k)
+        with torch.no_grad():
+            for name, (A_k, B_k) in state.items():
+                mod = peft_model.base_model.model.get_submodule(name)
+                mod.lora_A[f"a{k}"].weight.copy_(A_k)
+                mod.lora_B[f"a{k}"].weight.copy_(B_k.t())
+    peft_model.eval()
+    for k in range(3):
+        peft_model.set_adapter(f"a{k}")
+        rows = adapter_ids == k
+        ref = peft_model(input_ids=ids[rows], attention_mask=mask[rows]).logits
+        assert rel_err(out[rows], ref) < 1e-5
+    rows = adapter_ids == -1
+    assert rel_err(out[rows], base(input_ids=ids[rows], attention_mask=mask[rows]).logits) < 1e-6
+
+
+def test_export_peft_loads_in_peft_with_same_logits(tmp_path):
+    base = tiny_bert()
+    mlm = MultiLoraModel(copy.deepcopy(base), ["query", "value"], [4, 2], alpha=[8.0, 3.0],
+                         modules_to_save=["classifier"])
+    _randomise_lora(mlm)
+    with torch.no_grad():
+        mlm.model.classifier.weight.normal_()
+    ids = torch.randint(0, 101, (3, 8))
+    for k in range(2):
+        out = mlm(input_ids=ids, adapter_ids=k).logits
+        path = mlm.export_peft(k, tmp_path / f"a{k}")
+        cfg = json.loads((path / "adapter_config.json").read_text())
+        assert cfg["r"] == mlm.ranks[k] and cfg["lora_alpha"] == mlm.alphas[k] and cfg["peft_type"] == "LORA"
+        loaded = PeftModel.from_pretrained(copy.deepcopy(base), str(path)).eval()
+        assert rel_err(loaded(input_ids=ids).logits, out) < 1e-5
+
+
+@pytest.mark.parametrize("rule", ["fixed", "rslora"])
+def test_export_scaling_rules_roundtrip_through_peft(tmp_path, rule):
+    base = tiny_gpt2()
+    mlm = MultiLoraModel(copy.deepcopy(base), ["c_attn"], [3], alpha=0.7, scaling_rule=rule)
+    _randomise_lora(mlm)
+    ids = torch.randint(0, 97, (2, 6))
+    out = mlm(input_ids=ids).logits
+    path = mlm.export_peft(0, tmp_path / "g")
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), str(path)).eval()
+    assert rel_err(loaded(input_ids=ids).logits, out) < 1e-5
+
+
+def test_import_peft_trained_adapter(tmp_path):
+    base = tiny_bert()
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=6, lora_alpha=12, target_modules=["query", "value"],
+                                                                 modules_to_save=["classifier"]))
+    opt = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=0.5)
+    ids = torch.randint(0, 101, (4, 8))
+    for _ in range(3):  # train a little so B and the head are not at their init
+        loss = peft_model(input_ids=ids, labels=torch.tensor([0, 1, 2, 1])).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    peft_model.save_pretrained(tmp_path / "p")
+    peft_model.eval()
+    want = peft_model(input_ids=ids).logits
+    mlm = MultiLoraModel(copy.deepcopy(base), ["query", "value"], [2, 3], alpha=1.0, modules_to_save=["classifier"])
+    mlm.import_peft(1, tmp_path / "p")
+    assert mlm.ranks == (2, 6) and mlm.alphas[1] == 12
+    got = mlm(input_ids=ids, adapter_ids=1).logits
+    assert rel_err(got, want) < 1e-5
+
+
+def test_import_rejects_pickles_and_mismatches(tmp_path):
+    base = tiny_bert()
+    mlm = MultiLoraModel(copy.deepcopy(base), ["query"], [2], alpha=1.0)
+    d = tmp_path / "bin_only"
+    d.mkdir()
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2}))
+    (d / "adapter_model.bin").write_bytes(b"\x80\x04not really")
+    with pytest.raises(ValueError, match="unpickle"):
+        mlm.import_peft(0, d)
+    other = MultiLoraModel(copy.deepcopy(base), ["key"], [2], alpha=1.0)
+    other.export_peft(0, tmp_path / "k")
+    before = [p.clone() for p in mlm.lora_parameters()]
+    with pytest.raises(ValueError, match="do not match"):
+        mlm.import_peft(0, tmp_path / "k")
+    assert all(torch.equal(a, b) for a, b in zip(before, mlm.lora_parameters()))  # nothing half-loaded
+    with pytest.raises(ValueError, match="k must"):
+        mlm.export_peft(3, tmp_path / "x")
+    with pytest.raises(FileNotFoundError):
+        mlm.import_peft(0, tmp_path / "missing")
+
+
+def test_model_bad_input():
+    base = tiny_bert()
+    with pytest.raises(ValueError, match="target_modules"):
+        MultiLoraModel(copy.deepcopy(base), ["nope"], [2])
+    with pytest.raises(ValueError, match="ranks"):
+        MultiLoraModel(copy.deepcopy(base), ["query"], [2, -1])
+    mlm = MultiLoraModel(copy.deepcopy(base), ["query"], [2, 3])
+    ids = torch.randint(0, 101, (2, 5))
+    with pytest.raises(ValueError, match="adapter_ids"):
+        mlm(input_ids=ids)
+    with pytest.raises(ValueError, match="adapter_ids"):
+        mlm(input_ids=ids, adapter_ids=[0, 5])
+    with pytest.raises(ValueError, match="adapter_ids"):
+        mlm(input_ids=ids, adapter_ids=[0, 1, 1])
+
+
+def test_set_ranks_and_training_step_only_moves_lora():
+    base = tiny_bert()
+    mlm = MultiLoraModel(copy.deepcopy(base), ["query", "value"], [3, 5], alpha=2.0)
+    mlm.set_ranks([2, 6])
+    assert mlm.ranks == (2, 6)
+    assert all(layer.layout.ranks == (2, 6) for _, layer in mlm.lora_layers())
+    opt = torch.optim.SGD(mlm.lora_parameters(), lr=0.1)
+    ids = torch.randint(0, 101, (4, 6))
+    loss = mlm(input_ids=ids, adapter_ids=[0, 1, 1, 0], labels=torch.tensor([0, 1, 2, 0])).loss
+    loss.backward()
+    opt.step()
+    after = {n.replace(".base_layer", ""): p for n, p in mlm.model.named_parameters() if "lora_" not in n}
+    before = dict(base.named_parameters())
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[n], before[n]) for n in before)
+    # at peft's init B = 0, so only B receives gradient on the first step (dA = s (dy B^T)^T x = 0)
+    for _, layer in mlm.lora_layers():
+        assert layer.lora_B.grad.abs().sum() > 0 and layer.lora_B.abs().sum() > 0
+        assert torch.all(layer.lora_A.grad == 0)

@@ -1,0 +1,357 @@
+"""The triton backend of lora_delta / lora_linear against a float64 dense computation.
+
+On a machine without a GPU the kernels run under TRITON_INTERPRET=1 (conftest.py sets
+it), so shapes stay small; the ``gpu``-marked tests take bigger shapes on a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hetlora_kernels as hk
+from hetlora_kernels import AdapterLayout, TokenGroups
+
+triton_pkg = pytest.importorskip("hetlora_kernels.triton")
+from hetlora_kernels.triton import schedule, wgrad  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# relative Frobenius error vs float64 (DESIGN.md section 5; fp16 sits between fp32 and bf16)
+TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+pytestmark = pytest.mark.skipif(
+    not hk.backend_status("triton", DEV)[0], reason=f"triton backend unavailable: {hk.backend_status('triton', DEV)[1]}"
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# float64 oracle: each adapter's dense delta W_k = s_k B_k^T A_k, applied token by token
+# ---------------------------------------------------------------------------------------------
+def dense64(x, A, B, ranks, ids, scales, weight=None, bias=None):
+    """float64 ``y`` with autograd, from leaf float64 copies of x, A, B (and weight, bias)."""
+    ids = ids.to(x.device)
+    y = x.new_zeros(x.shape[0], B.shape[1])
+    off = 0
+    for k, r in enumerate(ranks):
+        dW = scales[k] * B[off : off + r].t() @ A[off : off + r]  # [d_out, d_in]
+        sel = (ids == k).nonzero().squeeze(1)
+        y = y.index_add(0, sel, x[sel] @ dW.t())
+        off += r
+    if weight is not None:
+        y = y + x @ weight.t()
+        if bias is not None:
+            y = y + bias
+    return y
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def make_case(ranks, ids, d_in, d_out, dtype, seed, scale_kind="tensor"):
+    g = torch.Generator().manual_seed(seed)
+    R, K, T = sum(ranks), len(ranks), len(ids)
+    x = torch.randn(T, d_in, generator=g).to(dtype)
+    A = (torch.randn(R, d_in, generator=g) / d_in**0.5).to(dtype)
+    B = (torch.randn(R, d_out, generator=g) / 4).to(dtype)
+    dy = torch.randn(T, d_out, generator=g).to(dtype)
+    if scale_kind == "tensor":
+        s = torch.rand(K, generator=g) * 2 + 0.25
+        scales = s.tolist()
+    else:
+        s = 1.75
+        scales = [s] * K
+    return x, A, B, dy, s, scales
+
+
+def run_triton(x, A, B, dy, layout, groups, s, dev=DEV):
+    xs, As, Bs = (t.to(dev).clone().requires_grad_() for t in (x, A, B))
+    s_dev = s.to(dev) if isinstance(s, torch.Tensor) else s
+    with hk.use_backend("triton"):
+        y = hk.lora_delta(xs, As, Bs, layout, groups.to(dev), s_dev)
+        y.backward(dy.to(dev))
+    return y.detach(), xs.grad, As.grad, Bs.grad
+
+
+def run_dense(x, A, B, dy, ranks, ids, scales):
+    x64, A64, B64 = (t.double().requires_grad_() for t in (x, A, B))
+    y = dense64(x64, A64, B64, ranks, ids, scales)
+    y.backward(dy.double())
+    return y.detach(), x64.grad, A64.grad, B64.grad
+
+
+def check_all(got, want, dtype, ids):
+    names = ("y", "dx", "dA", "dB")
+    for name, a, b in zip(names, got, want):
+        assert a.dtype == dtype, name
+        a = a.cpu()
+        assert torch.isfinite(a).all(), f"{name} holds non-finite values"
+        err = rel(a, b)
+        assert err < TOL[dtype], f"{name}: relative error {err:.2e} >= {TOL[dtype]:.0e} ({dtype})"
+    unrouted = ids < 0
+    assert (got[0].cpu()[unrouted] == 0).all(), "rows of -1 tokens must be exactly 0"
+    assert (got[1].cpu()[unrouted] == 0).all(), "dx rows of -1 tokens must be exactly 0"
+
+
+def mixed_ids(T: int, K: int, seed: int, empty: int | None = 2) -> torch.Tensor:
+    """Unsorted ids with some -1 tokens and one adapter left without tokens."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(-1, K, (T,), generator=g)
+    if empty is not None:
+        ids[ids == empty] = (empty + 1) % K
+    ids[0] = -1
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------
+# correctness on the interpreter (or the GPU when there is one)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("scale_kind", ["tensor", "float"])
+def test_lora_delta_mixed_ranks(dtype, scale_kind):
+    ranks = [1, 3, 7, 16]
+    layout = AdapterLayout(ranks)
+    ids = mixed_ids(48, len(ranks), seed=11)
+    groups = TokenGroups.from_adapter_ids(ids, len(ranks))
+    x, A, B, dy, s, scales = make_case(ranks, ids, 37, 29, dtype, seed=5, scale_kind=scale_kind)
+    got = run_triton(x, A, B, dy, layout, groups, s)
+    check_all(got, run_dense(x, A, B, dy, ranks, ids, scales), dtype, ids)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_several_rank_tiles(dtype):
+    """Ranks above the 16-wide rank tile (2 and 3 tiles) mixed with rank 1 and 64."""
+    ranks = [33, 1, 20, 64]
+    layout = AdapterLayout(ranks)
+    ids = mixed_ids(40, len(ranks), seed=3, empty=None)
+    groups = TokenGroups.from_adapter_ids(ids, len(ranks))
+    x, A, B, dy, s, scales = make_case(ranks, ids, 24, 40, dtype, seed=9)
+    got = run_triton(x, A, B, dy, layout, groups, s)
+    check_all(got, run_dense(x, A, B, dy, ranks, ids, scales), dtype, ids)
+
+
+def test_sorted_groups_from_lengths():
+    ranks = [7, 1, 16]
+    lengths = [20, 0, 13]
+    layout = AdapterLayout(ranks)
+    groups = TokenGroups.from_lengths(lengths)
+    ids = groups.adapter_ids.clone()
+    x, A, B, dy, s, scales = make_case(ranks, ids, 33, 17, torch.float32, seed=2)
+    got = run_triton(x, A, B, dy, layout, groups, s)
+    check_all(got, run_dense(x, A, B, dy, ranks, ids, scales), torch.float32, ids)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_lora_linear(dtype):
+    ranks = [3, 16, 1]
+    layout = AdapterLayout(ranks)
+    ids = mixed_ids(36, len(ranks), seed=4, empty=None)
+    groups = TokenGroups.from_adapter_ids(ids, len(ranks))
+    x, A, B, dy, s, scales = make_case(ranks, ids, 29, 21, dtype, seed=6)
+    gen = torch.Generator().manual_seed(8)
+    W = (torch.randn(21, 29, generator=gen) / 5).to(dtype)
+    b = torch.randn(21, generator=gen).to(dtype)
+    leaves = [t.to(DEV).clone().requires_grad_() for t in (x, W, b, A, B)]
+    with hk.use_backend("triton"):
+        y = hk.lora_linear(leaves[0], leaves[1], leaves[2], leaves[3], leaves[4], layout, groups.to(DEV), s.to(DEV))
+        y.backward(dy.to(DEV))
+    ref = [t.double().requires_grad_() for t in (x, W, b, A, B)]
+    y64 = dense64(ref[0], ref[3], ref[4], ranks, ids, scales, weight=ref[1], bias=ref[2])
+    y64.backward(dy.double())
+    tol = TOL[dtype]
+    assert y.dtype == dtype
+    assert rel(y.detach().cpu(), y64.detach()) < tol
+    for name, a, r in zip(("dx", "dW", "db", "dA", "dB"), leaves, ref):
+        assert a.grad.dtype == dtype, name
+        assert rel(a.grad.cpu(), r.grad) < tol, name
+
+
+def test_lora_linear_no_bias_frozen_weight_matches_delta():
+    ranks = [1, 7]
+    layout = AdapterLayout(ranks)
+    ids = mixed_ids(24, 2, seed=1, empty=None)
+    groups = TokenGroups.from_adapter_ids(ids, 2).to(DEV)
+    x, A, B, dy, s, _ = make_case(ranks, ids, 16, 16, torch.float32, seed=3, scale_kind="float")
+    W = torch.randn(16, 16).to(DEV)
+    xs, As, Bs = (t.to(DEV).requires_grad_() for t in (x, A, B))
+    with hk.use_backend("triton"):
+        y = hk.lora_linear(xs, W, None, As, Bs, layout, groups, s)
+        y.backward(dy.to(DEV))
+        delta = hk.lora_delta(x.to(DEV), A.to(DEV), B.to(DEV), layout, groups, s)
+    torch.testing.assert_close(y.detach(), x.to(DEV) @ W.t() + delta, rtol=1e-5, atol=1e-5)
+    # -1 tokens get exactly the base gradient dy W
+    unrouted = ids.to(DEV) < 0
+    torch.testing.assert_close(xs.grad[unrouted], (dy.to(DEV) @ W)[unrouted], rtol=0, atol=0)
+
+
+def test_noncontiguous_inputs():
+    ranks = [3, 7, 1, 16]
+    layout = AdapterLayout(ranks)
+    ids = mixed_ids(32, 4, seed=21)
+    groups = TokenGroups.from_adapter_ids(ids, 4)
+    x, A, B, dy, s, scales = make_case(ranks, ids, 20, 26, torch.float32, seed=13)
+    # x and dy as column-major views, A and B as strided column slices of wider tensors
+    x_nc = x.t().contiguous().t()
+    A_wide = torch.randn(A.shape[0], 2 * A.shape[1])
+    A_wide[:, ::2] = A
+    B_wide = torch.randn(B.shape[0], B.shape[1] + 5)
+    B_wide[:, 5:] = B
+    A_nc, B_nc = A_wide[:, ::2], B_wide[:, 5:]
+    assert not x_nc.is_contiguous() and not A_nc.is_contiguous() and not B_nc.is_contiguous()
+    dy_nc = dy.t().contiguous().t()
+    got = run_triton(x_nc, A_nc, B_nc, dy_nc, layout, groups, s)
+    check_all(got, run_dense(x, A, B, dy, ranks, ids, scales), torch.float32, ids)
+
+
+def test_broadcast_grad_and_sum_loss():
+    """``y.sum().backward()`` hands the backward an expanded (stride-0) dy."""
+    ranks = [3, 5]
+    layout = AdapterLayout(ranks)
+    ids = mixed_ids(20, 2, seed=5, empty=None)
+    groups = TokenGroups.from_adapter_ids(ids, 2).to(DEV)
+    x, A, B, _, s, scales = make_case(ranks, ids, 12, 9, torch.float32, seed=4)
+    xs, As, Bs = (t.to(DEV).requires_grad_() for t in (x, A, B))
+    with hk.use_backend("triton"):
+        hk.lora_delta(xs, As, Bs, layout, groups, s.to(DEV)).sum().backward()
+    want = run_dense(x, A, B, torch.ones(20, 9), ranks, ids, scales)
+    for a, b in zip((xs.grad, As.grad, Bs.grad), want[1:]):
+        assert rel(a.cpu(), b) < 1e-4
+
+
+def test_t_zero_and_all_unrouted():
+    ranks = [3, 1]
+    layout = AdapterLayout(ranks)
+    for T, ids in ((0, torch.zeros(0, dtype=torch.int64)), (9, torch.full((9,), -1))):
+        groups = TokenGroups.from_adapter_ids(ids, 2)
+        x, A, B, dy, s, _ = make_case(ranks, ids, 8, 6, torch.float32, seed=T)
+        y, dx, dA, dB = run_triton(x, A, B, dy, layout, groups, s)
+        assert y.shape == (T, 6) and dx.shape == (T, 8)
+        assert (y == 0).all() and (dx == 0).all()
+        assert (dA == 0).all() and (dB == 0).all()
+
+
+def test_float64_falls_back_to_reference():
+    ranks = [2, 5]
+    layout = AdapterLayout(ranks)
+    ids = mixed_ids(10, 2, seed=0, empty=None)
+    groups = TokenGroups.from_adapter_ids(ids, 2)
+    x, A, B, dy, s, scales = make_case(ranks, ids, 6, 7, torch.float64, seed=1)
+    got = run_triton(x, A, B, dy, layout, groups, s)
+    want = run_dense(x, A, B, dy, ranks, ids, scales)
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float64 and rel(a.cpu(), b) < 1e-12
+
+
+# ---------------------------------------------------------------------------------------------
+# poisoned buffers, determinism, schedule
+# ---------------------------------------------------------------------------------------------
+def test_poisoned_buffers_never_leak(monkeypatch):
+    """Every torch.empty the kernels allocate starts as NaN: an element that a kernel reads
+    without writing it first (or forgets to write) would surface as NaN or a wrong value."""
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.dtype.is_floating_point:
+            t.fill_(float("nan"))
+        return t
+
+    ranks = [1, 16, 7, 3]
+    layout = AdapterLayout(ranks)
+    ids = mixed_ids(40, 4, seed=17)
+    groups = TokenGroups.from_adapter_ids(ids, 4)
+    x, A, B, dy, s, scales = make_case(ranks, ids, 30, 22, torch.float32, seed=19)
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    monkeypatch.setattr(wgrad, "FORCE_CHUNK_T", 16)  # the two-stage path's workspace too
+    got = run_triton(x, A, B, dy, layout, groups, s)
+    monkeypatch.undo()
+    check_all(got, run_dense(x, A, B, dy, ranks, ids, scales), torch.float32, ids)
+
+
+@pytest.mark.parametrize("chunk", [None, 16], ids=["one-pass", "two-stage"])
+def test_weight_grads_bitwise_deterministic(monkeypatch, chunk):
+    monkeypatch.setattr(wgrad, "FORCE_CHUNK_T", chunk)
+    ranks = [7, 16, 1]
+    layout = AdapterLayout(ranks)
+    ids = mixed_ids(64, 3, seed=23, empty=None)
+    groups = TokenGroups.from_adapter_ids(ids, 3)
+    x, A, B, dy, s, scales = make_case(ranks, ids, 32, 24, torch.bfloat16, seed=29)
+    first = run_triton(x, A, B, dy, layout, groups, s)
+    second = run_triton(x, A, B, dy, layout, groups, s)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    check_all(first, run_dense(x, A, B, dy, ranks, ids, scales), torch.bfloat16, ids)
+
+
+def test_schedule_is_cached_and_partitions_tokens():
+    ranks = [3, 1, 5]
+    layout = AdapterLayout(ranks)
+    ids = mixed_ids(50, 3, seed=31, empty=1)
+    groups = TokenGroups.from_adapter_ids(ids, 3)
+    x, A, B, _, s, _ = make_case(ranks, ids, 8, 8, torch.float32, seed=2)
+    with hk.use_backend("triton"):
+        hk.lora_delta(x, A, B, layout, groups, s)
+    keys = [k for k in groups._cache if isinstance(k, tuple) and k[0] == "hetlora_token_tiles"]
+    assert keys, "the tile schedule should be cached on the TokenGroups"
+    cached = groups._cache[keys[0]]
+    with hk.use_backend("triton"):
+        hk.lora_delta(x, A, B, layout, groups, s)
+    assert groups._cache[keys[0]] is cached
+    for block_t in (16, 64):
+        tiles, n_unrouted = schedule.token_tiles(groups, block_t)
+        tiles = tiles.cpu().tolist()
+        covered = []
+        for i, (a, p0, p1) in enumerate(tiles):
+            assert (a < 0) == (i < n_unrouted)
+            lo, hi = (0, groups.starts_list[0]) if a < 0 else (groups.starts_list[a], groups.starts_list[a + 1])
+            assert lo <= p0 < hi and p1 == hi
+            covered += range(p0, min(p0 + block_t, p1))
+        assert covered == list(range(50))
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: bigger shapes (skipped without CUDA)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("chunk", [None, 256], ids=["auto", "two-stage"])
+def test_gpu_large_mixed(dtype, chunk, monkeypatch):
+    monkeypatch.setattr(wgrad, "FORCE_CHUNK_T", chunk)
+    ranks = [1, 3, 7, 16, 64, 33, 8, 2] * 4
+    K = len(ranks)
+    layout = AdapterLayout(ranks)
+    T, d_in, d_out = 3000, 1000, 777
+    ids = mixed_ids(T, K, seed=7, empty=5)
+    groups = TokenGroups.from_adapter_ids(ids, K)
+    x, A, B, dy, s, scales = make_case(ranks, ids, d_in, d_out, dtype, seed=8)
+    got = run_triton(x, A, B, dy, layout, groups, s)
+    xd, Ad, Bd, dyd = (t.to("cuda") for t in (x, A, B, dy))
+    want = run_dense(xd, Ad, Bd, dyd, ranks, ids.cuda(), scales)
+    want = tuple(w.cpu() for w in want)
+    check_all(tuple(g.cpu() for g in got), want, dtype, ids)
+    again = run_triton(x, A, B, dy, layout, groups, s)
+    for a, b in zip(got, again):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_gpu_lora_linear_bf16():
+    ranks = [16, 4, 64, 1]
+    layout = AdapterLayout(ranks)
+    T, d = 2048, 512
+    ids = mixed_ids(T, 4, seed=3, empty=None)
+    groups = TokenGroups.from_adapter_ids(ids, 4).to("cuda")
+    x, A, B, dy, s, scales = make_case(ranks, ids, d, d, torch.bfloat16, seed=4)
+    W = (torch.randn(d, d) / d**0.5).to(torch.bfloat16)
+    leaves = [t.cuda().requires_grad_() for t in (x, A, B)]
+    with hk.use_backend("triton"):
+        y = hk.lora_linear(leaves[0], W.cuda(), None, leaves[1], leaves[2], layout, groups, s.cuda())
+        y.backward(dy.cuda())
+    ref = [t.double().cuda().requires_grad_() for t in (x, A, B)]
+    y64 = dense64(ref[0], ref[1], ref[2], ranks, ids.cuda(), scales, weight=W.double().cuda())
+    y64.backward(dy.double().cuda())
+    assert rel(y.detach(), y64.detach()) < 2e-2
+    for a, r in zip(leaves, ref):
+        assert rel(a.grad, r.grad) < 2e-2
