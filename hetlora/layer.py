@@ -78,6 +78,15 @@ class Routing:
     def set(self, adapter_ids: torch.Tensor | None, num_adapters: int) -> None:
         self.adapter_ids, self.num_adapters, self._groups = adapter_ids, num_adapters, {}
 
+    def single(self, num_tokens: int, device: torch.device) -> TokenGroups:
+        """All ``num_tokens`` tokens on adapter 0 (one-adapter models), built once per forward."""
+        key = ("single", num_tokens, device)
+        g = self._groups.get(key)
+        if g is None:
+            g = TokenGroups.from_lengths(torch.tensor([num_tokens], device=device))
+            self._groups[key] = g
+        return g
+
     def groups_for(self, x: torch.Tensor) -> TokenGroups | None:
         ids = self.adapter_ids
         if ids is None:
@@ -230,8 +239,9 @@ class HetLoraLinear(nn.Module):
         self.set_adapters(A, B, new)
 
     @torch.no_grad()
-    def load_adapter(self, k: int, A_k: torch.Tensor, B_k: torch.Tensor, alpha: float | None = None,
-                     scaling_rule: str | None = None) -> None:
+    def load_adapter(
+        self, k: int, A_k: torch.Tensor, B_k: torch.Tensor, alpha: float | None = None, scaling_rule: str | None = None
+    ) -> None:
         """Put ``A_k [r, d_in]``, ``B_k [r, d_out]`` into slot k (its rank becomes r)."""
         if A_k.dim() != 2 or A_k.shape[1] != self.in_features:
             raise ValueError(f"A_k must be [r, {self.in_features}], got {tuple(A_k.shape)}")
@@ -261,6 +271,8 @@ class HetLoraLinear(nn.Module):
             return self.routing.groups_for(x)
         if self.num_adapters == 1:
             n = x.numel() // self.in_features if self.in_features else 0
+            if self.routing is not None:
+                return self.routing.single(n, x.device)
             return TokenGroups.from_lengths(torch.tensor([n], device=x.device))
         raise ValueError(
             f"adapter_ids is required: this layer holds {self.num_adapters} adapters "

@@ -39,7 +39,7 @@ class AdapterLayout:
 
     __slots__ = ("ranks", "offsets", "num_adapters", "total_rank", "max_rank", "_cache")
 
-    def __init__(self, ranks: Sequence[int] | torch.Tensor | "AdapterLayout"):
+    def __init__(self, ranks: Sequence[int] | torch.Tensor | AdapterLayout):
         if isinstance(ranks, AdapterLayout):
             ranks = ranks.ranks
         if isinstance(ranks, torch.Tensor):
@@ -160,7 +160,7 @@ class TokenGroups:
         return self.adapter_ids.device
 
     @classmethod
-    def from_adapter_ids(cls, adapter_ids: torch.Tensor | Sequence[int], num_adapters: int) -> "TokenGroups":
+    def from_adapter_ids(cls, adapter_ids: torch.Tensor | Sequence[int], num_adapters: int) -> TokenGroups:
         """Build the groups of a batch.
 
         Args:
@@ -202,7 +202,7 @@ class TokenGroups:
         return cls(ids, num_adapters, order, starts, counts, counts_list, starts_list, is_sorted)
 
     @classmethod
-    def from_lengths(cls, lengths: torch.Tensor | Sequence[int]) -> "TokenGroups":
+    def from_lengths(cls, lengths: torch.Tensor | Sequence[int]) -> TokenGroups:
         """Groups for a batch whose tokens are already contiguous per adapter.
 
         Args:
@@ -240,7 +240,7 @@ class TokenGroups:
             self._cache["routed"] = t
         return t
 
-    def to(self, device: torch.device | str) -> "TokenGroups":
+    def to(self, device: torch.device | str) -> TokenGroups:
         device = torch.device(device)
         if device == self.device:
             return self
@@ -256,4 +256,7 @@ class TokenGroups:
         )
 
     def __repr__(self) -> str:
-        return f"TokenGroups(num_tokens={self.num_tokens}, num_adapters={self.num_adapters}, counts={list(self.counts_list)})"
+        return (
+            f"TokenGroups(num_tokens={self.num_tokens}, num_adapters={self.num_adapters}, "
+            f"counts={list(self.counts_list)})"
+        )

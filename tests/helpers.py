@@ -8,8 +8,10 @@ import torch
 def dense_delta(x, A, B, ranks, ids, scaling):
     """float64 ``y[t] = s_k x[t] (B_k^T A_k)^T`` by building each adapter's dense ΔW."""
     K = len(ranks)
-    s = scaling if isinstance(scaling, (list, tuple)) else (
-        scaling.tolist() if isinstance(scaling, torch.Tensor) else [scaling] * K
+    s = (
+        scaling
+        if isinstance(scaling, (list, tuple))
+        else (scaling.tolist() if isinstance(scaling, torch.Tensor) else [scaling] * K)
     )
     x64, A64, B64 = x.double(), A.double(), B.double()
     y = torch.zeros(x.shape[0], B.shape[1], dtype=torch.float64)

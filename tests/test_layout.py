@@ -21,7 +21,14 @@ def test_layout_fields():
 
 @pytest.mark.parametrize(
     "ranks, exc",
-    [([], ValueError), ([2, 0], ValueError), ([-1], ValueError), ([1.5], TypeError), ([True], TypeError), ("3", TypeError)],
+    [
+        ([], ValueError),
+        ([2, 0], ValueError),
+        ([-1], ValueError),
+        ([1.5], TypeError),
+        ([True], TypeError),
+        ("3", TypeError),
+    ],
 )
 def test_layout_rejects_bad_ranks(ranks, exc):
     with pytest.raises(exc, match="ranks"):
@@ -90,7 +97,11 @@ def _setup():
         (lambda a: a.update(scaling="1"), TypeError, "scaling"),
         (lambda a: a.update(layout=[2, 3]), TypeError, "layout"),
         (lambda a: a.update(groups=torch.tensor([0, 1, 1, 0])), TypeError, "groups"),
-        (lambda a: a.update(groups=hk.TokenGroups.from_adapter_ids(torch.tensor([0, 1, 1, 0]), 3)), ValueError, "groups"),
+        (
+            lambda a: a.update(groups=hk.TokenGroups.from_adapter_ids(torch.tensor([0, 1, 1, 0]), 3)),
+            ValueError,
+            "groups",
+        ),
     ],
 )
 def test_lora_delta_bad_input_names_argument(mutate, exc, name):

@@ -16,16 +16,33 @@ from .helpers import rel_err
 def tiny_bert(num_labels=3, seed=0):
     torch.manual_seed(seed)
     cfg = BertConfig(
-        vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
-        num_labels=num_labels, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=64,
+        vocab_size=101,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        num_labels=num_labels,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        max_position_embeddings=64,
     )
     return BertForSequenceClassification(cfg).eval()
 
 
 def tiny_gpt2(seed=0):
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=2, n_positions=32, resid_pdrop=0.0,
-                     embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    cfg = GPT2Config(
+        vocab_size=97,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        n_positions=32,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     return GPT2LMHeadModel(cfg).eval()
 
 
@@ -52,8 +69,9 @@ def test_injection_freezes_base_and_matches_peft_names():
 def test_mixed_batch_equals_peft_per_adapter():
     base = tiny_bert()
     ranks, alphas = [1, 3, 7], [2.0, 6.0, 3.5]
-    mlm = MultiLoraModel(copy.deepcopy(base), ["query", "key", "value", "dense"], ranks, alpha=alphas,
-                         modules_to_save=None)
+    mlm = MultiLoraModel(
+        copy.deepcopy(base), ["query", "key", "value", "dense"], ranks, alpha=alphas, modules_to_save=None
+    )
     _randomise_lora(mlm)
     ids = torch.randint(0, 101, (7, 9))
     mask = torch.ones_like(ids)
@@ -85,8 +103,9 @@ def test_mixed_batch_equals_peft_per_adapter():
 
 def test_export_peft_loads_in_peft_with_same_logits(tmp_path):
     base = tiny_bert()
-    mlm = MultiLoraModel(copy.deepcopy(base), ["query", "value"], [4, 2], alpha=[8.0, 3.0],
-                         modules_to_save=["classifier"])
+    mlm = MultiLoraModel(
+        copy.deepcopy(base), ["query", "value"], [4, 2], alpha=[8.0, 3.0], modules_to_save=["classifier"]
+    )
     _randomise_lora(mlm)
     with torch.no_grad():
         mlm.model.classifier.weight.normal_()
@@ -114,8 +133,10 @@ def test_export_scaling_rules_roundtrip_through_peft(tmp_path, rule):
 
 def test_import_peft_trained_adapter(tmp_path):
     base = tiny_bert()
-    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=6, lora_alpha=12, target_modules=["query", "value"],
-                                                                 modules_to_save=["classifier"]))
+    peft_model = get_peft_model(
+        copy.deepcopy(base),
+        LoraConfig(r=6, lora_alpha=12, target_modules=["query", "value"], modules_to_save=["classifier"]),
+    )
     opt = torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=0.5)
     ids = torch.randint(0, 101, (4, 8))
     for _ in range(3):  # train a little so B and the head are not at their init

@@ -137,7 +137,8 @@ def test_component_norms_gradient_is_finite_at_zero_rows():
     ref.component_norms(A, B, layout).sum().backward()
     assert torch.isfinite(A.grad).all() and torch.isfinite(B.grad).all()
     assert torch.autograd.gradcheck(
-        lambda a, b: ref.component_norms(a, b, layout), (A.detach().requires_grad_(), (B.detach() + 0.1).requires_grad_())
+        lambda a, b: ref.component_norms(a, b, layout),
+        (A.detach().requires_grad_(), (B.detach() + 0.1).requires_grad_()),
     )
 
 
