@@ -5,6 +5,7 @@ Tensors in, tensors out; no knowledge of models or clients (DESIGN.md section 4)
 
 from .dispatch import backend_status, get_backend, set_backend, use_backend
 from .layout import AdapterLayout, TokenGroups
+from .lowrank import flora_stack, lowrank_svd_redistribute
 from .ops import component_norms, delta_fro_norms, lora_delta, lora_linear, truncate, weighted_aggregate
 
 __all__ = [
@@ -16,6 +17,8 @@ __all__ = [
     "delta_fro_norms",
     "weighted_aggregate",
     "truncate",
+    "flora_stack",
+    "lowrank_svd_redistribute",
     "set_backend",
     "get_backend",
     "use_backend",

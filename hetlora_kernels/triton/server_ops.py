@@ -31,8 +31,11 @@ non-contiguous inputs need no copy; outputs are fresh contiguous tensors.
 The element type of a table's pointers is a compile-time constant (taken from a "witness" tensor
 argument), so layers of different dtypes are served in one launch per dtype present (at most four,
 still independent of the number of layers); in the usual case (one dtype) that is one launch.
-float64 runs on the same kernels with float64 accumulators (needed for ``gradcheck``), so there is
-no reference fallback.
+float64 runs on the same kernels with float64 accumulators (so ``gradcheck`` exercises the
+hand-written backward); there is no reference fallback, except for CUDA tensors while
+``TRITON_INTERPRET=1`` is set (the interpreter would read device addresses as host memory).
+The backward of ``component_norms`` is first-order only (``once_differentiable``): the HetLoRA
+regulariser needs no more.
 
 Under the interpreter bf16 arithmetic is wrong (ENVIRONMENT.md), so every loaded tile is
 upcast to the accumulator type before any maths; on a GPU half-precision Gram tiles go to ``tl.dot``
@@ -51,6 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import reference
 from ..layout import AdapterLayout
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -352,18 +356,46 @@ KERNELS = (_comp_norms_fwd_kernel, _comp_norms_bwd_kernel, _delta_fro_kernel, _a
 # host side
 # ---------------------------------------------------------------------------------------------
 def _launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
-    """Every launch of this module goes through here (the tests count them)."""
-    kernel[grid](*args, **kwargs)
+    """Every launch of this module goes through here (the tests count them).
+
+    Triton launches on the *current* CUDA device, so the launch is pinned to the device of its
+    first tensor argument (the table, on the layers' device).
+    """
+    dev = next(a.device for a in args if isinstance(a, torch.Tensor))
+    if dev.type == "cuda":
+        with torch.cuda.device(dev):
+            kernel[grid](*args, **kwargs)
+    else:
+        kernel[grid](*args, **kwargs)
+
+
+def _host_only_interpreter(device: torch.device) -> bool:
+    """Under ``TRITON_INTERPRET=1`` the kernels dereference table addresses on the host, so a
+    CUDA tensor's address would be read as host memory: such calls go to the reference instead."""
+    return INTERPRET and device.type != "cpu"
 
 
 def _pow2(n: int, lo: int = 1) -> int:
     return max(lo, triton.next_power_of_2(max(int(n), 1)))
 
 
+# GPU block shapes (the interpreter uses one wide tile instead: it pays per loop iteration)
+GPU_BLOCK_R = 16  # rows per program of the row-wise kernels
+GPU_BLOCK_D = 128  # columns per loop step: 512 B per fp32 row, full-width coalesced loads
+
+
+def gpu_gram_block_d(dtype: torch.dtype) -> int:
+    """Columns per step of the Gram tiles: fp64 64x64 tiles at 64 would take 128 KiB of shared memory."""
+    return 32 if dtype == torch.float64 else 64
+
+
+def gram_block_t(max_rank: int) -> int:
+    """Gram tile edge: tl.dot needs >= 16; two 64x64 fp32 accumulators fit in registers."""
+    return min(_pow2(max_rank, 16), 64)
+
+
 def _block_d(max_d: int) -> int:
-    # the interpreter pays per loop iteration, not per element: one wide tile; on a GPU a
-    # 128-wide fp32 row chunk is 512 B per row, enough for full-width coalesced loads
-    return min(_pow2(max_d, 16), 1024) if INTERPRET else 128
+    return min(_pow2(max_d, 16), 1024) if INTERPRET else GPU_BLOCK_D
 
 
 def _acc(dtype: torch.dtype) -> tuple[torch.dtype, tl.dtype]:
@@ -426,7 +458,7 @@ def _norms_rows(As, Bs, dAs=None, dBs=None) -> list[list[int]]:
 
 
 def _norms_blocks(R: int, max_d: int) -> tuple[int, int]:
-    block_r = min(_pow2(R, 16), 64) if INTERPRET else 16
+    block_r = min(_pow2(R, 16), 64) if INTERPRET else GPU_BLOCK_R
     return block_r, _block_d(max_d)
 
 
@@ -488,6 +520,8 @@ def component_norms_impl(As: list, Bs: list, layout: AdapterLayout) -> torch.Ten
             ``layout``; fp32/fp16/bf16/fp64, any strides).
     Returns float32 (float64 for float64 inputs), one launch per dtype present.
     """
+    if _host_only_interpreter(As[0].device):
+        return reference.component_norms_impl(As, Bs, layout)
     groups = _dtype_groups(As)
     if len(groups) == 1:
         return _ComponentNorms.apply(layout, len(As), *As, *Bs)
@@ -507,17 +541,18 @@ def delta_fro_norms_impl(As: list, Bs: list, layout: AdapterLayout, scaling) -> 
     torch reduction of the ``[L, K, NT, NT]`` per-tile partial sums (fixed order: deterministic).
     """
     dev = As[0].device
+    if _host_only_interpreter(dev):
+        return reference.delta_fro_norms_impl(As, Bs, layout, scaling)
     K = layout.num_adapters
     tabs = _index_tables(layout.ranks, layout.max_rank, dev)
-    block_t = min(_pow2(layout.max_rank, 16), 64)  # tl.dot needs >= 16; 64x64 fp32 Grams x2 fit registers
+    block_t = gram_block_t(layout.max_rank)
     nt = triton.cdiv(layout.max_rank, block_t)
     results: list[torch.Tensor | None] = [None] * len(As)
     for dtype, idx in _dtype_groups(As).items():
         acc_t, acc_tl = _acc(dtype)
         a_g, b_g = [As[i] for i in idx], [Bs[i] for i in idx]
         max_d = max(max(a.shape[1], b.shape[1]) for a, b in zip(a_g, b_g))
-        # on a GPU: fp64 64x64 tiles at BLOCK_D=64 would take 128 KiB of shared memory
-        block_d = min(_pow2(max_d, 16), 1024) if INTERPRET else (32 if dtype == torch.float64 else 64)
+        block_d = min(_pow2(max_d, 16), 1024) if INTERPRET else gpu_gram_block_d(dtype)
         part = torch.empty(len(idx), K, nt, nt, dtype=acc_t, device=dev)
         tab = _table(_norms_rows(a_g, b_g), dev)
         # upcast tiles where the interpreter mishandles half maths, and for fp64 (dot in ACC)
@@ -555,6 +590,8 @@ def weighted_aggregate_impl(As: list, Bs: list, layout: AdapterLayout, weights: 
     layers; each output row sums its sources in client order (deterministic, no atomics).
     """
     dev = As[0].device
+    if _host_only_interpreter(dev):
+        return reference.weighted_aggregate_impl(As, Bs, layout, weights, out_rank)
     tabs = _index_tables(layout.ranks, out_rank, dev)
     outA = [torch.empty(out_rank, a.shape[1], dtype=a.dtype, device=dev) for a in As]
     outB = [torch.empty(out_rank, b.shape[1], dtype=b.dtype, device=dev) for b in Bs]
@@ -583,6 +620,8 @@ def truncate_impl(As: list, Bs: list, layout: AdapterLayout):
     in one launch per dtype for A and B of all layers.
     """
     dev = As[0].device
+    if _host_only_interpreter(dev):
+        return reference.truncate_impl(As, Bs, layout)
     R = layout.total_rank
     tabs = _index_tables(layout.ranks, layout.max_rank, dev)
     outA = [torch.empty(R, a.shape[1], dtype=a.dtype, device=dev) for a in As]
@@ -590,7 +629,7 @@ def truncate_impl(As: list, Bs: list, layout: AdapterLayout):
     for _dtype, idx in _dtype_groups(As).items():
         a_g, b_g = [As[i] for i in idx], [Bs[i] for i in idx]
         max_d = max(max(a.shape[1], b.shape[1]) for a, b in zip(a_g, b_g))
-        block_r = min(_pow2(R, 16), 64) if INTERPRET else 16
+        block_r = min(_pow2(R, 16), 64) if INTERPRET else GPU_BLOCK_R
         tab = _table(_copy_rows(a_g, b_g, [outA[i] for i in idx], [outB[i] for i in idx]), dev)
         _launch(
             _gather_rows_kernel, (triton.cdiv(R, block_r), 2 * len(idx)),
