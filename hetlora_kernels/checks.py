@@ -94,9 +94,7 @@ def check_lora_inputs(x, A, B, layout, groups, scaling):
     if groups.num_tokens != x.shape[0]:
         raise ValueError(f"groups cover {groups.num_tokens} tokens but x has T={x.shape[0]} rows")
     if groups.num_adapters != layout.num_adapters:
-        raise ValueError(
-            f"groups were built for {groups.num_adapters} adapters but layout has {layout.num_adapters}"
-        )
+        raise ValueError(f"groups were built for {groups.num_adapters} adapters but layout has {layout.num_adapters}")
     if groups.device != x.device:
         raise ValueError(f"groups are on {groups.device} but x is on {x.device}")
     return check_scaling(scaling, layout.num_adapters, x.device)
