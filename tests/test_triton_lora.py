@@ -13,7 +13,7 @@ import hetlora_kernels as hk
 from hetlora_kernels import AdapterLayout, TokenGroups
 
 triton_pkg = pytest.importorskip("hetlora_kernels.triton")
-from hetlora_kernels.triton import schedule, wgrad  # noqa: E402
+from hetlora_kernels.triton import fused, schedule, wgrad  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 # relative Frobenius error vs float64 (DESIGN.md section 5; fp16 sits between fp32 and bf16)
@@ -76,13 +76,13 @@ def run_triton(x, A, B, dy, layout, groups, s, dev=DEV):
 
 
 def run_dense(x, A, B, dy, ranks, ids, scales):
-    x64, A64, B64 = (t.double().requires_grad_() for t in (x, A, B))
+    x64, A64, B64 = (t.detach().double().clone().requires_grad_() for t in (x, A, B))
     y = dense64(x64, A64, B64, ranks, ids, scales)
     y.backward(dy.double())
     return y.detach(), x64.grad, A64.grad, B64.grad
 
 
-def check_all(got, want, dtype, ids):
+def check_all(got, want, dtype, ids, ranks=None):
     names = ("y", "dx", "dA", "dB")
     for name, a, b in zip(names, got, want):
         assert a.dtype == dtype, name
@@ -93,6 +93,12 @@ def check_all(got, want, dtype, ids):
     unrouted = ids < 0
     assert (got[0].cpu()[unrouted] == 0).all(), "rows of -1 tokens must be exactly 0"
     assert (got[1].cpu()[unrouted] == 0).all(), "dx rows of -1 tokens must be exactly 0"
+    if ranks is not None:  # adapters without tokens get exactly zero gradients
+        off = 0
+        for k, r in enumerate(ranks):
+            if not (ids == k).any():
+                assert (got[2].cpu()[off : off + r] == 0).all() and (got[3].cpu()[off : off + r] == 0).all(), k
+            off += r
 
 
 def mixed_ids(T: int, K: int, seed: int, empty: int | None = 2) -> torch.Tensor:
@@ -108,20 +114,42 @@ def mixed_ids(T: int, K: int, seed: int, empty: int | None = 2) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # correctness on the interpreter (or the GPU when there is one)
 # ---------------------------------------------------------------------------------------------
+class LaunchSpy:
+    """Stands in for a kernel object and counts ``kernel[grid](...)`` launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.fixture(params=["fused", "split"])
+def forward_path(request, monkeypatch):
+    """Run the test with the one-launch fused forward, then with shrink + expand."""
+    monkeypatch.setattr(fused, "FORCE_FUSED", request.param == "fused")
+    spy = LaunchSpy(fused._fused_fwd_kernel)
+    monkeypatch.setattr(fused, "_fused_fwd_kernel", spy)
+    yield request.param
+    if request.param == "split":
+        assert spy.launches == 0, "the fused kernel ran on the split path"
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("scale_kind", ["tensor", "float"])
-def test_lora_delta_mixed_ranks(dtype, scale_kind):
+def test_lora_delta_mixed_ranks(dtype, scale_kind, forward_path):
     ranks = [1, 3, 7, 16]
     layout = AdapterLayout(ranks)
     ids = mixed_ids(48, len(ranks), seed=11)
     groups = TokenGroups.from_adapter_ids(ids, len(ranks))
     x, A, B, dy, s, scales = make_case(ranks, ids, 37, 29, dtype, seed=5, scale_kind=scale_kind)
     got = run_triton(x, A, B, dy, layout, groups, s)
-    check_all(got, run_dense(x, A, B, dy, ranks, ids, scales), dtype, ids)
+    check_all(got, run_dense(x, A, B, dy, ranks, ids, scales), dtype, ids, ranks)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_several_rank_tiles(dtype):
+def test_several_rank_tiles(dtype, forward_path):
     """Ranks above the 16-wide rank tile (2 and 3 tiles) mixed with rank 1 and 64."""
     ranks = [33, 1, 20, 64]
     layout = AdapterLayout(ranks)
@@ -140,11 +168,11 @@ def test_sorted_groups_from_lengths():
     ids = groups.adapter_ids.clone()
     x, A, B, dy, s, scales = make_case(ranks, ids, 33, 17, torch.float32, seed=2)
     got = run_triton(x, A, B, dy, layout, groups, s)
-    check_all(got, run_dense(x, A, B, dy, ranks, ids, scales), torch.float32, ids)
+    check_all(got, run_dense(x, A, B, dy, ranks, ids, scales), torch.float32, ids, ranks)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_lora_linear(dtype):
+def test_lora_linear(dtype, forward_path):
     ranks = [3, 16, 1]
     layout = AdapterLayout(ranks)
     ids = mixed_ids(36, len(ranks), seed=4, empty=None)
@@ -157,7 +185,7 @@ def test_lora_linear(dtype):
     with hk.use_backend("triton"):
         y = hk.lora_linear(leaves[0], leaves[1], leaves[2], leaves[3], leaves[4], layout, groups.to(DEV), s.to(DEV))
         y.backward(dy.to(DEV))
-    ref = [t.double().requires_grad_() for t in (x, W, b, A, B)]
+    ref = [t.detach().double().clone().requires_grad_() for t in (x, W, b, A, B)]
     y64 = dense64(ref[0], ref[3], ref[4], ranks, ids, scales, weight=ref[1], bias=ref[2])
     y64.backward(dy.double())
     tol = TOL[dtype]
@@ -168,14 +196,14 @@ def test_lora_linear(dtype):
         assert rel(a.grad.cpu(), r.grad) < tol, name
 
 
-def test_lora_linear_no_bias_frozen_weight_matches_delta():
+def test_lora_linear_no_bias_frozen_weight_matches_delta(forward_path):
     ranks = [1, 7]
     layout = AdapterLayout(ranks)
     ids = mixed_ids(24, 2, seed=1, empty=None)
     groups = TokenGroups.from_adapter_ids(ids, 2).to(DEV)
     x, A, B, dy, s, _ = make_case(ranks, ids, 16, 16, torch.float32, seed=3, scale_kind="float")
     W = torch.randn(16, 16).to(DEV)
-    xs, As, Bs = (t.to(DEV).requires_grad_() for t in (x, A, B))
+    xs, As, Bs = (t.to(DEV).clone().requires_grad_() for t in (x, A, B))
     with hk.use_backend("triton"):
         y = hk.lora_linear(xs, W, None, As, Bs, layout, groups, s)
         y.backward(dy.to(DEV))
@@ -184,6 +212,34 @@ def test_lora_linear_no_bias_frozen_weight_matches_delta():
     # -1 tokens get exactly the base gradient dy W
     unrouted = ids.to(DEV) < 0
     torch.testing.assert_close(xs.grad[unrouted], (dy.to(DEV) @ W)[unrouted], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("which", ["x", "A", "B", "AB"])
+@pytest.mark.parametrize("op", ["delta", "linear"])
+def test_partial_requires_grad(which, op):
+    """Only some inputs need gradients: the others get none, the asked ones stay right."""
+    ranks = [3, 16, 1]
+    layout = AdapterLayout(ranks)
+    ids = mixed_ids(24, 3, seed=51, empty=None)
+    groups = TokenGroups.from_adapter_ids(ids, 3).to(DEV)
+    x, A, B, dy, s, scales = make_case(ranks, ids, 20, 12, torch.float32, seed=53)
+    W = torch.randn(12, 20)
+    leaves = {n: t.to(DEV).clone().requires_grad_(n in which) for n, t in zip("xAB", (x, A, B))}
+    with hk.use_backend("triton"):
+        if op == "delta":
+            y = hk.lora_delta(leaves["x"], leaves["A"], leaves["B"], layout, groups, s.to(DEV))
+        else:
+            y = hk.lora_linear(leaves["x"], W.to(DEV), None, leaves["A"], leaves["B"], layout, groups, s.to(DEV))
+        y.backward(dy.to(DEV))
+    want = run_dense(x, A, B, dy, ranks, ids, scales)
+    if op == "linear":
+        want = (want[0], want[1] + dy.double() @ W.double(), want[2], want[3])
+    for i, n in enumerate("xAB", start=1):
+        g = leaves[n].grad
+        if n in which:
+            assert rel(g.cpu(), want[i]) < 1e-4, n
+        else:
+            assert g is None, n
 
 
 def test_noncontiguous_inputs():
@@ -212,7 +268,7 @@ def test_broadcast_grad_and_sum_loss():
     ids = mixed_ids(20, 2, seed=5, empty=None)
     groups = TokenGroups.from_adapter_ids(ids, 2).to(DEV)
     x, A, B, _, s, scales = make_case(ranks, ids, 12, 9, torch.float32, seed=4)
-    xs, As, Bs = (t.to(DEV).requires_grad_() for t in (x, A, B))
+    xs, As, Bs = (t.to(DEV).clone().requires_grad_() for t in (x, A, B))
     with hk.use_backend("triton"):
         hk.lora_delta(xs, As, Bs, layout, groups, s.to(DEV)).sum().backward()
     want = run_dense(x, A, B, torch.ones(20, 9), ranks, ids, scales)
@@ -220,7 +276,7 @@ def test_broadcast_grad_and_sum_loss():
         assert rel(a.cpu(), b) < 1e-4
 
 
-def test_t_zero_and_all_unrouted():
+def test_t_zero_and_all_unrouted(forward_path):
     ranks = [3, 1]
     layout = AdapterLayout(ranks)
     for T, ids in ((0, torch.zeros(0, dtype=torch.int64)), (9, torch.full((9,), -1))):
@@ -230,6 +286,55 @@ def test_t_zero_and_all_unrouted():
         assert y.shape == (T, 6) and dx.shape == (T, 8)
         assert (y == 0).all() and (dx == 0).all()
         assert (dA == 0).all() and (dB == 0).all()
+
+
+def test_lora_linear_t_zero_and_all_unrouted(forward_path):
+    layout = AdapterLayout([4, 2])
+    for ids in (torch.zeros(0, dtype=torch.int64), torch.full((5,), -1)):
+        groups = TokenGroups.from_adapter_ids(ids, 2).to(DEV)
+        T = len(ids)
+        x = torch.randn(T, 6, device=DEV, requires_grad=True)
+        W = torch.randn(3, 6, device=DEV, requires_grad=True)
+        b = torch.randn(3, device=DEV, requires_grad=True)
+        A = torch.randn(6, 6, device=DEV, requires_grad=True)
+        B = torch.randn(6, 3, device=DEV, requires_grad=True)
+        with hk.use_backend("triton"):
+            y = hk.lora_linear(x, W, b, A, B, layout, groups, 0.5)
+            y.square().sum().backward()
+        torch.testing.assert_close(y, x @ W.t() + b)
+        torch.testing.assert_close(x.grad, (2 * y @ W).detach())
+        assert (A.grad == 0).all() and (B.grad == 0).all()
+
+
+def test_many_adapters_few_tokens():
+    """24 adapters, most with 0-3 tokens: many tiny groups, some empty ones."""
+    ranks = [1 + (7 * k) % 16 for k in range(24)]
+    layout = AdapterLayout(ranks)
+    g = torch.Generator().manual_seed(41)
+    ids = torch.randint(-1, 24, (40,), generator=g)
+    groups = TokenGroups.from_adapter_ids(ids, 24)
+    x, A, B, dy, s, scales = make_case(ranks, ids, 16, 24, torch.float32, seed=43)
+    got = run_triton(x, A, B, dy, layout, groups, s)
+    check_all(got, run_dense(x, A, B, dy, ranks, ids, scales), torch.float32, ids, ranks)
+
+
+def test_wgrad_chunk_heuristic(monkeypatch):
+    """The GPU's choice between one pass and two stages (pure host logic, checked here)."""
+    monkeypatch.setattr(wgrad, "INTERPRET", False)
+    monkeypatch.setattr(wgrad, "FORCE_CHUNK_T", None)
+    dev = torch.device("cpu")  # sm_count() assumes 132 multiprocessors off the GPU
+    small = TokenGroups.from_lengths([100, 0, 300])
+    assert wgrad._pick_chunk(small, AdapterLayout([8, 8, 8]), 4096, dev) is None
+    few_big = TokenGroups.from_lengths([8192, 4096])
+    chunk = wgrad._pick_chunk(few_big, AdapterLayout([16, 8]), 1024, dev)
+    assert chunk is not None and chunk >= 256 and chunk & (chunk - 1) == 0 and chunk < 8192
+    chunks, cstarts, _ = schedule.token_chunks(few_big, chunk)
+    rows = chunks.tolist()
+    assert cstarts.tolist()[-1] == len(rows)
+    assert sum(p1 - p0 for _, p0, p1 in rows) == 8192 + 4096
+    # enough programs already: one pass
+    many = TokenGroups.from_lengths([1024] * 64)
+    assert wgrad._pick_chunk(many, AdapterLayout([16] * 64), 4096, dev) is None
 
 
 def test_float64_falls_back_to_reference():
@@ -247,7 +352,7 @@ def test_float64_falls_back_to_reference():
 # ---------------------------------------------------------------------------------------------
 # poisoned buffers, determinism, schedule
 # ---------------------------------------------------------------------------------------------
-def test_poisoned_buffers_never_leak(monkeypatch):
+def test_poisoned_buffers_never_leak(monkeypatch, forward_path):
     """Every torch.empty the kernels allocate starts as NaN: an element that a kernel reads
     without writing it first (or forgets to write) would surface as NaN or a wrong value."""
     real_empty = torch.empty
@@ -264,13 +369,16 @@ def test_poisoned_buffers_never_leak(monkeypatch):
     groups = TokenGroups.from_adapter_ids(ids, 4)
     x, A, B, dy, s, scales = make_case(ranks, ids, 30, 22, torch.float32, seed=19)
     monkeypatch.setattr(torch, "empty", nan_empty)
-    monkeypatch.setattr(wgrad, "FORCE_CHUNK_T", 16)  # the two-stage path's workspace too
+    monkeypatch.setattr(wgrad, "FORCE_CHUNK_T", 5)  # the two-stage path's workspace too
+    spy = LaunchSpy(wgrad._wgrad_reduce_kernel)
+    monkeypatch.setattr(wgrad, "_wgrad_reduce_kernel", spy)
     got = run_triton(x, A, B, dy, layout, groups, s)
     monkeypatch.undo()
-    check_all(got, run_dense(x, A, B, dy, ranks, ids, scales), torch.float32, ids)
+    assert spy.launches == 2, "two-stage path not exercised for dA and dB"
+    check_all(got, run_dense(x, A, B, dy, ranks, ids, scales), torch.float32, ids, ranks)
 
 
-@pytest.mark.parametrize("chunk", [None, 16], ids=["one-pass", "two-stage"])
+@pytest.mark.parametrize("chunk", [None, 5], ids=["one-pass", "two-stage"])
 def test_weight_grads_bitwise_deterministic(monkeypatch, chunk):
     monkeypatch.setattr(wgrad, "FORCE_CHUNK_T", chunk)
     ranks = [7, 16, 1]
@@ -278,8 +386,11 @@ def test_weight_grads_bitwise_deterministic(monkeypatch, chunk):
     ids = mixed_ids(64, 3, seed=23, empty=None)
     groups = TokenGroups.from_adapter_ids(ids, 3)
     x, A, B, dy, s, scales = make_case(ranks, ids, 32, 24, torch.bfloat16, seed=29)
+    spy = LaunchSpy(wgrad._wgrad_reduce_kernel)
+    monkeypatch.setattr(wgrad, "_wgrad_reduce_kernel", spy)
     first = run_triton(x, A, B, dy, layout, groups, s)
     second = run_triton(x, A, B, dy, layout, groups, s)
+    assert spy.launches == (0 if chunk is None else 4)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
     check_all(first, run_dense(x, A, B, dy, ranks, ids, scales), torch.bfloat16, ids)
@@ -316,9 +427,11 @@ def test_schedule_is_cached_and_partitions_tokens():
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("chunk", [None, 256], ids=["auto", "two-stage"])
-def test_gpu_large_mixed(dtype, chunk, monkeypatch):
+@pytest.mark.parametrize("chunk", [None, 32], ids=["auto", "two-stage"])
+@pytest.mark.parametrize("fused_fwd", [None, True], ids=["auto-fwd", "fused-fwd"])
+def test_gpu_large_mixed(dtype, chunk, fused_fwd, monkeypatch):
     monkeypatch.setattr(wgrad, "FORCE_CHUNK_T", chunk)
+    monkeypatch.setattr(fused, "FORCE_FUSED", fused_fwd)
     ranks = [1, 3, 7, 16, 64, 33, 8, 2] * 4
     K = len(ranks)
     layout = AdapterLayout(ranks)
@@ -326,6 +439,7 @@ def test_gpu_large_mixed(dtype, chunk, monkeypatch):
     ids = mixed_ids(T, K, seed=7, empty=5)
     groups = TokenGroups.from_adapter_ids(ids, K)
     x, A, B, dy, s, scales = make_case(ranks, ids, d_in, d_out, dtype, seed=8)
+    assert fused.use_fused(groups, layout, d_in, d_out, x.element_size()) == bool(fused_fwd)
     got = run_triton(x, A, B, dy, layout, groups, s)
     xd, Ad, Bd, dyd = (t.to("cuda") for t in (x, A, B, dy))
     want = run_dense(xd, Ad, Bd, dyd, ranks, ids.cuda(), scales)
@@ -345,7 +459,7 @@ def test_gpu_lora_linear_bf16():
     groups = TokenGroups.from_adapter_ids(ids, 4).to("cuda")
     x, A, B, dy, s, scales = make_case(ranks, ids, d, d, torch.bfloat16, seed=4)
     W = (torch.randn(d, d) / d**0.5).to(torch.bfloat16)
-    leaves = [t.cuda().requires_grad_() for t in (x, A, B)]
+    leaves = [t.cuda().clone().requires_grad_() for t in (x, A, B)]
     with hk.use_backend("triton"):
         y = hk.lora_linear(leaves[0], W.cuda(), None, leaves[1], leaves[2], layout, groups, s.cuda())
         y.backward(dy.cuda())
@@ -355,3 +469,56 @@ def test_gpu_lora_linear_bf16():
     assert rel(y.detach(), y64.detach()) < 2e-2
     for a, r in zip(leaves, ref):
         assert rel(a.grad, r.grad) < 2e-2
+
+
+def test_kernels_compile_for_hopper():
+    """The interpreter never lowers a kernel: compile them for sm_90 (no GPU needed), in a
+    process without TRITON_INTERPRET, and check that the bf16 paths use tensor cores."""
+    import os
+    import subprocess
+    import sys
+
+    import triton
+
+    if tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 3):
+        pytest.skip(f"aot_check uses the Triton >= 3.3 compile API, this is {triton.__version__}")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-W", "ignore", "-m", "hetlora_kernels.triton.aot_check", "--caps", "90", "--dtypes", "bf16"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("sm_90")]
+    assert len(lines) == 5, res.stdout
+    for ln in lines:
+        if "wgrad_reduce" not in ln:
+            assert "mma=wgmma" in ln, ln
+
+
+def test_fused_forward_heuristic(monkeypatch):
+    monkeypatch.setattr(fused, "FORCE_FUSED", None)
+    small = TokenGroups.from_lengths([20, 12])
+    big = TokenGroups.from_lengths([2000, 3000])
+    layout = AdapterLayout([8, 16])
+    assert fused.use_fused(small, layout, 1024, 1024, 2)
+    assert not fused.use_fused(big, layout, 1024, 1024, 2)
+    assert not fused.use_fused(small, AdapterLayout([8, 128]), 1024, 1024, 2)  # rank above the limit
+    assert not fused.use_fused(TokenGroups.from_adapter_ids([-1, -1], 2), layout, 64, 64, 2)  # nothing routed
+
+
+@pytest.mark.gpu
+def test_gpu_few_adapters_many_tokens_two_stage(monkeypatch):
+    """Two adapters, 16k tokens: the heuristic splits each adapter's tokens into chunks."""
+    monkeypatch.setattr(wgrad, "FORCE_CHUNK_T", None)
+    spy = LaunchSpy(wgrad._wgrad_reduce_kernel)
+    monkeypatch.setattr(wgrad, "_wgrad_reduce_kernel", spy)
+    ranks = [16, 64]
+    layout = AdapterLayout(ranks)
+    ids = mixed_ids(16384, 2, seed=9, empty=None)
+    groups = TokenGroups.from_adapter_ids(ids, 2)
+    x, A, B, dy, s, scales = make_case(ranks, ids, 256, 320, torch.bfloat16, seed=10)
+    got = run_triton(x, A, B, dy, layout, groups, s)
+    assert spy.launches == 2
+    want = run_dense(*(t.cuda() for t in (x, A, B, dy)), ranks, ids.cuda(), scales)
+    check_all(tuple(g.cpu() for g in got), tuple(w.cpu() for w in want), torch.bfloat16, ids)
+    again = run_triton(x, A, B, dy, layout, groups, s)
+    for a, b in zip(got, again):
+        assert torch.equal(a, b)

@@ -13,7 +13,17 @@ import triton
 import triton.language as tl
 
 from ..layout import AdapterLayout, TokenGroups
-from .schedule import BLOCK_R, autotune, cdiv, dot_mode, interpret_meta, next_pow2, token_tiles, torch_to_tl_scale
+from .schedule import (
+    BLOCK_R,
+    autotune,
+    cdiv,
+    dot_mode,
+    interpret_meta,
+    next_pow2,
+    prune_wide_blocks,
+    token_tiles,
+    torch_to_tl_scale,
+)
 from .shrink import shrink_block_t
 
 _CONFIGS = [
@@ -24,7 +34,12 @@ _CONFIGS = [
 
 # restore_value: with ACCUMULATE the kernel updates Y in place, and the autotuner's
 # timing runs must not add the delta several times
-@autotune(_CONFIGS, key=["d_out", "BLOCK_T"], restore_value=["Y"])
+@autotune(
+    _CONFIGS,
+    key=["d_out", "BLOCK_T"],
+    prune_configs_by={"early_config_prune": prune_wide_blocks("BLOCK_N", "d_out")},
+    restore_value=["Y"],
+)
 @triton.jit
 def _expand_kernel(
     H,  # [T, r_max] fp32, by position
@@ -70,10 +85,10 @@ def _expand_kernel(
         for r0 in range(0, rank, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
             mask_r = offs_r < rank
-            ht = tl.load(H + offs_p[:, None] * stride_h + offs_r[None, :], mask=mask_t[:, None] & mask_r[None, :], other=0.0)
-            wt = tl.load(
-                W + (row0 + offs_r)[:, None] * stride_w + offs_n[None, :], mask=mask_r[:, None] & mask_n[None, :], other=0.0
-            )
+            mask_h = mask_t[:, None] & mask_r[None, :]
+            ht = tl.load(H + offs_p[:, None] * stride_h + offs_r[None, :], mask=mask_h, other=0.0)
+            mask_w = mask_r[:, None] & mask_n[None, :]
+            wt = tl.load(W + (row0 + offs_r)[:, None] * stride_w + offs_n[None, :], mask=mask_w, other=0.0)
             if DOT_F32:
                 acc = tl.dot(ht, wt.to(tl.float32), acc, input_precision=DOT_PREC)
             else:

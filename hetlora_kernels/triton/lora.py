@@ -1,6 +1,8 @@
 """Autograd wiring of the mixed-rank LoRA kernels: the triton ``lora_delta`` / ``lora_linear``.
 
-Forward (2 launches): ``h = shrink(x, A)`` (fp32, kept for the backward), ``y = expand(h, B)``.
+Forward (2 launches): ``h = shrink(x, A)`` (fp32, kept for the backward), ``y = expand(h, B)``;
+for small batches (``fused.use_fused``: launch latency dominates) one fused launch that
+also writes ``h``.
 Backward (4 launches, +2 on the two-stage weight-gradient path):
 ``g = shrink(dy, B, s)``, ``dx = expand(g, A)``, ``dA = wgrad(g, x)``, ``dB = wgrad(h, dy, s)``.
 ``lora_linear`` runs the base GEMM with torch (``F.linear``) and lets the expand kernels
@@ -15,14 +17,22 @@ reproducible run to run (no atomics).  Not twice differentiable.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
 from .. import reference
 from ..layout import AdapterLayout, TokenGroups
 from .expand import expand
+from .fused import fused_forward, use_fused
 from .shrink import shrink
 from .wgrad import wgrad
+
+
+def _on(device: torch.device):
+    """Triton launches on the current CUDA device, which need not be the tensors' one."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _rowmajor(t: torch.Tensor) -> torch.Tensor:
@@ -31,6 +41,8 @@ def _rowmajor(t: torch.Tensor) -> torch.Tensor:
 
 
 def _forward(x, A, B, layout, groups, scaling, out):
+    if use_fused(groups, layout, x.shape[1], B.shape[1], x.element_size()):
+        return fused_forward(x, A, B, layout, groups, scaling, out)
     h = shrink(x, A, layout, groups)
     y = expand(h, B, layout, groups, scaling, out=out)
     return y, h
@@ -57,17 +69,21 @@ class _LoraDelta(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, A, B, layout, groups, scaling):
         x, A, B = _rowmajor(x), A.contiguous(), B.contiguous()
-        y, h = _forward(x, A, B, layout, groups, scaling, None)
+        with _on(x.device):
+            y, h = _forward(x, A, B, layout, groups, scaling, None)
         ctx.layout, ctx.groups, ctx.scaling = layout, groups, scaling
         ctx.lora_needs = ctx.needs_input_grad[:3]
-        ctx.save_for_backward(x, A, B, h)
+        # x only feeds dA, h only dB: keep neither alive when it is not needed
+        _, need_A, need_B = ctx.lora_needs
+        ctx.save_for_backward(x if need_A else None, A, B, h if need_B else None)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x, A, B, h = ctx.saved_tensors
-        dx, dA, dB = _backward(ctx, dy, x, A, B, h, None)
+        with _on(A.device):
+            dx, dA, dB = _backward(ctx, dy, x, A, B, h, None)
         return dx, dA, dB, None, None, None
 
 
@@ -78,12 +94,14 @@ class _LoraLinear(torch.autograd.Function):
         base = F.linear(x, weight, bias)
         if base.stride(1) != 1:
             base = base.contiguous()
-        y, h = _forward(x, A, B, layout, groups, scaling, base)
+        with _on(x.device):
+            y, h = _forward(x, A, B, layout, groups, scaling, base)
         ctx.layout, ctx.groups, ctx.scaling = layout, groups, scaling
         n = ctx.needs_input_grad
         ctx.lora_needs = (n[0], n[3], n[4])
         ctx.base_needs = (n[1], n[2] and bias is not None)
-        ctx.save_for_backward(x, weight, A, B, h)
+        keep_x = n[1] or n[3]  # x feeds dW and dA
+        ctx.save_for_backward(x if keep_x else None, weight, A, B, h if n[4] else None)
         return y
 
     @staticmethod
@@ -93,7 +111,8 @@ class _LoraLinear(torch.autograd.Function):
         need_w, need_b = ctx.base_needs
         dy = _rowmajor(dy)
         dx_base = dy.mm(weight) if ctx.lora_needs[0] else None
-        dx, dA, dB = _backward(ctx, dy, x, A, B, h, dx_base)
+        with _on(A.device):
+            dx, dA, dB = _backward(ctx, dy, x, A, B, h, dx_base)
         dW = dy.t().mm(x) if need_w else None
         db = dy.sum(0) if need_b else None
         return dx, dW, db, dA, dB, None, None, None

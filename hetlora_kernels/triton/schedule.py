@@ -95,7 +95,7 @@ def token_chunks(groups: TokenGroups, chunk_t: int | None) -> tuple[torch.Tensor
     return res
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
@@ -112,8 +112,10 @@ def dot_mode(dtype: torch.dtype) -> tuple[bool, str]:
 
     Half inputs keep their own dtype in ``tl.dot`` (tensor cores, fp32 accumulation),
     except bf16 under the interpreter, which computes bf16 maths on raw bits: there the
-    operands are upcast to fp32 first.  fp32 inputs use tf32 only where torch allows it for
-    its own matmuls (``torch.backends.cuda.matmul.allow_tf32``), otherwise exact fp32.
+    operands are upcast to fp32 first.  In a half dot the fp32 intermediates (``h``, ``g``)
+    are rounded to the input dtype first, as the torch reference's half matmuls produce
+    them.  fp32 inputs use tf32 only where torch allows it for its own matmuls
+    (``torch.backends.cuda.matmul.allow_tf32``), otherwise exact fp32 (``"ieee"``).
     """
     if dtype == torch.float32:
         prec = "tf32" if (not INTERPRET and torch.backends.cuda.matmul.allow_tf32) else "ieee"
@@ -150,3 +152,16 @@ def autotune(configs: list, key: list[str], **kwargs):
 def interpret_meta(**meta) -> dict:
     """The fixed block sizes to pass explicitly when interpreting; nothing on the GPU."""
     return dict(meta) if INTERPRET else {}
+
+
+def prune_wide_blocks(block_name: str, dim_name: str):
+    """An ``early_config_prune`` dropping configs whose ``block_name`` exceeds the padded
+    ``dim_name`` (a 256-wide block over a 64-wide matrix only wastes the tile)."""
+
+    def prune(configs, named_args, **kwargs):
+        dim = {**named_args, **kwargs}[dim_name]
+        cap = max(64, next_pow2(dim))
+        kept = [c for c in configs if c.kwargs[block_name] <= cap]
+        return kept or configs[:1]
+
+    return prune

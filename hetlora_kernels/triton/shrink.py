@@ -15,7 +15,17 @@ import triton
 import triton.language as tl
 
 from ..layout import AdapterLayout, TokenGroups
-from .schedule import BLOCK_R, autotune, cdiv, dot_mode, interpret_meta, next_pow2, token_tiles, torch_to_tl_scale
+from .schedule import (
+    BLOCK_R,
+    autotune,
+    cdiv,
+    dot_mode,
+    interpret_meta,
+    next_pow2,
+    prune_wide_blocks,
+    token_tiles,
+    torch_to_tl_scale,
+)
 
 _CONFIGS = [
     triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s)
@@ -23,7 +33,9 @@ _CONFIGS = [
 ]
 
 
-@autotune(_CONFIGS, key=["d_in", "BLOCK_T"])
+@autotune(
+    _CONFIGS, key=["d_in", "BLOCK_T"], prune_configs_by={"early_config_prune": prune_wide_blocks("BLOCK_K", "d_in")}
+)
 @triton.jit
 def _shrink_kernel(
     X,  # [T, d_in] (row stride stride_x, unit column stride)
@@ -108,7 +120,7 @@ def shrink(
         scaling: float, or fp32 ``[K]`` tensor on x's device.
         block_t: token tile (default: ``shrink_block_t(groups)``).
     Returns:
-        fp32 ``[T, max(r_max, 1)]`` indexed by position in ``groups.order``; only the
+        fp32 ``[T, r_max]`` indexed by position in ``groups.order``; only the
         entries ``[p, j]`` with ``p`` a position of adapter k and ``j < r_k`` are defined.
     """
     T, d = x.shape

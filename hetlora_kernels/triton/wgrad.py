@@ -26,6 +26,7 @@ from .schedule import (
     dot_mode,
     interpret_meta,
     next_pow2,
+    prune_wide_blocks,
     sm_count,
     token_chunks,
     torch_to_tl_scale,
@@ -40,7 +41,7 @@ _CONFIGS = [
 ]
 
 
-@autotune(_CONFIGS, key=["d", "DIRECT"])
+@autotune(_CONFIGS, key=["d", "DIRECT"], prune_configs_by={"early_config_prune": prune_wide_blocks("BLOCK_N", "d")})
 @triton.jit
 def _wgrad_kernel(
     Hm,  # [T, r_max] fp32, by position (h or g)
@@ -83,8 +84,10 @@ def _wgrad_kernel(
             offs_p = q + tl.arange(0, BLOCK_T)
             mask_t = offs_p < p1
             tok = tl.load(order + offs_p, mask=mask_t, other=0)
-            xt = tl.load(X + tok[None, :] * stride_x + offs_n[:, None], mask=mask_n[:, None] & mask_t[None, :], other=0.0)
-            ht = tl.load(Hm + offs_p[:, None] * stride_h + offs_r[None, :], mask=mask_t[:, None] & mask_r[None, :], other=0.0)
+            mask_x = mask_n[:, None] & mask_t[None, :]
+            xt = tl.load(X + tok[None, :] * stride_x + offs_n[:, None], mask=mask_x, other=0.0)
+            mask_h = mask_t[:, None] & mask_r[None, :]
+            ht = tl.load(Hm + offs_p[:, None] * stride_h + offs_r[None, :], mask=mask_h, other=0.0)
             if DOT_F32:
                 acc = tl.dot(xt.to(tl.float32), ht, acc, input_precision=DOT_PREC)
             else:
@@ -155,12 +158,15 @@ def _pick_chunk(groups: TokenGroups, layout: AdapterLayout, d: int, device: torc
     if biggest <= 512:
         return None
     n_blocks = cdiv(d, 128)
-    rank_tiles = sum(cdiv(r, BLOCK_R) for r, c in zip(layout.ranks, groups.counts_list) if c)
+    busy = [(r, c) for r, c in zip(layout.ranks, groups.counts_list) if c]
+    rank_tiles = sum(cdiv(r, BLOCK_R) for r, _ in busy)
     target = 4 * sm_count(device)
     if rank_tiles * n_blocks >= target:
         return None
-    # split the busiest adapters so that about `target` programs run, chunks >= 256 tokens
-    chunk = max(256, next_pow2(cdiv(groups.num_routed * rank_tiles * n_blocks, target * max(len(layout.ranks), 1))))
+    # programs ~ (routed / chunk) * mean rank tiles * n_blocks: pick the chunk (>= 256 tokens,
+    # a power of two so the schedule cache sees few keys) that gives about `target`
+    want = cdiv(groups.num_routed * rank_tiles * n_blocks, target * len(busy))
+    chunk = max(256, next_pow2(want))
     return None if chunk >= biggest else chunk
 
 
@@ -171,7 +177,6 @@ def wgrad(
     groups: TokenGroups,
     scaling: float | torch.Tensor = 1.0,
     chunk_t: int | None = None,
-    auto_chunk: bool = True,
 ) -> torch.Tensor:
     """``dW[rows of k] = s_k * sum_{p in k} hm[p, :r_k]^T X[order[p]]`` for every adapter.
 
@@ -179,7 +184,8 @@ def wgrad(
         hm: fp32 ``[T, r_max]`` by position (``h`` from the forward or ``g``).
         X: ``[T, d]`` fp32/fp16/bf16 by token, unit column stride (any row stride).
         scaling: float, or fp32 ``[K]`` tensor on X's device.
-        chunk_t: tokens per program; ``None`` with ``auto_chunk`` picks by heuristic.
+        chunk_t: tokens per program (the two-stage path when an adapter has more); ``None``
+            picks by heuristic (``_pick_chunk``).
     Returns:
         ``[R, d]`` in X's dtype; rows of adapters without tokens are zero.
     """
@@ -188,7 +194,7 @@ def wgrad(
     out = torch.empty(layout.total_rank, d, dtype=X.dtype, device=dev)
     if d == 0 or groups.num_routed == 0:
         return out.zero_()
-    if chunk_t is None and auto_chunk:
+    if chunk_t is None:
         chunk_t = _pick_chunk(groups, layout, d, dev)
     chunks, chunk_starts, _ = token_chunks(groups, chunk_t)
     n_chunks = chunks.shape[0]
@@ -199,26 +205,26 @@ def wgrad(
     r_tiles = cdiv(layout.max_rank, BLOCK_R)
     meta = interpret_meta(BLOCK_T=64, BLOCK_N=min(256, max(16, next_pow2(d))))
     if direct:
-        target, s_c, s_r = out, 0, out.stride(0)
+        dest, s_c, s_r = out, 0, out.stride(0)
         k_scale_ptr, k_scale_val = scale_ptr, scale_val
     else:
         r_pad = r_tiles * BLOCK_R
-        target = torch.empty(n_chunks, r_pad, d, dtype=torch.float32, device=dev)
-        s_c, s_r = target.stride(0), target.stride(1)
+        dest = torch.empty(n_chunks, r_pad, d, dtype=torch.float32, device=dev)
+        s_c, s_r = dest.stride(0), dest.stride(1)
         k_scale_ptr, k_scale_val = scale_ptr, 1.0
 
     def grid(meta):
         return (r_tiles, cdiv(d, meta["BLOCK_N"]), n_chunks)
 
     _wgrad_kernel[grid](
-        hm, hm.stride(0), X, X.stride(0), target, s_c, s_r, groups.order, chunks, offsets, k_scale_ptr,
+        hm, hm.stride(0), X, X.stride(0), dest, s_c, s_r, groups.order, chunks, offsets, k_scale_ptr,
         k_scale_val, d, HAS_SCALE_PTR=has_ptr and direct, DIRECT=direct, DOT_F32=dot_f32, DOT_PREC=prec,
         BLOCK_R=BLOCK_R, **meta,
     )  # fmt: skip
     if not direct:
         block_n = 128 if not INTERPRET else min(256, max(16, next_pow2(d)))
         _wgrad_reduce_kernel[(r_tiles, cdiv(d, block_n), layout.num_adapters)](
-            target, s_c, s_r, out, out.stride(0), chunk_starts, offsets, scale_ptr, scale_val, d,
+            dest, s_c, s_r, out, out.stride(0), chunk_starts, offsets, scale_ptr, scale_val, d,
             HAS_SCALE_PTR=has_ptr, BLOCK_R=BLOCK_R, BLOCK_N=block_n,
         )  # fmt: skip
     return out
