@@ -27,4 +27,4 @@ demo: setup  ## a 10-second tour of the layer API
 	$(PY) examples/layer_demo.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info hetlora_kernels/_C*.so

@@ -6,10 +6,11 @@
 //   scales: optional acc-typed [K]; when absent `scale` applies to every adapter.
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace hetlora {
 
@@ -25,14 +26,17 @@ at::Tensor expand_cpu(const at::Tensor& h, const at::Tensor& w, const at::Tensor
 at::Tensor wgrad_cpu(const at::Tensor& h, const at::Tensor& x, const at::Tensor& order, const at::Tensor& starts,
                      const at::Tensor& offsets, const std::optional<at::Tensor>& scales, double scale,
                      int64_t total_rank);
-// (out [K, r_max], na [R], nb [R]), all acc
-std::tuple<at::Tensor, at::Tensor, at::Tensor> component_norms_cpu(const at::Tensor& A, const at::Tensor& B,
+// Server ops over the L layers of a model (one layout, one dtype, widths free):
+// (out [L, K, r_max], na [L, R], nb [L, R]), all acc
+std::tuple<at::Tensor, at::Tensor, at::Tensor> component_norms_cpu(const std::vector<at::Tensor>& As,
+                                                                   const std::vector<at::Tensor>& Bs,
                                                                    const at::Tensor& offsets, int64_t r_max);
-// [out_rank, d] in t's dtype; weights acc [K]
-at::Tensor weighted_aggregate_cpu(const at::Tensor& t, const at::Tensor& offsets, const at::Tensor& weights,
-                                  int64_t out_rank);
-// [K] acc: ||B_k^T A_k||_F^2
-at::Tensor delta_fro_sq_cpu(const at::Tensor& A, const at::Tensor& B, const at::Tensor& offsets);
+// one [out_rank, d_i] tensor per input t_i [R, d_i], in its dtype; weights acc [K]
+std::vector<at::Tensor> weighted_aggregate_cpu(const std::vector<at::Tensor>& ts, const at::Tensor& offsets,
+                                               const at::Tensor& weights, int64_t out_rank);
+// [L, K] acc: ||B_k^T A_k||_F^2 per layer
+at::Tensor delta_fro_sq_cpu(const std::vector<at::Tensor>& As, const std::vector<at::Tensor>& Bs,
+                            const at::Tensor& offsets);
 
 #ifdef WITH_CUDA
 at::Tensor shrink_cuda(const at::Tensor& x, const at::Tensor& w, const at::Tensor& order, const at::Tensor& starts,
@@ -44,11 +48,13 @@ at::Tensor expand_cuda(const at::Tensor& h, const at::Tensor& w, const at::Tenso
 at::Tensor wgrad_cuda(const at::Tensor& h, const at::Tensor& x, const at::Tensor& order, const at::Tensor& starts,
                       const at::Tensor& offsets, const std::optional<at::Tensor>& scales, double scale,
                       int64_t total_rank);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> component_norms_cuda(const at::Tensor& A, const at::Tensor& B,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> component_norms_cuda(const std::vector<at::Tensor>& As,
+                                                                    const std::vector<at::Tensor>& Bs,
                                                                     const at::Tensor& offsets, int64_t r_max);
-at::Tensor weighted_aggregate_cuda(const at::Tensor& t, const at::Tensor& offsets, const at::Tensor& weights,
-                                   int64_t out_rank);
-at::Tensor delta_fro_sq_cuda(const at::Tensor& A, const at::Tensor& B, const at::Tensor& offsets);
+std::vector<at::Tensor> weighted_aggregate_cuda(const std::vector<at::Tensor>& ts, const at::Tensor& offsets,
+                                                const at::Tensor& weights, int64_t out_rank);
+at::Tensor delta_fro_sq_cuda(const std::vector<at::Tensor>& As, const std::vector<at::Tensor>& Bs,
+                             const at::Tensor& offsets);
 #endif
 
 // acc dtype of an element dtype

@@ -30,5 +30,7 @@ if [ "$EXTRA" = "--flower" ]; then
 fi
 # --no-build-isolation: an isolated build env would resolve its own (CUDA) torch.
 "${PIP[@]}" install --no-build-isolation --no-deps -e .
+# pip hides a successful build's output: say whether the C++/CUDA extension was built
+"$VENV/bin/python" -c "from hetlora_kernels import cuda as c; ok, why = c.available('cpu'); print('hetlora setup: hetlora_kernels._C', 'built' if ok else 'NOT built (' + why + ')')" >&2 || true
 rm -f "$VENV"/.hetlora-setup-*
 touch "$STAMP"

@@ -88,8 +88,10 @@ at::Tensor wgrad_cpu(const at::Tensor& h, const at::Tensor& x, const at::Tensor&
   const int64_t r_max = h.size(1), d = x.size(1), K = starts.numel() - 1;
   at::Tensor out = at::empty({total_rank, d}, x.options());
   if (total_rank == 0 || d == 0) return out;
-  // work items: (packed row, block of kCols columns); a row's tokens are summed in order
-  constexpr int64_t kCols = 256;
+  // Work items: (adapter k, block of kCols columns).  Each token's x block is converted
+  // once and added into all r_k accumulator rows (a rank-r_k outer-product update that
+  // stays in cache), tokens in `order`: a fixed summation order per output element.
+  constexpr int64_t kCols = 128;
   const int64_t nblk = (d + kCols - 1) / kCols;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "hetlora_wgrad_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -100,24 +102,30 @@ at::Tensor wgrad_cpu(const at::Tensor& h, const at::Tensor& x, const at::Tensor&
     const int64_t* fp = offsets.const_data_ptr<int64_t>();
     const acc_t* scp = scales ? scales->const_data_ptr<acc_t>() : nullptr;
     scalar_t* outp = out.mutable_data_ptr<scalar_t>();
-    const int64_t avg_tokens = (x.size(0) + K - 1) / std::max<int64_t>(K, 1);
-    at::parallel_for(0, total_rank * nblk, grain_for(kCols * std::max<int64_t>(avg_tokens, 1)),
-                     [&](int64_t i0, int64_t i1) {
-      acc_t acc[kCols];
+    at::parallel_for(0, K * nblk, 1, [&](int64_t i0, int64_t i1) {
+      std::vector<acc_t> acc(r_max * kCols);
+      acc_t xb[kCols];
       for (int64_t i = i0; i < i1; ++i) {
-        const int64_t r = i / nblk, c0 = (i % nblk) * kCols, nc = std::min(kCols, d - c0);
-        const int64_t k = find_segment(fp, K, r);
-        const int64_t j = r - fp[k];
+        const int64_t k = i / nblk, c0 = (i % nblk) * kCols, nc = std::min(kCols, d - c0);
+        const int64_t r0 = fp[k], rk = fp[k + 1] - r0;
         const acc_t s = scp ? scp[k] : static_cast<acc_t>(scale);
-        std::fill(acc, acc + nc, acc_t(0));
+        std::fill(acc.begin(), acc.begin() + rk * kCols, acc_t(0));
         for (int64_t p = sp[k]; p < sp[k + 1]; ++p) {
           const int64_t tok = op[p];
-          const acc_t hv = hp[tok * r_max + j];
           const scalar_t* xr = xp + tok * d + c0;
-          for (int64_t c = 0; c < nc; ++c) acc[c] += hv * static_cast<acc_t>(xr[c]);
+          for (int64_t c = 0; c < nc; ++c) xb[c] = static_cast<acc_t>(xr[c]);
+          const acc_t* hr = hp + tok * r_max;
+          for (int64_t j = 0; j < rk; ++j) {
+            const acc_t hv = hr[j];
+            acc_t* a = acc.data() + j * kCols;
+            for (int64_t c = 0; c < nc; ++c) a[c] += hv * xb[c];
+          }
         }
-        scalar_t* o = outp + r * d + c0;
-        for (int64_t c = 0; c < nc; ++c) o[c] = static_cast<scalar_t>(acc[c] * s);
+        for (int64_t j = 0; j < rk; ++j) {
+          const acc_t* a = acc.data() + j * kCols;
+          scalar_t* o = outp + (r0 + j) * d + c0;
+          for (int64_t c = 0; c < nc; ++c) o[c] = static_cast<scalar_t>(a[c] * s);
+        }
       }
     });
   });

@@ -5,6 +5,10 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
 #include "../ops.h"
 #include "hetlora_cuda.cuh"
 
@@ -72,38 +76,78 @@ at::Tensor wgrad_cuda(const at::Tensor& h, const at::Tensor& x, const at::Tensor
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> component_norms_cuda(const at::Tensor& A, const at::Tensor& B,
+namespace {
+
+// The device table the server kernels read (hetlora_cuda.cuh): `cols` int64 per row.
+// Filled in pinned memory and copied without blocking the host; the caching host
+// allocator keeps the pinned block alive until the copy on the current stream is done.
+at::Tensor device_table(const std::vector<std::vector<int64_t>>& rows, const at::Device& device) {
+  const int64_t n = static_cast<int64_t>(rows.size()), cols = static_cast<int64_t>(rows[0].size());
+  at::Tensor host = at::empty({n, cols}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  int64_t* p = host.mutable_data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < cols; ++j) p[i * cols + j] = rows[i][j];
+  return host.to(device, at::kLong, /*non_blocking=*/true);
+}
+
+int64_t as_int(const void* ptr) { return static_cast<int64_t>(reinterpret_cast<uintptr_t>(ptr)); }
+
+at::Tensor factor_table(const std::vector<at::Tensor>& As, const std::vector<at::Tensor>& Bs) {
+  std::vector<std::vector<int64_t>> rows;
+  for (size_t l = 0; l < As.size(); ++l)
+    rows.push_back({as_int(As[l].const_data_ptr()), as_int(Bs[l].const_data_ptr()), As[l].size(1), Bs[l].size(1)});
+  return device_table(rows, As[0].device());
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> component_norms_cuda(const std::vector<at::Tensor>& As,
+                                                                    const std::vector<at::Tensor>& Bs,
                                                                     const at::Tensor& offsets, int64_t r_max) {
-  const c10::cuda::CUDAGuard guard(A.device());
-  const int64_t R = A.size(0), K = offsets.size(0) - 1;
-  auto opts = A.options().dtype(acc_type(A.scalar_type()));
-  at::Tensor out = at::zeros({K, r_max}, opts);
-  at::Tensor na = at::empty({R}, opts), nb = at::empty({R}, opts);
-  check_launch(cuda::component_norms(dtype_of(A), A.const_data_ptr(), B.const_data_ptr(), out.mutable_data_ptr(),
-                                     na.mutable_data_ptr(), nb.mutable_data_ptr(), idx(offsets), R, K, A.size(1),
-                                     B.size(1), r_max, c10::cuda::getCurrentCUDAStream()),
+  const c10::cuda::CUDAGuard guard(As[0].device());
+  const int64_t L = static_cast<int64_t>(As.size()), R = As[0].size(0), K = offsets.size(0) - 1;
+  TORCH_CHECK_VALUE(L <= 65535, "component_norms: at most 65535 layers per call, got ", L);
+  auto opts = As[0].options().dtype(acc_type(As[0].scalar_type()));
+  at::Tensor out = at::zeros({L, K, r_max}, opts);
+  at::Tensor na = at::empty({L, R}, opts), nb = at::empty({L, R}, opts);
+  const at::Tensor table = factor_table(As, Bs);
+  check_launch(cuda::component_norms(dtype_of(As[0]), idx(table), L, out.mutable_data_ptr(), na.mutable_data_ptr(),
+                                     nb.mutable_data_ptr(), idx(offsets), R, K, r_max,
+                                     c10::cuda::getCurrentCUDAStream()),
                "component_norms");
   return {out, na, nb};
 }
 
-at::Tensor weighted_aggregate_cuda(const at::Tensor& t, const at::Tensor& offsets, const at::Tensor& weights,
-                                   int64_t out_rank) {
-  const c10::cuda::CUDAGuard guard(t.device());
+std::vector<at::Tensor> weighted_aggregate_cuda(const std::vector<at::Tensor>& ts, const at::Tensor& offsets,
+                                                const at::Tensor& weights, int64_t out_rank) {
+  const c10::cuda::CUDAGuard guard(ts[0].device());
   TORCH_CHECK_VALUE(out_rank <= 65535, "weighted_aggregate: out_rank must be <= 65535, got ", out_rank);
-  at::Tensor out = at::empty({out_rank, t.size(1)}, t.options());
-  check_launch(cuda::weighted_aggregate(dtype_of(t), t.const_data_ptr(), weights.const_data_ptr(),
-                                        out.mutable_data_ptr(), idx(offsets), offsets.size(0) - 1, t.size(1),
-                                        out_rank, c10::cuda::getCurrentCUDAStream()),
+  TORCH_CHECK_VALUE(ts.size() <= 65535, "weighted_aggregate: at most 65535 tensors per call, got ", ts.size());
+  std::vector<at::Tensor> outs;
+  std::vector<std::vector<int64_t>> rows;
+  int64_t max_d = 0;
+  for (const at::Tensor& t : ts) {
+    outs.push_back(at::empty({out_rank, t.size(1)}, t.options()));
+    rows.push_back({as_int(t.const_data_ptr()), as_int(outs.back().mutable_data_ptr()), t.size(1)});
+    max_d = std::max<int64_t>(max_d, t.size(1));
+  }
+  const at::Tensor table = device_table(rows, ts[0].device());
+  check_launch(cuda::weighted_aggregate(dtype_of(ts[0]), idx(table), static_cast<int64_t>(ts.size()), max_d,
+                                        weights.const_data_ptr(), idx(offsets), offsets.size(0) - 1, out_rank,
+                                        c10::cuda::getCurrentCUDAStream()),
                "weighted_aggregate");
-  return out;
+  return outs;
 }
 
-at::Tensor delta_fro_sq_cuda(const at::Tensor& A, const at::Tensor& B, const at::Tensor& offsets) {
-  const c10::cuda::CUDAGuard guard(A.device());
-  const int64_t K = offsets.size(0) - 1;
-  at::Tensor out = at::empty({K}, A.options().dtype(acc_type(A.scalar_type())));
-  check_launch(cuda::delta_fro_sq(dtype_of(A), A.const_data_ptr(), B.const_data_ptr(), out.mutable_data_ptr(),
-                                  idx(offsets), K, A.size(1), B.size(1), c10::cuda::getCurrentCUDAStream()),
+at::Tensor delta_fro_sq_cuda(const std::vector<at::Tensor>& As, const std::vector<at::Tensor>& Bs,
+                             const at::Tensor& offsets) {
+  const c10::cuda::CUDAGuard guard(As[0].device());
+  const int64_t L = static_cast<int64_t>(As.size()), K = offsets.size(0) - 1;
+  TORCH_CHECK_VALUE(L <= 65535, "delta_fro_sq: at most 65535 layers per call, got ", L);
+  at::Tensor out = at::empty({L, K}, As[0].options().dtype(acc_type(As[0].scalar_type())));
+  const at::Tensor table = factor_table(As, Bs);
+  check_launch(cuda::delta_fro_sq(dtype_of(As[0]), idx(table), L, out.mutable_data_ptr(), idx(offsets), K,
+                                  c10::cuda::getCurrentCUDAStream()),
                "delta_fro_sq");
   return out;
 }

@@ -48,22 +48,26 @@ cudaError_t wgrad(DType dt, const void* h, const void* x, void* out, const int64
                   const int64_t* starts, const int64_t* offsets, const void* scales, double scale,
                   int64_t T, int64_t K, int64_t d, int64_t r_max, cudaStream_t stream);
 
-// na[r] = ||A[r]||, nb[r] = ||B[r]||, out[k, j] = na[offsets[k]+j] * nb[offsets[k]+j].
-// Entries of out past r_k are not written (the caller zero-fills out).
-//   A [R, d_in] dt, B [R, d_out] dt, out [K, r_max] acc, na/nb [R] acc.
-cudaError_t component_norms(DType dt, const void* A, const void* B, void* out, void* na, void* nb,
-                            const int64_t* offsets, int64_t R, int64_t K, int64_t d_in, int64_t d_out,
-                            int64_t r_max, cudaStream_t stream);
+// Server ops over all L layers of a model in one launch.  Layers share the layout (R rows,
+// offsets) and the dtype but not the widths, so each kernel reads its layer's pointers and
+// widths from a device table of int64 (pointers stored as integers):
+//   factor table [L, 4] = {A_l, B_l, d_in_l, d_out_l}       A_l [R, d_in_l], B_l [R, d_out_l] dt
+//   tensor table [n, 3] = {t_i, out_i, d_i}                   t_i [R, d_i] dt, out_i [out_rank, d_i] dt
 
-// out[i, c] = sum_{k : i < r_k} w_k * t[offsets[k] + i, c]   (zero-pad to out_rank, weigh, sum),
-// summed in adapter order (deterministic).   t [R, d] dt, weights [K] acc, out [out_rank, d] dt.
-cudaError_t weighted_aggregate(DType dt, const void* t, const void* weights, void* out, const int64_t* offsets,
-                               int64_t K, int64_t d, int64_t out_rank, cudaStream_t stream);
+// na[l, r] = ||A_l[r]||, nb[l, r] = ||B_l[r]||, out[l, k, j] = na[l, offsets[k]+j] * nb[l, offsets[k]+j].
+// Entries of out past r_k are not written (the caller zero-fills out).   out [L, K, r_max], na/nb [L, R] acc.
+cudaError_t component_norms(DType dt, const int64_t* table, int64_t L, void* out, void* na, void* nb,
+                            const int64_t* offsets, int64_t R, int64_t K, int64_t r_max, cudaStream_t stream);
 
-// out[k] = sum_{i,j < r_k} (a_i . a_j)(b_i . b_j) = ||B_k^T A_k||_F^2 by the Gram identity.
-//   A [R, d_in] dt, B [R, d_out] dt, out [K] acc.
-cudaError_t delta_fro_sq(DType dt, const void* A, const void* B, void* out, const int64_t* offsets, int64_t K,
-                         int64_t d_in, int64_t d_out, cudaStream_t stream);
+// out_i[j, c] = sum_{k : j < r_k} w_k * t_i[offsets[k] + j, c]   (zero-pad to out_rank, weigh, sum),
+// summed in adapter order (deterministic).  weights [K] acc; max_d = max_i d_i.
+cudaError_t weighted_aggregate(DType dt, const int64_t* table, int64_t n, int64_t max_d, const void* weights,
+                               const int64_t* offsets, int64_t K, int64_t out_rank, cudaStream_t stream);
+
+// out[l, k] = sum_{i,j < r_k} (a_i . a_j)(b_i . b_j) = ||B_k^T A_k||_F^2 of layer l (Gram identity).
+//   out [L, K] acc.
+cudaError_t delta_fro_sq(DType dt, const int64_t* table, int64_t L, void* out, const int64_t* offsets, int64_t K,
+                         cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace hetlora
