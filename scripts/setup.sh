@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 EXTRA=${1:-}
-hash=$( { cat requirements/*.txt pyproject.toml setup.py; find csrc -type f 2>/dev/null | sort | xargs -r cat; echo "$EXTRA"; } | sha1sum | cut -c1-12)
+hash=$( { cat requirements/*.txt pyproject.toml setup.py; find csrc -type f \( -name "*.cpp" -o -name "*.h" -o -name "*.cu" -o -name "*.cuh" -o -name "*.py" \) 2>/dev/null | sort | xargs -r cat; echo "$EXTRA"; } | sha1sum | cut -c1-12)
 STAMP="$VENV/.hetlora-setup-$hash"
 if [ -f "$STAMP" ]; then
   exit 0
