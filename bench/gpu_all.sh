@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# Everything a GPU can tell, in one command, in under 8 minutes on an H100:
+#   0. environment probe        (nvidia-smi, python, torch/triton/peft versions)
+#   1. build the cuda backend   (HETLORA_JIT=1: csrc/ compiled with the machine's torch; cached)
+#   2. GPU tests                (pytest -m gpu, then the triton/cuda test files)
+#   3. kernel benchmarks        (python -m bench kernels --preset gpu)
+#   4. end-to-end benchmarks    (python -m bench e2e --preset gpu)
+#   5. summary                  (stage exit codes and times; the README section, printed)
+#
+# Installs nothing and uses no network.  Assumption: the machine's Python has a CUDA
+# build of torch (and, for the full picture, triton, transformers, peft, pytest).  It
+# uses ./.venv/bin/python if that venv sees a GPU, else $HETLORA_PYTHON, python3 or
+# python, whichever first imports torch with torch.cuda.is_available(); the checkout
+# is put on PYTHONPATH so hetlora, hetlora_kernels and bench import without installing.
+# A missing optional package (peft, transformers, triton) turns the parts that need it
+# into rows marked n/a/error; it does not stop the run.
+#
+# Output: everything under $OUT/<device-slug>/ if OUT is set, else
+# bench/results/<device-slug>/ (kernels.{json,md}, e2e.{json,md}, *.png, logs, pytest
+# junit xml, summary.txt).  Copy $OUT/<device-slug> to bench/results/ and commit it,
+# then run `python -m bench report` to regenerate README's Performance section.
+#
+# Every stage runs under `timeout`, and the benchmarks also get a matching internal
+# --budget-s so they stop early and still write what they measured.  Total budget:
+# $HETLORA_GPU_BUDGET_S seconds (default 450).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+unset TRITON_INTERPRET  # the GPU runs the real kernels
+T0=$(date +%s)
+BUDGET=${HETLORA_GPU_BUDGET_S:-450}
+
+# HETLORA_GPU_ALL_DRYRUN=1: check this script's plumbing on a CPU (smoke presets, device cpu)
+DRY=${HETLORA_GPU_ALL_DRYRUN:-0}
+if [ "$DRY" = 1 ]; then DEV=cpu; KPRESET=smoke; EPRESET=smoke; else DEV=cuda; KPRESET=gpu; EPRESET=gpu; fi
+
+pick_python() {
+  local cand need="torch.cuda.is_available()"
+  [ "$DRY" = 1 ] && need="True"
+  for cand in .venv/bin/python "${HETLORA_PYTHON:-}" python3 python; do
+    [ -n "$cand" ] || continue
+    command -v "$cand" >/dev/null 2>&1 || continue
+    if "$cand" -c "import sys, torch; sys.exit(0 if $need else 1)" >/dev/null 2>&1; then
+      echo "$cand"
+      return 0
+    fi
+  done
+  return 1
+}
+
+if ! PY=$(pick_python); then
+  echo "gpu_all.sh: no Python here imports a torch that sees a CUDA GPU (tried .venv, \$HETLORA_PYTHON, python3, python)." >&2
+  echo "gpu_all.sh: this script is for a GPU machine; on a CPU run: python -m bench kernels --preset cpu; python -m bench e2e" >&2
+  exit 2
+fi
+SLUG=$("$PY" -c "from bench.common import device_slug; print(device_slug('$DEV'))")
+RES="${OUT:-bench/results}/$SLUG"
+mkdir -p "$RES"
+SUMMARY="$RES/summary.txt"
+: > "$SUMMARY"
+
+elapsed() { echo $(( $(date +%s) - T0 )); }
+remaining() { echo $(( BUDGET - $(elapsed) )); }
+# cap CAP RESERVE: seconds for a stage: at most CAP, leaving RESERVE for the stages after it
+cap() { local r=$(( $(remaining) - $2 )); [ "$r" -lt "$1" ] && echo "$r" || echo "$1"; }
+
+stage() {  # stage NAME SECONDS CMD...: run under timeout, log to $RES/NAME.log, record rc and time
+  local name=$1 secs=$2; shift 2
+  if [ "$secs" -lt 10 ]; then
+    echo "$(printf '%-10s' "$name") skipped (no time left)" | tee -a "$SUMMARY"
+    return 0
+  fi
+  local s=$(date +%s)
+  echo "=== [$name] (up to ${secs}s, t=$(elapsed)s): $*"
+  timeout --kill-after=10 "$secs" "$@" 2>&1 | tee "$RES/$name.log"
+  local rc=${PIPESTATUS[0]}
+  local note=""
+  [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && note=" (timed out)"
+  echo "$(printf '%-10s' "$name") rc=$rc$note  $(( $(date +%s) - s ))s" | tee -a "$SUMMARY"
+  return 0
+}
+
+# 0. environment
+stage env 30 bash -c "nvidia-smi -L 2>/dev/null; nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit \
+  --format=csv 2>/dev/null; echo python: $PY; $PY -m bench env"
+
+# 1. the cuda backend: JIT-build csrc/ (cached under build/jit); later stages only load it
+stage build "$(cap 150 330)" env HETLORA_JIT=1 "$PY" -c "
+import torch, hetlora_kernels as hk
+for b in ('triton', 'cuda', 'torch'):
+    print(b, hk.backend_status(b, '$DEV'))
+"
+if grep -q "^cuda (True" "$RES/build.log" 2>/dev/null; then
+  export HETLORA_JIT=1
+fi
+
+# 2. GPU tests: the gpu-marked tests everywhere, then the triton/cuda test files in full
+GPU_FILES=$(ls tests/test_triton*.py tests/test_cuda*.py 2>/dev/null | tr '\n' ' ')
+IGNORES=$(for f in $GPU_FILES; do printf -- '--ignore=%s ' "$f"; done)
+stage tests "$(cap 90 260)" bash -c "$PY -m pytest -q -m gpu -p no:cacheprovider --junitxml=$RES/pytest-gpu.xml tests $IGNORES; a=\$?; \
+  b=0; if [ -n \"$GPU_FILES\" ]; then $PY -m pytest -q -p no:cacheprovider --junitxml=$RES/pytest-backends.xml \
+  $GPU_FILES; b=\$?; fi; [ \$a -eq 5 ] && a=0; exit \$(( a > b ? a : b ))"
+
+# 3. kernels (the sweep stops itself 30 s before the stage's timeout and writes what it has)
+KS=$(cap 240 130)
+stage kernels "$KS" "$PY" -m bench kernels --preset $KPRESET --device $DEV --out "$RES" --budget-s $(( KS > 60 ? KS - 45 : 15 ))
+
+# 4. end-to-end
+ES=$(cap 170 10)
+stage e2e "$ES" "$PY" -m bench e2e --preset $EPRESET --device $DEV --out "$RES" --budget-s $(( ES > 60 ? ES - 50 : 10 ))
+
+# 5. summary
+echo
+echo "=== summary ($(elapsed)s of ${BUDGET}s) -> $RES"
+cat "$SUMMARY"
+ls -1 "$RES"
+"$PY" - "$RES" <<'EOF' || true
+import json, sys
+from pathlib import Path
+res = Path(sys.argv[1])
+for kind in ("kernels", "e2e"):
+    p = res / f"{kind}.json"
+    if not p.exists():
+        print(f"{kind}: no results"); continue
+    r = json.loads(p.read_text())
+    rows = r["rows"]
+    bad = [x for x in rows if x.get("status") in ("error", "oom")]
+    print(f"{kind}: {len(rows)} rows, {len(bad)} errors, truncated={r.get('truncated')}")
+    for x in bad[:8]:
+        print("   ", x.get("op") or x.get("model"), x.get("method"), x.get("status"), (x.get("reason") or "")[:150])
+    if kind == "e2e":
+        for x in rows:
+            if x.get("speedup_vs_sequential"):
+                print(f"    {x['model']} K={x['clients']} {x['batch']}x{x['seq']} [{x.get('backend')}]: "
+                      f"{x['client_steps_per_s']:.1f} client-steps/s, {x['speedup_vs_sequential']:.2f}x sequential")
+EOF

@@ -1,0 +1,183 @@
+"""Regenerate README.md's "Performance" section from the committed benchmark results.
+
+Reads ``bench/results/<device>/kernels.json`` and ``e2e.json`` (files tracked by git;
+with none tracked, or with ``--uncommitted``, whatever is on disk) and writes the
+generated markdown between ``<!-- perf:start -->`` and ``<!-- perf:end -->`` in
+README.md.  Never edit that section by hand: rerun ``python -m bench report``.
+Without the markers, the section is printed and the README is left alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from bench import common as C
+from bench.e2e import table_rows
+from bench.kernels import BASELINES
+
+START, END = "<!-- perf:start -->", "<!-- perf:end -->"
+
+
+def tracked_results(root: Path) -> set[Path] | None:
+    """Result files git tracks (None when git is unavailable)."""
+    try:
+        out = subprocess.run(["git", "ls-files", "bench/results"], cwd=root, capture_output=True, text=True,
+                             timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return {(root / line).resolve() for line in out.stdout.splitlines() if line}
+
+
+def load_results(root: Path, uncommitted: bool) -> tuple[dict[str, dict[str, Any]], str]:
+    """``{slug: {"kernels": json, "e2e": json}}`` and a note on which files were used."""
+    results_dir = root / "bench" / "results"
+    files = sorted(results_dir.glob("*/kernels.json")) + sorted(results_dir.glob("*/e2e.json"))
+    note = ""
+    if not uncommitted:
+        tracked = tracked_results(root)
+        committed = [f for f in files if tracked is not None and f.resolve() in tracked]
+        if committed:
+            files = committed
+        elif files:
+            note = "(no committed results yet: generated from uncommitted files on disk)"
+    out: dict[str, dict[str, Any]] = {}
+    for f in files:
+        try:
+            data = json.loads(f.read_text())
+        except (OSError, ValueError) as e:
+            print(f"[bench report] skipping {f}: {e}", file=sys.stderr)
+            continue
+        out.setdefault(f.parent.name, {})[data.get("kind", f.stem)] = data
+    return out, note
+
+
+def _best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("median_ms")]
+    return min(ok, key=lambda r: r["median_ms"]) if ok else None
+
+
+def kernels_summary(res: dict[str, Any]) -> str:
+    rows = [r for r in res["rows"] if r.get("status") == "ok"]
+    backends = res.get("backends", [])
+    lora = [r for r in rows if r["op"] == "lora_linear" and r["mode"] == "fwd+bwd" and r.get("T")]
+    parts = []
+    if lora:
+        d = max(r["d_in"] for r in lora)
+        dt = lora[0]["dtype"]
+        mix = "mixed" if any(r["mix"] == "mixed" for r in lora) else lora[0]["mix"]
+        sel = [r for r in lora if r["d_in"] == d and r["dtype"] == dt and r["mix"] == mix]
+        body = []
+        for T in sorted({r["T"] for r in sel}):
+            for K in sorted({r["K"] for r in sel if r["T"] == T}):
+                best = _best([r for r in sel if r["T"] == T and r["K"] == K and r["method"] in backends])
+                if not best:
+                    continue
+                sp = best.get("speedup") or {}
+                body.append([T, K, best["method"], C.fmt(best["median_ms"]),
+                             *(C.fmt(sp.get(b), ".2f") for b in BASELINES),
+                             C.fmt(100 * best["roofline_frac"], ".2g") if best.get("roofline_frac") else "–"])
+        parts.append(f"`lora_linear` forward+backward (base + mixed-rank LoRA, d_in = d_out = {d}, {dt}, "
+                     f"{mix} ranks), fastest backend per shape; `×B` = speed-up over baseline B:\n")
+        parts.append(C.md_table(["T", "K", "backend", "ms", *(f"×{b}" for b in BASELINES), "% roofline"], body))
+    srv = [r for r in rows if r["op"] in ("component_norms", "delta_fro_norms", "weighted_aggregate", "truncate")]
+    if srv:
+        # the most clients, then the most layers per call (a whole model's adapters), then the widest
+        top = max(srv, key=lambda r: (r["K"], r.get("L") or 1, r["d_in"]))
+        key = (top["K"], top["d_in"], top.get("L"), top["dtype"])
+        body = []
+        for op in ("component_norms", "delta_fro_norms", "weighted_aggregate", "truncate"):
+            best = _best([r for r in srv if r["op"] == op and (r["K"], r["d_in"], r.get("L"), r["dtype"]) == key
+                          and r["method"] in backends])
+            if best:
+                sp = best.get("speedup") or {}
+                body.append([op, best["method"], C.fmt(best["median_ms"]), C.fmt(sp.get("loop"), ".2f"),
+                             C.fmt(sp.get("bmm_padded"), ".2f")])
+        parts.append(f"\nServer ops, K = {key[0]} adapters, d = {key[1]}, L = {key[2]} layer(s) per call, {key[3]}:\n")
+        parts.append(C.md_table(["op", "backend", "ms", "×loop", "×bmm_padded"], body))
+    return "\n".join(parts)
+
+
+def section(results: dict[str, dict[str, Any]], note: str) -> str:
+    """The generated markdown (no markers)."""
+    lines = ["_Generated by `python -m bench report` from `bench/results/`; do not edit by hand._"]
+    if note:
+        lines.append(f"_{note}_")
+    if not results:
+        lines.append("\nNo benchmark results yet: run `python -m bench kernels` and `python -m bench e2e` "
+                     "(or `bench/gpu_all.sh` on a GPU), commit `bench/results/`, then `python -m bench report`.")
+        return "\n".join(lines) + "\n"
+    # GPUs first, then CPUs
+    for slug in sorted(results, key=lambda s: (s.startswith("cpu"), s)):
+        group = results[slug]
+        any_res = group.get("e2e") or group.get("kernels")
+        info = any_res["machine"]
+        lines.append(f"\n### {info['device_name']}\n")
+        for kind in ("e2e", "kernels"):
+            res = group.get(kind)
+            if not res:
+                continue
+            m = res["machine"]
+            load = m.get("loadavg_start")
+            lines.append(f"**{'End-to-end local training' if kind == 'e2e' else 'Kernels'}** — measured "
+                         f"{m['date'][:16].replace('T', ' ')} UTC, commit `{m['git_commit']}`, preset "
+                         f"`{res.get('preset')}`, torch {m['torch']}"
+                         + (f", load average {load[0]:.2f}" if load else "")
+                         + (", truncated by its time budget" if res.get("truncated") else "")
+                         + f". Full table: [`bench/results/{slug}/{kind}.md`](bench/results/{slug}/{kind}.md).\n")
+            if kind == "e2e":
+                lines.append(C.md_table(*table_rows(res)))
+                lines.append("")
+            else:
+                lines.append(kernels_summary(res))
+                lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def splice(readme: str, body: str) -> str | None:
+    """README text with ``body`` between the markers; None if the markers are missing."""
+    i, j = readme.find(START), readme.find(END)
+    if i < 0 or j < 0 or j < i:
+        return None
+    return readme[: i + len(START)] + "\n" + body + readme[j:]
+
+
+def run(args: argparse.Namespace) -> int:
+    root = Path(args.root).resolve() if args.root else C.REPO
+    results, note = load_results(root, args.uncommitted)
+    body = section(results, note)
+    readme_path = root / "README.md"
+    readme = readme_path.read_text() if readme_path.exists() else ""
+    new = splice(readme, body)
+    if args.print:
+        print(body)
+        return 0
+    if new is None:
+        print(f"[bench report] README.md has no {START} ... {END} markers: not written. The section:\n")
+        print(body)
+        return 0
+    if args.check:
+        if new != readme:
+            print("[bench report] README.md's Performance section is out of date: run `python -m bench report`")
+            return 1
+        print("[bench report] README.md is up to date")
+        return 0
+    if new != readme:
+        readme_path.write_text(new)
+        print(f"[bench report] wrote the Performance section of {readme_path} ({len(results)} device(s))")
+    else:
+        print("[bench report] README.md already up to date")
+    return 0
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--check", action="store_true", help="exit 1 if README.md is not up to date; write nothing")
+    p.add_argument("--print", action="store_true", help="print the section; write nothing")
+    p.add_argument("--uncommitted", action="store_true", help="use result files even if git does not track them")
+    p.add_argument("--root", help="repository root (default: this checkout)")

@@ -1,0 +1,120 @@
+"""The benchmark programs run and write valid output (bench/): never a timing assertion.
+
+``python -m bench kernels --smoke`` and ``python -m bench e2e --smoke`` run once each (in
+parallel, as subprocesses, tiny shapes and tiny random models); the tests then check the
+JSON, markdown and PNG files they wrote, and that ``bench report`` splices a README.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def smoke_out(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bench")
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    procs = {
+        kind: subprocess.Popen(
+            [sys.executable, "-m", "bench", kind, "--smoke", "--device", "cpu", "--out", str(out / kind)],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for kind in ("kernels", "e2e")
+    }
+    logs = {}
+    for kind, p in procs.items():
+        try:
+            logs[kind] = p.communicate(timeout=170)[0]
+        except subprocess.TimeoutExpired:
+            p.kill()
+            logs[kind] = p.communicate()[0]
+        assert p.returncode == 0, f"bench {kind} --smoke failed:\n{logs[kind][-3000:]}"
+    return out
+
+
+def _load(path: Path) -> dict:
+    # strict: NaN/Infinity are not JSON
+    return json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"non-JSON constant {c} in {path}"))
+
+
+def test_kernels_smoke_outputs(smoke_out: Path) -> None:
+    d = smoke_out / "kernels"
+    res = _load(d / "kernels.json")
+    m = res["machine"]
+    for key in ("hostname", "cpu", "torch", "peft", "date", "git_commit", "device_name", "loadavg_start"):
+        assert key in m
+    assert "torch" in res["backends"]
+    rows = res["rows"]
+    methods = {r["method"] for r in rows}
+    assert {"torch", "loop", "bmm_padded", "peft", "grouped_mm"} <= methods
+    ops = {r["op"] for r in rows}
+    assert ops == {"lora_delta", "lora_linear", "component_norms", "delta_fro_norms", "weighted_aggregate",
+                   "truncate"}
+    assert {r["mode"] for r in rows} == {"fwd", "fwd+bwd"}
+    for r in rows:
+        assert r["status"] in ("ok", "n/a", "error", "oom")
+        assert r["status"] == "ok" or r.get("reason"), r
+        if r["status"] == "ok":
+            assert r["median_ms"] > 0 and r["bytes"] > 0 and r["gbps"] > 0
+    ok_torch = [r for r in rows if r["method"] == "torch" and r["op"].startswith("lora")]
+    assert ok_torch and all(r["status"] == "ok" for r in ok_torch)
+    # the torch backend agrees with the loop reference (a sanity check of the benchmark's inputs)
+    errs = [r["rel_err"] for r in ok_torch if r["mode"] == "fwd"]
+    assert errs and max(errs) < 1e-4
+    # speed-ups against every baseline that ran for lora_linear
+    lin = [r for r in ok_torch if r["op"] == "lora_linear"]
+    assert all({"loop", "bmm_padded", "peft"} <= set(r["speedup"]) for r in lin)
+    md = (d / "kernels.md").read_text()
+    assert "| op | mode |" in md and "lora_linear" in md and m["device_name"] in md
+    pngs = sorted(d.glob("*.png"))
+    assert any(p.name.startswith("speedup_") for p in pngs) and (d / "roofline.png") in pngs
+    for p in pngs:
+        assert p.read_bytes()[:8] == PNG
+
+
+def test_e2e_smoke_outputs(smoke_out: Path) -> None:
+    d = smoke_out / "e2e"
+    res = _load(d / "e2e.json")
+    rows = res["rows"]
+    assert {r["method"] for r in rows} == {"concurrent", "sequential"}
+    assert all(r["status"] == "ok" for r in rows), [r.get("reason") for r in rows]
+    for r in rows:
+        assert r["client_steps_per_s"] > 0 and r["step_s"] > 0
+    assert all("speedup_vs_sequential" in r for r in rows if r["method"] == "concurrent")
+    md = (d / "e2e.md").read_text()
+    assert "client-steps/s" in md and "| model |" in md
+    assert (d / "e2e.png").read_bytes()[:8] == PNG
+
+
+def test_report_splices_readme(smoke_out: Path, tmp_path: Path) -> None:
+    from bench import report
+
+    slug_dir = tmp_path / "bench" / "results" / "cpu-test"
+    slug_dir.mkdir(parents=True)
+    for kind in ("kernels", "e2e"):
+        (slug_dir / f"{kind}.json").write_text((smoke_out / kind / f"{kind}.json").read_text())
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n## Performance\n\n{report.START}\nold text\n{report.END}\n\n## After\n")
+    args = type("A", (), {"root": str(tmp_path), "uncommitted": True, "print": False, "check": False})()
+    assert report.run(args) == 0
+    text = readme.read_text()
+    assert "old text" not in text and text.endswith("## After\n")
+    body = text[text.index(report.START): text.index(report.END)]
+    info = _load(slug_dir / "e2e.json")["machine"]
+    assert info["device_name"] in body and info["date"][:10] in body
+    assert "client-steps/s" in body and "lora_linear" in body
+    args.check = True
+    assert report.run(args) == 0  # now up to date
+    # without markers: printed, README untouched
+    readme.write_text("# no markers\n")
+    args.check = False
+    assert report.run(args) == 0
+    assert readme.read_text() == "# no markers\n"
