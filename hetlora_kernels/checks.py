@@ -49,7 +49,8 @@ def check_factors(A: torch.Tensor, B: torch.Tensor, layout: AdapterLayout, a_nam
 
 
 def check_scaling(scaling: object, num_adapters: int, device: torch.device) -> float | torch.Tensor:
-    """A finite float, or a finite ``[K]`` tensor.  Returns a float or a float32 ``[K]`` tensor."""
+    """A finite float, or a finite ``[K]`` tensor.  Returns a float or a ``[K]`` tensor: float64
+    for a float64 tensor or a sequence (so that float64 ops keep full precision), else float32."""
     if isinstance(scaling, torch.Tensor):
         if scaling.dim() == 0:
             scaling = scaling.item()
@@ -62,7 +63,8 @@ def check_scaling(scaling: object, num_adapters: int, device: torch.device) -> f
                 raise TypeError(f"scaling must be a float tensor, got {scaling.dtype}")
             if not bool(torch.isfinite(scaling).all()):
                 raise ValueError("scaling must be finite, got a non-finite entry")
-            return scaling.detach().to(device=device, dtype=torch.float32)
+            dtype = torch.float64 if scaling.dtype == torch.float64 else torch.float32
+            return scaling.detach().to(device=device, dtype=dtype)
     if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
         if isinstance(scaling, Sequence) and not isinstance(scaling, (str, bytes)):
             # checked on the host, so a list costs no device synchronisation
@@ -71,7 +73,7 @@ def check_scaling(scaling: object, num_adapters: int, device: torch.device) -> f
             for i, v in enumerate(scaling):
                 if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
                     raise ValueError(f"scaling[{i}] must be a finite number, got {v!r}")
-            return torch.tensor([float(v) for v in scaling], dtype=torch.float32, device=device)
+            return torch.tensor([float(v) for v in scaling], dtype=torch.float64, device=device)
         raise TypeError(f"scaling must be a float or a [K] tensor, got {type(scaling).__name__}")
     s = float(scaling)
     if not math.isfinite(s):

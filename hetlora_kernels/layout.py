@@ -58,12 +58,20 @@ class AdapterLayout:
         offs = [0]
         for r in rs:
             offs.append(offs[-1] + r)
-        self.ranks: tuple[int, ...] = rs
-        self.offsets: tuple[int, ...] = tuple(offs)
-        self.num_adapters: int = len(rs)
-        self.total_rank: int = offs[-1]
-        self.max_rank: int = max(rs)
-        self._cache: dict = {}
+        # immutable: kernels trust these fields, so they are set once here and never again
+        init = object.__setattr__
+        init(self, "ranks", rs)
+        init(self, "offsets", tuple(offs))
+        init(self, "num_adapters", len(rs))
+        init(self, "total_rank", offs[-1])
+        init(self, "max_rank", max(rs))
+        init(self, "_cache", {})
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"AdapterLayout is immutable (tried to set {name!r}); build a new AdapterLayout")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"AdapterLayout is immutable (tried to delete {name!r})")
 
     # -- derived index tensors, cached per device -------------------------------------------
     def _cached(self, key: str, device: torch.device | str | None, build) -> torch.Tensor:
@@ -120,7 +128,7 @@ class AdapterLayout:
         return f"AdapterLayout(ranks={list(self.ranks)})"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, frozen=True)
 class TokenGroups:
     """Token -> adapter mapping of one batch, sorted once and shared by every layer.
 
@@ -145,6 +153,13 @@ class TokenGroups:
     starts_list: tuple[int, ...]
     is_sorted: bool
     _cache: dict = field(default_factory=dict, repr=False)
+    _trusted: bool = field(default=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # The classmethods build consistent groups; a TokenGroups assembled by hand is
+        # checked in full once here (kernels index memory through these fields).
+        if not self._trusted:
+            _validate_groups(self)
 
     @property
     def num_tokens(self) -> int:
@@ -172,7 +187,10 @@ class TokenGroups:
             raise ValueError(f"num_adapters must be positive, got {num_adapters}")
         if not isinstance(adapter_ids, torch.Tensor):
             try:
-                adapter_ids = torch.as_tensor(adapter_ids, dtype=torch.int64)
+                # no dtype= here: it would silently truncate floats (0.5 -> 0) instead of refusing them
+                adapter_ids = torch.as_tensor(adapter_ids)
+                if adapter_ids.numel() == 0 and adapter_ids.dtype.is_floating_point:
+                    adapter_ids = adapter_ids.to(torch.int64)  # [] has no element type
             except (TypeError, ValueError, RuntimeError) as e:
                 raise TypeError(f"adapter_ids must be a 1-D integer tensor: {e}") from None
             if adapter_ids.dim() == 0 or (adapter_ids.numel() == 0 and adapter_ids.dim() != 1):
@@ -199,7 +217,7 @@ class TokenGroups:
         starts_list = tuple(starts.tolist())
         counts_list = tuple(counts.tolist())
         is_sorted = starts_list[0] == 0 and (T < 2 or bool((ids[1:] >= ids[:-1]).all()))
-        return cls(ids, num_adapters, order, starts, counts, counts_list, starts_list, is_sorted)
+        return cls(ids, num_adapters, order, starts, counts, counts_list, starts_list, is_sorted, _trusted=True)
 
     @classmethod
     def from_lengths(cls, lengths: torch.Tensor | Sequence[int]) -> TokenGroups:
@@ -230,7 +248,7 @@ class TokenGroups:
         starts = torch.zeros(K + 1, dtype=torch.int64, device=device)
         torch.cumsum(counts, 0, out=starts[1:])
         order = torch.arange(ids.shape[0], device=device)
-        return cls(ids, K, order, starts, counts, tuple(lens), tuple(starts.tolist()), True)
+        return cls(ids, K, order, starts, counts, tuple(lens), tuple(starts.tolist()), True, _trusted=True)
 
     def routed_order(self) -> torch.Tensor:
         """``[T_routed]`` token indices of every routed token, grouped by adapter."""
@@ -253,6 +271,7 @@ class TokenGroups:
             self.counts_list,
             self.starts_list,
             self.is_sorted,
+            _trusted=True,
         )
 
     def __repr__(self) -> str:
@@ -260,3 +279,49 @@ class TokenGroups:
             f"TokenGroups(num_tokens={self.num_tokens}, num_adapters={self.num_adapters}, "
             f"counts={list(self.counts_list)})"
         )
+
+
+def _validate_groups(g: TokenGroups) -> None:
+    """Full consistency check of a hand-assembled `TokenGroups`; ``ValueError``/``TypeError``
+    naming the field.  Costs O(T) device work and one synchronisation."""
+
+    def int_tensor(t: object, name: str, n: int | None) -> torch.Tensor:
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int64:
+            raise TypeError(f"groups.{name} must be an int64 tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+        if t.dim() != 1 or (n is not None and t.shape[0] != n):
+            raise ValueError(f"groups.{name} must be 1-D of length {n}, got shape {tuple(t.shape)}")
+        return t
+
+    ids = int_tensor(g.adapter_ids, "adapter_ids", None)
+    K = _as_int(g.num_adapters, "groups.num_adapters")
+    if K <= 0:
+        raise ValueError(f"groups.num_adapters must be positive, got {K}")
+    T = ids.shape[0]
+    order = int_tensor(g.order, "order", T)
+    starts = int_tensor(g.starts, "starts", K + 1)
+    counts = int_tensor(g.counts, "counts", K)
+    for name, t in (("order", order), ("starts", starts), ("counts", counts)):
+        if t.device != ids.device:
+            raise ValueError(f"groups.{name} is on {t.device} but groups.adapter_ids is on {ids.device}")
+    sl, cl = tuple(g.starts_list), tuple(g.counts_list)
+    if len(sl) != K + 1 or len(cl) != K:
+        raise ValueError(f"groups.starts_list must hold K+1={K + 1} and counts_list K={K} entries")
+    if sl[0] < 0 or sl[-1] != T or any(b < a for a, b in zip(sl, sl[1:])):
+        raise ValueError(f"groups.starts_list must rise from >= 0 to T={T}, got {list(sl)}")
+    if any(c != b - a for c, a, b in zip(cl, sl, sl[1:])):
+        raise ValueError("groups.counts_list disagrees with groups.starts_list")
+    if starts.tolist() != list(sl) or counts.tolist() != list(cl):
+        raise ValueError("groups.starts / groups.counts disagree with starts_list / counts_list")
+    if T:
+        if not torch.equal(torch.sort(order).values, torch.arange(T, device=order.device)):
+            raise ValueError(f"groups.order must be a permutation of range(T={T})")
+        expect = torch.cat(
+            [
+                torch.full((sl[0],), -1, dtype=torch.int64, device=ids.device),
+                torch.repeat_interleave(torch.arange(K, device=ids.device), counts),
+            ]
+        )
+        if not torch.equal(ids[order], expect):
+            raise ValueError("groups.adapter_ids disagree with groups.order / starts")
+    if g.is_sorted and (sl[0] != 0 or (T and not torch.equal(order, torch.arange(T, device=order.device)))):
+        raise ValueError("groups.is_sorted is True but the tokens are not grouped in order without -1 ids")
