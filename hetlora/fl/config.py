@@ -15,8 +15,10 @@ only scale-consistent under ``"fixed"``.
 ``lora_alpha`` defaults to 1.0: with ``s = 1`` a client's ``Delta W = B^T A`` is exactly
 the product of the factors that are averaged, the sparsity weights are plain
 ``||B^T A||_F`` and the exported peft adapter has ``lora_alpha = r`` (peft's
-``alpha/r = 1``).  It was also the fastest-learning value of those tried on the default
-run (see the report of issue 9).
+``alpha/r = 1``).  Under Adam the scale mostly sets how fast ``Delta W`` moves per step
+(peft's common r=8, alpha=16 is s=2); s=1 with lr 3e-3 learns steadily on the default
+run and keeps rank-16 clients (whose ``Delta W`` can move faster, having more
+components) from overshooting.
 """
 
 from __future__ import annotations
@@ -40,10 +42,13 @@ SCALING_RULES = ("fixed", "alpha/r", "rslora")
 MODEL_ALIASES = ("minilm", "tiny-random-bert")
 
 
-def _tiers_default() -> list[list[float]]:
-    # the paper's device classes, as fractions of clients: half of the devices are
-    # small (r_min), a third mid-size, a fifth large (r_max); 0 = "use r_min/r_max"
-    return [[0.5, 0.0], [0.3, 8.0], [0.2, 0.0]]
+TIER_NAMES = ("min", "mid", "max")
+
+
+def _tiers_default() -> list[list]:
+    # device classes as fractions of clients (the paper's small / medium / large
+    # devices): half at r_min, 30% mid-size, 20% at r_max
+    return [[0.5, "min"], [0.3, "mid"], [0.2, "max"]]
 
 
 @dataclass
@@ -54,6 +59,13 @@ class FedConfig:
     in under 10 minutes on a 2-core CPU and shows learning; the HetLoRA knobs (γ, λ,
     ranks between r_min and r_max, Dirichlet α) default to the paper's / public
     re-implementations' values where those exist.
+
+    Measured (2026-11-25, this 2-core CPU, otherwise idle, token cache warm): the default
+    run takes 2 min 43 s end to end (about 15 s a round: 8 clients x 8 steps x 8
+    sequences of 64 tokens, plus evaluating 512 test and 8 x 32 held-out examples) and
+    reaches 29.7, 45.1, 52.0, 53.9, 54.1, 60.7, 62.3, 63.5, 68.8, 63.3 % global test
+    accuracy over its 10 rounds (chance: 5 %).  With four other jobs sharing the two cores
+    the same run took 11.5-32 minutes.
     """
 
     # -- algorithm ------------------------------------------------------------------------
@@ -84,11 +96,13 @@ class FedConfig:
     rank_rule: str = "tiers"
     """How client ranks are assigned: "tiers" (fractions), "uniform" over [r_min, r_max], or "list"."""
     r_min: int = 2
+    """Smallest client rank (the paper uses 5..50 on PaLM-2; 2..16 suits MiniLM's width 384)."""
     r_max: int = 16
+    """Largest client rank = the global adapter's rank."""
     ranks: list[int] | None = None
     """Explicit ranks, one per client (rank_rule "list")."""
-    tiers: list[list[float]] = field(default_factory=_tiers_default)
-    """[[fraction, rank], ...]; rank 0 in the first tier means r_min, in the last r_max."""
+    tiers: list[list] = field(default_factory=_tiers_default)
+    """[[fraction, rank], ...]; rank an int or "min" / "mid" (geometric mean of r_min and r_max) / "max"."""
     hom_rank: int | None = None
     """HomLoRA's common rank (default r_max)."""
 
@@ -96,26 +110,39 @@ class FedConfig:
     dataset: str = "20newsgroups"
     """A name in hetlora.fl.data.DATASETS, a local CSV/JSONL file, or "synthetic" (tests)."""
     text_column: str = "text"
+    """Text column of a local CSV/JSONL or hub dataset."""
     label_column: str = "label"
+    """Label column of a local CSV/JSONL or hub dataset."""
     test_fraction: float = 0.2
     """Test share for datasets that ship no test split."""
     max_length: int = 64
+    """Tokens per example (truncate/pad)."""
     num_clients: int = 20
-    clients_per_round: int = 10
+    """Number of clients N."""
+    clients_per_round: int = 8
+    """Clients sampled per round K (seeded)."""
     partition: str = "dirichlet"
+    """Client split: dirichlet (label-skewed non-IID), iid, or natural (datasets with natural clients)."""
     dirichlet_alpha: float = 0.5
+    """Dirichlet concentration α (the paper / seed table: 0.01, 0.1, 0.5)."""
     holdout_fraction: float = 0.1
     """Share of each client's data held out for its own evaluation."""
 
     # -- local training ------------------------------------------------------------------
-    rounds: int = 12
-    local_steps: int = 10
+    rounds: int = 10
+    """Communication rounds."""
+    local_steps: int = 8
+    """Local optimiser steps per client per round."""
     local_epochs: float | None = None
     """If set, client k runs min(local_steps, ceil(local_epochs * n_k / batch)) steps."""
     batch_size: int = 8
+    """Per-client mini-batch size."""
     lr: float = 3e-3
-    head_lr: float = 3e-3
+    """AdamW learning rate of the LoRA factors (or of the full weights for fullft)."""
+    head_lr: float = 1e-2
+    """AdamW learning rate of the classifier head."""
     weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
     max_grad_norm: float = 1.0
     """Per-client gradient clipping (LoRA rows + head); 0 disables."""
     mode: str = "concurrent"
@@ -123,7 +150,8 @@ class FedConfig:
 
     # -- evaluation ------------------------------------------------------------------------
     eval_every: int = 1
-    eval_samples: int = 768
+    """Evaluate the global model every E rounds (and after the last)."""
+    eval_samples: int = 512
     """Global test subset size (0 = all)."""
     eval_batch_size: int = 64
     client_eval_samples: int = 32
@@ -131,8 +159,11 @@ class FedConfig:
 
     # -- runtime -------------------------------------------------------------------------
     device: str = "cpu"
+    """torch device, e.g. cpu or cuda."""
     dtype: str = "float32"
+    """Model dtype: float32, float64 or bfloat16."""
     seed: int = 0
+    """Seed of every random choice (clients, ranks, batches, inits)."""
     threads: int | None = None
     """torch intra-op threads (None: torch's default)."""
     out_dir: str = "runs"
@@ -143,6 +174,9 @@ class FedConfig:
     export_clients: int = 2
     """Per-client peft adapters written at the end (plus the global one)."""
     progress: bool = True
+    """Show a progress bar per round."""
+    plots: bool = True
+    """Write PNG plots into the run directory at the end."""
 
     # ------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
@@ -257,12 +291,21 @@ class FedConfig:
         self._int("export_clients", 0)
         if not isinstance(self.progress, bool):
             raise self._err("progress", "must be a bool")
+        if not isinstance(self.plots, bool):
+            raise self._err("plots", "must be a bool")
         if not isinstance(self.prune, bool):
             raise self._err("prune", "must be a bool")
         return self
 
     def _check_tiers(self) -> None:
         t = self.tiers
+        if isinstance(t, str):  # "0.5:min,0.3:mid,0.2:max" (command line)
+            try:
+                t = [[float(f), r if r in TIER_NAMES else int(r)] for f, r in
+                     (item.split(":") for item in t.replace(" ", "").split(",") if item)]
+            except ValueError:
+                raise self._err("tiers", 'must look like "0.5:min,0.3:8,0.2:max"') from None
+            self.tiers = t
         if not isinstance(t, list) or not t:
             raise self._err("tiers", "must be a non-empty list of [fraction, rank] pairs")
         total = 0.0
@@ -273,25 +316,32 @@ class FedConfig:
             frac, rank = pair
             if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 < frac <= 1:
                 raise self._err("tiers", f"entry {i}: fraction must lie in (0, 1]")
-            if isinstance(rank, bool) or not isinstance(rank, (int, float)) or rank != int(rank) or rank < 0:
-                raise self._err("tiers", f"entry {i}: rank must be a non-negative int")
+            if rank not in TIER_NAMES and (isinstance(rank, bool) or not isinstance(rank, (int, float))
+                                           or rank != int(rank) or rank < 1):
+                raise self._err("tiers", f'entry {i}: rank must be a positive int or one of {list(TIER_NAMES)}')
             total += frac
-            out.append([float(frac), float(rank)])
+            out.append([float(frac), rank if rank in TIER_NAMES else int(rank)])
         if abs(total - 1.0) > 1e-6:
             raise self._err("tiers", f"fractions must sum to 1, they sum to {total}")
-        for i, (_, rank) in enumerate(out):
-            r = self.tier_rank(i, out)
-            if not self.r_min <= r <= self.r_max:
-                raise self._err("tiers", f"entry {i}: rank {int(rank)} outside [r_min, r_max]")
+        if self.rank_rule == "tiers":
+            for i in range(len(out)):
+                r = self.tier_rank(i, out)
+                if not self.r_min <= r <= self.r_max:
+                    raise self._err("tiers", f"entry {i}: rank {r} outside [r_min, r_max] = "
+                                             f"[{self.r_min}, {self.r_max}]")
         self.tiers = out
 
     def tier_rank(self, i: int, tiers: list | None = None) -> int:
-        """Rank of tier ``i``: 0 means r_min in the first tier and r_max otherwise."""
+        """Rank of tier ``i`` ("min" / "mid" / "max" resolved against r_min and r_max)."""
         tiers = self.tiers if tiers is None else tiers
-        r = int(tiers[i][1])
-        if r == 0:
-            return self.r_min if i == 0 else self.r_max
-        return r
+        r = tiers[i][1]
+        if r == "min":
+            return self.r_min
+        if r == "max":
+            return self.r_max
+        if r == "mid":
+            return int(round(math.sqrt(self.r_min * self.r_max)))
+        return int(r)
 
     # -- derived --------------------------------------------------------------------------
     @property

@@ -1,0 +1,228 @@
+"""The ``hetlora`` command line: ``simulate``, ``export``, ``plot``, ``bench``.
+
+``hetlora simulate`` with no flags runs the default simulation (real 20 Newsgroups,
+all-MiniLM-L6-v2, 20 clients with mixed ranks, HetLoRA); every `FedConfig` field is a
+flag (``--clients-per-round 8``), ``--config run.yaml`` loads a file first (flags win).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import importlib.util
+import inspect
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+
+def _field_docs() -> dict[str, str]:
+    """Attribute docstrings of `FedConfig` fields (the string right after each field)."""
+    from hetlora.fl import config as C
+
+    tree = ast.parse(inspect.getsource(C.FedConfig))
+    body = tree.body[0].body
+    docs = {}
+    for a, b in zip(body, body[1:]):
+        if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr) \
+                and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str):
+            docs[a.target.id] = " ".join(b.value.value.split())
+    return docs
+
+
+def _kind(f: dataclasses.Field) -> str:
+    t = str(f.type).replace(" ", "")
+    for k in ("bool", "int", "float", "str"):
+        if t in (k, f"{k}|None"):
+            return k
+    if t.startswith("list[int]"):
+        return "list[int]"
+    if t.startswith("list[str]"):
+        return "list[str]"
+    return "str"  # tiers: parsed by FedConfig from "0.5:min,0.3:8,0.2:max"
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    from hetlora.fl.config import FedConfig
+
+    docs = _field_docs()
+    defaults = FedConfig.__new__(FedConfig)
+    g = p.add_argument_group("configuration (FedConfig fields; defaults shown)")
+    for f in dataclasses.fields(FedConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        setattr(defaults, f.name, default)
+        flag = "--" + f.name.replace("_", "-")
+        kind = _kind(f)
+        help_ = f"{docs.get(f.name, f.name.replace('_', ' '))} (default: {default!r})".replace("%", "%%")
+        kw: dict = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_}
+        if kind == "bool":
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif kind == "int":
+            g.add_argument(flag, type=int, metavar="N", **kw)
+        elif kind == "float":
+            g.add_argument(flag, type=float, metavar="X", **kw)
+        elif kind == "list[int]":
+            g.add_argument(flag, type=int, nargs="+", metavar="R", **kw)
+        elif kind == "list[str]":
+            g.add_argument(flag, nargs="+", metavar="NAME", **kw)
+        else:
+            g.add_argument(flag, metavar=f.name.upper() if f.name != "tiers" else "FRAC:RANK,...", **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from hetlora.fl.config import STRATEGIES
+
+    p = argparse.ArgumentParser(prog="hetlora", description="Federated fine-tuning with heterogeneous LoRA ranks.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    s = sub.add_parser("simulate", help="run a federated simulation (default: HetLoRA on real 20 Newsgroups)",
+                       description="Run a federated simulation and write a run directory (config, metrics.jsonl, "
+                                   "checkpoints, peft adapters, plots) under --out-dir/--run-name.")
+    s.add_argument("--config", metavar="FILE", help="a .yaml/.yml/.json FedConfig file; flags override it")
+    s.add_argument("--compare", nargs="+", metavar="STRATEGY",
+                   help=f"run several strategies on the same seed, clients and data and write comparison.md and "
+                        f"plots; names from {list(STRATEGIES)}, homlora@R for HomLoRA at rank R")
+    s.add_argument("--resume", action="store_true",
+                   help="continue the run in the run directory from its latest checkpoint")
+    s.add_argument("--quiet", action="store_true", help="no progress bar and no per-round lines")
+    s.add_argument("--print-config", action="store_true", help="print the resolved configuration (YAML) and exit")
+    _add_config_flags(s)
+
+    e = sub.add_parser("export", help="export a run's global or a client's adapter as a peft directory",
+                       description="Write a peft adapter directory (adapter_config.json, adapter_model.safetensors, "
+                                   "head.safetensors) from a run's latest checkpoint.")
+    e.add_argument("run_dir", metavar="RUN_DIR")
+    e.add_argument("out", metavar="OUT", help="output directory")
+    who = e.add_mutually_exclusive_group(required=True)
+    who.add_argument("--client", type=int, metavar="K", help="client K's adapter (its current rank)")
+    who.add_argument("--global", dest="glob", action="store_true", help="the global adapter (rank r_max)")
+
+    pl = sub.add_parser("plot", help="plot one or more runs (accuracy, ranks, communication)",
+                        description="Write accuracy.png, comm_vs_accuracy.png, ranks_<run>.png (and comparison.md "
+                                    "for several runs).")
+    pl.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    pl.add_argument("--out", metavar="DIR", help="output directory (default: the first run directory)")
+
+    b = sub.add_parser("bench", help="run the benchmarks (python -m bench), if the bench package is present",
+                       description="Delegates to `python -m bench ARGS...` (the repository's bench/ package).")
+    b.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to python -m bench")
+    return p
+
+
+def _resolve_config(ns: argparse.Namespace):
+    from hetlora.fl.config import FedConfig
+
+    base = FedConfig.load(ns.config).to_dict() if ns.config else {}
+    names = {f.name for f in dataclasses.fields(FedConfig)}
+    for k, v in vars(ns).items():
+        if k in names:
+            base[k] = v
+    return FedConfig.from_dict(base)
+
+
+def _parse_compare(items: Sequence[str]) -> list[tuple[str, dict]]:
+    from hetlora.fl.config import STRATEGIES
+
+    out = []
+    for item in items:
+        name, _, rank = item.lower().partition("@")
+        if name not in STRATEGIES:
+            raise ValueError(f"--compare: unknown strategy {item!r}; choose from {list(STRATEGIES)}")
+        extra: dict = {}
+        if rank:
+            if name != "homlora" or not rank.isdigit():
+                raise ValueError(f"--compare: {item!r}: only homlora@R takes a rank")
+            extra["hom_rank"] = int(rank)
+        out.append((item.lower().replace("@", "_r"), {"strategy": name, **extra}))
+    return out
+
+
+def _simulate(ns: argparse.Namespace) -> int:
+    from hetlora.fl.report import comparison_table, plot_runs, read_metrics
+    from hetlora.fl.sim import Simulation
+
+    cfg = _resolve_config(ns)
+    if ns.quiet:
+        cfg.progress = False
+    if ns.print_config:
+        print(cfg.to_yaml(), end="")
+        return 0
+    if not ns.compare:
+        hist = Simulation(cfg, verbose=not ns.quiet).run(resume=ns.resume)
+        acc = hist.final_accuracy
+        print(f"run directory: {hist.run_dir}" + (f"  final accuracy {100 * acc:.2f}%" if acc is not None else ""))
+        return 0
+    runs = _parse_compare(ns.compare)
+    root = Path(cfg.out_dir) / (cfg.run_name or f"compare_s{cfg.seed}")
+    dirs = []
+    for label, changes in runs:
+        c = cfg.replace(out_dir=str(root), run_name=label, **changes)
+        Simulation(c, verbose=not ns.quiet).run(resume=ns.resume)
+        dirs.append(root / label)
+    plot_runs(dirs, root)
+    table = comparison_table({d.name: read_metrics(d) for d in dirs})
+    (root / "comparison.md").write_text(table)
+    print(table)
+    print(f"comparison directory: {root}")
+    return 0
+
+
+def _export(ns: argparse.Namespace) -> int:
+    from hetlora.fl.sim import Simulation
+
+    sim = Simulation.from_run_dir(ns.run_dir)
+    path = sim.export_global(ns.out) if ns.glob else sim.export_client(ns.client, ns.out)
+    print(f"wrote {path}")
+    return 0
+
+
+def _plot(ns: argparse.Namespace) -> int:
+    from hetlora.fl.report import plot_runs
+
+    for p in plot_runs(ns.run_dirs, ns.out):
+        print(f"wrote {p}")
+    return 0
+
+
+def _bench(ns: argparse.Namespace) -> int:
+    env = dict(os.environ)
+    if importlib.util.find_spec("bench") is None:
+        # an editable install: bench/ sits beside the package in the checkout
+        root = Path(__file__).resolve().parent.parent
+        if not (root / "bench" / "__main__.py").exists():
+            print(
+                "hetlora bench: the benchmark package `bench` is not importable here; run it from the "
+                "repository root (python -m bench) where bench/ lives.",
+                file=sys.stderr,
+            )
+            return 2
+        env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+    args = [a for a in ns.args if a != "--"]
+    return subprocess.call([sys.executable, "-m", "bench", *args], env=env)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``hetlora`` console script; returns the exit status."""
+    p = build_parser()
+    ns = p.parse_args(list(argv) if argv is not None else None)
+    try:
+        if ns.command == "simulate":
+            return _simulate(ns)
+        if ns.command == "export":
+            return _export(ns)
+        if ns.command == "plot":
+            return _plot(ns)
+        return _bench(ns)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"hetlora {ns.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Atomic checkpoints of a simulation: safetensors for tensors, JSON for the rest.
+
+Layout under ``<run_dir>/checkpoints/``:
+
+* ``round_<NNNN>.safetensors``: the global state's tensors (global adapter per layer
+  ``A.<i> [r_g, d_in]`` / ``B.<i> [r_g, d_out]``, ``head_W [C, d]``, ``head_b [C]``, and
+  ``W.<i>`` / ``bias.<i>`` when the strategy changes the base), ``client_ranks [N]``
+  int64 and ``torch_rng`` uint8 (torch's CPU generator state);
+* ``latest.json``: ``{"round", "file", "state": GlobalState.meta(), "numpy_rng",
+  "python_rng", "extra"}`` -- written after the tensor file, so it only ever names a
+  complete one.
+
+Every file is written to a temporary name in the same folder, fsync'ed, then
+``os.replace``'d (atomic on POSIX): a run killed at any moment leaves the previous
+checkpoint intact.  Nothing is unpickled on load (safetensors + JSON only).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .strategies import GlobalState
+
+__all__ = ["atomic_write_bytes", "save_checkpoint", "load_checkpoint", "CKPT_DIR"]
+
+CKPT_DIR = "checkpoints"
+LATEST = "latest.json"
+
+
+def _atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp file + fsync + os.replace)."""
+
+    def w(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    _atomic(Path(path), w)
+
+
+def _np_state() -> dict:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"name": name, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
+            "cached": float(cached)}
+
+
+def _py_state() -> list:
+    v, internal, gauss = random.getstate()
+    return [v, list(internal), gauss]
+
+
+def save_checkpoint(run_dir: str | Path, round_idx: int, state: GlobalState, client_ranks: np.ndarray,
+                    extra: dict[str, Any] | None = None, keep: int = 2) -> Path:
+    """Write the checkpoint of the state after round ``round_idx``; returns the tensor file.
+
+    ``client_ranks``: ``[N]`` ints, every client's current rank.  ``extra``: JSON-able.
+    Older checkpoints beyond the last ``keep`` are removed.
+    """
+    d = Path(run_dir) / CKPT_DIR
+    d.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.tensors().items()}
+    tensors["client_ranks"] = torch.as_tensor(np.asarray(client_ranks, dtype=np.int64))
+    tensors["torch_rng"] = torch.get_rng_state()
+    fname = f"round_{round_idx:04d}.safetensors"
+    _atomic(d / fname, lambda tmp: save_file(tensors, tmp, metadata={"round": str(round_idx)}))
+    meta = {"round": round_idx, "file": fname, "state": state.meta(), "numpy_rng": _np_state(),
+            "python_rng": _py_state(), "extra": extra or {}}
+    atomic_write_bytes(d / LATEST, json.dumps(meta).encode())
+    files = sorted(d.glob("round_*.safetensors"))
+    for old in files[:-keep] if keep > 0 else []:
+        if old.name != fname:
+            old.unlink(missing_ok=True)
+    return d / fname
+
+
+def load_checkpoint(run_dir: str | Path, restore_rng: bool = True,
+                    device: str | torch.device = "cpu") -> tuple[int, GlobalState, np.ndarray, dict] | None:
+    """``(round, state, client_ranks, extra)`` of the latest checkpoint, or None if there is none.
+
+    With ``restore_rng`` the torch / numpy / python global RNG states are restored too.
+    """
+    d = Path(run_dir) / CKPT_DIR
+    latest = d / LATEST
+    if not latest.exists():
+        return None
+    meta = json.loads(latest.read_text())
+    t = load_file(str(d / meta["file"]), device="cpu")
+    ranks = t.pop("client_ranks").numpy().astype(np.int64)
+    rng = t.pop("torch_rng")
+    state = GlobalState.from_tensors({k: v.to(device) for k, v in t.items()}, meta["state"])
+    if restore_rng:
+        torch.set_rng_state(rng)
+        n = meta["numpy_rng"]
+        np.random.set_state((n["name"], np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"],
+                             n["cached"]))
+        v, internal, gauss = meta["python_rng"]
+        random.setstate((v, tuple(internal), gauss))
+    return int(meta["round"]), state, ranks, meta.get("extra", {})

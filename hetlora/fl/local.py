@@ -1,0 +1,402 @@
+"""Local (client-side) training: all sampled clients of a round train *together*.
+
+Concurrent mode, one step:
+
+1. one mini-batch per still-active client (each drawn from its own
+   per-(seed, round, client) RNG), concatenated: ``input_ids [N, L]``, ``adapter_ids [N]``;
+2. one forward of the frozen encoder; every target layer is a `HetLoraLinear` holding the
+   K clients' adapters packed rank-major, routed by one `TokenGroups` per step
+   (`MultiLoraModel`'s shared `Routing`);
+3. mean pooling over ``attention_mask`` and per-client heads held as stacked tensors
+   ``head_W [K, C, d]``, ``head_b [K, C]`` indexed by adapter id;
+4. loss = Σ_k (mean cross-entropy over client k's rows + its regulariser): the clients'
+   parameters are disjoint, so one backward gives each client exactly its own gradient;
+5. per-client gradient clipping (norm over the client's LoRA rows in every layer plus
+   its head, summed with ``index_add`` over ``layout.row_adapter``) and a functional
+   per-client AdamW over the packed tensors (per-client step counts and bias correction;
+   a client whose local steps are done is masked: parameters and state untouched).
+
+Sequential mode runs the same function with one client at a time (K = 1): same data,
+same initialisation, same math, so both modes give the same updates up to float
+rounding (tested in float64).  The encoder stays in eval mode (its dropout off); only
+LoRA dropout follows ``config.lora_dropout`` (with dropout > 0, parity holds in
+distribution only).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hetlora.model import MultiLoraModel
+from hetlora_kernels import AdapterLayout
+
+from .strategies import ClientUpdate, Distribution, GlobalState, Strategy
+
+__all__ = ["TokenData", "ClientTask", "FedModel", "ClientAdamW", "ClientSampler", "train_round", "evaluate"]
+
+
+@dataclass
+class TokenData:
+    """Tokenised examples: ``input_ids [N, L]`` int64, ``attention_mask [N, L]`` int64,
+    ``labels [N]`` int64 (padded to a common L)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, idx) -> TokenData:
+        idx = torch.as_tensor(np.asarray(idx), dtype=torch.int64)
+        return TokenData(self.input_ids[idx], self.attention_mask[idx], self.labels[idx])
+
+
+@dataclass
+class ClientTask:
+    """One sampled client's job this round.
+
+    Attributes:
+        client_id: global index.  rank: rank it trains at (after the server's cap).
+        train_idx / holdout_idx: int64 indices into the training `TokenData`.
+        steps: local steps it runs (clients may differ; finished clients are masked).
+    """
+
+    client_id: int
+    rank: int
+    train_idx: np.ndarray
+    holdout_idx: np.ndarray
+    steps: int
+
+
+class FedModel:
+    """An encoder with `HetLoraLinear` target layers plus mean pooling; heads live outside.
+
+    Args:
+        encoder: a transformers encoder (``AutoModel``) returning ``last_hidden_state``;
+            it is frozen and kept in eval mode.
+        target_modules: peft-style names of the linear layers to adapt.
+        dropout: LoRA dropout.
+    """
+
+    def __init__(self, encoder: nn.Module, target_modules: Sequence[str], dropout: float = 0.0) -> None:
+        self.encoder = encoder.eval()
+        # one placeholder adapter; every round replaces it by the clients' packed adapters.
+        # alphas are passed as the clients' scalings under the "fixed" rule, so any scaling
+        # rule of the config is honoured without the layer recomputing it from the rank
+        self.mlm = MultiLoraModel(encoder, list(target_modules), [1], alpha=1.0, dropout=dropout,
+                                  scaling_rule="fixed", init_lora_weights=False)
+        self.mlm.eval()
+        self.layer_names = list(self.mlm.lora_module_names)
+        self.layers = [layer for _, layer in self.mlm.lora_layers()]
+        self.dims = [(layer.in_features, layer.out_features) for layer in self.layers]
+        p = self.layers[0].base_layer.weight
+        self.dtype, self.device = p.dtype, p.device
+        self.hidden = int(encoder.config.hidden_size)
+
+    # -- adapters / base ----------------------------------------------------------------------
+    def set_adapters(self, As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor], layout: AdapterLayout,
+                     scalings: Sequence[float]) -> None:
+        """Load packed per-layer ``A [R, d_in]``, ``B [R, d_out]`` with per-adapter scalings."""
+        for layer, a, b in zip(self.layers, As, Bs):
+            layer.set_adapters(a, b, layout, alphas=[float(s) for s in scalings], scaling_rules="fixed")
+
+    def base_weights(self) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """Clones of the target layers' ``weight [d_out, d_in]`` and ``bias [d_out]`` (or None)."""
+        W = [layer.base_layer.weight.detach().clone() for layer in self.layers]
+        b = [None if layer.base_layer.bias is None else layer.base_layer.bias.detach().clone()
+             for layer in self.layers]
+        return W, b
+
+    @torch.no_grad()
+    def set_base(self, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None] | None) -> None:
+        for i, layer in enumerate(self.layers):
+            layer.base_layer.weight.copy_(weights[i])
+            if biases is not None and biases[i] is not None and layer.base_layer.bias is not None:
+                layer.base_layer.bias.copy_(biases[i])
+
+    def load_global(self, state: GlobalState) -> None:
+        """The global model: the global adapter (one slot) and, if any, the global base weights."""
+        if state.base_weights is not None:
+            self.set_base(state.base_weights, state.base_biases)
+        self.set_adapters(state.A, state.B, AdapterLayout([state.rank]), [state.scaling])
+
+    def lora_train(self, on: bool) -> None:
+        for layer in self.layers:
+            layer.lora_dropout.train(on)
+
+    # -- forward -------------------------------------------------------------------------------
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 adapter_ids: torch.Tensor) -> torch.Tensor:
+        """``[N, d]`` mean of the last hidden states over ``attention_mask``."""
+        out = self.mlm(input_ids=input_ids, attention_mask=attention_mask, adapter_ids=adapter_ids)
+        h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        m = attention_mask.unsqueeze(-1).to(h.dtype)
+        return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+class ClientAdamW:
+    """AdamW (Loshchilov & Hutter) over packed tensors shared by K clients, one optimiser
+    state per client.
+
+    Args:
+        params: tensors updated in place; row ``i`` of ``params[j]`` belongs to client
+            ``owners[j][i]``.
+        owners: per tensor, ``[rows]`` int64 client index of each row.
+        lrs: per tensor learning rate.
+        num_clients: K.
+
+    ``step(grads, active)``: clients with ``active[k] = False`` are masked: their rows of
+    the parameters and of both moments, and their step count, are left exactly as they were.
+    Same formula as ``torch.optim.AdamW`` (decoupled weight decay, bias-corrected moments,
+    ``eps`` added to ``sqrt(v_hat)``), with the bias correction of each row from its client's
+    own step count.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], owners: Sequence[torch.Tensor], lrs: Sequence[float],
+                 num_clients: int, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0) -> None:
+        self.params, self.owners, self.lrs = list(params), list(owners), list(lrs)
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+        self.steps = torch.zeros(num_clients, dtype=torch.int64)
+        self.betas, self.eps, self.wd = betas, eps, weight_decay
+
+    @torch.no_grad()
+    def step(self, grads: Sequence[torch.Tensor], active: torch.Tensor) -> None:
+        b1, b2 = self.betas
+        active = active.to(torch.bool).cpu()
+        self.steps += active.to(torch.int64)
+        t_all = self.steps.clamp_min(1).to(torch.float64)
+        bc1_all, bc2_all = 1 - b1 ** t_all, 1 - b2 ** t_all
+        for p, g, m, v, owner, lr in zip(self.params, grads, self.m, self.v, self.owners, self.lrs):
+            if g is None:
+                continue
+            shape = (-1,) + (1,) * (p.dim() - 1)
+            own = owner.cpu()
+            act = active[own].to(p.device).view(shape)
+            bc1 = bc1_all[own].to(device=p.device, dtype=p.dtype).view(shape)
+            bc2 = bc2_all[own].to(device=p.device, dtype=p.dtype).view(shape)
+            m_new = m * b1 + g * (1 - b1)
+            v_new = v * b2 + g * g * (1 - b2)
+            denom = v_new.sqrt() / bc2.sqrt() + self.eps
+            p_new = p * (1 - lr * self.wd) - (lr / bc1) * m_new / denom
+            p.copy_(torch.where(act, p_new, p))
+            m.copy_(torch.where(act, m_new, m))
+            v.copy_(torch.where(act, v_new, v))
+
+
+class ClientSampler:
+    """Mini-batches of one client's training indices from a per-(seed, round, client) RNG:
+    without replacement within an epoch, reshuffled each epoch (incomplete tail dropped).
+    Batch size ``min(batch_size, n_k)``."""
+
+    def __init__(self, indices: np.ndarray, batch_size: int, seed: int, round_idx: int, client_id: int) -> None:
+        self.idx = np.asarray(indices, dtype=np.int64)
+        if len(self.idx) == 0:
+            raise ValueError(f"client {client_id} has no training examples")
+        self.rng = np.random.default_rng([seed, round_idx, client_id, 7])
+        self.bs = min(batch_size, len(self.idx))
+        self.perm = self.rng.permutation(self.idx)
+        self.pos = 0
+
+    def next(self) -> np.ndarray:
+        if self.pos + self.bs > len(self.perm):
+            self.perm = self.rng.permutation(self.idx)
+            self.pos = 0
+        out = self.perm[self.pos:self.pos + self.bs]
+        self.pos += self.bs
+        return out
+
+
+def _rows_of(dist: Distribution, j: int) -> Distribution:
+    rows = dist.layout.rows(j)
+    return Distribution([a[rows] for a in dist.A], [b[rows] for b in dist.B], AdapterLayout([dist.layout.ranks[j]]),
+                        [dist.scalings[j]], [dist.params_down[j]])
+
+
+def train_round(fm: FedModel, strategy: Strategy, state: GlobalState, tasks: Sequence[ClientTask], data: TokenData,
+                config, round_idx: int, local_eval: bool = False, on_step=None) -> tuple[list[ClientUpdate], list[int]]:
+    """Run one round of local training for ``tasks``; returns (updates, params_down per task).
+
+    ``config`` supplies mode, lr, head_lr, weight_decay, max_grad_norm, batch_size, seed,
+    client_eval_samples.  ``on_step(n)`` is called after each optimiser step with the
+    number of client-steps it advanced (progress bars).
+    """
+    ids = [t.client_id for t in tasks]
+    dist = strategy.distribute(state, ids, [t.rank for t in tasks], round_idx)
+    if state.base_weights is not None:
+        fm.set_base(state.base_weights, state.base_biases)
+    if config.mode == "concurrent" and not strategy.full_finetune:
+        ups = _train_group(fm, strategy, state, list(tasks), dist, data, config, round_idx, local_eval, on_step)
+    else:
+        ups = []
+        for j, t in enumerate(tasks):
+            if state.base_weights is not None and strategy.full_finetune and j > 0:
+                fm.set_base(state.base_weights, state.base_biases)
+            ups += _train_group(fm, strategy, state, [t], _rows_of(dist, j), data, config, round_idx,
+                                local_eval, on_step)
+        if strategy.full_finetune and state.base_weights is not None:
+            fm.set_base(state.base_weights, state.base_biases)
+    return ups, list(dist.params_down)
+
+
+def _train_group(fm: FedModel, strategy: Strategy, state: GlobalState, tasks: list[ClientTask], dist: Distribution,
+                 data: TokenData, cfg, round_idx: int, local_eval: bool, on_step) -> list[ClientUpdate]:
+    K = len(tasks)
+    layout = dist.layout
+    dev, dt = fm.device, fm.dtype
+    full = strategy.full_finetune
+    fm.set_adapters(dist.A, dist.B, layout, dist.scalings)
+    As = [layer.lora_A for layer in fm.layers]
+    Bs = [layer.lora_B for layer in fm.layers]
+    ctx = strategy.on_receive(As, Bs, layout) if not full else None
+
+    head_W = state.head_W.to(device=dev, dtype=dt).unsqueeze(0).repeat(K, 1, 1).requires_grad_(True)
+    head_b = state.head_b.to(device=dev, dtype=dt).unsqueeze(0).repeat(K, 1).requires_grad_(True)
+    kidx = torch.arange(K, device=dev)
+    params: list[torch.Tensor] = [head_W, head_b]
+    owners: list[torch.Tensor] = [kidx, kidx]
+    lrs: list[float] = [cfg.head_lr, cfg.head_lr]
+    base_params: list[torch.Tensor] = []
+    if full:
+        for layer in fm.layers:
+            for p in (layer.base_layer.weight, layer.base_layer.bias):
+                if p is not None:
+                    p.requires_grad_(True)
+                    base_params.append(p)
+                    params.append(p)
+                    owners.append(torch.zeros(p.shape[0], dtype=torch.int64, device=dev))
+                    lrs.append(cfg.lr)
+    else:
+        owner = layout.row_adapter(dev)
+        for a, b in zip(As, Bs):
+            params += [a, b]
+            owners += [owner, owner]
+            lrs += [cfg.lr, cfg.lr]
+    opt = ClientAdamW(params, owners, lrs, K, weight_decay=cfg.weight_decay)
+
+    samplers = [ClientSampler(t.train_idx, cfg.batch_size, cfg.seed, round_idx, t.client_id) for t in tasks]
+    steps = [t.steps for t in tasks]
+    loss_sum = torch.zeros(K, dtype=torch.float64)
+    fm.lora_train(True)
+    try:
+        for step in range(max(steps)):
+            active_list = [k for k in range(K) if step < steps[k]]
+            active = torch.zeros(K, dtype=torch.bool)
+            active[active_list] = True
+            batches = [samplers[k].next() for k in active_list]
+            rows = torch.as_tensor(np.concatenate(batches), dtype=torch.int64)
+            aid = torch.as_tensor(np.repeat(active_list, [len(b) for b in batches]), dtype=torch.int64, device=dev)
+            mask = data.attention_mask[rows]
+            L = max(int(mask.sum(1).max()), 1)  # trim shared padding: the masked tail changes nothing
+            input_ids = data.input_ids[rows, :L].to(dev)
+            mask = mask[:, :L].to(dev)
+            y = data.labels[rows].to(dev)
+
+            feats = fm.features(input_ids, mask, aid)
+            logits = torch.einsum("nd,ncd->nc", feats, head_W[aid]) + head_b[aid]
+            ce = F.cross_entropy(logits, y, reduction="none")
+            counts = torch.bincount(aid, minlength=K).to(ce.dtype)
+            per_client = torch.zeros(K, dtype=ce.dtype, device=dev).index_add(0, aid, ce) / counts.clamp_min(1)
+            loss = per_client.sum()
+            if not full:
+                pen = strategy.local_penalty(As, Bs, layout)
+                if pen is not None:
+                    loss = loss + (pen * active.to(device=dev, dtype=pen.dtype)).sum()
+            grads = list(torch.autograd.grad(loss, params, allow_unused=True))
+            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+            if cfg.max_grad_norm > 0:
+                sq = torch.zeros(K, dtype=torch.float64, device=dev)
+                for g, own in zip(grads, owners):
+                    sq.index_add_(0, own, g.detach().pow(2).reshape(g.shape[0], -1).sum(1).to(torch.float64))
+                coef = (cfg.max_grad_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+                grads = [g * coef[own].to(g.dtype).view((-1,) + (1,) * (g.dim() - 1)) for g, own in zip(grads, owners)]
+            opt.step(grads, active)
+            loss_sum += per_client.detach().to(torch.float64).cpu()
+            if on_step is not None:
+                on_step(len(active_list))
+    finally:
+        fm.lora_train(False)
+        for p in base_params:
+            p.requires_grad_(False)
+
+    local_acc: list[float | None] = [None] * K
+    local_n = [0] * K
+    if local_eval and cfg.client_eval_samples > 0:
+        local_acc, local_n = _local_eval(fm, tasks, data, head_W.detach(), head_b.detach(), cfg)
+
+    new_ranks = strategy.post_local(ctx, As, Bs, layout) if not full else list(layout.ranks)
+    updates = []
+    for k, t in enumerate(tasks):
+        rows = layout.rows(k)
+        r_new = new_ranks[k]
+        A_k = [a.detach()[rows][:r_new].clone() for a in As]
+        B_k = [b.detach()[rows][:r_new].clone() for b in Bs]
+        w = bias = None
+        if full:
+            w = [layer.base_layer.weight.detach().clone() for layer in fm.layers]
+            bias = [None if layer.base_layer.bias is None else layer.base_layer.bias.detach().clone()
+                    for layer in fm.layers]
+        updates.append(ClientUpdate(
+            client_id=t.client_id, rank=r_new, rank_received=layout.ranks[k], A=A_k, B=B_k,
+            scaling=float(dist.scalings[k]), head_W=head_W.detach()[k].clone(), head_b=head_b.detach()[k].clone(),
+            num_examples=int(len(t.train_idx)), weights=w, biases=bias,
+            train_loss=float(loss_sum[k] / max(steps[k], 1)), local_acc=local_acc[k], local_n=local_n[k],
+        ))
+    return updates
+
+
+@torch.no_grad()
+def _local_eval(fm: FedModel, tasks, data: TokenData, head_W, head_b, cfg):
+    """Each client's trained local model on (up to ``client_eval_samples`` of) its held-out set,
+    all clients in one batched pass (adapter ids route each row to its client)."""
+    K = len(tasks)
+    rows, aid = [], []
+    for k, t in enumerate(tasks):
+        h = np.asarray(t.holdout_idx, dtype=np.int64)[: cfg.client_eval_samples]
+        rows.append(h)
+        aid.append(np.full(len(h), k, dtype=np.int64))
+    rows_np, aid_np = np.concatenate(rows), np.concatenate(aid)
+    correct = np.zeros(K)
+    n = np.bincount(aid_np, minlength=K)
+    bs = cfg.eval_batch_size
+    for s in range(0, len(rows_np), bs):
+        r = torch.as_tensor(rows_np[s:s + bs])
+        a = torch.as_tensor(aid_np[s:s + bs], device=fm.device)
+        mask = data.attention_mask[r]
+        L = max(int(mask.sum(1).max()), 1)
+        feats = fm.features(data.input_ids[r, :L].to(fm.device), mask[:, :L].to(fm.device), a)
+        logits = torch.einsum("nd,ncd->nc", feats, head_W[a]) + head_b[a]
+        ok = (logits.argmax(1).cpu() == data.labels[r]).to(torch.float64)
+        correct += np.bincount(aid_np[s:s + bs], weights=ok.numpy(), minlength=K)
+    acc = [float(c / m) if m else None for c, m in zip(correct, n)]
+    return acc, [int(m) for m in n]
+
+
+@torch.no_grad()
+def evaluate(fm: FedModel, state: GlobalState, data: TokenData, batch_size: int = 64) -> tuple[float, float]:
+    """Global model's ``(accuracy, mean cross-entropy)`` on ``data``."""
+    fm.load_global(state)
+    W = state.head_W.to(device=fm.device, dtype=fm.dtype)
+    b = state.head_b.to(device=fm.device, dtype=fm.dtype)
+    n = len(data)
+    correct, loss = 0.0, 0.0
+    for s in range(0, n, batch_size):
+        mask = data.attention_mask[s:s + batch_size]
+        L = max(int(mask.sum(1).max()), 1)
+        ids = data.input_ids[s:s + batch_size, :L].to(fm.device)
+        m = mask[:, :L].to(fm.device)
+        y = data.labels[s:s + batch_size].to(fm.device)
+        feats = fm.features(ids, m, torch.zeros(ids.shape[0], dtype=torch.int64, device=fm.device))
+        logits = feats @ W.t() + b
+        loss += float(F.cross_entropy(logits.double(), y, reduction="sum"))
+        correct += float((logits.argmax(1) == y).sum())
+    return (correct / n, loss / n) if n else (math.nan, math.nan)

@@ -1,0 +1,159 @@
+"""Metrics files, plots (matplotlib, Agg backend) and comparison tables of simulation runs.
+
+A run's ``metrics.jsonl`` has one record per round (see `Simulation.run_round`); the
+functions here read any number of run directories and write PNGs / markdown.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "read_metrics",
+    "read_config",
+    "plot_accuracy",
+    "plot_rank_histogram",
+    "plot_comm_vs_accuracy",
+    "comparison_table",
+    "plot_runs",
+]
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The records of ``<run_dir>/metrics.jsonl`` (``FileNotFoundError`` if absent)."""
+    p = Path(run_dir) / "metrics.jsonl"
+    if not p.exists():
+        raise FileNotFoundError(f"{run_dir} has no metrics.jsonl: not a simulation run directory")
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def read_config(run_dir: str | Path) -> dict:
+    p = Path(run_dir) / "config.json"
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _label(run_dir: Path, cfg: dict) -> str:
+    return cfg.get("run_name") or run_dir.name
+
+
+def plot_accuracy(runs: Mapping[str, Sequence[dict]], path: str | Path, title: str = "") -> Path:
+    """Global test accuracy vs round, one line per run."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, recs in runs.items():
+        pts = [(r["round"], 100 * r["eval_acc"]) for r in recs if r.get("eval_acc") is not None]
+        if pts:
+            x, y = zip(*pts)
+            ax.plot(x, y, marker="o", ms=3, label=label)
+    ax.set_xlabel("round")
+    ax.set_ylabel("global test accuracy (%)")
+    ax.set_title(title or "accuracy vs round")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_rank_histogram(records: Sequence[dict], path: str | Path, title: str = "") -> Path:
+    """Heat map: number of clients at each rank (y) after each round (x)."""
+    plt = _plt()
+    ranks = [r["client_ranks"] for r in records]
+    rmax = max(max(x) for x in ranks)
+    grid = np.zeros((rmax + 1, len(ranks)))
+    for j, rs in enumerate(ranks):
+        for v in rs:
+            grid[v, j] += 1
+    fig, ax = plt.subplots(figsize=(6, 4))
+    im = ax.imshow(grid, aspect="auto", origin="lower", cmap="viridis",
+                   extent=(records[0]["round"] - 0.5, records[-1]["round"] + 0.5, -0.5, rmax + 0.5))
+    fig.colorbar(im, ax=ax, label="clients")
+    ax.set_xlabel("round")
+    ax.set_ylabel("client rank (after pruning)")
+    ax.set_title(title or "rank histogram over rounds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_comm_vs_accuracy(runs: Mapping[str, Sequence[dict]], path: str | Path, title: str = "") -> Path:
+    """Global test accuracy vs cumulative bytes (up + down), one line per run."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, recs in runs.items():
+        pts = [((r["cum_bytes_up"] + r["cum_bytes_down"]) / 1e6, 100 * r["eval_acc"]) for r in recs
+               if r.get("eval_acc") is not None and "cum_bytes_up" in r]
+        if pts:
+            x, y = zip(*pts)
+            ax.plot(x, y, marker="o", ms=3, label=label)
+    ax.set_xlabel("cumulative communication, up + down (MB)")
+    ax.set_ylabel("global test accuracy (%)")
+    ax.set_title(title or "communication vs accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def comparison_table(runs: Mapping[str, Sequence[dict]]) -> str:
+    """Markdown table: final / best accuracy, rounds, MB up / down, mean final rank, wall time."""
+    lines = ["| run | final acc (%) | best acc (%) | rounds | MB up | MB down | mean rank (end) | rejected "
+             "| wall (s) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for label, recs in runs.items():
+        accs = [r["eval_acc"] for r in recs if r.get("eval_acc") is not None]
+        last = recs[-1] if recs else {}
+        up = sum(r.get("bytes_up_total", 0) for r in recs) / 1e6
+        down = sum(r.get("bytes_down_total", 0) for r in recs) / 1e6
+        mr = float(np.mean(last.get("client_ranks", [0]))) if recs else 0.0
+        rej = sum(r.get("num_rejected", 0) for r in recs)
+        wall = sum(r.get("wall_time", 0.0) for r in recs)
+        fin = f"{100 * accs[-1]:.2f}" if accs else "-"
+        best = f"{100 * max(accs):.2f}" if accs else "-"
+        lines.append(f"| {label} | {fin} | {best} | {len(recs)} | {up:.2f} | {down:.2f} | {mr:.2f} | {rej} | "
+                     f"{wall:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_runs(run_dirs: Sequence[str | Path], out_dir: str | Path | None = None,
+              prefix: str = "") -> list[Path]:
+    """All plots for the given runs into ``out_dir`` (default: the first run's directory):
+    ``accuracy.png``, ``comm_vs_accuracy.png`` and one ``ranks_<run>.png`` per run, plus
+    ``comparison.md`` when more than one run is given."""
+    dirs = [Path(d) for d in run_dirs]
+    out = Path(out_dir) if out_dir is not None else dirs[0]
+    out.mkdir(parents=True, exist_ok=True)
+    runs = {}
+    for d in dirs:
+        label = _label(d, read_config(d))
+        if label in runs:
+            label = str(d)
+        runs[label] = read_metrics(d)
+    written = [plot_accuracy(runs, out / f"{prefix}accuracy.png"),
+               plot_comm_vs_accuracy(runs, out / f"{prefix}comm_vs_accuracy.png")]
+    for label, recs in runs.items():
+        if recs:
+            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
+            written.append(plot_rank_histogram(recs, out / f"{prefix}ranks_{safe}.png", title=f"ranks: {label}"))
+    if len(runs) > 1:
+        p = out / f"{prefix}comparison.md"
+        p.write_text(comparison_table(runs))
+        written.append(p)
+    return written

@@ -1,0 +1,516 @@
+"""`Simulation`: N clients, K sampled per round, one strategy, on one device.
+
+``Simulation(config).run() -> History`` writes a run directory::
+
+    <out_dir>/<run_name>/
+        config.json, config.yaml     the resolved configuration
+        metrics.jsonl                one JSON record per round (see `Simulation.run_round`)
+        checkpoints/                 atomic safetensors + JSON (`hetlora.fl.checkpoint`)
+        adapters/global, client_<k>  peft adapter directories (+ head.safetensors)
+        *.png                        plots (`hetlora.fl.report`)
+
+Every random choice is a pure function of ``(seed, round, client)``: client sampling,
+mini-batches, fresh LoRA inits.  So concurrent and sequential modes see the same data,
+and a run resumed from a checkpoint continues exactly as the uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
+from .config import FedConfig
+from .local import ClientTask, FedModel, TokenData, evaluate, train_round
+from .strategies import ClientUpdate, GlobalState, Strategy, client_generator, make_strategy, validate_update
+
+__all__ = ["Simulation", "History", "FedData", "synthetic_data", "tiny_bert", "assign_ranks"]
+
+log = logging.getLogger("hetlora.fl")
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class FedData:
+    """Tokenised data split over clients.
+
+    Attributes:
+        train: all training examples.  test: the global evaluation subset.
+        num_classes: C.  clients: per client ``(train_idx, holdout_idx)`` int64 arrays into
+        ``train``.  label_names: C names.
+    """
+
+    train: TokenData
+    test: TokenData
+    num_classes: int
+    clients: list[tuple[np.ndarray, np.ndarray]]
+    label_names: list[str] = field(default_factory=list)
+
+
+@dataclass
+class History:
+    """Per-round records of a run (the lines of ``metrics.jsonl``)."""
+
+    config: FedConfig
+    run_dir: Path
+    records: list[dict] = field(default_factory=list)
+
+    @property
+    def accuracies(self) -> list[tuple[int, float]]:
+        return [(r["round"], r["eval_acc"]) for r in self.records if r.get("eval_acc") is not None]
+
+    @property
+    def final_accuracy(self) -> float | None:
+        acc = self.accuracies
+        return acc[-1][1] if acc else None
+
+    @property
+    def wall_time(self) -> float:
+        return float(sum(r.get("wall_time", 0.0) for r in self.records))
+
+
+# ---------------------------------------------------------------------------------------------
+# building blocks
+# ---------------------------------------------------------------------------------------------
+def tiny_bert(seed: int = 0, vocab_size: int = 64, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A tiny random BERT encoder (hidden 32, 2 layers, 2 heads): no download."""
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=37, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        m = BertModel(cfg, add_pooling_layer=False)
+    return m.to(dtype).eval()
+
+
+def synthetic_data(seed: int = 0, num_train: int = 400, num_test: int = 100, num_classes: int = 4,
+                   length: int = 16, vocab_size: int = 64) -> tuple[TokenData, TokenData, int]:
+    """Learnable synthetic token data: class ``c`` draws half its tokens from its own
+    8-token band of the vocabulary, the rest uniformly; lengths vary (padding id 0)."""
+    rng = np.random.default_rng([seed, 99])
+
+    def make(n):
+        y = rng.integers(0, num_classes, n)
+        ids = np.zeros((n, length), dtype=np.int64)
+        mask = np.zeros((n, length), dtype=np.int64)
+        for i in range(n):
+            L = int(rng.integers(length // 2, length + 1))
+            band = 4 + 8 * (y[i] % ((vocab_size - 4) // 8)) + rng.integers(0, 8, L)
+            unif = rng.integers(4, vocab_size, L)
+            tok = np.where(rng.random(L) < 0.5, band, unif)
+            tok[0] = 2  # a CLS-like token
+            ids[i, :L] = tok
+            mask[i, :L] = 1
+        return TokenData(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(y.astype(np.int64)))
+
+    return make(num_train), make(num_test), num_classes
+
+
+def assign_ranks(config: FedConfig) -> np.ndarray:
+    """``[N]`` int64 device ranks by ``config.rank_rule`` (seeded)."""
+    N = config.num_clients
+    rng = np.random.default_rng([config.seed, 31337])
+    if config.rank_rule == "list":
+        return np.asarray(config.ranks, dtype=np.int64)
+    if config.rank_rule == "uniform":
+        return rng.integers(config.r_min, config.r_max + 1, N).astype(np.int64)
+    fracs = np.array([t[0] for t in config.tiers])
+    counts = np.floor(fracs * N).astype(int)
+    for i in np.argsort(-(fracs * N - counts))[: N - counts.sum()]:
+        counts[i] += 1
+    ranks = np.concatenate([np.full(c, config.tier_rank(i)) for i, c in enumerate(counts)])
+    return rng.permutation(ranks).astype(np.int64)
+
+
+def _load_encoder(config: FedConfig) -> tuple[nn.Module, str, object | None]:
+    """(encoder, name_or_path, tokenizer or None)."""
+    dtype = _DTYPES[config.dtype]
+    if config.model == "tiny-random-bert":
+        return tiny_bert(config.seed, dtype=dtype), "tiny-random-bert", None
+    from transformers import AutoModel, AutoTokenizer
+
+    if config.model == "minilm":
+        from .data import default_model_path
+
+        path = str(default_model_path())
+    else:
+        path = config.model
+    try:
+        enc = AutoModel.from_pretrained(path, add_pooling_layer=False)  # the pooler is unused (mean pooling)
+    except TypeError:
+        enc = AutoModel.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    return enc.to(dtype).eval(), path, tok
+
+
+def _prepare_data(config: FedConfig, tokenizer, vocab_size: int) -> FedData:
+    from . import partition as P
+
+    if config.dataset == "synthetic":
+        train, test, C = synthetic_data(config.seed, vocab_size=vocab_size)
+        names = [f"class{i}" for i in range(C)]
+        natural = None
+    else:
+        from .data import client_labels_natural, load_text_dataset, tokenize_cached
+
+        d = load_text_dataset(config.dataset, text_column=config.text_column, label_column=config.label_column,
+                              test_fraction=config.test_fraction, seed=config.seed)
+        if tokenizer is None:
+            raise ValueError(f"model={config.model!r} has no tokenizer; real datasets need a pretrained model")
+        key = Path(str(d.name)).name.replace(":", "_")
+        tr = tokenize_cached(d.train_texts, tokenizer, config.max_length, f"{key}-train")
+        te = tokenize_cached(d.test_texts, tokenizer, config.max_length, f"{key}-test")
+        train = TokenData(tr["input_ids"], tr["attention_mask"], torch.from_numpy(d.train_labels))
+        test = TokenData(te["input_ids"], te["attention_mask"], torch.from_numpy(d.test_labels))
+        C, names = d.num_classes, list(d.label_names)
+        natural = client_labels_natural(d)
+    labels = train.labels.numpy()
+    if config.partition == "dirichlet":
+        parts = P.dirichlet_partition(labels, config.num_clients, config.dirichlet_alpha, config.seed, min_size=2)
+    elif config.partition == "iid":
+        parts = P.iid_partition(len(labels), config.num_clients, config.seed)
+    else:
+        if natural is None:
+            raise ValueError(f"FedConfig.partition: dataset {config.dataset!r} has no natural clients")
+        parts = P.natural_partition(natural)
+        if len(parts) != config.num_clients:
+            raise ValueError(f"FedConfig.num_clients: the natural split of {config.dataset!r} has "
+                             f"{len(parts)} clients, got {config.num_clients}")
+    clients = [P.split_holdout(p, config.holdout_fraction, config.seed * 100003 + k) for k, p in enumerate(parts)]
+    if config.eval_samples and config.eval_samples < len(test):
+        idx = np.sort(np.random.default_rng([config.seed, 4242]).choice(len(test), config.eval_samples, replace=False))
+        test = test.subset(idx)
+    return FedData(train, test, C, clients, names)
+
+
+def _elt_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+# ---------------------------------------------------------------------------------------------
+class Simulation:
+    """One federated run.
+
+    Args:
+        config: `FedConfig`.
+        data: optional pre-built `FedData` (tests); otherwise built from ``config.dataset``.
+        encoder: optional encoder module (tests); otherwise loaded from ``config.model``.
+        verbose: print one line per round (and show a progress bar if ``config.progress``).
+
+    Attributes (after `setup`): ``fm`` (`FedModel`), ``strategy``, ``state``
+    (`GlobalState`), ``client_ranks [N]``, ``data`` (`FedData`).
+    ``update_hook``: optional ``fn(round, list[ClientUpdate]) -> list[ClientUpdate]`` applied
+    to the clients' replies before validation (fault injection in tests).
+    """
+
+    def __init__(self, config: FedConfig, *, data: FedData | None = None, encoder: nn.Module | None = None,
+                 verbose: bool = True) -> None:
+        self.config = config.validate()
+        self._data, self._encoder = data, encoder
+        self.verbose = verbose
+        self.update_hook: Callable[[int, list[ClientUpdate]], list[ClientUpdate]] | None = None
+        self.fm: FedModel | None = None
+        self.strategy: Strategy = make_strategy(config)
+        self.state: GlobalState | None = None
+        self.client_ranks: np.ndarray | None = None
+        self.data: FedData | None = None
+        self.model_name = config.model
+        self.tokenizer = None
+
+    @property
+    def run_dir(self) -> Path:
+        return self.config.run_dir
+
+    # -- setup -------------------------------------------------------------------------------------
+    def build_model(self) -> FedModel:
+        cfg = self.config
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        if self._encoder is not None:
+            enc = self._encoder.to(_DTYPES[cfg.dtype])
+        else:
+            enc, self.model_name, self.tokenizer = _load_encoder(cfg)
+        enc = enc.to(cfg.device)
+        self.fm = FedModel(enc, cfg.target_modules, dropout=cfg.lora_dropout)
+        return self.fm
+
+    def init_state(self, num_classes: int) -> GlobalState:
+        fm, cfg = self.fm, self.config
+        g = client_generator(cfg.seed, 0, 0, 1)
+        bound = 1.0 / math.sqrt(fm.hidden)
+        head_W = ((torch.rand(num_classes, fm.hidden, generator=g, dtype=torch.float64) * 2 - 1) * bound)
+        head_W = head_W.to(device=fm.device, dtype=fm.dtype)
+        head_b = torch.zeros(num_classes, dtype=fm.dtype, device=fm.device)
+        W, b = fm.base_weights()
+        self.state = self.strategy.init_global(fm.dims, head_W, head_b, g, base_weights=W, base_biases=b)
+        return self.state
+
+    def setup(self) -> None:
+        cfg = self.config
+        if self.fm is None:
+            self.build_model()
+        if self.data is None:
+            if self._data is not None:
+                self.data = self._data
+            else:
+                vocab = int(getattr(self.fm.encoder.config, "vocab_size", 64))
+                self.data = _prepare_data(cfg, self.tokenizer, vocab)
+        if len(self.data.clients) != cfg.num_clients:
+            raise ValueError(f"FedConfig.num_clients: the data has {len(self.data.clients)} clients, "
+                             f"got {cfg.num_clients}")
+        self.client_ranks = assign_ranks(cfg)
+        self.init_state(self.data.num_classes)
+
+    # -- one round ---------------------------------------------------------------------------------
+    def sample_clients(self, round_idx: int) -> np.ndarray:
+        rng = np.random.default_rng([self.config.seed, round_idx, 0x5A])
+        return np.sort(rng.choice(self.config.num_clients, self.config.clients_per_round, replace=False))
+
+    def _steps(self, n: int) -> int:
+        cfg = self.config
+        if cfg.local_epochs is None:
+            return cfg.local_steps
+        return int(min(cfg.local_steps, max(1, math.ceil(cfg.local_epochs * n / cfg.batch_size))))
+
+    def run_round(self, round_idx: int, progress=None) -> dict:
+        """Train, validate, aggregate and (maybe) evaluate round ``round_idx`` (1-based).
+
+        Returns the metrics record: round, clients, ranks_received / ranks_sent (per sampled
+        client), client_ranks (all N after pruning), train_loss (mean over accepted clients)
+        and client_losses, bytes_down / bytes_up per client and totals, rejected
+        ``[{client, reason}]`` and num_rejected, eval_acc / eval_loss (evaluation rounds),
+        client_acc (mean local held-out accuracy), wall_time (s).
+        """
+        cfg, fm, strat = self.config, self.fm, self.strategy
+        t0 = time.perf_counter()
+        chosen = self.sample_clients(round_idx)
+        tasks = []
+        for c in chosen:
+            tr, ho = self.data.clients[c]
+            r = min(strat.client_rank(int(self.client_ranks[c])), max(strat.global_rank, 1))
+            tasks.append(ClientTask(int(c), int(r), tr, ho, self._steps(len(tr))))
+        is_eval = round_idx % cfg.eval_every == 0 or round_idx == cfg.rounds
+        on_step = (lambda n: progress.update(n)) if progress is not None else None
+        updates, down = train_round(fm, strat, self.state, tasks, self.data.train, cfg, round_idx,
+                                    local_eval=is_eval, on_step=on_step)
+        if self.update_hook is not None:
+            updates = self.update_hook(round_idx, updates)
+
+        head_shape = tuple(self.state.head_W.shape)
+        accepted, rejected = [], []
+        for u in updates:
+            try:
+                reason = validate_update(u, fm.dims, cfg.r_max, head_shape, full=strat.full_finetune)
+            except Exception as e:  # a malformed object must not end the round either
+                reason = f"malformed update: {e}"
+            if reason is None:
+                accepted.append(u)
+            else:
+                rejected.append({"client": int(u.client_id), "reason": reason})
+                log.warning("round %d: rejected the update of client %d: %s", round_idx, u.client_id, reason)
+        for u in accepted:
+            self.client_ranks[u.client_id] = u.rank  # a pruned rank sticks
+        self.state = strat.aggregate(self.state, accepted)
+
+        eb = _elt_bytes(fm.dtype)
+        head_params = head_shape[0] * (head_shape[1] + 1)
+        bytes_down = {int(t.client_id): int((d + head_params) * eb) for t, d in zip(tasks, down)}
+        bytes_up = {int(u.client_id): int((strat.params_up(u, fm.dims) + head_params) * eb)
+                    for u in updates if isinstance(u.rank, int) and not isinstance(u.rank, bool)}
+        losses = [u.train_loss for u in accepted]
+        rec: dict = {
+            "round": round_idx,
+            "strategy": strat.name,
+            "clients": [int(c) for c in chosen],
+            "ranks_received": [t.rank for t in tasks],
+            "ranks_sent": [int(u.rank) if isinstance(u.rank, int) else None for u in updates],
+            "client_ranks": [int(r) for r in self.client_ranks],
+            "train_loss": float(np.mean(losses)) if losses else None,
+            "client_losses": {int(u.client_id): u.train_loss for u in accepted},
+            "bytes_down": bytes_down,
+            "bytes_up": bytes_up,
+            "bytes_down_total": int(sum(bytes_down.values())),
+            "bytes_up_total": int(sum(bytes_up.values())),
+            "rejected": rejected,
+            "num_rejected": len(rejected),
+            "num_accepted": len(accepted),
+            "global_rank": self.state.rank,
+        }
+        if is_eval:
+            acc, loss = evaluate(fm, self.state, self.data.test, cfg.eval_batch_size)
+            rec["eval_acc"], rec["eval_loss"] = acc, loss
+            loc = [(u.local_acc, u.local_n) for u in accepted if u.local_acc is not None and u.local_n]
+            if loc:
+                rec["client_acc"] = float(sum(a * n for a, n in loc) / sum(n for _, n in loc))
+        rec["wall_time"] = time.perf_counter() - t0
+        return rec
+
+    # -- the run -------------------------------------------------------------------------------------
+    def _write_config(self) -> None:
+        d = self.run_dir
+        d.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(d / "config.json", (self.config.to_json() + "\n").encode())
+        atomic_write_bytes(d / "config.yaml", self.config.to_yaml().encode())
+
+    def run(self, resume: bool = False) -> History:
+        """Run all rounds (continuing from the latest checkpoint with ``resume``); returns the History."""
+        cfg = self.config
+        if self.state is None:
+            self.setup()
+        d = self.run_dir
+        d.mkdir(parents=True, exist_ok=True)
+        metrics = d / "metrics.jsonl"
+        history = History(cfg, d)
+        start = 1
+        if resume:
+            ck = load_checkpoint(d, device=self.fm.device)
+            if ck is not None:
+                last, state, ranks, _ = ck
+                self.state = GlobalState(
+                    [a.to(self.fm.dtype) for a in state.A], [b.to(self.fm.dtype) for b in state.B], state.scaling,
+                    state.head_W.to(self.fm.dtype), state.head_b.to(self.fm.dtype),
+                    None if state.base_weights is None else [w.to(self.fm.dtype) for w in state.base_weights],
+                    state.base_biases, state.stacked, state.stack_rank)
+                self.client_ranks = ranks
+                start = last + 1
+                if metrics.exists():
+                    keep = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+                    history.records = [r for r in keep if r["round"] <= last]
+                self._say(f"resuming {cfg.name} after round {last}")
+        self._write_config()
+        atomic_write_bytes(metrics, "".join(json.dumps(r) + "\n" for r in history.records).encode())
+
+        total_steps = sum(self._steps(len(tr)) for tr, _ in self.data.clients) * cfg.clients_per_round \
+            / max(cfg.num_clients, 1)
+        elapsed = sum(r.get("wall_time", 0.0) for r in history.records)
+        cum_up = history.records[-1]["cum_bytes_up"] if history.records else 0
+        cum_down = history.records[-1]["cum_bytes_down"] if history.records else 0
+        for rnd in range(start, cfg.rounds + 1):
+            bar = None
+            if self.verbose and cfg.progress:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=int(round(total_steps)), desc=f"{cfg.strategy} round {rnd}/{cfg.rounds}",
+                           unit="client-step", leave=False)
+            try:
+                rec = self.run_round(rnd, bar)
+            finally:
+                if bar is not None:
+                    bar.close()
+            elapsed += rec["wall_time"]
+            cum_up += rec["bytes_up_total"]
+            cum_down += rec["bytes_down_total"]
+            rec["elapsed"], rec["cum_bytes_up"], rec["cum_bytes_down"] = elapsed, cum_up, cum_down
+            history.records.append(rec)
+            with open(metrics, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            self._say(self._line(rec))
+            if (cfg.checkpoint_every and rnd % cfg.checkpoint_every == 0) or rnd == cfg.rounds:
+                save_checkpoint(d, rnd, self.state, self.client_ranks, {"strategy": cfg.strategy})
+        if start <= cfg.rounds or not (d / "adapters").exists():
+            try:
+                self.export_adapters()
+            except Exception as e:  # exports are a convenience: never lose a finished run to them
+                log.warning("adapter export failed: %s", e)
+            try:
+                from .report import plot_runs
+
+                if cfg.plots:
+                    plot_runs([d])
+            except Exception as e:
+                log.warning("plotting failed: %s", e)
+        return history
+
+    def _line(self, rec: dict) -> str:
+        cfg = self.config
+        acc = f"acc {100 * rec['eval_acc']:5.1f}%  loss {rec['eval_loss']:.3f}" if "eval_acc" in rec else "acc   -  "
+        tl = f"{rec['train_loss']:.3f}" if rec["train_loss"] is not None else "-"
+        ranks = [r for r in rec["ranks_sent"] if r]
+        rr = f"{min(ranks)}..{max(ranks)}" if ranks else "-"
+        rej = f"  rejected {rec['num_rejected']}" if rec["num_rejected"] else ""
+        return (f"[{cfg.strategy}] round {rec['round']:3d}/{cfg.rounds}  {acc}  train_loss {tl}  ranks {rr}  "
+                f"up {rec['bytes_up_total'] / 1e6:.2f} MB  {rec['wall_time']:.1f}s (total {rec['elapsed']:.0f}s){rej}")
+
+    def _say(self, msg: str) -> None:
+        if self.verbose:
+            try:
+                from tqdm.auto import tqdm
+
+                tqdm.write(msg)
+            except Exception:
+                print(msg, flush=True)
+
+    # -- export ----------------------------------------------------------------------------------------
+    def export_adapters(self, out: str | Path | None = None, clients: list[int] | None = None) -> list[Path]:
+        """Write the global adapter (and a few clients') as peft directories, each with the
+        classifier head in ``head.safetensors``; for strategies that change the base
+        (FLoRA, FullFT) also ``target_weights.safetensors`` with the target layers' weights."""
+        from safetensors.torch import save_file
+
+        out = Path(out) if out is not None else self.run_dir / "adapters"
+        out.mkdir(parents=True, exist_ok=True)
+        written = [self.export_global(out / "global")]
+        if clients is None:
+            n = min(self.config.export_clients, self.config.num_clients)
+            clients = [int(c) for c in np.random.default_rng([self.config.seed, 777]).choice(
+                self.config.num_clients, n, replace=False)] if n else []
+        for c in clients:
+            written.append(self.export_client(c, out / f"client_{c}"))
+        if self.state.base_weights is not None:
+            t = {f"{name}.weight": w.detach().cpu().contiguous() for name, w in
+                 zip(self.fm.layer_names, self.state.base_weights)}
+            save_file(t, str(out / "target_weights.safetensors"))
+        return written
+
+    def _export_slot(self, A, B, rank: int, scaling: float, path: Path) -> Path:
+        from safetensors.torch import save_file
+
+        from hetlora_kernels import AdapterLayout
+
+        self.fm.set_adapters(A, B, AdapterLayout([rank]), [scaling])
+        base = self.model_name if self.model_name not in ("tiny-random-bert",) else None
+        p = self.fm.mlm.export_peft(0, path, base_model_name_or_path=base)
+        save_file({"weight": self.state.head_W.detach().cpu().contiguous(),
+                   "bias": self.state.head_b.detach().cpu().contiguous()}, str(Path(p) / "head.safetensors"))
+        return Path(p)
+
+    def export_global(self, path: str | Path) -> Path:
+        """The global adapter (rank ``state.rank``) as a peft directory."""
+        if self.state.base_weights is not None:
+            self.fm.set_base(self.state.base_weights, self.state.base_biases)
+        return self._export_slot(self.state.A, self.state.B, self.state.rank, self.state.scaling, Path(path))
+
+    def export_client(self, client: int, path: str | Path) -> Path:
+        """Client ``client``'s adapter: what the server would send it now (its current rank)."""
+        if not 0 <= client < self.config.num_clients:
+            raise ValueError(f"client must lie in [0, {self.config.num_clients - 1}], got {client}")
+        r = min(self.strategy.client_rank(int(self.client_ranks[client])), max(self.strategy.global_rank, 1))
+        dist = self.strategy.distribute(self.state, [client], [r], self.config.rounds + 1)
+        return self._export_slot(dist.A, dist.B, r, dist.scalings[0], Path(path))
+
+    @classmethod
+    def from_run_dir(cls, run_dir: str | Path, verbose: bool = False) -> Simulation:
+        """Rebuild a finished (or interrupted) run's model and latest state from its directory
+        (no data is loaded).  Raises ``FileNotFoundError`` if it has no checkpoint."""
+        run_dir = Path(run_dir)
+        cfg = FedConfig.from_json(run_dir / "config.json")
+        cfg.out_dir, cfg.run_name = str(run_dir.parent), run_dir.name
+        sim = cls(cfg, verbose=verbose)
+        sim.build_model()
+        ck = load_checkpoint(run_dir, restore_rng=False, device=sim.fm.device)
+        if ck is None:
+            raise FileNotFoundError(f"{run_dir} holds no checkpoint (checkpoints/latest.json)")
+        _, sim.state, sim.client_ranks, _ = ck
+        return sim

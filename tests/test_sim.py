@@ -1,0 +1,165 @@
+"""Simulation end to end on a tiny random BERT: outputs, validation of updates, resume, config errors."""
+
+import json
+
+import pytest
+import torch
+
+from hetlora.fl import FedConfig, Simulation
+from hetlora.fl.checkpoint import load_checkpoint
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny tensors: one intra-op thread is fastest, and it avoids OpenMP stalls on a busy machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(model="tiny-random-bert", dataset="synthetic", num_clients=6, clients_per_round=3, rounds=2,
+                local_steps=2, batch_size=4, r_min=1, r_max=4, max_length=16, eval_samples=24, progress=False,
+                client_eval_samples=4,
+                lr=1e-2, head_lr=1e-2, out_dir=str(tmp_path), run_name="run", checkpoint_every=1,
+                export_clients=1, plots=False, tiers=[[0.5, "min"], [0.5, "max"]], target_modules=["query", "value"])
+    base.update(kw)
+    return FedConfig(**base)
+
+
+def test_two_round_run_writes_outputs(tmp_path):
+    hist = Simulation(_cfg(tmp_path, plots=True), verbose=False).run()
+    d = tmp_path / "run"
+    recs = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in recs] == [1, 2] and len(hist.records) == 2
+    for r in recs:
+        assert {"train_loss", "eval_acc", "eval_loss", "client_ranks", "bytes_up", "bytes_down", "wall_time",
+                "num_rejected"} <= set(r)
+        assert 0.0 <= r["eval_acc"] <= 1.0 and len(r["client_ranks"]) == 6
+        assert all(v > 0 for v in r["bytes_up"].values())
+    assert FedConfig.from_json(d / "config.json") == _cfg(tmp_path, plots=True)
+    ck = load_checkpoint(d, restore_rng=False)
+    assert ck is not None and ck[0] == 2
+    assert (d / "adapters" / "global" / "adapter_config.json").exists()
+    assert (d / "accuracy.png").exists() and (d / "ranks_run.png").exists()
+
+
+def test_exported_global_adapter_loads_in_peft(tmp_path):
+    from peft import PeftModel
+
+    from hetlora.fl.sim import tiny_bert
+
+    sim = Simulation(_cfg(tmp_path, rounds=1), verbose=False)
+    sim.run()
+    path = tmp_path / "run" / "adapters" / "global"
+    base = tiny_bert(0)
+    pm = PeftModel.from_pretrained(base, str(path))
+    ids = torch.randint(4, 60, (2, 10))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        ref = sim.fm.features(ids, mask, torch.zeros(2, dtype=torch.int64))
+        out = pm(input_ids=ids, attention_mask=mask).last_hidden_state.mean(1)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_updates_are_rejected_and_the_round_goes_on(tmp_path):
+    sim = Simulation(_cfg(tmp_path, rounds=1, clients_per_round=5), verbose=False)
+
+    def corrupt(rnd, ups):
+        ups[0].A[0][0, 0] = float("nan")
+        ups[1].B[1] = torch.zeros(ups[1].rank, 7)
+        ups[2].rank = 99
+        return ups
+
+    sim.update_hook = corrupt
+    hist = sim.run()
+    rec = hist.records[0]
+    assert rec["num_rejected"] == 3 and rec["num_accepted"] == 2
+    reasons = {r["client"]: r["reason"] for r in rec["rejected"]}
+    assert "non-finite" in reasons[rec["clients"][0]]
+    assert "shape" in reasons[rec["clients"][1]]
+    assert "outside" in reasons[rec["clients"][2]]
+    assert all(torch.isfinite(t).all() for t in sim.state.A + sim.state.B + [sim.state.head_W])
+    assert rec["eval_acc"] is not None
+
+
+def test_all_updates_rejected_keeps_the_global_state(tmp_path):
+    sim = Simulation(_cfg(tmp_path, rounds=1), verbose=False)
+    sim.setup()
+    before = [t.clone() for t in sim.state.A + sim.state.B]
+
+    def kill(rnd, ups):
+        for u in ups:
+            u.head_b[0] = float("inf")
+        return ups
+
+    sim.update_hook = kill
+    rec = sim.run_round(1)
+    assert rec["num_accepted"] == 0 and rec["num_rejected"] == 3
+    for a, b in zip(before, sim.state.A + sim.state.B):
+        assert torch.equal(a, b)
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("strategy", ["hetlora", "flexlora"])
+def test_resume_gives_the_uninterrupted_result(tmp_path, strategy):
+    full = Simulation(_cfg(tmp_path / "a", rounds=3, strategy=strategy, lam=0.5, gamma=0.6), verbose=False)
+    full.run()
+
+    crashed = Simulation(_cfg(tmp_path / "b", rounds=3, strategy=strategy, lam=0.5, gamma=0.6), verbose=False)
+
+    def die(rnd, ups):
+        if rnd == 3:
+            raise _Crash("killed")
+        return ups
+
+    crashed.update_hook = die
+    with pytest.raises(_Crash):
+        crashed.run()
+    assert load_checkpoint(tmp_path / "b" / "run", restore_rng=False)[0] == 2
+    resumed = Simulation(_cfg(tmp_path / "b", rounds=3, strategy=strategy, lam=0.5, gamma=0.6), verbose=False)
+    hist = resumed.run(resume=True)
+    assert [r["round"] for r in hist.records] == [1, 2, 3]
+    for x, y in zip(full.state.A + full.state.B + [full.state.head_W], resumed.state.A + resumed.state.B
+                    + [resumed.state.head_W]):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    assert list(full.client_ranks) == list(resumed.client_ranks)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("strategy", "fedprox"), ("gamma", 1.0), ("lam", -1.0), ("r_max", 0), ("clients_per_round", 100),
+    ("dirichlet_alpha", 0.0), ("mode", "parallel"), ("scaling_rule", "alpha"), ("tiers", [[0.5, 2]]),
+    ("ranks", [1, 2]), ("batch_size", 0), ("lr", float("nan")), ("aggregation", "global"), ("partition", "x"),
+])
+def test_config_errors_name_the_field(field, value):
+    with pytest.raises(ValueError, match=rf"FedConfig\.{field}"):
+        FedConfig(**{field: value})
+
+
+def test_config_roundtrip_json_yaml(tmp_path):
+    cfg = FedConfig(strategy="flexlora", tiers="0.6:min,0.4:max", target_modules="query,key")
+    assert cfg.tiers == [[0.6, "min"], [0.4, "max"]] and cfg.target_modules == ["query", "key"]
+    cfg.to_yaml(tmp_path / "c.yaml")
+    cfg.to_json(tmp_path / "c.json")
+    assert FedConfig.load(tmp_path / "c.yaml") == cfg == FedConfig.load(tmp_path / "c.json")
+    with pytest.raises(ValueError, match="unknown field"):
+        FedConfig.from_dict({"rounds": 2, "bogus": 1})
+
+
+def test_pruned_ranks_stick_across_rounds(tmp_path):
+    sim = Simulation(_cfg(tmp_path, num_clients=3, clients_per_round=3, rounds=3, lam=5.0, gamma=0.5, r_min=1,
+                          rank_rule="list", ranks=[4, 4, 2], local_steps=3, eval_every=10), verbose=False)
+    hist = sim.run()
+    r1, r2, r3 = hist.records
+    # round 1: B starts at zero, the tail product at receipt is 0 and cannot fall below it
+    assert r1["ranks_sent"] == r1["ranks_received"] == [4, 4, 2]
+    pruned = [k for k in range(3) if r2["ranks_sent"][k] < r2["ranks_received"][k]]
+    assert pruned, "a strong regulariser must make some client prune in round 2"
+    for k in pruned:
+        assert r2["ranks_sent"][k] == max(1, int(0.5 * r2["ranks_received"][k]))
+        assert r2["client_ranks"][r2["clients"][k]] == r2["ranks_sent"][k]
+        assert r3["ranks_received"][k] == r2["ranks_sent"][k]  # the new rank sticks
