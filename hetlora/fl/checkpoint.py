@@ -105,9 +105,28 @@ def load_checkpoint(run_dir: str | Path, restore_rng: bool = True,
     d = Path(run_dir) / CKPT_DIR
     latest = d / LATEST
     if not latest.exists():
+        stray = sorted(d.glob("round_*.safetensors")) if d.is_dir() else []
+        if stray:
+            # round files without their index: starting over would silently discard them
+            raise ValueError(
+                f"checkpoint index {latest} is missing but {d} holds {len(stray)} round file(s) "
+                f"(latest {stray[-1].name}); restore {LATEST} or remove the directory to start over"
+            )
         return None
-    meta = json.loads(latest.read_text())
-    t = load_file(str(d / meta["file"]), device="cpu")
+    try:
+        meta = json.loads(latest.read_text())
+        fname = meta["file"]
+        if not isinstance(fname, str) or Path(fname).name != fname:
+            raise ValueError(f"'file' must be a file name in {d}, got {fname!r}")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"checkpoint index {latest} is unreadable or corrupt ({e}); "
+                         f"the tensor files in {d} are kept") from None
+    try:
+        # cloned: load_file may map the file, and the run must not depend on it staying put
+        t = {k: v.clone() for k, v in load_file(str(d / fname), device="cpu").items()}
+    except Exception as e:  # safetensors raises its own SafetensorError (not a ValueError)
+        raise ValueError(f"checkpoint {d / fname} is unreadable, truncated or not a safetensors file ({e}); "
+                         f"an earlier round_*.safetensors in {d} may still be usable") from None
     ranks = t.pop("client_ranks").numpy().astype(np.int64)
     rng = t.pop("torch_rng")
     state = GlobalState.from_tensors({k: v.to(device) for k, v in t.items()}, meta["state"])
