@@ -286,3 +286,28 @@ def test_flexlora_fallback_matches_the_kernel_path(monkeypatch):
             rows = ref.layout.rows(j)
             torch.testing.assert_close(fb.B[l][rows].t() @ fb.A[l][rows], ref.B[l][rows].t() @ ref.A[l][rows],
                                        rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("granularity", ["layer", "client"])
+def test_norm_cap_bounds_a_scaled_malicious_update(granularity):
+    ups = _updates(ranks=(2, 3, 4, 3, 2), ns=(10, 30, 20, 15, 25))
+    ups[2].B = [b * 100.0 for b in ups[2].B]  # a client inflates its update 100x
+    norms = torch.tensor([[torch.linalg.matrix_norm(u.B[l].t() @ u.A[l]).item() for u in ups]
+                          for l in range(len(DIMS))], dtype=torch.float64)
+    if granularity == "client":
+        norms = norms.sum(0, keepdim=True)
+    As = [torch.cat([u.A[l] for u in ups]) for l in range(len(DIMS))]
+    Bs = [torch.cat([u.B[l] for u in ups]) for l in range(len(DIMS))]
+    layout = AdapterLayout([u.rank for u in ups])
+    plain = HetLoRA(_cfg(aggregation=granularity)).aggregation_weights(ups, As, Bs, layout)
+    assert plain.max() > 0.9  # without the cap the inflated client owns the aggregate
+    w = HetLoRA(_cfg(aggregation=granularity, norm_cap=2.0)).aggregation_weights(ups, As, Bs, layout)
+    w = w.reshape(-1, len(ups))
+    for row, n in zip(w, norms):
+        med = n.median()
+        clipped = torch.minimum(n, 2.0 * med)
+        torch.testing.assert_close(row, clipped / clipped.sum())  # the rule, written out
+        assert row[2] <= 2.0 * med / clipped.sum() + 1e-12  # at most its capped share
+        assert row[2] < 0.5
+    with pytest.raises(ValueError, match="norm_cap"):
+        _cfg(norm_cap=0.0).validate()

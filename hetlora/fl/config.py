@@ -79,6 +79,10 @@ class FedConfig:
     """HetLoRA sparsity weights per layer ("layer") or per client summed over layers ("client")."""
     prune: bool = True
     """HetLoRA rank self-pruning on/off (ablation)."""
+    norm_cap: float | None = None
+    """HetLoRA robust weighting, off by default (paper fidelity): clip each client's ||ΔW_k||_F to
+    norm_cap x the round's median before the sparsity weights are formed, so one client cannot
+    take a large share of the aggregate by scaling its update."""
 
     # -- model ----------------------------------------------------------------------------
     model: str = "minilm"
@@ -213,6 +217,8 @@ class FedConfig:
         self._float("gamma", 0.0, 1.0, lo_open=True, hi_open=True)
         self._float("lam", 0.0)
         self._choice("aggregation", AGGREGATIONS)
+        if self.norm_cap is not None:
+            self._float("norm_cap", 0.0, lo_open=True)
         if not isinstance(self.model, str) or not self.model:
             raise self._err("model", "must be a non-empty string")
         tm = self.target_modules

@@ -402,6 +402,9 @@ class HetLoRA(Strategy):
        (`hetlora_kernels.delta_fro_norms`).  ``aggregation="layer"`` (default) uses each
        layer's own norms; ``"client"`` uses one weight per client, the sum over layers.
        If every norm is 0 (no client moved B yet) the weights fall back to data sizes.
+       ``norm_cap`` (off by default) first clips each norm to ``norm_cap x`` the median
+       over the round's clients: norm-proportional weights otherwise let one client take
+       almost all of the aggregate by scaling its update.
 
     What was confirmed, and where a reading had to be chosen:
 
@@ -453,10 +456,15 @@ class HetLoRA(Strategy):
         s = torch.tensor([u.scaling for u in updates], dtype=torch.float64)
         norms = delta_fro_norms(As, Bs, layout, s).double()  # [L, K]
         fallback = data_weights(updates)
+        cap = self.config.norm_cap
         if self.config.aggregation == "client":
             n = norms.sum(0)
+            if cap is not None:
+                n = torch.minimum(n, cap * n.median())
             tot = n.sum()
             return n / tot if tot > 0 else fallback
+        if cap is not None:
+            norms = torch.minimum(norms, cap * norms.median(dim=1, keepdim=True).values)
         tot = norms.sum(1, keepdim=True)
         safe = torch.where(tot > 0, tot, torch.ones_like(tot))
         w = norms / safe
