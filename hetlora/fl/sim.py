@@ -147,10 +147,22 @@ def _load_encoder(config: FedConfig) -> tuple[nn.Module, str, object | None]:
         path = str(default_model_path())
     else:
         path = config.model
+    from transformers.utils import logging as hf_logging
+
+    # without the (unused) pooler transformers prints a load report of "unexpected" pooler
+    # keys on every run; it is expected here, so keep the console for the per-round lines
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
-        enc = AutoModel.from_pretrained(path, add_pooling_layer=False)  # the pooler is unused (mean pooling)
-    except TypeError:
-        enc = AutoModel.from_pretrained(path)
+        try:
+            enc = AutoModel.from_pretrained(path, add_pooling_layer=False)  # the pooler is unused (mean pooling)
+        except TypeError:
+            enc = AutoModel.from_pretrained(path)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     tok = AutoTokenizer.from_pretrained(path)
     return enc.to(dtype).eval(), path, tok
 
