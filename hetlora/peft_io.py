@@ -10,14 +10,13 @@ read: a pickled ``adapter_model.bin`` is refused, never unpickled.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_write
 from .layer import scaling_value
 
 if TYPE_CHECKING:
@@ -37,20 +36,6 @@ def _task_type(model: torch.nn.Module) -> str | None:
     if name.endswith("ForTokenClassification"):
         return "TOKEN_CLS"
     return None
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _check_slot(mlm: MultiLoraModel, k: object) -> int:
@@ -102,8 +87,8 @@ def export_peft(mlm: MultiLoraModel, k: int, path: str | Path, base_model_name_o
             tensors[f"{PREFIX}{name}.{pname}"] = p.detach().clone().contiguous()
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(cfg_dict, indent=2, sort_keys=True)))
+    atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(cfg_dict, indent=2, sort_keys=True)))
     return out
 
 

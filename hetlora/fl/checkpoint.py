@@ -18,9 +18,7 @@ checkpoint intact.  Nothing is unpickled on load (safetensors + JSON only).
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,37 +26,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..atomic import atomic_write, atomic_write_bytes
 from .strategies import GlobalState
 
 __all__ = ["atomic_write_bytes", "save_checkpoint", "load_checkpoint", "CKPT_DIR"]
 
 CKPT_DIR = "checkpoints"
 LATEST = "latest.json"
-
-
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file + fsync + os.replace)."""
-
-    def w(tmp):
-        with open(tmp, "wb") as f:
-            f.write(data)
-
-    _atomic(Path(path), w)
 
 
 def _np_state() -> dict:
@@ -85,7 +59,7 @@ def save_checkpoint(run_dir: str | Path, round_idx: int, state: GlobalState, cli
     tensors["client_ranks"] = torch.as_tensor(np.asarray(client_ranks, dtype=np.int64))
     tensors["torch_rng"] = torch.get_rng_state()
     fname = f"round_{round_idx:04d}.safetensors"
-    _atomic(d / fname, lambda tmp: save_file(tensors, tmp, metadata={"round": str(round_idx)}))
+    atomic_write(d / fname, lambda tmp: save_file(tensors, tmp, metadata={"round": str(round_idx)}))
     meta = {"round": round_idx, "file": fname, "state": state.meta(), "numpy_rng": _np_state(),
             "python_rng": _py_state(), "extra": extra or {}}
     atomic_write_bytes(d / LATEST, json.dumps(meta).encode())
