@@ -39,3 +39,13 @@ def _seed_and_backend():
     hk.set_backend("auto")
     yield
     hk.set_backend("auto")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny-tensor tests: fastest for such shapes, and it
+    avoids OpenMP stalls on a busy machine (opt in with ``pytest.mark.usefixtures``)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

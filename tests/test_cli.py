@@ -3,18 +3,10 @@
 import json
 
 import pytest
-import torch
 
 from hetlora.cli import build_parser, main
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: one intra-op thread is fastest, and it avoids OpenMP stalls on a busy machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = ["--model", "tiny-random-bert", "--dataset", "synthetic", "--num-clients", "4", "--clients-per-round", "2",

@@ -30,12 +30,7 @@ from hetlora.fl.checkpoint import load_checkpoint
 TIMING_FIELDS = {"wall_time", "elapsed"}  # the only metrics allowed to differ between two runs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(out_dir, **kw) -> FedConfig:

@@ -8,14 +8,7 @@ from hetlora.fl import FedConfig, Simulation
 from hetlora.fl.local import ClientAdamW, ClientSampler
 from hetlora.fl.sim import FedData, synthetic_data, tiny_bert
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: one intra-op thread is fastest, and it avoids OpenMP stalls on a busy machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(num_clients=4, seed=0):

@@ -8,14 +8,7 @@ import torch
 from hetlora.fl import FedConfig, Simulation
 from hetlora.fl.checkpoint import load_checkpoint
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: one intra-op thread is fastest, and it avoids OpenMP stalls on a busy machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(tmp_path, **kw):

@@ -20,14 +20,7 @@ from hetlora.fl.strategies import (
 )
 from hetlora_kernels import AdapterLayout
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: one intra-op thread is fastest, and it avoids OpenMP stalls on a busy machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 DIMS = [(5, 6), (5, 7)]
 C, D = 3, 4  # head: classes, features
