@@ -49,24 +49,30 @@ def _label(run_dir: Path, cfg: dict) -> str:
     return cfg.get("run_name") or run_dir.name
 
 
-def plot_accuracy(runs: Mapping[str, Sequence[dict]], path: str | Path, title: str = "") -> Path:
-    """Global test accuracy vs round, one line per run."""
+def _accuracy_lines(runs: Mapping[str, Sequence[dict]], path: str | Path, x_of, xlabel: str, title: str) -> Path:
+    """One line per run of global test accuracy (%) against ``x_of(record)``, over the
+    records that were evaluated (and for which ``x_of`` is defined)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, recs in runs.items():
-        pts = [(r["round"], 100 * r["eval_acc"]) for r in recs if r.get("eval_acc") is not None]
+        pts = [(x_of(r), 100 * r["eval_acc"]) for r in recs if r.get("eval_acc") is not None and x_of(r) is not None]
         if pts:
             x, y = zip(*pts)
             ax.plot(x, y, marker="o", ms=3, label=label)
-    ax.set_xlabel("round")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("global test accuracy (%)")
-    ax.set_title(title or "accuracy vs round")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def plot_accuracy(runs: Mapping[str, Sequence[dict]], path: str | Path, title: str = "") -> Path:
+    """Global test accuracy vs round, one line per run."""
+    return _accuracy_lines(runs, path, lambda r: r["round"], "round", title or "accuracy vs round")
 
 
 def plot_rank_histogram(records: Sequence[dict], path: str | Path, title: str = "") -> Path:
@@ -93,23 +99,13 @@ def plot_rank_histogram(records: Sequence[dict], path: str | Path, title: str = 
 
 def plot_comm_vs_accuracy(runs: Mapping[str, Sequence[dict]], path: str | Path, title: str = "") -> Path:
     """Global test accuracy vs cumulative bytes (up + down), one line per run."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, recs in runs.items():
-        pts = [((r["cum_bytes_up"] + r["cum_bytes_down"]) / 1e6, 100 * r["eval_acc"]) for r in recs
-               if r.get("eval_acc") is not None and "cum_bytes_up" in r]
-        if pts:
-            x, y = zip(*pts)
-            ax.plot(x, y, marker="o", ms=3, label=label)
-    ax.set_xlabel("cumulative communication, up + down (MB)")
-    ax.set_ylabel("global test accuracy (%)")
-    ax.set_title(title or "communication vs accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+
+    def mb(r: dict) -> float | None:
+        return (r["cum_bytes_up"] + r["cum_bytes_down"]) / 1e6 if "cum_bytes_up" in r else None
+
+    return _accuracy_lines(
+        runs, path, mb, "cumulative communication, up + down (MB)", title or "communication vs accuracy"
+    )
 
 
 def comparison_table(runs: Mapping[str, Sequence[dict]]) -> str:

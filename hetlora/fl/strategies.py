@@ -558,6 +558,18 @@ def _pad_rows(ts: list[torch.Tensor], src: AdapterLayout, dst: AdapterLayout) ->
     return out
 
 
+def _base_carrying_state(name, dims, head_W, head_b, base_weights, base_biases) -> GlobalState:
+    """Initial state of a strategy whose global model is the (merged / trained) target-layer
+    weights: a placeholder rank-1 zero adapter plus copies of the base weights and biases."""
+    if base_weights is None:
+        raise ValueError(f"{name} needs the target layers' base weights (base_weights)")
+    dt, dev = head_W.dtype, head_W.device
+    A = [torch.zeros(1, d_in, dtype=dt, device=dev) for d_in, _ in dims]
+    B = [torch.zeros(1, d_out, dtype=dt, device=dev) for _, d_out in dims]
+    return GlobalState(A, B, 1.0, head_W, head_b, [w.clone() for w in base_weights],
+                       [None if b is None else b.clone() for b in (base_biases or [None] * len(dims))])
+
+
 class FLoRA(Strategy):
     """FLoRA (Wang et al., "FLoRA: Federated Fine-Tuning Large Language Models with
     Heterogeneous Low-Rank Adaptations", NeurIPS 2024): stacking.
@@ -576,13 +588,7 @@ class FLoRA(Strategy):
     modifies_base = True
 
     def init_global(self, dims, head_W, head_b, generator, base_weights=None, base_biases=None):
-        if base_weights is None:
-            raise ValueError("FLoRA needs the target layers' base weights (base_weights)")
-        dt, dev = head_W.dtype, head_W.device
-        A = [torch.zeros(1, d_in, dtype=dt, device=dev) for d_in, _ in dims]
-        B = [torch.zeros(1, d_out, dtype=dt, device=dev) for _, d_out in dims]
-        return GlobalState(A, B, 1.0, head_W, head_b, [w.clone() for w in base_weights],
-                           [None if b is None else b.clone() for b in (base_biases or [None] * len(dims))])
+        return _base_carrying_state("FLoRA", dims, head_W, head_b, base_weights, base_biases)
 
     def distribute(self, state, client_ids, ranks, round_idx):
         dims = self._dims(state)
@@ -680,13 +686,7 @@ class FullFT(Strategy):
         return 1
 
     def init_global(self, dims, head_W, head_b, generator, base_weights=None, base_biases=None):
-        if base_weights is None:
-            raise ValueError("FullFT needs the target layers' base weights (base_weights)")
-        dt, dev = head_W.dtype, head_W.device
-        A = [torch.zeros(1, d_in, dtype=dt, device=dev) for d_in, _ in dims]
-        B = [torch.zeros(1, d_out, dtype=dt, device=dev) for _, d_out in dims]
-        return GlobalState(A, B, 1.0, head_W, head_b, [w.clone() for w in base_weights],
-                           [None if b is None else b.clone() for b in (base_biases or [None] * len(dims))])
+        return _base_carrying_state("FullFT", dims, head_W, head_b, base_weights, base_biases)
 
     def distribute(self, state, client_ids, ranks, round_idx):
         dims = self._dims(state)
