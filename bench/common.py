@@ -309,3 +309,10 @@ def header_md(info: dict[str, Any], title: str) -> str:
         f"torch {info['torch']}, triton {info['triton']}, peft {info['peft']} · "
         f"host `{info['hostname']}`, {info['cpu_count']} CPU cores, {info['torch_threads']} torch threads{load_s}\n"
     )
+
+
+def add_run_args(p) -> None:
+    """The flags every benchmark takes: where results go, which device, how many CPU threads."""
+    p.add_argument("--out", help="output folder (default bench/results/<device-slug>/)")
+    p.add_argument("--device", help="cpu or cuda[:i] (default: cuda if available)")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads for the run (default: torch's own choice)")

@@ -410,9 +410,7 @@ def plot(res: dict[str, Any], out: Path) -> Path | None:
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), help="configs (default: gpu on CUDA, else cpu)")
     p.add_argument("--smoke", action="store_true", help="tiny random models, 1 step: proves the script runs")
-    p.add_argument("--out", help="output folder (default bench/results/<device-slug>/)")
-    p.add_argument("--device", help="cpu or cuda[:i] (default: cuda if available)")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads for the run (default: torch's own choice)")
+    C.add_run_args(p)
     p.add_argument("--models", help="comma-separated subset of the preset's models")
     p.add_argument("--clients", help="comma-separated subset of the preset's client counts")
     p.add_argument("--steps", type=int, help="timed steps per method (default from the preset)")

@@ -877,9 +877,7 @@ def plots(res: dict[str, Any], out: Path) -> list[Path]:
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), help="sweep size (default: gpu on CUDA, else cpu)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, 1-2 reps: proves the script runs (CI)")
-    p.add_argument("--out", help="output folder (default bench/results/<device-slug>/)")
-    p.add_argument("--device", help="cpu or cuda[:i] (default: cuda if available)")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads for the run (default: torch's own choice)")
+    C.add_run_args(p)
     p.add_argument("--budget-s", type=float, help="stop the sweep after this many seconds (results so far are kept)")
     p.add_argument("--reps", type=int, help="timed reps per method (upper bound)")
     p.add_argument("--interpreted", action="store_true", help="also time triton under TRITON_INTERPRET on a CPU")
