@@ -89,9 +89,35 @@ def test_all_updates_rejected_keeps_the_global_state(tmp_path):
 
     sim.update_hook = kill
     rec = sim.run_round(1)
-    assert rec["num_accepted"] == 0 and rec["num_rejected"] == 3
+    assert rec["num_accepted"] == 0 and rec["num_rejected"] == 3 and rec["failed"] is True
     for a, b in zip(before, sim.state.A + sim.state.B):
         assert torch.equal(a, b)
+
+
+def test_round_fails_below_min_clients_and_leaves_model_and_ranks(tmp_path):
+    sim = Simulation(_cfg(tmp_path, rounds=2, clients_per_round=3, min_clients=3), verbose=False)
+    sim.setup()
+    before = [t.clone() for t in sim.state.A + sim.state.B + [sim.state.head_W, sim.state.head_b]]
+    ranks_before = sim.client_ranks.copy()
+
+    def one_bad(rnd, ups):
+        for u in ups:
+            u.rank = u.rank_received - 1 if u.rank_received > 1 else u.rank  # "pruned": must not stick
+        ups[0].A[0][0, 0] = float("nan")
+        return ups
+
+    sim.update_hook = one_bad
+    rec = sim.run_round(1)
+    assert rec["failed"] is True and rec["num_accepted"] == 2 and rec["num_rejected"] == 1
+    assert rec["rejected"][0]["client"] == rec["clients"][0]
+    for a, b in zip(before, sim.state.A + sim.state.B + [sim.state.head_W, sim.state.head_b]):
+        assert torch.equal(a, b)
+    assert (sim.client_ranks == ranks_before).all()
+    # with every update sound the same config aggregates
+    sim.update_hook = None
+    rec2 = sim.run_round(2)
+    assert rec2["failed"] is False and rec2["num_accepted"] == 3
+    assert any(not torch.equal(a, b) for a, b in zip(before, sim.state.A + sim.state.B))
 
 
 class _Crash(RuntimeError):
@@ -124,6 +150,7 @@ def test_resume_gives_the_uninterrupted_result(tmp_path, strategy):
 
 
 @pytest.mark.parametrize("field,value", [
+    ("min_clients", 0), ("min_clients", 9),
     ("strategy", "fedprox"), ("gamma", 1.0), ("lam", -1.0), ("r_max", 0), ("clients_per_round", 100),
     ("dirichlet_alpha", 0.0), ("mode", "parallel"), ("scaling_rule", "alpha"), ("tiers", [[0.5, 2]]),
     ("ranks", [1, 2]), ("batch_size", 0), ("lr", float("nan")), ("aggregation", "global"), ("partition", "x"),

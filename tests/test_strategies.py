@@ -16,8 +16,8 @@ from hetlora.fl.strategies import (
     HomLoRA,
     ZeroPadAvg,
     tail_norm_products,
-    validate_update,
 )
+from hetlora.fl.validation import validate_update
 from hetlora_kernels import AdapterLayout
 
 pytestmark = pytest.mark.usefixtures("one_thread")

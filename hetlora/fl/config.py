@@ -83,6 +83,10 @@ class FedConfig:
     """HetLoRA robust weighting, off by default (paper fidelity): clip each client's ||ΔW_k||_F to
     norm_cap x the round's median before the sparsity weights are formed, so one client cannot
     take a large share of the aggregate by scaling its update."""
+    min_clients: int = 1
+    """A round aggregates only if at least this many client updates pass validation (<=
+    clients_per_round); otherwise the global model is left unchanged and the round is marked
+    failed in metrics.jsonl."""
 
     # -- model ----------------------------------------------------------------------------
     model: str = "minilm"
@@ -219,6 +223,7 @@ class FedConfig:
         self._choice("aggregation", AGGREGATIONS)
         if self.norm_cap is not None:
             self._float("norm_cap", 0.0, lo_open=True)
+        self._int("min_clients", 1)
         if not isinstance(self.model, str) or not self.model:
             raise self._err("model", "must be a non-empty string")
         tm = self.target_modules
@@ -259,6 +264,8 @@ class FedConfig:
         self._int("clients_per_round", 1)
         if self.clients_per_round > self.num_clients:
             raise self._err("clients_per_round", f"must be <= num_clients={self.num_clients}")
+        if self.min_clients > self.clients_per_round:
+            raise self._err("min_clients", f"must be <= clients_per_round={self.clients_per_round}")
         self._choice("partition", PARTITIONS)
         self._float("dirichlet_alpha", 0.0, lo_open=True)
         self._float("holdout_fraction", 0.0, 1.0, hi_open=True)

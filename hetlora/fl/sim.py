@@ -31,7 +31,8 @@ from torch import nn
 from .checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
 from .config import FedConfig
 from .local import ClientTask, FedModel, TokenData, evaluate, train_round
-from .strategies import ClientUpdate, GlobalState, Strategy, client_generator, make_strategy, validate_update
+from .strategies import ClientUpdate, GlobalState, Strategy, client_generator, make_strategy
+from .validation import screen_updates
 
 __all__ = ["Simulation", "History", "FedData", "synthetic_data", "tiny_bert", "assign_ranks"]
 
@@ -302,7 +303,8 @@ class Simulation:
         Returns the metrics record: round, clients, ranks_received / ranks_sent (per sampled
         client), client_ranks (all N after pruning), train_loss (mean over accepted clients)
         and client_losses, bytes_down / bytes_up per client and totals, rejected
-        ``[{client, reason}]`` and num_rejected, eval_acc / eval_loss (evaluation rounds),
+        ``[{client, reason}]``, num_rejected, num_accepted, failed (fewer than
+        ``min_clients`` accepted: the global model was not changed), eval_acc / eval_loss (evaluation rounds),
         client_acc (mean local held-out accuracy), wall_time (s).
         """
         cfg, fm, strat = self.config, self.fm, self.strategy
@@ -321,20 +323,13 @@ class Simulation:
             updates = self.update_hook(round_idx, updates)
 
         head_shape = tuple(self.state.head_W.shape)
-        accepted, rejected = [], []
-        for u in updates:
-            try:
-                reason = validate_update(u, fm.dims, cfg.r_max, head_shape, full=strat.full_finetune)
-            except Exception as e:  # a malformed object must not end the round either
-                reason = f"malformed update: {e}"
-            if reason is None:
-                accepted.append(u)
-            else:
-                rejected.append({"client": int(u.client_id), "reason": reason})
-                log.warning("round %d: rejected the update of client %d: %s", round_idx, u.client_id, reason)
-        for u in accepted:
-            self.client_ranks[u.client_id] = u.rank  # a pruned rank sticks
-        self.state = strat.aggregate(self.state, accepted)
+        screen = screen_updates(updates, fm.dims, cfg.r_max, head_shape, full=strat.full_finetune,
+                                min_clients=cfg.min_clients, round_idx=round_idx)
+        accepted = screen.accepted
+        if not screen.failed:
+            for u in accepted:
+                self.client_ranks[u.client_id] = u.rank  # a pruned rank sticks
+            self.state = strat.aggregate(self.state, accepted)
 
         eb = _elt_bytes(fm.dtype)
         head_params = head_shape[0] * (head_shape[1] + 1)
@@ -355,9 +350,7 @@ class Simulation:
             "bytes_up": bytes_up,
             "bytes_down_total": int(sum(bytes_down.values())),
             "bytes_up_total": int(sum(bytes_up.values())),
-            "rejected": rejected,
-            "num_rejected": len(rejected),
-            "num_accepted": len(accepted),
+            **screen.metrics(),
             "global_rank": self.state.rank,
         }
         if is_eval:
@@ -452,6 +445,8 @@ class Simulation:
         ranks = [r for r in rec["ranks_sent"] if r]
         rr = f"{min(ranks)}..{max(ranks)}" if ranks else "-"
         rej = f"  rejected {rec['num_rejected']}" if rec["num_rejected"] else ""
+        if rec.get("failed"):
+            rej += "  ROUND FAILED (too few valid updates; global model unchanged)"
         return (f"[{cfg.strategy}] round {rec['round']:3d}/{cfg.rounds}  {acc}  train_loss {tl}  ranks {rr}  "
                 f"up {rec['bytes_up_total'] / 1e6:.2f} MB  {rec['wall_time']:.1f}s (total {rec['elapsed']:.0f}s){rej}")
 

@@ -46,7 +46,6 @@ __all__ = [
     "make_strategy",
     "tail_norm_products",
     "kaiming_rows",
-    "validate_update",
 ]
 
 
@@ -233,50 +232,6 @@ def _fedavg_head(state: GlobalState, updates: Sequence[ClientUpdate]) -> tuple[t
     W = sum(wk * u.head_W.double() for wk, u in zip(w.tolist(), updates))
     b = sum(wk * u.head_b.double() for wk, u in zip(w.tolist(), updates))
     return W.to(state.head_W.dtype), b.to(state.head_b.dtype)
-
-
-def validate_update(
-    u: ClientUpdate, dims: Sequence[tuple[int, int]], r_max: int, head_shape: tuple[int, int], full: bool = False
-) -> str | None:
-    """Reason why update ``u`` must be rejected (DESIGN.md section 7), or None if it is sound.
-
-    Checks: rank in ``[1, r_max]`` and not above the rank it was given; one ``A``/``B`` per
-    layer of shapes ``[rank, d_in]`` / ``[rank, d_out]``; head ``[C, d]`` / ``[C]``; FullFT
-    weights ``[d_out, d_in]``; every tensor finite; ``num_examples >= 1``.
-    """
-    if isinstance(u.rank, bool) or not isinstance(u.rank, int) or not 1 <= u.rank <= r_max:
-        return f"rank {u.rank!r} outside [1, {r_max}]"
-    if u.rank > u.rank_received:
-        return f"rank {u.rank} above the rank {u.rank_received} it was given"
-    if len(u.A) != len(dims) or len(u.B) != len(dims):
-        return f"expected {len(dims)} layers, got {len(u.A)} A and {len(u.B)} B"
-    for i, ((d_in, d_out), a, b) in enumerate(zip(dims, u.A, u.B)):
-        if tuple(a.shape) != (u.rank, d_in):
-            return f"layer {i}: A has shape {tuple(a.shape)}, expected {(u.rank, d_in)}"
-        if tuple(b.shape) != (u.rank, d_out):
-            return f"layer {i}: B has shape {tuple(b.shape)}, expected {(u.rank, d_out)}"
-        if not bool(torch.isfinite(a).all()) or not bool(torch.isfinite(b).all()):
-            return f"layer {i}: non-finite values (NaN/Inf) in the adapter"
-    if tuple(u.head_W.shape) != tuple(head_shape) or tuple(u.head_b.shape) != (head_shape[0],):
-        return f"head has shapes {tuple(u.head_W.shape)}/{tuple(u.head_b.shape)}, expected {tuple(head_shape)}"
-    if not bool(torch.isfinite(u.head_W).all()) or not bool(torch.isfinite(u.head_b).all()):
-        return "non-finite values (NaN/Inf) in the classifier head"
-    if full:
-        if u.weights is None or len(u.weights) != len(dims):
-            return "full fine-tuning update without one weight per target layer"
-        for i, ((d_in, d_out), w) in enumerate(zip(dims, u.weights)):
-            if tuple(w.shape) != (d_out, d_in):
-                return f"layer {i}: weight has shape {tuple(w.shape)}, expected {(d_out, d_in)}"
-            if not bool(torch.isfinite(w).all()):
-                return f"layer {i}: non-finite values (NaN/Inf) in the weight"
-        for i, bvec in enumerate(u.biases or []):
-            if bvec is not None and not bool(torch.isfinite(bvec).all()):
-                return f"layer {i}: non-finite values (NaN/Inf) in the bias"
-    if not isinstance(u.num_examples, int) or u.num_examples < 1:
-        return f"num_examples {u.num_examples!r} must be a positive int"
-    if not math.isfinite(u.scaling) or u.scaling <= 0:
-        return f"scaling {u.scaling!r} must be finite and positive"
-    return None
 
 
 # ---------------------------------------------------------------------------------------------

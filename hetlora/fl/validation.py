@@ -1,0 +1,142 @@
+"""Screening of client updates before aggregation (DESIGN.md section 7), in one place.
+
+The simulator (`hetlora.fl.sim`) and the Flower strategy (`hetlora.flower`) both call
+`screen_updates`: every update is checked by `validate_update` (shapes, ranks within
+``[1, r_max]`` and not above the rank sent, finite values, head, example count); a
+rejected one is logged with the client id and the reason and left out of the round; if
+fewer than ``min_clients`` remain the round is *failed* — the caller keeps the global
+model unchanged and marks the round failed in its metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .strategies import ClientUpdate
+
+__all__ = ["validate_update", "Screening", "screen_updates"]
+
+log = logging.getLogger("hetlora.fl")
+
+
+def validate_update(
+    u: ClientUpdate, dims: Sequence[tuple[int, int]], r_max: int, head_shape: tuple[int, int], full: bool = False
+) -> str | None:
+    """Reason why update ``u`` must be rejected (DESIGN.md section 7), or None if it is sound.
+
+    Checks: rank in ``[1, r_max]`` and not above the rank it was given; one ``A``/``B`` per
+    layer of shapes ``[rank, d_in]`` / ``[rank, d_out]``; head ``[C, d]`` / ``[C]``; FullFT
+    weights ``[d_out, d_in]``; every tensor finite; ``num_examples >= 1``.
+    """
+    if isinstance(u.rank, bool) or not isinstance(u.rank, int) or not 1 <= u.rank <= r_max:
+        return f"rank {u.rank!r} outside [1, {r_max}]"
+    if u.rank > u.rank_received:
+        return f"rank {u.rank} above the rank {u.rank_received} it was given"
+    if len(u.A) != len(dims) or len(u.B) != len(dims):
+        return f"expected {len(dims)} layers, got {len(u.A)} A and {len(u.B)} B"
+    for i, ((d_in, d_out), a, b) in enumerate(zip(dims, u.A, u.B)):
+        if tuple(a.shape) != (u.rank, d_in):
+            return f"layer {i}: A has shape {tuple(a.shape)}, expected {(u.rank, d_in)}"
+        if tuple(b.shape) != (u.rank, d_out):
+            return f"layer {i}: B has shape {tuple(b.shape)}, expected {(u.rank, d_out)}"
+        if not bool(torch.isfinite(a).all()) or not bool(torch.isfinite(b).all()):
+            return f"layer {i}: non-finite values (NaN/Inf) in the adapter"
+    if tuple(u.head_W.shape) != tuple(head_shape) or tuple(u.head_b.shape) != (head_shape[0],):
+        return f"head has shapes {tuple(u.head_W.shape)}/{tuple(u.head_b.shape)}, expected {tuple(head_shape)}"
+    if not bool(torch.isfinite(u.head_W).all()) or not bool(torch.isfinite(u.head_b).all()):
+        return "non-finite values (NaN/Inf) in the classifier head"
+    if full:
+        if u.weights is None or len(u.weights) != len(dims):
+            return "full fine-tuning update without one weight per target layer"
+        for i, ((d_in, d_out), w) in enumerate(zip(dims, u.weights)):
+            if tuple(w.shape) != (d_out, d_in):
+                return f"layer {i}: weight has shape {tuple(w.shape)}, expected {(d_out, d_in)}"
+            if not bool(torch.isfinite(w).all()):
+                return f"layer {i}: non-finite values (NaN/Inf) in the weight"
+        for i, bvec in enumerate(u.biases or []):
+            if bvec is not None and not bool(torch.isfinite(bvec).all()):
+                return f"layer {i}: non-finite values (NaN/Inf) in the bias"
+    if not isinstance(u.num_examples, int) or u.num_examples < 1:
+        return f"num_examples {u.num_examples!r} must be a positive int"
+    if not math.isfinite(u.scaling) or u.scaling <= 0:
+        return f"scaling {u.scaling!r} must be finite and positive"
+    return None
+
+
+
+@dataclass
+class Screening:
+    """Result of `screen_updates`.
+
+    accepted: the sound updates, in arrival order.  rejected: ``[{"client": id, "reason": str}]``.
+    failed: fewer than ``min_clients`` updates were accepted: aggregate nothing this round.
+    """
+
+    accepted: list[ClientUpdate] = field(default_factory=list)
+    rejected: list[dict] = field(default_factory=list)
+    failed: bool = False
+    min_clients: int = 1
+
+    def metrics(self) -> dict:
+        """The fields every round record carries: num_accepted, num_rejected, rejected, failed."""
+        return {"num_accepted": len(self.accepted), "num_rejected": len(self.rejected),
+                "rejected": list(self.rejected), "failed": self.failed}
+
+
+def _client_id(u: object) -> int | str:
+    cid = getattr(u, "client_id", "?")
+    return int(cid) if isinstance(cid, int) and not isinstance(cid, bool) else repr(cid)
+
+
+def screen_updates(
+    updates: Sequence[ClientUpdate],
+    dims: Sequence[tuple[int, int]],
+    r_max: int,
+    head_shape: tuple[int, int],
+    *,
+    full: bool = False,
+    min_clients: int = 1,
+    round_idx: int | None = None,
+    errors: Sequence[tuple[int | str, str]] = (),
+) -> Screening:
+    """Split ``updates`` into accepted and rejected ones (never raises on a bad update).
+
+    Args:
+        updates: the clients' replies (anything; non-`ClientUpdate` objects are rejected).
+        dims: per target layer ``(d_in, d_out)``.  r_max: the largest rank a client may send.
+        head_shape: ``(C, d)`` of the classifier head.  full: FullFT updates (full weights).
+        min_clients: the round fails when fewer than this many updates are accepted.
+        round_idx: only for the log lines.
+        errors: ``(client id, reason)`` of clients that sent no update at all (a crashed
+            client, a Flower error reply): counted as rejected with that reason.
+    """
+    if isinstance(min_clients, bool) or not isinstance(min_clients, int) or min_clients < 1:
+        raise ValueError(f"min_clients must be an int >= 1, got {min_clients!r}")
+    out = Screening(min_clients=min_clients)
+    where = f"round {round_idx}: " if round_idx is not None else ""
+    for cid, reason in errors:
+        out.rejected.append({"client": cid, "reason": reason})
+        log.warning("%sclient %s sent no update: %s", where, cid, reason)
+    for u in updates:
+        if not isinstance(u, ClientUpdate):
+            reason = f"not a ClientUpdate ({type(u).__name__})"
+        else:
+            try:
+                reason = validate_update(u, dims, r_max, head_shape, full=full)
+            except Exception as e:  # a malformed object must not end the round either
+                reason = f"malformed update: {type(e).__name__}: {e}"
+        if reason is None:
+            out.accepted.append(u)
+        else:
+            out.rejected.append({"client": _client_id(u), "reason": reason})
+            log.warning("%srejected the update of client %s: %s", where, _client_id(u), reason)
+    if len(out.accepted) < min_clients:
+        out.failed = True
+        log.warning("%sonly %d update(s) accepted, fewer than min_clients=%d: the round failed and the global "
+                    "model is unchanged", where, len(out.accepted), min_clients)
+    return out

@@ -1,0 +1,106 @@
+"""`screen_updates`: the one place where client updates are accepted or rejected (DESIGN.md section 7)."""
+
+import logging
+
+import pytest
+import torch
+
+from hetlora.fl.strategies import ClientUpdate
+from hetlora.fl.validation import Screening, screen_updates
+
+DIMS = [(5, 6), (3, 7)]
+HEAD = (4, 9)
+
+
+def _u(cid, rank=2, received=None, n=10, seed=None):
+    g = torch.Generator().manual_seed(cid if seed is None else seed)
+    return ClientUpdate(
+        client_id=cid, rank=rank, rank_received=rank if received is None else received,
+        A=[torch.randn(rank, di, generator=g) for di, _ in DIMS],
+        B=[torch.randn(rank, do, generator=g) for _, do in DIMS],
+        scaling=0.5, head_W=torch.randn(*HEAD, generator=g), head_b=torch.randn(HEAD[0], generator=g),
+        num_examples=n)
+
+
+def test_sound_updates_are_all_accepted_in_order():
+    ups = [_u(3), _u(1, rank=4), _u(7, rank=1)]
+    s = screen_updates(ups, DIMS, 4, HEAD)
+    assert [u.client_id for u in s.accepted] == [3, 1, 7]
+    assert s.rejected == [] and s.failed is False
+    assert s.metrics() == {"num_accepted": 3, "num_rejected": 0, "rejected": [], "failed": False}
+
+
+def test_each_kind_of_bad_update_is_rejected_with_its_client_and_reason(caplog):
+    nan, inf_head, shape, rank_hi, above_sent, layers, n0 = (_u(i) for i in range(10, 17))
+    nan.B[1][0, 2] = float("nan")
+    inf_head.head_b[1] = float("-inf")
+    shape.A[1] = torch.zeros(2, 4)
+    rank_hi.rank = rank_hi.rank_received = 5
+    above_sent.rank_received = 1
+    layers.A = layers.A[:1]
+    n0.num_examples = 0
+    good = _u(99)
+    with caplog.at_level(logging.WARNING, logger="hetlora.fl"):
+        s = screen_updates([nan, inf_head, good, shape, rank_hi, above_sent, layers, n0, "junk"], DIMS, 4, HEAD,
+                           round_idx=7, min_clients=1)
+    assert [u.client_id for u in s.accepted] == [99] and not s.failed
+    reasons = {r["client"]: r["reason"] for r in s.rejected}
+    assert "non-finite" in reasons[10]
+    assert "head" in reasons[11] and "non-finite" in reasons[11]
+    assert "layer 1: A has shape (2, 4)" in reasons[12]
+    assert "outside [1, 4]" in reasons[13]
+    assert "above the rank 1" in reasons[14]
+    assert "expected 2 layers" in reasons[15]
+    assert "num_examples" in reasons[16]
+    assert reasons["'?'"].startswith("not a ClientUpdate")
+    assert len(s.rejected) == 8
+    # every rejection was logged with the round, the client id and the reason
+    text = caplog.text
+    assert "round 7" in text and "client 12" in text and "shape" in text
+
+
+def test_a_raising_update_is_rejected_not_propagated():
+    class Weird(ClientUpdate):
+        @property
+        def A(self):  # noqa: N802
+            raise RuntimeError("boom")
+
+        @A.setter
+        def A(self, v):  # noqa: N802
+            pass
+
+    u = _u(5)
+    w = Weird(client_id=5, rank=2, rank_received=2, A=None, B=u.B, scaling=1.0, head_W=u.head_W,
+              head_b=u.head_b, num_examples=3)
+    s = screen_updates([w, _u(6)], DIMS, 4, HEAD)
+    assert [u.client_id for u in s.accepted] == [6]
+    assert "malformed update" in s.rejected[0]["reason"] and "boom" in s.rejected[0]["reason"]
+
+
+@pytest.mark.parametrize("bad,accepted,failed", [(0, 3, False), (1, 2, False), (2, 1, True), (3, 0, True)])
+def test_round_fails_exactly_below_min_clients(bad, accepted, failed):
+    ups = [_u(i) for i in range(3)]
+    for u in ups[:bad]:
+        u.A[0][0, 0] = float("inf")
+    s = screen_updates(ups, DIMS, 4, HEAD, min_clients=2)
+    assert len(s.accepted) == accepted and s.failed is failed and len(s.rejected) == bad
+
+
+def test_clients_without_a_reply_count_as_rejected():
+    s = screen_updates([_u(1)], DIMS, 4, HEAD, errors=[(4, "client raised ValueError"), (6, "timeout")],
+                       min_clients=2)
+    assert [r["client"] for r in s.rejected] == [4, 6]
+    assert s.rejected[1]["reason"] == "timeout"
+    assert s.failed and len(s.accepted) == 1
+
+
+@pytest.mark.parametrize("m", [0, -1, 1.5, True, "2"])
+def test_min_clients_must_be_a_positive_int(m):
+    with pytest.raises(ValueError, match="min_clients"):
+        screen_updates([], DIMS, 4, HEAD, min_clients=m)
+
+
+def test_screening_defaults_are_independent():
+    a, b = Screening(), Screening()
+    a.accepted.append(1)
+    assert b.accepted == []
