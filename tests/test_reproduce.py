@@ -1,0 +1,82 @@
+"""`hetlora reproduce 20ng`: the grid runner and its summary, on the smoke scale (tiny random model)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from hetlora.cli import main
+from hetlora.fl.config import FedConfig
+from hetlora.fl.reproduce import SCALES, SEED_TABLE, Grid, grid_command, run_grid, summarize
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _finals(root, tag, name):
+    recs = [json.loads(x) for x in (root / tag / name / "metrics.jsonl").read_text().splitlines()]
+    return [100 * r["eval_acc"] for r in recs if r.get("eval_acc") is not None][-1], recs
+
+
+def test_grid_runs_resumes_and_summarizes(tmp_path):
+    grid = Grid(out=tmp_path, scale="smoke", strategies=["hetlora", "homlora@max"], alphas=[0.5], seeds=[0, 1])
+    res = run_grid(grid, jobs=2, verbose=False, say=lambda m: None)
+    assert sorted(res["ran"]) == ["dir0.5-s0", "dir0.5-s1"] and not res["failed"] and not res["skipped"]
+    # every run used the scale's config with its own α and seed
+    for s in (0, 1):
+        for name in ("hetlora", "homlora_r4"):
+            cfg = FedConfig.from_json(tmp_path / f"dir0.5-s{s}" / name / "config.json")
+            assert cfg.seed == s and cfg.dirichlet_alpha == 0.5 and cfg.rounds == SCALES["smoke"]["rounds"]
+            assert cfg.num_clients == SCALES["smoke"]["num_clients"] and cfg.tiers == [[0.5, "min"], [0.5, "max"]]
+        assert FedConfig.from_json(tmp_path / f"dir0.5-s{s}" / "homlora_r4" / "config.json").hom_rank == 4
+    # a second call finds everything done and runs nothing
+    again = run_grid(grid, jobs=1, verbose=False, say=lambda m: None)
+    assert again["ran"] == [] and sorted(again["skipped"]) == ["dir0.5-s0", "dir0.5-s1"]
+
+    summary = summarize(grid, command="hetlora reproduce 20ng --scale smoke")
+    rows = {(r["alpha"], r["strategy"]): r for r in summary["rows"]}
+    assert set(rows) == {(0.5, "hetlora"), (0.5, "homlora@max")}
+    for (_a, strat), row in rows.items():
+        name = "hetlora" if strat == "hetlora" else "homlora_r4"
+        finals = [_finals(tmp_path, f"dir0.5-s{s}", name)[0] for s in (0, 1)]
+        assert row["seeds"] == 2
+        np.testing.assert_allclose(row["final"], (np.mean(finals), np.std(finals, ddof=1)), rtol=1e-12)
+        _, recs = _finals(tmp_path, "dir0.5-s0", name)
+        assert row["rounds"] == recs[-1]["round"]
+    assert rows[(0.5, "homlora@max")]["mean_rank_end"] == 4.0
+    md = (tmp_path / "summary.md").read_text()
+    assert f"{SEED_TABLE[0.5]:.2f}" in md and "HomLoRA r_max" in md and "--scale smoke" in md
+    assert (tmp_path / "accuracy_by_alpha.png").stat().st_size > 0
+    assert (tmp_path / "final_accuracy.png").stat().st_size > 0
+    assert json.loads((tmp_path / "summary.json").read_text())["rows"][0]["strategy"] == "hetlora"
+
+
+def test_budget_leaves_groups_for_a_later_run(tmp_path):
+    grid = Grid(out=tmp_path, scale="smoke", strategies=["zeropad"], alphas=[0.5, 0.1], seeds=[0])
+    res = run_grid(grid, jobs=1, budget_s=0.0, verbose=False, say=lambda m: None)
+    assert res["ran"] == [] and res["not_started"] == ["dir0.5-s0", "dir0.1-s0"]
+
+
+def test_command_line_carries_overrides_and_resolves_hom_ranks(tmp_path):
+    grid = Grid(out=tmp_path, scale="reduced", strategies=["homlora@min", "homlora@max", "flora"],
+                overrides={"rounds": 3, "r_max": 8})
+    cmd = grid_command(grid, 0.01, 2, threads=1)
+    i = cmd.index("--compare")
+    assert cmd[i + 1:i + 4] == ["homlora@2", "homlora@8", "flora"]
+    assert cmd[cmd.index("--rounds") + 1] == "3" and cmd[cmd.index("--dirichlet-alpha") + 1] == "0.01"
+    assert cmd[cmd.index("--seed") + 1] == "2" and "--resume" in cmd and "--no-plots" not in cmd
+
+
+@pytest.mark.parametrize("kw,field", [
+    ({"scale": "huge"}, "scale"), ({"strategies": ["fedprox"]}, "strategies"), ({"alphas": [0.0]}, "alphas"),
+    ({"seeds": [-1]}, "seeds"), ({"overrides": {"rounds": 0}}, "rounds"),
+])
+def test_bad_grids_name_the_argument(tmp_path, kw, field):
+    with pytest.raises(ValueError, match=field):
+        Grid(out=tmp_path, **kw).config()
+
+
+def test_cli_errors_exit_2(tmp_path, capsys):
+    assert main(["reproduce", "20ng", "--scale", "smoke", "--out", str(tmp_path), "--set", "rounds"]) == 2
+    assert "--set" in capsys.readouterr().err
+    assert main(["reproduce", "20ng", "--out", str(tmp_path), "--strategies", "nope"]) == 2
+    assert "strategies" in capsys.readouterr().err
