@@ -37,6 +37,8 @@ AGGREGATIONS = ("layer", "client")
 MODES = ("concurrent", "sequential")
 DTYPES = ("float32", "float64", "bfloat16")
 SCALING_RULES = ("fixed", "alpha/r", "rslora")
+#: strategies whose global state is one zero-padded adapter: the ones client-level DP supports
+DP_STRATEGIES = ("hetlora", "homlora", "zeropad")
 
 #: ``model`` values that are not paths or hub names.
 MODEL_ALIASES = ("minilm", "tiny-random-bert")
@@ -82,11 +84,27 @@ class FedConfig:
     norm_cap: float | None = None
     """HetLoRA robust weighting, off by default (paper fidelity): clip each client's ||ΔW_k||_F to
     norm_cap x the round's median before the sparsity weights are formed, so one client cannot
-    take a large share of the aggregate by scaling its update."""
+    take a large share of the aggregation weights by scaling its update. It caps the weight, not the
+    factors the client sends (use dp_clip to bound those); no effect when dp_clip is set."""
     min_clients: int = 1
     """A round aggregates only if at least this many client updates pass validation (<=
     clients_per_round); otherwise the global model is left unchanged and the round is marked
     failed in metrics.jsonl."""
+
+    # -- client-level differential privacy (DP-FedAvg, hetlora.fl.privacy) -------------------
+    dp_clip: float | None = None
+    """Client-level DP (DP-FedAvg, McMahan et al. 2018) off when None; else the clip norm S > 0: each
+    client's update (adapter zero-padded to the global rank, plus the head, minus what it received) is
+    clipped to L2 norm S over all its tensors, Gaussian noise N(0, (σ S)^2) is added to the sum, which
+    is divided by clients_per_round. DP replaces the strategy's data-dependent weights (HetLoRA's
+    sparsity weights, data sizes; norm_cap has no effect) by uniform ones. Only hetlora, homlora and
+    zeropad."""
+    dp_noise_multiplier: float = 1.0
+    """DP noise multiplier σ >= 0 (noise std σ x dp_clip on the sum of clipped updates; 0 = clipping only,
+    ε = inf)."""
+    dp_delta: float = 1e-5
+    """DP δ in (0, 1) at which the cumulative ε (opacus RDP accountant, sampling rate
+    clients_per_round / num_clients, one step per round) is reported as dp_epsilon in metrics.jsonl."""
 
     # -- model ----------------------------------------------------------------------------
     model: str = "minilm"
@@ -224,6 +242,13 @@ class FedConfig:
         if self.norm_cap is not None:
             self._float("norm_cap", 0.0, lo_open=True)
         self._int("min_clients", 1)
+        if self.dp_clip is not None:
+            self._float("dp_clip", 0.0, lo_open=True)
+            if self.strategy not in DP_STRATEGIES:
+                raise self._err("dp_clip", f"client-level DP (dp_clip set) supports only strategies "
+                                           f"{list(DP_STRATEGIES)}, not strategy={self.strategy!r}")
+        self._float("dp_noise_multiplier", 0.0)
+        self._float("dp_delta", 0.0, 1.0, lo_open=True, hi_open=True)
         if not isinstance(self.model, str) or not self.model:
             raise self._err("model", "must be a non-empty string")
         tm = self.target_modules

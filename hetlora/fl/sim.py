@@ -305,7 +305,9 @@ class Simulation:
         and client_losses, bytes_down / bytes_up per client and totals, rejected
         ``[{client, reason}]``, num_rejected, num_accepted, failed (fewer than
         ``min_clients`` accepted: the global model was not changed), eval_acc / eval_loss (evaluation rounds),
-        client_acc (mean local held-out accuracy), wall_time (s).
+        client_acc (mean local held-out accuracy), wall_time (s); with client-level DP
+        (``dp_clip`` set, `hetlora.fl.privacy`) also dp_epsilon (cumulative ε at ``dp_delta``
+        after this round; null when σ = 0) and dp_clipped (updates clipped this round).
         """
         cfg, fm, strat = self.config, self.fm, self.strategy
         t0 = time.perf_counter()
@@ -326,10 +328,16 @@ class Simulation:
         screen = screen_updates(updates, fm.dims, cfg.r_max, head_shape, full=strat.full_finetune,
                                 min_clients=cfg.min_clients, round_idx=round_idx)
         accepted = screen.accepted
+        dp_info: dict = {"dp_clipped": 0}
         if not screen.failed:
             for u in accepted:
                 self.client_ranks[u.client_id] = u.rank  # a pruned rank sticks
-            self.state = strat.aggregate(self.state, accepted)
+            if cfg.dp_clip is not None:  # client-level DP: clipped, noised, uniform weights (fl.privacy)
+                from .privacy import dp_aggregate
+
+                self.state, dp_info = dp_aggregate(self.state, accepted, cfg, round_idx)
+            else:
+                self.state = strat.aggregate(self.state, accepted)
 
         eb = _elt_bytes(fm.dtype)
         head_params = head_shape[0] * (head_shape[1] + 1)
@@ -353,6 +361,12 @@ class Simulation:
             **screen.metrics(),
             "global_rank": self.state.rank,
         }
+        if cfg.dp_clip is not None:
+            from .privacy import round_epsilon
+
+            eps = round_epsilon(cfg, round_idx)
+            rec["dp_epsilon"] = eps if math.isfinite(eps) else None  # null: σ = 0, no finite guarantee
+            rec["dp_clipped"] = int(dp_info["dp_clipped"])
         if is_eval:
             acc, loss = evaluate(fm, self.state, self.data.test, cfg.eval_batch_size)
             rec["eval_acc"], rec["eval_loss"] = acc, loss
@@ -445,6 +459,9 @@ class Simulation:
         ranks = [r for r in rec["ranks_sent"] if r]
         rr = f"{min(ranks)}..{max(ranks)}" if ranks else "-"
         rej = f"  rejected {rec['num_rejected']}" if rec["num_rejected"] else ""
+        if "dp_epsilon" in rec:
+            eps = rec["dp_epsilon"]
+            rej = (f"  ε {eps:.2f}" if eps is not None else "  ε inf") + f" (clipped {rec['dp_clipped']})" + rej
         if rec.get("failed"):
             rej += "  ROUND FAILED (too few valid updates; global model unchanged)"
         return (f"[{cfg.strategy}] round {rec['round']:3d}/{cfg.rounds}  {acc}  train_loss {tl}  ranks {rr}  "
