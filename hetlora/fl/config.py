@@ -316,6 +316,12 @@ class FedConfig:
         self._int("client_eval_samples", 0)
         if not isinstance(self.device, str) or not self.device:
             raise self._err("device", "must be a device string such as 'cpu' or 'cuda'")
+        try:
+            import torch
+
+            torch.device(self.device)
+        except (RuntimeError, ValueError):
+            raise self._err("device", "is not a torch device string (e.g. 'cpu', 'cuda', 'cuda:1')") from None
         self._choice("dtype", DTYPES)
         self._int("seed", 0)
         if self.threads is not None:
@@ -440,6 +446,10 @@ class FedConfig:
     def load(cls, path: str | Path) -> FedConfig:
         """From a ``.json``, ``.yaml`` or ``.yml`` file."""
         p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file not found: {p}")
+        if p.suffix not in (".json", ".yaml", ".yml"):
+            raise ValueError(f"config file {p}: expected a .json, .yaml or .yml file")
         if p.suffix == ".json":
             return cls.from_json(p)
         return cls.from_yaml(p)

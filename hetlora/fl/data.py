@@ -330,7 +330,14 @@ def _load_local(path: pathlib.Path, text_column: str, label_column: str, test_fr
     """A local table; if it has a ``split`` column whose values are all train/test, that split is used."""
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
-    rows = _read_local_rows(path)
+    try:
+        rows = _read_local_rows(path)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"data file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"data file {path} is not valid JSON: {e}") from None
+    except csv.Error as e:
+        raise ValueError(f"data file {path} is not a readable CSV/TSV table: {e}") from None
     if not rows:
         raise ValueError(f"{path}: no rows")
     columns = set().union(*(r.keys() for r in rows))

@@ -155,16 +155,21 @@ def _load_encoder(config: FedConfig) -> tuple[nn.Module, str, object | None]:
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    if path.startswith((".", "/", "~")) and not Path(path).expanduser().exists():
+        raise ValueError(f"FedConfig.model: no model directory at {path!r}")
     try:
         try:
             enc = AutoModel.from_pretrained(path, add_pooling_layer=False)  # the pooler is unused (mean pooling)
         except TypeError:
             enc = AutoModel.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"FedConfig.model: cannot load {path!r} as a transformers model "
+                         f"(a local directory, or a hub name when online): {e}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
-    tok = AutoTokenizer.from_pretrained(path)
     return enc.to(dtype).eval(), path, tok
 
 
@@ -272,6 +277,10 @@ class Simulation:
 
     def setup(self) -> None:
         cfg = self.config
+        dev = torch.device(cfg.device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"FedConfig.device: {cfg.device!r} was asked for but this torch sees no CUDA GPU "
+                             f"(torch {torch.__version__}); use --device cpu")
         if self.fm is None:
             self.build_model()
         if self.data is None:
