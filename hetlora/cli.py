@@ -181,7 +181,12 @@ def _simulate(ns: argparse.Namespace) -> int:
     if not ns.compare:
         hist = Simulation(cfg, verbose=not ns.quiet).run(resume=ns.resume)
         acc = hist.final_accuracy
-        print(f"run directory: {hist.run_dir}" + (f"  final accuracy {100 * acc:.2f}%" if acc is not None else ""))
+        last = next((r for r in reversed(hist.records) if "eval_ppl" in r), None)
+        if last is not None:
+            tail = f"  final next-token accuracy {100 * last['eval_acc']:.2f}%, perplexity {last['eval_ppl']:.2f}"
+        else:
+            tail = f"  final accuracy {100 * acc:.2f}%" if acc is not None else ""
+        print(f"run directory: {hist.run_dir}{tail}")
         return 0
     runs = _parse_compare(ns.compare)
     root = Path(cfg.out_dir) / (cfg.run_name or f"compare_s{cfg.seed}")

@@ -41,7 +41,10 @@ SCALING_RULES = ("fixed", "alpha/r", "rslora")
 DP_STRATEGIES = ("hetlora", "homlora", "zeropad")
 
 #: ``model`` values that are not paths or hub names.
-MODEL_ALIASES = ("minilm", "tiny-random-bert")
+MODEL_ALIASES = ("minilm", "tiny-random-bert", "tiny-random-gpt2")
+
+#: what the model is trained for: a classifier head on mean-pooled states, or next-token prediction
+TASKS = ("classification", "causal-lm")
 
 
 TIER_NAMES = ("min", "mid", "max")
@@ -108,7 +111,12 @@ class FedConfig:
 
     # -- model ----------------------------------------------------------------------------
     model: str = "minilm"
-    """"minilm" (the installed all-MiniLM-L6-v2), "tiny-random-bert" (tests), or a local path / hub name."""
+    """"minilm" (the installed all-MiniLM-L6-v2), "tiny-random-bert" / "tiny-random-gpt2" (tests), or a
+    local path / hub name."""
+    task: str = "classification"
+    """"classification" (a federated classifier head on the mean-pooled last hidden states; accuracy)
+    or "causal-lm" (next-token loss of a causal LM over each client's own tokens, frozen LM head;
+    evaluation reports next-token accuracy, token cross-entropy and perplexity)."""
     target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
     """Linear layers that get LoRA (peft-style names)."""
     lora_alpha: float = 1.0
@@ -251,6 +259,12 @@ class FedConfig:
         self._float("dp_delta", 0.0, 1.0, lo_open=True, hi_open=True)
         if not isinstance(self.model, str) or not self.model:
             raise self._err("model", "must be a non-empty string")
+        self._choice("task", TASKS)
+        if self.task == "causal-lm" and self.model in ("minilm", "tiny-random-bert"):
+            raise self._err("model", f"{self.model!r} is an encoder, not a causal LM: use task=\"classification\" "
+                                     "or a causal LM (tiny-random-gpt2, a local GPT-2/Llama directory)")
+        if self.task == "classification" and self.model == "tiny-random-gpt2":
+            raise self._err("task", "tiny-random-gpt2 is a causal LM: use task=\"causal-lm\"")
         tm = self.target_modules
         if isinstance(tm, str):
             self.target_modules = tm = [t for t in tm.replace(",", " ").split() if t]

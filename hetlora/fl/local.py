@@ -77,16 +77,21 @@ class ClientTask:
 
 
 class FedModel:
-    """An encoder with `HetLoraLinear` target layers plus mean pooling; heads live outside.
+    """An encoder with `HetLoraLinear` target layers plus mean pooling (classification; the
+    heads live outside), or a causal LM with `HetLoraLinear` target layers and its own frozen
+    LM head (``causal=True``: `token_losses`).
 
     Args:
-        encoder: a transformers encoder (``AutoModel``) returning ``last_hidden_state``;
-            it is frozen and kept in eval mode.
+        encoder: a transformers encoder (``AutoModel``) returning ``last_hidden_state``, or a
+            causal LM (``AutoModelForCausalLM``) returning ``logits``; frozen, in eval mode.
         target_modules: peft-style names of the linear layers to adapt.
         dropout: LoRA dropout.
+        causal: the model is a causal LM trained on next-token prediction.
     """
 
-    def __init__(self, encoder: nn.Module, target_modules: Sequence[str], dropout: float = 0.0) -> None:
+    def __init__(self, encoder: nn.Module, target_modules: Sequence[str], dropout: float = 0.0,
+                 causal: bool = False) -> None:
+        self.causal = bool(causal)
         self.encoder = encoder.eval()
         # one placeholder adapter; every round replaces it by the clients' packed adapters.
         # alphas are passed as the clients' scalings under the "fixed" rule, so any scaling
@@ -140,6 +145,21 @@ class FedModel:
         h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         m = attention_mask.unsqueeze(-1).to(h.dtype)
         return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+    def token_losses(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     adapter_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Causal LM: per sequence ``(sum of next-token cross-entropies [N], predicted tokens [N],
+        correct top-1 predictions [N])`` over the positions whose token and next token are both
+        real (``attention_mask`` 1).  Cross-entropy is taken in float32 or wider."""
+        out = self.mlm(input_ids=input_ids, attention_mask=attention_mask, adapter_ids=adapter_ids)
+        logits = (out.logits if hasattr(out, "logits") else out[0])[:, :-1]
+        target = input_ids[:, 1:]
+        valid = (attention_mask[:, 1:] * attention_mask[:, :-1]).to(torch.bool)
+        lf = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+        ce = F.cross_entropy(lf.reshape(-1, lf.shape[-1]), target.reshape(-1), reduction="none").view(target.shape)
+        ce = torch.where(valid, ce, torch.zeros_like(ce))
+        correct = ((logits.argmax(-1) == target) & valid).sum(1)
+        return ce.sum(1), valid.sum(1), correct
 
 
 class ClientAdamW:
@@ -301,10 +321,14 @@ def _train_group(fm: FedModel, strategy: Strategy, state: GlobalState, tasks: li
             mask = mask[:, :L].to(dev)
             y = data.labels[rows].to(dev)
 
-            feats = fm.features(input_ids, mask, aid)
-            logits = torch.einsum("nd,ncd->nc", feats, head_W[aid]) + head_b[aid]
-            ce = F.cross_entropy(logits, y, reduction="none")
-            counts = torch.bincount(aid, minlength=K).to(ce.dtype)
+            if fm.causal:  # mean next-token loss over each client's own tokens
+                ce, ntok, _ = fm.token_losses(input_ids, mask, aid)
+                counts = torch.zeros(K, dtype=ce.dtype, device=dev).index_add(0, aid, ntok.to(ce.dtype))
+            else:  # mean loss over each client's own sequences
+                feats = fm.features(input_ids, mask, aid)
+                logits = torch.einsum("nd,ncd->nc", feats, head_W[aid]) + head_b[aid]
+                ce = F.cross_entropy(logits, y, reduction="none")
+                counts = torch.bincount(aid, minlength=K).to(ce.dtype)
             per_client = torch.zeros(K, dtype=ce.dtype, device=dev).index_add(0, aid, ce) / counts.clamp_min(1)
             loss = per_client.sum()
             if not full:
@@ -366,6 +390,7 @@ def _local_eval(fm: FedModel, tasks, data: TokenData, head_W, head_b, cfg):
         aid.append(np.full(len(h), k, dtype=np.int64))
     rows_np, aid_np = np.concatenate(rows), np.concatenate(aid)
     correct = np.zeros(K)
+    tokens = np.zeros(K)
     n = np.bincount(aid_np, minlength=K)
     bs = cfg.eval_batch_size
     for s in range(0, len(rows_np), bs):
@@ -373,30 +398,48 @@ def _local_eval(fm: FedModel, tasks, data: TokenData, head_W, head_b, cfg):
         a = torch.as_tensor(aid_np[s:s + bs], device=fm.device)
         mask = data.attention_mask[r]
         L = max(int(mask.sum(1).max()), 1)
-        feats = fm.features(data.input_ids[r, :L].to(fm.device), mask[:, :L].to(fm.device), a)
+        ids, m = data.input_ids[r, :L].to(fm.device), mask[:, :L].to(fm.device)
+        if fm.causal:  # next-token accuracy over each client's held-out tokens
+            _, ntok, ok = fm.token_losses(ids, m, a)
+            correct += np.bincount(aid_np[s:s + bs], weights=ok.cpu().double().numpy(), minlength=K)
+            tokens += np.bincount(aid_np[s:s + bs], weights=ntok.cpu().double().numpy(), minlength=K)
+            continue
+        feats = fm.features(ids, m, a)
         logits = torch.einsum("nd,ncd->nc", feats, head_W[a]) + head_b[a]
         ok = (logits.argmax(1).cpu() == data.labels[r]).to(torch.float64)
         correct += np.bincount(aid_np[s:s + bs], weights=ok.numpy(), minlength=K)
-    acc = [float(c / m) if m else None for c, m in zip(correct, n)]
+    denom = tokens if fm.causal else n
+    acc = [float(c / d) if d else None for c, d in zip(correct, denom)]
     return acc, [int(m) for m in n]
 
 
 @torch.no_grad()
 def evaluate(fm: FedModel, state: GlobalState, data: TokenData, batch_size: int = 64) -> tuple[float, float]:
-    """Global model's ``(accuracy, mean cross-entropy)`` on ``data``."""
+    """Global model's ``(accuracy, mean cross-entropy)`` on ``data``; for a causal LM
+    ``(next-token accuracy, mean next-token cross-entropy)`` over all real tokens (perplexity
+    is ``exp`` of the second)."""
     fm.load_global(state)
     W = state.head_W.to(device=fm.device, dtype=fm.dtype)
     b = state.head_b.to(device=fm.device, dtype=fm.dtype)
     n = len(data)
-    correct, loss = 0.0, 0.0
+    correct, loss, tokens = 0.0, 0.0, 0.0
     for s in range(0, n, batch_size):
         mask = data.attention_mask[s:s + batch_size]
         L = max(int(mask.sum(1).max()), 1)
         ids = data.input_ids[s:s + batch_size, :L].to(fm.device)
         m = mask[:, :L].to(fm.device)
+        zeros = torch.zeros(ids.shape[0], dtype=torch.int64, device=fm.device)
+        if fm.causal:
+            ce, ntok, ok = fm.token_losses(ids, m, zeros)
+            loss += float(ce.double().sum())
+            correct += float(ok.sum())
+            tokens += float(ntok.sum())
+            continue
         y = data.labels[s:s + batch_size].to(fm.device)
-        feats = fm.features(ids, m, torch.zeros(ids.shape[0], dtype=torch.int64, device=fm.device))
+        feats = fm.features(ids, m, zeros)
         logits = feats @ W.t() + b
         loss += float(F.cross_entropy(logits.double(), y, reduction="sum"))
         correct += float((logits.argmax(1) == y).sum())
+    if fm.causal:
+        return (correct / tokens, loss / tokens) if tokens else (math.nan, math.nan)
     return (correct / n, loss / n) if n else (math.nan, math.nan)

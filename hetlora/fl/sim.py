@@ -96,6 +96,18 @@ def tiny_bert(seed: int = 0, vocab_size: int = 64, dtype: torch.dtype = torch.fl
     return m.to(dtype).eval()
 
 
+def tiny_gpt2(seed: int = 0, vocab_size: int = 64, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A tiny random GPT-2 causal LM (hidden 32, 2 layers, 2 heads; LoRA targets ``c_attn``): no download."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=2, n_positions=64, resid_pdrop=0.0,
+                     embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=2, eos_token_id=2)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        m = GPT2LMHeadModel(cfg)
+    return m.to(dtype).eval()
+
+
 def synthetic_data(seed: int = 0, num_train: int = 400, num_test: int = 100, num_classes: int = 4,
                    length: int = 16, vocab_size: int = 64) -> tuple[TokenData, TokenData, int]:
     """Learnable synthetic token data: class ``c`` draws half its tokens from its own
@@ -140,7 +152,9 @@ def _load_encoder(config: FedConfig) -> tuple[nn.Module, str, object | None]:
     dtype = _DTYPES[config.dtype]
     if config.model == "tiny-random-bert":
         return tiny_bert(config.seed, dtype=dtype), "tiny-random-bert", None
-    from transformers import AutoModel, AutoTokenizer
+    if config.model == "tiny-random-gpt2":
+        return tiny_gpt2(config.seed, dtype=dtype), "tiny-random-gpt2", None
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     if config.model == "minilm":
         from .data import default_model_path
@@ -158,11 +172,16 @@ def _load_encoder(config: FedConfig) -> tuple[nn.Module, str, object | None]:
     if path.startswith((".", "/", "~")) and not Path(path).expanduser().exists():
         raise ValueError(f"FedConfig.model: no model directory at {path!r}")
     try:
-        try:
-            enc = AutoModel.from_pretrained(path, add_pooling_layer=False)  # the pooler is unused (mean pooling)
-        except TypeError:
-            enc = AutoModel.from_pretrained(path)
+        if config.task == "causal-lm":
+            enc = AutoModelForCausalLM.from_pretrained(path)
+        else:
+            try:
+                enc = AutoModel.from_pretrained(path, add_pooling_layer=False)  # the pooler is unused (mean pooling)
+            except TypeError:
+                enc = AutoModel.from_pretrained(path)
         tok = AutoTokenizer.from_pretrained(path)
+        if tok.pad_token is None and tok.eos_token is not None:
+            tok.pad_token = tok.eos_token  # GPT-2 style tokenizers: padding is masked out anyway
     except (OSError, ValueError) as e:
         raise ValueError(f"FedConfig.model: cannot load {path!r} as a transformers model "
                          f"(a local directory, or a hub name when online): {e}") from None
@@ -261,7 +280,7 @@ class Simulation:
         else:
             enc, self.model_name, self.tokenizer = _load_encoder(cfg)
         enc = enc.to(cfg.device)
-        self.fm = FedModel(enc, cfg.target_modules, dropout=cfg.lora_dropout)
+        self.fm = FedModel(enc, cfg.target_modules, dropout=cfg.lora_dropout, causal=cfg.task == "causal-lm")
         return self.fm
 
     def init_state(self, num_classes: int) -> GlobalState:
@@ -293,7 +312,8 @@ class Simulation:
             raise ValueError(f"FedConfig.num_clients: the data has {len(self.data.clients)} clients, "
                              f"got {cfg.num_clients}")
         self.client_ranks = assign_ranks(cfg)
-        self.init_state(self.data.num_classes)
+        # a causal LM keeps its own (frozen) LM head: the federated head is empty, [0, d]
+        self.init_state(0 if self.fm.causal else self.data.num_classes)
 
     # -- one round ---------------------------------------------------------------------------------
     def sample_clients(self, round_idx: int) -> np.ndarray:
@@ -379,6 +399,8 @@ class Simulation:
         if is_eval:
             acc, loss = evaluate(fm, self.state, self.data.test, cfg.eval_batch_size)
             rec["eval_acc"], rec["eval_loss"] = acc, loss
+            if fm.causal:
+                rec["eval_ppl"] = math.exp(loss) if loss < 700 else math.inf
             loc = [(u.local_acc, u.local_n) for u in accepted if u.local_acc is not None and u.local_n]
             if loc:
                 rec["client_acc"] = float(sum(a * n for a, n in loc) / sum(n for _, n in loc))
@@ -464,6 +486,8 @@ class Simulation:
     def _line(self, rec: dict) -> str:
         cfg = self.config
         acc = f"acc {100 * rec['eval_acc']:5.1f}%  loss {rec['eval_loss']:.3f}" if "eval_acc" in rec else "acc   -  "
+        if "eval_ppl" in rec:
+            acc = f"next-token acc {100 * rec['eval_acc']:5.1f}%  ppl {rec['eval_ppl']:.2f}"
         tl = f"{rec['train_loss']:.3f}" if rec["train_loss"] is not None else "-"
         ranks = [r for r in rec["ranks_sent"] if r]
         rr = f"{min(ranks)}..{max(ranks)}" if ranks else "-"
@@ -513,7 +537,7 @@ class Simulation:
         from hetlora_kernels import AdapterLayout
 
         self.fm.set_adapters(A, B, AdapterLayout([rank]), [scaling])
-        base = self.model_name if self.model_name not in ("tiny-random-bert",) else None
+        base = self.model_name if self.model_name not in ("tiny-random-bert", "tiny-random-gpt2") else None
         p = self.fm.mlm.export_peft(0, path, base_model_name_or_path=base)
         save_file({"weight": self.state.head_W.detach().cpu().contiguous(),
                    "bias": self.state.head_b.detach().cpu().contiguous()}, str(Path(p) / "head.safetensors"))
