@@ -20,7 +20,8 @@ def _finals(root, tag, name):
 def test_grid_runs_resumes_and_summarizes(tmp_path):
     grid = Grid(out=tmp_path, scale="smoke", strategies=["hetlora", "homlora@max"], alphas=[0.5], seeds=[0, 1])
     res = run_grid(grid, jobs=2, verbose=False, say=lambda m: None)
-    assert sorted(res["ran"]) == ["dir0.5-s0", "dir0.5-s1"] and not res["failed"] and not res["skipped"]
+    runs = [f"dir0.5-s{s}/{n}" for s in (0, 1) for n in ("hetlora", "homlora_r4")]
+    assert sorted(res["ran"]) == runs and not res["failed"] and not res["skipped"]
     # every run used the scale's config with its own α and seed
     for s in (0, 1):
         for name in ("hetlora", "homlora_r4"):
@@ -30,7 +31,7 @@ def test_grid_runs_resumes_and_summarizes(tmp_path):
         assert FedConfig.from_json(tmp_path / f"dir0.5-s{s}" / "homlora_r4" / "config.json").hom_rank == 4
     # a second call finds everything done and runs nothing
     again = run_grid(grid, jobs=1, verbose=False, say=lambda m: None)
-    assert again["ran"] == [] and sorted(again["skipped"]) == ["dir0.5-s0", "dir0.5-s1"]
+    assert again["ran"] == [] and sorted(again["skipped"]) == runs
 
     summary = summarize(grid, command="hetlora reproduce 20ng --scale smoke")
     rows = {(r["alpha"], r["strategy"]): r for r in summary["rows"]}
@@ -53,7 +54,7 @@ def test_grid_runs_resumes_and_summarizes(tmp_path):
 def test_budget_leaves_groups_for_a_later_run(tmp_path):
     grid = Grid(out=tmp_path, scale="smoke", strategies=["zeropad"], alphas=[0.5, 0.1], seeds=[0])
     res = run_grid(grid, jobs=1, budget_s=0.0, verbose=False, say=lambda m: None)
-    assert res["ran"] == [] and res["not_started"] == ["dir0.5-s0", "dir0.1-s0"]
+    assert res["ran"] == [] and res["not_started"] == ["dir0.5-s0/zeropad", "dir0.1-s0/zeropad"]
 
 
 def test_command_line_carries_overrides_and_resolves_hom_ranks(tmp_path):
@@ -64,6 +65,10 @@ def test_command_line_carries_overrides_and_resolves_hom_ranks(tmp_path):
     assert cmd[i + 1:i + 4] == ["homlora@2", "homlora@8", "flora"]
     assert cmd[cmd.index("--rounds") + 1] == "3" and cmd[cmd.index("--dirichlet-alpha") + 1] == "0.01"
     assert cmd[cmd.index("--seed") + 1] == "2" and "--resume" in cmd and "--no-plots" not in cmd
+    one = grid_command(grid, 0.5, 1, threads=None, strategy="homlora@8")
+    assert one[one.index("--strategy") + 1] == "homlora" and one[one.index("--hom-rank") + 1] == "8"
+    assert one[one.index("--run-name") + 1] == "homlora_r8" and one[one.index("--out-dir") + 1].endswith("dir0.5-s1")
+    assert "--compare" not in one and "--threads" not in one
 
 
 @pytest.mark.parametrize("kw,field", [
@@ -80,3 +85,12 @@ def test_cli_errors_exit_2(tmp_path, capsys):
     assert "--set" in capsys.readouterr().err
     assert main(["reproduce", "20ng", "--out", str(tmp_path), "--strategies", "nope"]) == 2
     assert "strategies" in capsys.readouterr().err
+
+
+def test_a_failing_run_is_reported_with_its_log_and_the_rest_go_on(tmp_path):
+    grid = Grid(out=tmp_path, scale="smoke", strategies=["hetlora"], alphas=[0.5], seeds=[0, 1],
+                overrides={"dataset": str(tmp_path / "missing.csv")})
+    res = run_grid(grid, jobs=1, verbose=False, say=lambda m: None)
+    assert [f["run"] for f in res["failed"]] == ["dir0.5-s0/hetlora", "dir0.5-s1/hetlora"]
+    assert all(f["rc"] == 2 for f in res["failed"])
+    assert "data file not found" in open(res["failed"][0]["log"]).read()

@@ -3,15 +3,15 @@ Dirichlet α x seed, at a chosen scale, then one summary table and plots.
 
 The seed's benchmark table reports HetLoRA on 20 Newsgroups with Dirichlet(α) client
 splits: 37.34 % (α = 0.01), 61.57 % (α = 0.1), 68.12 % (α = 0.5) test accuracy.  This
-module runs the grid as ``hetlora simulate --compare ...`` processes (one per (α, seed),
+module runs the grid as ``hetlora simulate`` processes (one per strategy, α and seed,
 ``--jobs`` of them at a time), each resumable: re-running the same command skips finished
 runs and continues unfinished ones from their last checkpoint, so a grid can be spread
 over several sessions (the ``full`` scale on a GPU is meant to be).
 
 Layout of ``--out``::
 
-    dir0.5-s0/<strategy>/metrics.jsonl ...   one --compare directory per (α, seed)
-    logs/dir0.5-s0.log                       that process's output
+    dir0.5-s0/<strategy>/metrics.jsonl ...   one run directory per (α, seed, strategy)
+    logs/dir0.5-s0-<strategy>.log            that process's output
     summary.md, summary.json                 the table (mean ± std over seeds)
     accuracy_by_alpha.png                    mean accuracy vs round, one panel per α
     final_accuracy.png                       final accuracy per strategy and α, seed table marked
@@ -117,13 +117,25 @@ def _flag(k: str, v) -> list[str]:
     return [name, str(v)]
 
 
-def grid_command(grid: Grid, alpha: float, seed: int, threads: int | None) -> list[str]:
-    """The ``hetlora simulate --compare`` command line of one (α, seed) group."""
-    cmd = [sys.executable, "-m", "hetlora", "simulate", "--compare", *grid.compare_names(), "--resume", "--quiet",
-           "--out-dir", str(grid.out), "--run-name", f"{_alpha_tag(alpha)}-s{seed}",
-           "--dirichlet-alpha", f"{alpha:g}", "--seed", str(seed)]
+def _label(name: str) -> str:
+    """Run directory name of a ``--compare``-style strategy item (homlora@2 -> homlora_r2)."""
+    return name.replace("@", "_r")
+
+
+def grid_command(grid: Grid, alpha: float, seed: int, threads: int | None, strategy: str | None = None) -> list[str]:
+    """The ``hetlora simulate`` command line of one run (``strategy``, a `compare_names` item) or,
+    without ``strategy``, of one (α, seed) group as ``--compare``."""
+    group = f"{_alpha_tag(alpha)}-s{seed}"
+    if strategy is None:
+        cmd = [sys.executable, "-m", "hetlora", "simulate", "--compare", *grid.compare_names(),
+               "--out-dir", str(grid.out), "--run-name", group]
+    else:
+        name, _, rank = strategy.partition("@")
+        cmd = [sys.executable, "-m", "hetlora", "simulate", "--strategy", name, *(["--hom-rank", rank] if rank else []),
+               "--out-dir", str(grid.out / group), "--run-name", _label(strategy)]
+    cmd += ["--resume", "--quiet", "--dirichlet-alpha", f"{alpha:g}", "--seed", str(seed)]
     for k, v in grid.config().items():
-        if k in ("dirichlet_alpha", "seed", "out_dir", "run_name", "progress"):
+        if k in ("dirichlet_alpha", "seed", "out_dir", "run_name", "progress", "strategy", "hom_rank"):
             continue
         cmd += _flag(k, v)
     if threads:
@@ -131,24 +143,23 @@ def grid_command(grid: Grid, alpha: float, seed: int, threads: int | None) -> li
     return cmd
 
 
-def _group_done(grid: Grid, alpha: float, seed: int, rounds: int) -> bool:
-    root = grid.out / f"{_alpha_tag(alpha)}-s{seed}"
-    for name in grid.compare_names():
-        m = root / name.replace("@", "_r") / "metrics.jsonl"
-        if not m.exists():
-            return False
-        lines = [x for x in m.read_text().splitlines() if x.strip()]
-        if not lines or json.loads(lines[-1]).get("round", 0) < rounds:
-            return False
-    return True
+def _run_done(grid: Grid, alpha: float, seed: int, name: str, rounds: int) -> bool:
+    m = grid.out / f"{_alpha_tag(alpha)}-s{seed}" / _label(name) / "metrics.jsonl"
+    if not m.exists():
+        return False
+    lines = [x for x in m.read_text().splitlines() if x.strip()]
+    return bool(lines) and json.loads(lines[-1]).get("round", 0) >= rounds
 
 
 def run_grid(grid: Grid, jobs: int = 1, budget_s: float | None = None, verbose: bool = True,
              say: Callable[[str], None] | None = None) -> dict:
-    """Run every unfinished (α, seed) group, ``jobs`` processes at a time; returns
-    ``{"ran": [...], "skipped": [...], "failed": [{group, rc, log}], "not_started": [...]}``.
+    """Run every unfinished run of the grid, one ``hetlora simulate`` process per (α, seed,
+    strategy), ``jobs`` at a time (seed-major, so a grid cut short covers every α); returns
+    ``{"ran": [...], "skipped": [...], "failed": [{run, rc, log}], "not_started": [...]}``
+    with runs named ``dir<α>-s<seed>/<strategy>``.
 
-    No new group starts once ``budget_s`` seconds have passed (running ones finish)."""
+    No new run starts once ``budget_s`` seconds have passed (running ones finish); a run
+    killed half-way resumes from its last checkpoint next time."""
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs: must be an int >= 1, got {jobs!r}")
     say = say or (lambda m: print(m, flush=True))
@@ -160,56 +171,55 @@ def run_grid(grid: Grid, jobs: int = 1, budget_s: float | None = None, verbose: 
     (grid.out / "grid.json").write_text(json.dumps(
         {"scale": grid.scale, "strategies": grid.strategies, "alphas": grid.alphas, "seeds": grid.seeds,
          "overrides": grid.overrides, "config": grid.config()}, indent=1, default=str) + "\n")
-    todo, skipped = [], []
-    for a, s in grid.groups():
-        (skipped if _group_done(grid, a, s, rounds) else todo).append((a, s))
+    units = [(a, s, n) for a, s in grid.groups() for n in grid.compare_names()]
+    tag = lambda a, s, n: f"{_alpha_tag(a)}-s{s}/{_label(n)}"  # noqa: E731
+    todo = [u for u in units if not _run_done(grid, *u, rounds)]
+    result: dict = {"ran": [], "skipped": [tag(*u) for u in units if u not in todo], "failed": [],
+                    "not_started": []}
     threads = max(1, (os.cpu_count() or 1) // jobs) if grid.config().get("device", "cpu") == "cpu" else None
     env = dict(os.environ)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     t0 = time.monotonic()
-    result: dict = {"ran": [], "skipped": [f"{_alpha_tag(a)}-s{s}" for a, s in skipped], "failed": [],
-                    "not_started": []}
 
-    def one(a: float, s: int) -> tuple[str, int, Path, float]:
-        tag = f"{_alpha_tag(a)}-s{s}"
-        log = grid.out / "logs" / f"{tag}.log"
-        cmd = grid_command(grid, a, s, threads)
+    def one(a: float, s: int, n: str) -> tuple[str, int, Path, float]:
+        log = grid.out / "logs" / f"{_alpha_tag(a)}-s{s}-{_label(n)}.log"
+        cmd = grid_command(grid, a, s, threads, strategy=n)
         t = time.monotonic()
         with open(log, "a") as f:
             f.write(f"$ {shlex.join(cmd)}\n")
             f.flush()
             rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-        return tag, rc, log, time.monotonic() - t
+        return tag(a, s, n), rc, log, time.monotonic() - t
 
     bar = None
     if verbose:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(todo), desc=f"reproduce 20ng ({grid.scale})", unit="group")
+        bar = tqdm(total=len(todo), desc=f"reproduce 20ng ({grid.scale})", unit="run")
     pending = list(todo)
     with ThreadPoolExecutor(max_workers=jobs) as ex:
-        futs = {}
+        futs: dict = {}
 
         def submit_next() -> None:
             while pending and len(futs) < jobs:
                 if budget_s is not None and time.monotonic() - t0 > budget_s:
-                    result["not_started"] += [f"{_alpha_tag(a)}-s{s}" for a, s in pending]
+                    result["not_started"] += [tag(*u) for u in pending]
                     pending.clear()
                     return
-                a, s = pending.pop(0)
-                futs[ex.submit(one, a, s)] = (a, s)
+                u = pending.pop(0)
+                futs[ex.submit(one, *u)] = u
 
         submit_next()
         while futs:
             done = next(as_completed(futs))
             futs.pop(done)
-            tag, rc, log, dt = done.result()
+            name, rc, log, dt = done.result()
             if rc == 0:
-                result["ran"].append(tag)
-                msg = f"{tag}: done in {dt:.0f}s"
+                result["ran"].append(name)
+                msg = f"{name}: done in {dt:.0f}s"
             else:
-                result["failed"].append({"group": tag, "rc": rc, "log": str(log)})
-                msg = f"{tag}: FAILED (exit {rc}); see {log}"
+                result["failed"].append({"run": name, "rc": rc, "log": str(log)})
+                msg = f"{name}: FAILED (exit {rc}); see {log}"
             if bar is not None:
                 bar.update(1)
                 bar.write(msg)
@@ -233,7 +243,7 @@ def _collect(grid: Grid) -> dict:
     for a in grid.alphas:
         for strat, name in names.items():
             for s in grid.seeds:
-                d = grid.out / f"{_alpha_tag(a)}-s{s}" / name.replace("@", "_r")
+                d = grid.out / f"{_alpha_tag(a)}-s{s}" / _label(name)
                 if (d / "metrics.jsonl").exists():
                     recs = read_metrics(d)
                     if recs:
