@@ -94,3 +94,15 @@ def test_a_failing_run_is_reported_with_its_log_and_the_rest_go_on(tmp_path):
     assert [f["run"] for f in res["failed"]] == ["dir0.5-s0/hetlora", "dir0.5-s1/hetlora"]
     assert all(f["rc"] == 2 for f in res["failed"])
     assert "data file not found" in open(res["failed"][0]["log"]).read()
+
+
+def test_summary_leaves_out_unfinished_runs(tmp_path):
+    grid = Grid(out=tmp_path, scale="smoke", strategies=["hetlora"], alphas=[0.5], seeds=[0, 1])
+    for s, rounds in ((0, 2), (1, 1)):  # seed 1 stopped after round 1 of 2
+        d = tmp_path / f"dir0.5-s{s}" / "hetlora"
+        d.mkdir(parents=True)
+        recs = [{"round": r, "eval_acc": 0.1 * (r + s), "bytes_up_total": 10, "ranks_sent": [2]}
+                for r in range(1, rounds + 1)]
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    rows = summarize(grid)["rows"]
+    assert len(rows) == 1 and rows[0]["seeds"] == 1 and rows[0]["final"] == (pytest.approx(20.0), 0.0)

@@ -235,9 +235,11 @@ def run_grid(grid: Grid, jobs: int = 1, budget_s: float | None = None, verbose: 
 # summary
 # ---------------------------------------------------------------------------------------------
 def _collect(grid: Grid) -> dict:
-    """``{alpha: {strategy: [records of seed 0, seed 1, ...]}}`` for the runs that exist."""
+    """``{alpha: {strategy: [records of seed 0, seed 1, ...]}}`` for the runs that have finished."""
+    from .config import FedConfig
     from .report import read_metrics
 
+    rounds = FedConfig(**grid.config()).rounds
     names = dict(zip(grid.strategies, grid.compare_names()))
     out: dict = {}
     for a in grid.alphas:
@@ -246,7 +248,7 @@ def _collect(grid: Grid) -> dict:
                 d = grid.out / f"{_alpha_tag(a)}-s{s}" / _label(name)
                 if (d / "metrics.jsonl").exists():
                     recs = read_metrics(d)
-                    if recs:
+                    if recs and recs[-1].get("round", 0) >= rounds:  # unfinished runs are left out
                         out.setdefault(a, {}).setdefault(strat, []).append(recs)
     return out
 
