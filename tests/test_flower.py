@@ -1,0 +1,386 @@
+"""hetlora on Flower (flwr 1.42): the strategy's hooks on hand-built messages, in-process runs
+(a fake grid and Flower's Ray simulation engine) against the simulator, and a real deployment
+(superlink + supernodes on loopback).  CPU, tiny random BERT, synthetic data, no network."""
+
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+# flwr is installed by scripts/setup.sh: a missing flwr fails these tests, it never skips them
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict  # noqa: E402
+
+from hetlora.fl import FedConfig, Simulation  # noqa: E402
+from hetlora.flower import FlowerStrategy, fedconfig_from_run_config, make_client_app, make_server_app  # noqa: E402
+from hetlora.flower.serde import to_array  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+FLWR_ENV = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def flower_env():
+    """Flower offline and quiet, with a temporary FLWR_HOME (ENVIRONMENT.md)."""
+    old = {k: os.environ.get(k) for k in [*FLWR_ENV, "FLWR_HOME"]}
+    home = tempfile.mkdtemp(prefix="flwr-home-")
+    os.environ.update(FLWR_ENV, FLWR_HOME=home)
+    yield home
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture
+def task_identity():
+    """Messages built outside a running ServerApp need Flower's task identity set."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    old = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
+
+
+def _cfg(tmp_path, name="run", **kw):
+    base = dict(model="tiny-random-bert", dataset="synthetic", num_clients=4, clients_per_round=3, rounds=2,
+                local_steps=2, batch_size=4, r_min=2, r_max=16, max_length=16, eval_samples=24, progress=False,
+                client_eval_samples=4, rank_rule="list", ranks=[2, 4, 8, 16], mode="sequential", lr=1e-2,
+                head_lr=1e-2, out_dir=str(tmp_path), run_name=name, checkpoint_every=1, export_clients=1,
+                plots=False, target_modules=["query", "value"])
+    base.update(kw)
+    return FedConfig(**base)
+
+
+# the same settings as the example app's run config (examples/flower/pyproject.toml overrides)
+RUN_CONFIG = ("model='tiny-random-bert' dataset='synthetic' num-clients=4 clients-per-round=3 rounds=2 local-steps=2 "
+              "batch-size=4 max-length=16 eval-samples=24 client-eval-samples=4 rank-rule='list' "
+              "ranks='2,4,8,16' lr=0.01 min-nodes=4")
+
+
+class FakeGrid:
+    """A grid whose nodes run the ClientApp in this process (no Flower runtime)."""
+
+    def __init__(self, app, n, extra=None):
+        self.app, self.ctx = app, {}
+        for i in range(n):
+            nid = 1000 + 7 * i
+            nc = {"partition-id": i, "num-partitions": n, **((extra or {}).get(i, {}))}
+            self.ctx[nid] = Context(run_id=1, node_id=nid, node_config=nc, state=RecordDict(), run_config={})
+
+    def get_node_ids(self):
+        return list(self.ctx)
+
+    def send_and_receive(self, messages, timeout=None):
+        return [self.app(m, self.ctx[m.metadata.dst_node_id]) for m in messages]
+
+
+def _tensors(state):
+    return state.A + state.B + [state.head_W, state.head_b]
+
+
+def _assert_same_state(a, b, **tol):
+    for x, y in zip(_tensors(a), _tensors(b), strict=True):
+        torch.testing.assert_close(x, y, **tol)
+
+
+# ---------------------------------------------------------------------------------------------
+def test_run_config_maps_to_fedconfig():
+    cfg, extra = fedconfig_from_run_config({"num-clients": 4, "clients-per-round": 2, "ranks": "2, 4,8,16",
+                                            "rank-rule": "list", "norm-cap": "", "min-nodes": 4})
+    assert cfg.num_clients == 4 and cfg.ranks == [2, 4, 8, 16] and cfg.norm_cap is None
+    assert extra == {"min-nodes": 4}
+    with pytest.raises(ValueError, match="FedConfig.task"):
+        FlowerStrategy(FedConfig(model="tiny-random-gpt2", task="causal-lm", dataset="synthetic",
+                                 target_modules=["c_attn"]))
+    with pytest.raises(ValueError, match="no-such-key"):
+        fedconfig_from_run_config({"no-such-key": 1})
+    with pytest.raises(ValueError, match="clients_per_round"):
+        fedconfig_from_run_config({"num-clients": 2, "clients-per-round": 3})
+
+
+def test_example_app_is_consistent(monkeypatch):
+    """examples/flower: its run config is a valid FedConfig (20 Newsgroups, MiniLM) and its
+    components load as a ServerApp and a ClientApp."""
+    import importlib
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: flwr depends on tomli
+        import tomli as tomllib
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import ServerApp
+
+    app_dir = ROOT / "examples" / "flower"
+    tool = tomllib.loads((app_dir / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    cfg, extra = fedconfig_from_run_config(tool["config"])
+    assert cfg.dataset == "20newsgroups" and cfg.model == "minilm" and cfg.strategy == "hetlora"
+    assert set(extra) == {"min-nodes", "node-wait-s", "round-timeout-s"}
+    monkeypatch.syspath_prepend(str(app_dir))
+    for key, cls in (("serverapp", ServerApp), ("clientapp", ClientApp)):
+        mod, attr = tool["components"][key].split(":")
+        assert isinstance(getattr(importlib.import_module(mod), attr), cls)
+
+
+def test_missing_flwr_gives_an_install_hint():
+    code = ("import sys; sys.modules['flwr'] = None\n"
+            "try:\n    import hetlora.flower\nexcept ImportError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "pip install -e .[flower]" in out.stdout and "scripts/setup.sh" in out.stdout
+
+
+def test_hooks_on_hand_built_messages(tmp_path, task_identity):
+    """configure_train sends ranks {2,4,8,16}; an error reply, a NaN reply and a wrong-shape reply
+    are dropped (logged with node id and reason, counted) and the round completes without them."""
+    cfg = _cfg(tmp_path, clients_per_round=4, rounds=1)
+    strat = FlowerStrategy(cfg)
+    init = [t.clone() for t in _tensors(strat.state)]
+    app = make_client_app()
+    grid = FakeGrid(app, 4)
+    msgs = list(strat.configure_train(1, strat.global_arrays(), ConfigRecord(), grid))
+    assert len(msgs) == 4
+    by_client = {}
+    for m in msgs:
+        task = m.content["task"]
+        c, r = int(task["client-id"]), int(task["rank"])
+        assert strat.node_of[c] == m.metadata.dst_node_id
+        assert r == [2, 4, 8, 16][c]
+        assert m.content["adapter"]["A.0"].shape == (r, 32) and m.content["adapter"]["B.1"].shape == (r, 32)
+        by_client[c] = m
+
+    replies = []
+    for c, m in sorted(by_client.items()):
+        ctx = grid.ctx[m.metadata.dst_node_id]
+        if c == 1:  # a client that crashed
+            replies.append(Message(Error(code=2, reason="Traceback ...\nRuntimeError: out of memory"), reply_to=m))
+            continue
+        rep = app(m, ctx)
+        upd = rep.content["update"]
+        if c == 2:  # NaN in its adapter
+            a = upd["A.0"].numpy().copy()
+            a[0, 0] = math.nan
+            upd["A.0"] = to_array(torch.from_numpy(a))
+        if c == 3:  # wrong shape: B of layer 1 has 7 columns
+            upd["B.1"] = to_array(torch.zeros(int(rep.content["metrics"]["rank"]), 7))
+        replies.append(rep)
+    stray = Message(RecordDict({"update": ArrayRecord()}), reply_to=Message(RecordDict(), 999, "train"))
+    arrays, metrics = strat.aggregate_train(1, replies + [stray])
+    assert metrics["num-accepted"] == 1 and metrics["num-rejected"] == 3 and metrics["failed"] == 0
+    rec = strat.records[-1]
+    reasons = {r["client"]: r for r in rec["rejected"]}
+    assert "error reply" in reasons[1]["reason"] and "out of memory" in reasons[1]["reason"]
+    assert "non-finite" in reasons[2]["reason"] and "shape" in reasons[3]["reason"]
+    assert all(reasons[c]["node"] == strat.node_of[c] for c in (1, 2, 3))
+    assert rec["eval_acc"] is not None and rec["num_replies"] == 5
+    now = _tensors(strat.state)
+    assert all(torch.isfinite(t).all() for t in now)
+    assert any(not torch.equal(a, b) for a, b in zip(init, now))  # client 0's update went in
+    assert arrays["A.0"].shape == (16, 32)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["num_rejected"] == 3
+
+
+def test_too_few_valid_replies_keep_the_global_state(tmp_path, task_identity):
+    """A node that never answers counts as rejected; below min_clients the round fails and the
+    global model is unchanged."""
+    cfg = _cfg(tmp_path, clients_per_round=2, rounds=1, min_clients=2)
+    strat = FlowerStrategy(cfg, write_outputs=False)
+    init = [t.clone() for t in _tensors(strat.state)]
+    grid = FakeGrid(make_client_app(), 4)
+    msgs = list(strat.configure_train(1, strat.global_arrays(), ConfigRecord(), grid))
+    replies = grid.send_and_receive([msgs[0]])  # the second node never answers
+    _, metrics = strat.aggregate_train(1, replies)
+    assert metrics["failed"] == 1 and metrics["num-accepted"] == 1 and metrics["num-rejected"] == 1
+    assert "no reply" in strat.records[-1]["rejected"][0]["reason"]
+    for a, b in zip(init, _tensors(strat.state)):
+        assert torch.equal(a, b)
+
+
+def test_declared_ranks_come_from_node_config(tmp_path, task_identity):
+    """A node that declares a rank trains at it; one that does not gets the server's rank rule."""
+    cfg = _cfg(tmp_path, clients_per_round=4, rounds=1, rank_rule="tiers", tiers=[[1.0, "max"]])
+    strat = FlowerStrategy(cfg, write_outputs=False)
+    grid = FakeGrid(make_client_app(), 4, extra={0: {"rank": 3}, 1: {"rank": 5}, 3: {"rank": 40}})
+    msgs = strat.configure_train(1, strat.global_arrays(), ConfigRecord(), grid)
+    ranks = {int(m.content["task"]["client-id"]): int(m.content["task"]["rank"]) for m in msgs}
+    assert ranks == {0: 3, 1: 5, 2: 16, 3: 16}  # 40 > r_max is capped
+    _, metrics = strat.aggregate_train(1, grid.send_and_receive(msgs))
+    assert metrics["num-accepted"] == 4
+
+
+def test_nodes_that_leave_and_rejoin(tmp_path, task_identity):
+    """A sampled client whose node is gone is counted as failed; a node that comes back under a
+    new node id gets its partition back."""
+    cfg = _cfg(tmp_path, clients_per_round=4, rounds=3)
+    strat = FlowerStrategy(cfg, write_outputs=False)
+    grid = FakeGrid(make_client_app(), 4)
+    msgs = strat.configure_train(1, strat.global_arrays(), ConfigRecord(), grid)
+    strat.aggregate_train(1, grid.send_and_receive(msgs))
+    gone = strat.node_of[0]
+    del grid.ctx[gone]
+    msgs = strat.configure_train(2, strat.global_arrays(), ConfigRecord(), grid)
+    assert len(msgs) == 3
+    _, metrics = strat.aggregate_train(2, grid.send_and_receive(msgs))
+    assert metrics["num-accepted"] == 3 and metrics["num-rejected"] == 1
+    assert "no connected node" in strat.records[-1]["rejected"][0]["reason"]
+    grid.ctx[5000] = Context(run_id=1, node_id=5000, node_config={"partition-id": 0}, state=RecordDict(),
+                             run_config={})
+    msgs = strat.configure_train(3, strat.global_arrays(), ConfigRecord(), grid)
+    assert len(msgs) == 4 and strat.node_of[0] == 5000
+    _, metrics = strat.aggregate_train(3, grid.send_and_receive(msgs))
+    assert metrics["num-accepted"] == 4
+
+
+@pytest.mark.parametrize("dp", [False, True], ids=["plain", "client-level-dp"])
+def test_fake_grid_run_equals_the_simulator(tmp_path, task_identity, dp):
+    """Flower's own round loop (Strategy.start) with nodes in this process = hetlora simulate
+    --mode sequential, bit for bit (same seed, clients, data), with client-level DP too (the
+    server half of a round is the simulator's own `conclude_round`)."""
+    kw = {"dp_clip": 0.05, "dp_noise_multiplier": 0.5} if dp else {}
+    strat = FlowerStrategy(_cfg(tmp_path, "flower", **kw))
+    strat.run(FakeGrid(make_client_app(), 4))
+    sim = Simulation(_cfg(tmp_path, "sim", **kw), verbose=False)
+    hist = sim.run()
+    _assert_same_state(strat.state, sim.state, rtol=0, atol=0)
+    assert list(strat.sim.client_ranks) == list(sim.client_ranks)
+    assert [r["clients"] for r in strat.records] == [r["clients"] for r in hist.records]
+    assert [r.get("dp_epsilon") for r in strat.records] == [r.get("dp_epsilon") for r in hist.records]
+    if dp:
+        assert all(r["dp_epsilon"] > 0 and r["dp_clipped"] >= 1 for r in strat.records)
+    assert (tmp_path / "flower" / "adapters" / "global" / "adapter_config.json").exists()
+
+
+def test_ray_simulation_engine_matches_the_simulator(tmp_path):
+    """4 virtual nodes (ranks 2, 4, 8, 16), 2 rounds on Flower's simulation engine: every
+    sampled node replies each round and the global adapter equals the simulator's."""
+    from flwr.simulation import run_simulation
+
+    # ENVIRONMENT.md: now and then a Ray round receives fewer replies than it sampled, with no
+    # error (Flower's, not ours: the round then rejects the missing node, as it must).  One
+    # retry on a fresh directory keeps that known flake from failing the suite; two in a row fail.
+    for attempt in range(2):
+        out = {}
+        d = tmp_path / f"try{attempt}"
+        run_simulation(server_app=make_server_app(_cfg(d, "flower"), on_finish=lambda s, o=out: o.update(s=s)),
+                       client_app=make_client_app(), num_supernodes=4,
+                       backend_config={"client_resources": {"num_cpus": 1},
+                                       "init_args": {"num_cpus": 2, "include_dashboard": False}})
+        strat = out["s"]
+        if [r["num_replies"] for r in strat.records] == [3, 3]:
+            break
+    assert [r["num_replies"] for r in strat.records] == [3, 3]
+    assert [r["num_accepted"] for r in strat.records] == [3, 3]
+    sim = Simulation(_cfg(d, "sim"), verbose=False)
+    sim.run()
+    _assert_same_state(strat.state, sim.state, rtol=1e-4, atol=1e-5)
+    from hetlora.fl.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(d / "flower", restore_rng=False)
+    assert ck is not None and ck[0] == 2
+    _assert_same_state(ck[1], strat.state, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+def _free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _descendants(pid):
+    out = []
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return out
+    for k in kids:
+        out.append(int(k))
+        out += _descendants(int(k))
+    return out
+
+
+def _stop(procs):
+    """Stop every process we started (and the ones they started) by PID."""
+    pids = []
+    for p in procs:
+        pids += _descendants(p.pid) + [p.pid]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.slow
+def test_deployment_superlink_and_supernodes(tmp_path, flower_env):
+    """flower-superlink + 4 flower-supernode processes on 127.0.0.1 (ranks 3, 5, rule, 12 declared
+    in their node_config), then `flwr run` of examples/flower against them."""
+    link, *node_ports = _free_ports(5)
+    env = {**os.environ, **FLWR_ENV, "FLWR_HOME": flower_env, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    procs = []
+    try:
+        procs.append(subprocess.Popen([str(BIN / "flower-superlink"), "--insecure", "--port", str(link)], env=env,
+                                      stdout=open(logs / "superlink.log", "w"), stderr=subprocess.STDOUT))
+        t0 = time.monotonic()
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", link), 1).close()
+                break
+            except OSError:
+                assert time.monotonic() - t0 < 60, "the superlink did not start"
+                time.sleep(0.3)
+        for i, (port, rank) in enumerate(zip(node_ports, [3, 5, None, 12])):
+            nc = f"partition-id={i} num-partitions=4" + (f" rank={rank}" if rank else "")
+            procs.append(subprocess.Popen(
+                [str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link}", "--port", str(port),
+                 "--node-config", nc], env=env, stdout=open(logs / f"node{i}.log", "w"), stderr=subprocess.STDOUT))
+        conf = Path(flower_env) / "config.toml"
+        conf.write_text(f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\naddress = "127.0.0.1:{link}"\n'
+                        "insecure = true\n")
+        out = tmp_path / "runs"
+        run = subprocess.run([str(BIN / "flwr"), "run", ".", "deploy", "--stream", "--run-config",
+                              f"{RUN_CONFIG} out-dir='{out}'"], cwd=ROOT / "examples" / "flower", env=env,
+                             capture_output=True, text=True, timeout=400)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        recs = [json.loads(x) for x in (out / "flower_hetlora" / "metrics.jsonl").read_text().splitlines()]
+        assert [r["round"] for r in recs] == [1, 2]
+        for r in recs:
+            assert r["num_replies"] == 3 and r["num_accepted"] == 3, r
+            sent = dict(zip(r["clients"], r["ranks_received"]))
+            assert all(sent[c] == {0: 3, 1: 5, 2: 8, 3: 12}[c] for c in sent)
+    finally:
+        _stop(procs)
