@@ -223,6 +223,99 @@ def test_larger_shape_parallel_cpu():
 
 
 # ------------------------------------------------------------------------------------------
+# the blocked C++ CPU kernels: odd shapes, instruction-set variants, thread counts
+# ------------------------------------------------------------------------------------------
+def _blocked_case(dtype, T=300, d_in=1037, d_out=263, seed=11):
+    """Segments longer than a work item (64 tokens), an empty one, -1 tokens, ranks 1..67
+    (remainders of every register tile), widths that are no multiple of any vector."""
+    layout = hk.AdapterLayout([1, 67, 5, 13, 2, 9])
+    gen = torch.Generator().manual_seed(seed)
+    p = torch.tensor([0.03, 0.2, 0.5, 0.0, 0.02, 0.2, 0.05])  # -1, then adapters 0..5 (adapter 2 empty)
+    ids = torch.multinomial(p, T, replacement=True, generator=gen) - 1
+    groups = hk.TokenGroups.from_adapter_ids(ids, layout.num_adapters)
+    x = torch.randn(T, d_in, generator=gen).to(dtype)
+    A = (torch.randn(layout.total_rank, d_in, generator=gen) / d_in**0.5).to(dtype)
+    B = torch.randn(layout.total_rank, d_out, generator=gen).to(dtype)
+    return x, A, B, layout, groups, ids
+
+
+def _with_threads(n, fn):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_blocked_kernels_thread_counts_and_reference_cpu(dtype):
+    x, A, B, layout, groups, ids = _blocked_case(dtype)
+    s = torch.linspace(0.5, 2.0, layout.num_adapters, dtype=torch.float64 if dtype == torch.float64 else None)
+    runs = [_with_threads(n, lambda: _fwd_bwd(x, A, B, layout, groups, s)) for n in (1, 2, 3)]
+    for a, b, c in zip(*runs):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    xd, Ad, Bd = (t.double().requires_grad_(True) for t in (x, A, B))
+    ref = dense_delta(xd, Ad, Bd, layout, ids, s)
+    dy = torch.linspace(-1, 1, ref.numel()).reshape(ref.shape).to(dtype).double()
+    want = (ref, *torch.autograd.grad(ref, (xd, Ad, Bd), dy))
+    for name, got, w in zip(("y", "dx", "dA", "dB"), runs[0], want):
+        assert rel_err(got, w) < TOL[dtype], name
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2", "native"])
+def test_instruction_set_variants_cpu(isa, monkeypatch):
+    """HETLORA_CPU_ISA caps the kernel variant (the widest one the CPU has is the default);
+    every variant is correct and thread-count independent."""
+    if isa != "native":
+        monkeypatch.setenv("HETLORA_CPU_ISA", isa)
+    x, A, B, layout, groups, ids = _blocked_case(torch.float32, T=150, d_in=301, d_out=77)
+    runs = [_with_threads(n, lambda: _fwd_bwd(x, A, B, layout, groups, 0.75)) for n in (1, 2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    xd, Ad, Bd = (t.double().requires_grad_(True) for t in (x, A, B))
+    ref = dense_delta(xd, Ad, Bd, layout, ids, 0.75)
+    dy = torch.linspace(-1, 1, ref.numel()).reshape(ref.shape).double()
+    want = (ref, *torch.autograd.grad(ref, (xd, Ad, Bd), dy))
+    for got, w in zip(runs[0], want):
+        assert rel_err(got, w) < 1e-5
+
+
+@pytest.mark.parametrize("d_in, d_out", [(1, 1), (16, 32), (33, 5), (256, 512), (7, 300)])
+def test_primitives_odd_widths_cpu(d_in, d_out):
+    """shrink/expand/wgrad one by one against float64, zeros past r_k and on -1 rows."""
+    ranks = [1, 4, 0, 19, 8]  # rank 0 reaches _C only through its own offsets (AdapterLayout refuses it)
+    offs = [0, 1, 5, 5, 24, 32]
+    K, r_max, R = len(ranks), max(ranks), offs[-1]
+    gen = torch.Generator().manual_seed(d_in * 1000 + d_out)
+    ids = torch.randint(-1, K, (90,), generator=gen)
+    groups = hk.TokenGroups.from_adapter_ids(ids, K)
+    order, starts, base = groups.order, groups.starts, groups.starts_list[0]
+    offsets = torch.tensor(offs)
+    x = torch.randn(90, d_in, generator=gen)
+    A = torch.randn(R, d_in, generator=gen)
+    B = torch.randn(R, d_out, generator=gen)
+    s = torch.rand(K, generator=gen) + 0.5
+    h = _C().shrink(x, A, order, starts, offsets, s, 1.0, base, r_max)
+    y = _C().expand(h, B, order, starts, offsets, None, 2.0, base)
+    dB = _C().wgrad(h, y, order, starts, offsets, s, 1.0, R)
+    h_ref = torch.zeros(90, r_max, dtype=torch.float64)
+    y_ref = torch.zeros(90, d_out, dtype=torch.float64)
+    dB_ref = torch.zeros(R, d_out, dtype=torch.float64)
+    for k in range(K):
+        rows, m = slice(offs[k], offs[k + 1]), ids == k
+        h_ref[m, : ranks[k]] = float(s[k]) * x[m].double() @ A[rows].double().t()
+        y_ref[m] = 2.0 * h_ref[m, : ranks[k]] @ B[rows].double()
+        dB_ref[rows] = float(s[k]) * h[m, : ranks[k]].double().t() @ y[m].double()
+    assert torch.equal(h[ids == -1], torch.zeros_like(h[ids == -1]))
+    assert torch.equal(y[ids == -1], torch.zeros_like(y[ids == -1]))
+    for k in range(K):  # exact zeros past each token's rank (all of them for the rank-0 adapter)
+        assert not h[ids == k, ranks[k] :].any()
+    for got, want in ((h, h_ref), (y, y_ref), (dB, dB_ref)):
+        assert rel_err(got, want) < 1e-5
+
+
+# ------------------------------------------------------------------------------------------
 # server ops on CPU tensors
 # ------------------------------------------------------------------------------------------
 def _layers(dtype, device="cpu", seed=0):
