@@ -24,7 +24,7 @@ from hetlora.fl.sim import Simulation
 from hetlora.fl.strategies import ClientUpdate, Distribution, GlobalState, make_strategy
 from hetlora_kernels import AdapterLayout
 
-from .serde import decode_layers, encode_tensors, from_array
+from .serde import decode_tensors, encode_tensors
 
 __all__ = ["node_info", "train_on_node", "local_simulation"]
 
@@ -104,15 +104,8 @@ def train_on_node(msg: Message, context: Context,
     sim = local_simulation(cfg)
     fm = sim.fm
     arr = msg.content["adapter"]
-    A = decode_layers(arr, "A", fm.dtype, fm.device)
-    B = decode_layers(arr, "B", fm.dtype, fm.device)
-    W = decode_layers(arr, "W", fm.dtype, fm.device) or None
-    bias = None
-    if W is not None:
-        bias = [from_array(arr[f"bias.{i}"], fm.dtype, fm.device) if f"bias.{i}" in arr else None
-                for i in range(len(W))]
-    head_W = from_array(arr["head_W"], fm.dtype, fm.device)
-    head_b = from_array(arr["head_b"], fm.dtype, fm.device)
+    t_ = decode_tensors(arr, fm.dtype, fm.device)
+    A, B, head_W, head_b, W, bias = t_["A"], t_["B"], t_["head_W"], t_["head_b"], t_["weights"], t_["biases"]
     scaling = float(task["scaling"])
     state = GlobalState(A, B, scaling, head_W, head_b, W, bias)
     dist = Distribution(A, B, AdapterLayout([r]), [scaling], [int(task.get("params-down", 0))])

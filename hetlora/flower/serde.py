@@ -53,3 +53,15 @@ def decode_layers(rec: ArrayRecord, prefix: str, dtype: torch.dtype, device) -> 
         out.append(from_array(rec[f"{prefix}.{i}"], dtype, device))
         i += 1
     return out
+
+
+def decode_tensors(rec: ArrayRecord, dtype: torch.dtype, device) -> dict:
+    """The inverse of `encode_tensors`: ``{"A", "B", "head_W", "head_b", "weights", "biases"}``
+    (``weights``/``biases`` None when the record carries no full weights)."""
+    W = decode_layers(rec, "W", dtype, device) or None
+    bias = None
+    if W is not None:
+        bias = [from_array(rec[f"bias.{i}"], dtype, device) if f"bias.{i}" in rec else None for i in range(len(W))]
+    return {"A": decode_layers(rec, "A", dtype, device), "B": decode_layers(rec, "B", dtype, device),
+            "head_W": from_array(rec["head_W"], dtype, device), "head_b": from_array(rec["head_b"], dtype, device),
+            "weights": W, "biases": bias}

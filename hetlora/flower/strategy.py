@@ -45,7 +45,7 @@ from hetlora.fl.config import FedConfig
 from hetlora.fl.sim import Simulation
 from hetlora.fl.strategies import ClientUpdate
 
-from .serde import decode_layers, encode_tensors, from_array
+from .serde import decode_tensors, encode_tensors
 
 __all__ = ["FlowerStrategy"]
 
@@ -220,21 +220,14 @@ class FlowerStrategy(_FlwrStrategy):
         fm = self.sim.fm
         rec = msg.content["update"]
         met = msg.content["metrics"]
-        A = decode_layers(rec, "A", fm.dtype, fm.device)
-        B = decode_layers(rec, "B", fm.dtype, fm.device)
-        W = decode_layers(rec, "W", fm.dtype, fm.device) or None
-        bias = None
-        if W is not None:
-            bias = [from_array(rec[f"bias.{i}"], fm.dtype, fm.device) if f"bias.{i}" in rec else None
-                    for i in range(len(W))]
+        t = decode_tensors(rec, fm.dtype, fm.device)
         rank = met["rank"]
         rank = int(rank) if isinstance(rank, (int, float)) and float(rank).is_integer() else rank
         local_acc = float(met["local-acc"]) if "local-acc" in met else None
         return ClientUpdate(
-            client_id=cid, rank=rank, rank_received=rank_sent, A=A, B=B, scaling=float(met["scaling"]),
-            head_W=from_array(rec["head_W"], fm.dtype, fm.device),
-            head_b=from_array(rec["head_b"], fm.dtype, fm.device),
-            num_examples=int(met["num-examples"]), weights=W, biases=bias, train_loss=float(met["train-loss"]),
+            client_id=cid, rank=rank, rank_received=rank_sent, A=t["A"], B=t["B"], scaling=float(met["scaling"]),
+            head_W=t["head_W"], head_b=t["head_b"], num_examples=int(met["num-examples"]), weights=t["weights"],
+            biases=t["biases"], train_loss=float(met["train-loss"]),
             local_acc=local_acc, local_n=int(met.get("local-n", 0)))
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None,
