@@ -14,7 +14,7 @@ TINY = ["--model", "tiny-random-bert", "--dataset", "synthetic", "--num-clients"
         "--tiers", "0.5:min,0.5:max", "--eval-samples", "20", "--no-progress", "--no-plots", "--quiet"]
 
 
-@pytest.mark.parametrize("cmd", ["simulate", "export", "plot", "bench"])
+@pytest.mark.parametrize("cmd", ["simulate", "reproduce", "export", "plot", "bench"])
 def test_help_of_each_subcommand(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         main([cmd, "--help"])
@@ -31,7 +31,7 @@ def test_top_level_help(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--help"])
     out = capsys.readouterr().out
-    assert all(c in out for c in ("simulate", "export", "plot", "bench"))
+    assert all(c in out for c in ("simulate", "reproduce", "export", "plot", "bench"))
 
 
 def test_simulate_export_plot(tmp_path, capsys):
