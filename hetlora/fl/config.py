@@ -196,6 +196,9 @@ class FedConfig:
     """torch device, e.g. cpu or cuda."""
     dtype: str = "float32"
     """Model dtype: float32, float64 or bfloat16."""
+    backend: str = "auto"
+    """hetlora_kernels backend for the LoRA and server ops: auto (triton on CUDA, torch on CPU),
+    torch, triton, or cuda (the csrc extension: CUDA kernels, or C++ CPU ops on CPU)."""
     seed: int = 0
     """Seed of every random choice (clients, ranks, batches, inits)."""
     threads: int | None = None
@@ -337,6 +340,7 @@ class FedConfig:
         except (RuntimeError, ValueError):
             raise self._err("device", "is not a torch device string (e.g. 'cpu', 'cuda', 'cuda:1')") from None
         self._choice("dtype", DTYPES)
+        self._choice("backend", ("auto", "torch", "triton", "cuda"))
         self._int("seed", 0)
         if self.threads is not None:
             self._int("threads", 1)

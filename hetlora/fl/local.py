@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hetlora.model import MultiLoraModel
-from hetlora_kernels import AdapterLayout
+from hetlora_kernels import AdapterLayout, use_backend
 
 from .strategies import ClientUpdate, Distribution, GlobalState, Strategy
 
@@ -250,6 +250,11 @@ def train_round(fm: FedModel, strategy: Strategy, state: GlobalState, tasks: Seq
     client_eval_samples.  ``on_step(n)`` is called after each optimiser step with the
     number of client-steps it advanced (progress bars).
     """
+    with use_backend(getattr(config, "backend", "auto")):
+        return _train_round(fm, strategy, state, tasks, data, config, round_idx, local_eval, on_step)
+
+
+def _train_round(fm, strategy, state, tasks, data, config, round_idx, local_eval, on_step):
     ids = [t.client_id for t in tasks]
     dist = strategy.distribute(state, ids, [t.rank for t in tasks], round_idx)
     if state.base_weights is not None:

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from hetlora_kernels import use_backend
+
 from .checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
 from .config import FedConfig
 from .local import ClientTask, FedModel, TokenData, evaluate, train_round
@@ -300,6 +302,12 @@ class Simulation:
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"FedConfig.device: {cfg.device!r} was asked for but this torch sees no CUDA GPU "
                              f"(torch {torch.__version__}); use --device cpu")
+        if cfg.backend != "auto":
+            from hetlora_kernels import backend_status
+
+            ok, why = backend_status(cfg.backend, dev)
+            if not ok:
+                raise ValueError(f"FedConfig.backend: {cfg.backend!r} cannot run on {cfg.device}: {why}")
         if self.fm is None:
             self.build_model()
         if self.data is None:
@@ -366,6 +374,10 @@ class Simulation:
         chosen: the sampled client ids; ranks_given: client id -> rank it was sent;
         params_down: client id -> parameters sent to it (head excluded); t0: the round's
         start (``time.perf_counter()``)."""
+        with use_backend(self.config.backend):
+            return self._conclude_round(round_idx, chosen, ranks_given, updates, params_down, is_eval, t0, errors)
+
+    def _conclude_round(self, round_idx, chosen, ranks_given, updates, params_down, is_eval, t0, errors) -> dict:
         cfg, fm, strat = self.config, self.fm, self.strategy
         head_shape = tuple(self.state.head_W.shape)
         screen = screen_updates(updates, fm.dims, cfg.r_max, head_shape, full=strat.full_finetune,
