@@ -252,6 +252,15 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> int | None:
 # ------------------------------------------------------------------------------------------
 # output
 # ------------------------------------------------------------------------------------------
+def resolve_run(args) -> tuple[torch.device, str]:
+    """``(device, preset name)`` of a ``kernels``/``e2e`` run from its shared flags (``--device``,
+    ``--threads``, ``--smoke``, ``--preset``); sets torch's thread count when asked."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return device, "smoke" if args.smoke else (args.preset or ("gpu" if device.type == "cuda" else "cpu"))
+
+
 def out_dir(out: str | None, device: torch.device) -> Path:
     p = Path(out) if out else RESULTS / device_slug(device)
     p.mkdir(parents=True, exist_ok=True)

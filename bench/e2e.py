@@ -283,10 +283,7 @@ def bench_run(run: Run, device: torch.device, dtype: torch.dtype, warmup: int, s
 
 
 def run(args: argparse.Namespace) -> Path:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    preset_name = "smoke" if args.smoke else (args.preset or ("gpu" if device.type == "cuda" else "cpu"))
+    device, preset_name = C.resolve_run(args)
     pre = PRESETS[preset_name]
     runs: list[Run] = list(pre["runs"])
     if args.models:

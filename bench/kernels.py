@@ -673,10 +673,7 @@ def sweep(pre: Preset) -> list[tuple]:
 
 
 def run(args: argparse.Namespace) -> Path:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    preset_name = "smoke" if args.smoke else (args.preset or ("gpu" if device.type == "cuda" else "cpu"))
+    device, preset_name = C.resolve_run(args)
     pre = PRESETS[preset_name]
     if args.budget_s is not None:
         pre.budget_s = args.budget_s
