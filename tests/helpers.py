@@ -42,3 +42,18 @@ def random_case(ranks, T, d_in, d_out, dtype=torch.float32, with_unrouted=True, 
     lo = -1 if with_unrouted else 0
     ids = torch.randint(lo, K, (T,), generator=g)
     return x, A, B, ids
+
+
+def cpu_backend_params() -> list:
+    """``pytest.param`` per backend (torch, triton, cuda) for CPU tensors; one that cannot run
+    here (no interpreter, no built extension) is skipped with the reason."""
+    import pytest
+
+    import hetlora_kernels as hk
+
+    params = []
+    for name in ("torch", "triton", "cuda"):
+        ok, why = hk.backend_status(name, "cpu")
+        marks = () if ok else (pytest.mark.skip(reason=f"{name} backend cannot run on CPU tensors here: {why}"),)
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params

@@ -42,6 +42,7 @@ import hetlora_kernels as hk
 from hetlora_kernels import AdapterLayout, TokenGroups
 
 from . import fuzz_refs as R
+from .helpers import cpu_backend_params
 
 # ---------------------------------------------------------------------------------------------
 # settings: the CI run (default) and the slow run (-m slow)
@@ -58,16 +59,7 @@ CI = settings(max_examples=13, derandomize=True, **_COMMON)
 SLOW = settings(max_examples=125, derandomize=False, **_COMMON)
 
 
-def _backends() -> list:
-    params = []
-    for name in ("torch", "triton", "cuda"):
-        ok, why = hk.backend_status(name, "cpu")
-        marks = () if ok else (pytest.mark.skip(reason=f"{name} backend cannot run on CPU tensors here: {why}"),)
-        params.append(pytest.param(name, marks=marks, id=name))
-    return params
-
-
-BACKENDS = _backends()
+BACKENDS = cpu_backend_params()
 backends = pytest.mark.parametrize("backend", BACKENDS)
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)

@@ -35,20 +35,13 @@ import torch
 import hetlora_kernels as hk
 from hetlora_kernels import AdapterLayout, TokenGroups
 
+from .helpers import cpu_backend_params
+
 ROOT = Path(__file__).resolve().parent.parent
 BAD = (ValueError, TypeError)
 
 
-def _backends() -> list:
-    params = []
-    for name in ("torch", "triton", "cuda"):
-        ok, why = hk.backend_status(name, "cpu")
-        marks = () if ok else (pytest.mark.skip(reason=f"{name} backend cannot run on CPU tensors here: {why}"),)
-        params.append(pytest.param(name, marks=marks, id=name))
-    return params
-
-
-BACKENDS = _backends()
+BACKENDS = cpu_backend_params()
 backends = pytest.mark.parametrize("backend", BACKENDS)
 
 
