@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser(
         "reproduce", help="run the seed table's 20 Newsgroups grid (every strategy x Dirichlet α x seed)",
         description="Run every strategy x α in {0.01, 0.1, 0.5} x 3 seeds on real 20 Newsgroups as resumable "
-                    "`hetlora simulate --compare` processes, then write summary.md/summary.json and plots beside "
+                    "`hetlora simulate` processes (one per run), then write summary.md/summary.json and plots beside "
                     "the seed table's HetLoRA numbers (37.34 / 61.57 / 68.12 %). Re-running the same command "
                     "skips finished runs and resumes unfinished ones.")
     r.add_argument("task", choices=["20ng"], help="the experiment (20ng: 20 Newsgroups, the seed table's row)")
@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a FedConfig field of the scale, e.g. --set rounds=20 (repeatable)")
     r.add_argument("--budget-s", type=float, metavar="S", default=None,
-                   help="start no new (α, seed) group after S seconds (a later run resumes the rest)")
+                   help="start no new run after S seconds (a later call resumes the rest)")
     r.add_argument("--summarize-only", action="store_true", help="only rebuild the summary and plots")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -227,7 +227,7 @@ def _reproduce(ns: argparse.Namespace) -> int:
         jobs = ns.jobs if ns.jobs is not None else (1 if grid.config().get("device", "cpu") != "cpu"
                                                     else min(2, os.cpu_count() or 1))
         res = run_grid(grid, jobs=jobs, budget_s=ns.budget_s, verbose=not ns.quiet)
-        print(f"groups: {len(res['ran'])} ran, {len(res['skipped'])} already done, {len(res['failed'])} failed, "
+        print(f"runs: {len(res['ran'])} ran, {len(res['skipped'])} already done, {len(res['failed'])} failed, "
               f"{len(res['not_started'])} left for a later run")
     summary = summarize(grid, command)
     print((out / "summary.md").read_text(), end="")

@@ -60,11 +60,11 @@ def test_budget_leaves_groups_for_a_later_run(tmp_path):
 def test_command_line_carries_overrides_and_resolves_hom_ranks(tmp_path):
     grid = Grid(out=tmp_path, scale="reduced", strategies=["homlora@min", "homlora@max", "flora"],
                 overrides={"rounds": 3, "r_max": 8})
-    cmd = grid_command(grid, 0.01, 2, threads=1)
-    i = cmd.index("--compare")
-    assert cmd[i + 1:i + 4] == ["homlora@2", "homlora@8", "flora"]
+    assert grid.compare_names() == ["homlora@2", "homlora@8", "flora"]
+    cmd = grid_command(grid, 0.01, 2, threads=1, strategy="flora")
     assert cmd[cmd.index("--rounds") + 1] == "3" and cmd[cmd.index("--dirichlet-alpha") + 1] == "0.01"
     assert cmd[cmd.index("--seed") + 1] == "2" and "--resume" in cmd and "--no-plots" not in cmd
+    assert cmd[cmd.index("--threads") + 1] == "1" and cmd[cmd.index("--strategy") + 1] == "flora"
     one = grid_command(grid, 0.5, 1, threads=None, strategy="homlora@8")
     assert one[one.index("--strategy") + 1] == "homlora" and one[one.index("--hom-rank") + 1] == "8"
     assert one[one.index("--run-name") + 1] == "homlora_r8" and one[one.index("--out-dir") + 1].endswith("dir0.5-s1")

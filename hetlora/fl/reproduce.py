@@ -94,7 +94,8 @@ class Grid:
         return cfg
 
     def compare_names(self) -> list[str]:
-        """The ``--compare`` items: homlora@min/max resolved to the scale's r_min / r_max."""
+        """The strategies as ``--compare``-style items: homlora@min/max resolved to the scale's
+        r_min / r_max (homlora@2)."""
         from .config import FedConfig
 
         c = FedConfig(**self.config())
@@ -122,18 +123,27 @@ def _label(name: str) -> str:
     return name.replace("@", "_r")
 
 
-def grid_command(grid: Grid, alpha: float, seed: int, threads: int | None, strategy: str | None = None) -> list[str]:
-    """The ``hetlora simulate`` command line of one run (``strategy``, a `compare_names` item) or,
-    without ``strategy``, of one (α, seed) group as ``--compare``."""
-    group = f"{_alpha_tag(alpha)}-s{seed}"
-    if strategy is None:
-        cmd = [sys.executable, "-m", "hetlora", "simulate", "--compare", *grid.compare_names(),
-               "--out-dir", str(grid.out), "--run-name", group]
-    else:
-        name, _, rank = strategy.partition("@")
-        cmd = [sys.executable, "-m", "hetlora", "simulate", "--strategy", name, *(["--hom-rank", rank] if rank else []),
-               "--out-dir", str(grid.out / group), "--run-name", _label(strategy)]
-    cmd += ["--resume", "--quiet", "--dirichlet-alpha", f"{alpha:g}", "--seed", str(seed)]
+def _run_dir(grid: Grid, alpha: float, seed: int, strategy: str) -> Path:
+    return grid.out / f"{_alpha_tag(alpha)}-s{seed}" / _label(strategy)
+
+
+def _finished_records(run_dir: Path, rounds: int) -> list[dict] | None:
+    """The run's metrics records if it reached ``rounds``, else None (absent or unfinished)."""
+    from .report import read_metrics
+
+    if not (run_dir / "metrics.jsonl").exists():
+        return None
+    recs = read_metrics(run_dir)
+    return recs if recs and recs[-1].get("round", 0) >= rounds else None
+
+
+def grid_command(grid: Grid, alpha: float, seed: int, threads: int | None, strategy: str) -> list[str]:
+    """The ``hetlora simulate`` command line of one run (``strategy``: a `compare_names` item)."""
+    name, _, rank = strategy.partition("@")
+    run_dir = _run_dir(grid, alpha, seed, strategy)
+    cmd = [sys.executable, "-m", "hetlora", "simulate", "--strategy", name, *(["--hom-rank", rank] if rank else []),
+           "--out-dir", str(run_dir.parent), "--run-name", run_dir.name,
+           "--resume", "--quiet", "--dirichlet-alpha", f"{alpha:g}", "--seed", str(seed)]
     for k, v in grid.config().items():
         if k in ("dirichlet_alpha", "seed", "out_dir", "run_name", "progress", "strategy", "hom_rank"):
             continue
@@ -141,14 +151,6 @@ def grid_command(grid: Grid, alpha: float, seed: int, threads: int | None, strat
     if threads:
         cmd += ["--threads", str(threads)]
     return cmd
-
-
-def _run_done(grid: Grid, alpha: float, seed: int, name: str, rounds: int) -> bool:
-    m = grid.out / f"{_alpha_tag(alpha)}-s{seed}" / _label(name) / "metrics.jsonl"
-    if not m.exists():
-        return False
-    lines = [x for x in m.read_text().splitlines() if x.strip()]
-    return bool(lines) and json.loads(lines[-1]).get("round", 0) >= rounds
 
 
 def run_grid(grid: Grid, jobs: int = 1, budget_s: float | None = None, verbose: bool = True,
@@ -173,7 +175,7 @@ def run_grid(grid: Grid, jobs: int = 1, budget_s: float | None = None, verbose: 
          "overrides": grid.overrides, "config": grid.config()}, indent=1, default=str) + "\n")
     units = [(a, s, n) for a, s in grid.groups() for n in grid.compare_names()]
     tag = lambda a, s, n: f"{_alpha_tag(a)}-s{s}/{_label(n)}"  # noqa: E731
-    todo = [u for u in units if not _run_done(grid, *u, rounds)]
+    todo = [u for u in units if _finished_records(_run_dir(grid, *u), rounds) is None]
     result: dict = {"ran": [], "skipped": [tag(*u) for u in units if u not in todo], "failed": [],
                     "not_started": []}
     threads = max(1, (os.cpu_count() or 1) // jobs) if grid.config().get("device", "cpu") == "cpu" else None
@@ -237,7 +239,6 @@ def run_grid(grid: Grid, jobs: int = 1, budget_s: float | None = None, verbose: 
 def _collect(grid: Grid) -> dict:
     """``{alpha: {strategy: [records of seed 0, seed 1, ...]}}`` for the runs that have finished."""
     from .config import FedConfig
-    from .report import read_metrics
 
     rounds = FedConfig(**grid.config()).rounds
     names = dict(zip(grid.strategies, grid.compare_names()))
@@ -245,11 +246,9 @@ def _collect(grid: Grid) -> dict:
     for a in grid.alphas:
         for strat, name in names.items():
             for s in grid.seeds:
-                d = grid.out / f"{_alpha_tag(a)}-s{s}" / _label(name)
-                if (d / "metrics.jsonl").exists():
-                    recs = read_metrics(d)
-                    if recs and recs[-1].get("round", 0) >= rounds:  # unfinished runs are left out
-                        out.setdefault(a, {}).setdefault(strat, []).append(recs)
+                recs = _finished_records(_run_dir(grid, a, s, name), rounds)  # unfinished runs are left out
+                if recs is not None:
+                    out.setdefault(a, {}).setdefault(strat, []).append(recs)
     return out
 
 
