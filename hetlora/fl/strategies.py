@@ -460,8 +460,11 @@ class HomLoRA(Strategy):
         return self.rank
 
 
-def _flora_stack(As, Bs, layout, weights, scalings):
-    """Per layer ``(A_s [R, d_in], B_s [R, d_out])`` with ``B_s^T A_s = Σ_k w_k s_k B_k^T A_k``."""
+def _flora_stack(updates: Sequence[ClientUpdate], num_layers: int):
+    """The updates stacked: ``(A_s, B_s, layout)`` with per layer ``A_s [R, d_in]``, ``B_s [R, d_out]``
+    and ``B_s^T A_s = Σ_k w_k s_k B_k^T A_k`` (``w_k`` the data weights, ``R = Σ r_k``)."""
+    As, Bs, layout = _pack(updates, num_layers)
+    weights, scalings = data_weights(updates), [u.scaling for u in updates]
     try:
         from hetlora_kernels.lowrank import flora_stack
     except ImportError:
@@ -469,9 +472,9 @@ def _flora_stack(As, Bs, layout, weights, scalings):
     s = torch.tensor(scalings, dtype=torch.float64)
     if flora_stack is not None:
         A_s, B_s = flora_stack(list(As), list(Bs), layout, weights, scaling=s)
-        return list(A_s), list(B_s)
+        return list(A_s), list(B_s), layout
     coef = (weights.to(torch.float64) * s)[layout.row_adapter()]
-    return list(As), [b * coef.to(b.dtype).unsqueeze(1) for b in Bs]
+    return list(As), [b * coef.to(b.dtype).unsqueeze(1) for b in Bs], layout
 
 
 def _svd_redistribute(A_s, B_s, ranks):
@@ -564,9 +567,7 @@ class FLoRA(Strategy):
     def aggregate(self, state, updates):
         if not updates:
             return state
-        L = len(state.A)
-        As, Bs, layout = _pack(updates, L)
-        A_s, B_s = _flora_stack(As, Bs, layout, data_weights(updates), [u.scaling for u in updates])
+        A_s, B_s, layout = _flora_stack(updates, len(state.A))
         W = [w + (b.double().t() @ a.double()).to(w.dtype) for w, a, b in zip(state.base_weights, A_s, B_s)]
         hW, hb = _fedavg_head(state, updates)
         return GlobalState(state.A, state.B, 1.0, hW, hb, W, state.base_biases, stack_rank=layout.total_rank)
@@ -619,9 +620,7 @@ class FlexLoRA(Strategy):
     def aggregate(self, state, updates):
         if not updates:
             return state
-        L = len(state.A)
-        As, Bs, layout = _pack(updates, L)
-        A_s, B_s = _flora_stack(As, Bs, layout, data_weights(updates), [u.scaling for u in updates])
+        A_s, B_s, _ = _flora_stack(updates, len(state.A))
         hW, hb = _fedavg_head(state, updates)
         return GlobalState(list(A_s), list(B_s), 1.0, hW, hb, stacked=True)
 
