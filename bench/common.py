@@ -267,6 +267,16 @@ def out_dir(out: str | None, device: torch.device) -> Path:
     return p
 
 
+def save_results(res: dict, out: Path, kind: str, markdown: Callable[[dict], str]) -> dict:
+    """Write ``<kind>.json`` and ``<kind>.md`` under ``out`` from one cleaned copy of ``res``
+    (called after every job too, so a run killed by an outer timeout leaves valid files);
+    returns the cleaned copy."""
+    cleaned = clean(res)
+    write_json(out / f"{kind}.json", cleaned)
+    (out / f"{kind}.md").write_text(markdown(cleaned))
+    return cleaned
+
+
 def write_json(path: Path, obj: Any) -> None:
     """Atomic write (temp + rename): a run killed mid-way leaves the last complete file."""
     tmp = path.with_suffix(path.suffix + ".tmp")

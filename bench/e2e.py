@@ -317,13 +317,10 @@ def run(args: argparse.Namespace) -> Path:
             res["truncated"] = True
             break
         res["rows"].extend(bench_run(run_, device, dtype, pre["warmup"], steps, extra_torch))
-        C.write_json(out / "e2e.json", C.clean(res))
-        (out / "e2e.md").write_text(markdown(C.clean(res)))
+        C.save_results(res, out, "e2e", markdown)
     C.finish_info(info)
     res["wall_s"] = time.perf_counter() - t_start
-    res = C.clean(res)
-    C.write_json(out / "e2e.json", res)
-    (out / "e2e.md").write_text(markdown(res))
+    res = C.save_results(res, out, "e2e", markdown)
     try:
         plot(res, out)
     except Exception as e:

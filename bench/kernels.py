@@ -725,13 +725,10 @@ def run(args: argparse.Namespace) -> Path:
             _progress(f"server K={K} d={d} L={L} {dtn}", rows, t0)
         result["rows"].extend(rows)
         # after every job: a run killed by an outer timeout still leaves valid JSON and markdown
-        C.write_json(out / "kernels.json", C.clean(result))
-        (out / "kernels.md").write_text(markdown(C.clean(result)))
+        C.save_results(result, out, "kernels", markdown)
     C.finish_info(info)
     result["wall_s"] = time.perf_counter() - t_start
-    result = C.clean(result)
-    C.write_json(out / "kernels.json", result)
-    (out / "kernels.md").write_text(markdown(result))
+    result = C.save_results(result, out, "kernels", markdown)
     try:
         plots(result, out)
     except Exception as e:  # plots are a convenience; the JSON and markdown are the record
