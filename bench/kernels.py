@@ -45,6 +45,7 @@ or, where one is missing, the datasheet table in `bench.common`.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import random
 import time
@@ -63,6 +64,7 @@ from bench import common as C
 BASELINES = ("loop", "bmm_padded", "peft", "grouped_mm")
 LORA_OPS = ("lora_delta", "lora_linear")
 SERVER_OPS = ("component_norms", "delta_fro_norms", "weighted_aggregate", "truncate")
+ARR_SHORT = {"grouped": "grp", "interleaved": "int"}
 ALPHA = 16.0
 
 
@@ -89,6 +91,10 @@ class Preset:
     method_budget_s: float = 0.5
     budget_s: float = 600.0
     modes: list[str] = field(default_factory=lambda: ["fwd", "fwd+bwd"])
+    # token arrangements of the main grid at the largest d (K > 1): "grouped" (each adapter's
+    # tokens contiguous, as a simulation's concatenated mini-batches) and "interleaved" (tokens
+    # in random adapter order, as a server mixing requests)
+    arrangements: list[str] = field(default_factory=lambda: ["grouped", "interleaved"])
 
 
 PRESETS: dict[str, Preset] = {
@@ -97,7 +103,8 @@ PRESETS: dict[str, Preset] = {
                     extra_Ts=[64], extra_ds=[32], extra_Ks=[8], server=[(4, 32, 2)], server_dtypes=["fp32"],
                     warmup=1, reps=2, min_reps=1, method_budget_s=0.05, budget_s=90.0),
     # moderate CPU sweep: a few minutes on 2 cores
-    "cpu": Preset(Ts=[256, 1024, 4096], ds=[1024], Ks=[1, 8, 64], mixes=["mixed", "uniform", "skewed"],
+    # K = 32 at T = 4096, d = 1024 is the C++-vs-torch goal shape of the csrc issue
+    "cpu": Preset(Ts=[256, 1024, 4096], ds=[1024], Ks=[1, 8, 32, 64], mixes=["mixed", "uniform", "skewed"],
                   dtypes=["fp32"], extra_Ts=[1024], extra_ds=[1024], extra_Ks=[64],
                   server=[(8, 1024, 1), (64, 1024, 1), (64, 384, 12)], server_dtypes=["fp32"],
                   warmup=2, reps=5, min_reps=3, method_budget_s=1.0, budget_s=270.0),
@@ -293,9 +300,14 @@ def make_case(T: int, d_in: int, d_out: int, layout: hk.AdapterLayout, r_pad: in
 
 def lora_methods(op: str, layout: hk.AdapterLayout, groups: hk.TokenGroups, n_per: int, scales: list[float],
                  backends: list[str], gmm_reason: str | None, peft_model: nn.Module | None,
-                 peft_reason: str | None, L_seq: int, device: torch.device, dtype: torch.dtype
-                 ) -> dict[str, Callable[[LoraCase], torch.Tensor] | str]:
-    """Method name -> forward function of a `LoraCase` (``[T, d_out]``), or the reason it is n/a."""
+                 peft_reason: str | None, L_seq: int, device: torch.device, dtype: torch.dtype,
+                 perm: torch.Tensor | None = None) -> dict[str, Callable[[LoraCase], torch.Tensor] | str]:
+    """Method name -> forward function of a `LoraCase` (``[T, d_out]``), or the reason it is n/a.
+
+    With interleaved tokens (``perm``, see `token_ids`) the loop, bmm and grouped-mm baselines
+    gather x into grouped order first and gather the result back (what a user of those would
+    write); peft gets one length-1 sequence per token with its adapter name.
+    """
     K = layout.num_adapters
     s_dev = torch.tensor(scales, device=device, dtype=dtype)
     s_tok = s_dev.repeat_interleave(n_per).unsqueeze(1)  # [T, 1]: token t's adapter scaling
@@ -306,8 +318,15 @@ def lora_methods(op: str, layout: hk.AdapterLayout, groups: hk.TokenGroups, n_pe
     def base(c: LoraCase) -> torch.Tensor | None:
         return torch.nn.functional.linear(c.x, c.W, c.bias) if linear else None
 
+    inv = None if perm is None else perm.argsort()
+
     def add(b: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+        if perm is not None:
+            y = y.index_select(0, perm)  # grouped order -> the tokens' own order
         return y if b is None else b + y
+
+    def grouped_x(c: LoraCase) -> torch.Tensor:
+        return c.x if inv is None else c.x.index_select(0, inv)
 
     for name in backends:
         def f(c: LoraCase, name: str = name) -> torch.Tensor:
@@ -323,18 +342,22 @@ def lora_methods(op: str, layout: hk.AdapterLayout, groups: hk.TokenGroups, n_pe
     def loop(c: LoraCase) -> torch.Tensor:
         # split, not slicing: each slice's backward would allocate a full-size gradient
         parts = [((xs @ a.t()) * s) @ b
-                 for xs, a, b, s in zip(c.x.split(n_per), c.A.split(ranks), c.B.split(ranks), scales)]
+                 for xs, a, b, s in zip(grouped_x(c).split(n_per), c.A.split(ranks), c.B.split(ranks), scales)]
         return add(base(c), torch.cat(parts))
 
     def bmm(c: LoraCase) -> torch.Tensor:
-        xp = c.x.view(K, n_per, c.x.shape[1])
+        xp = grouped_x(c).view(K, n_per, c.x.shape[1])
         h = torch.bmm(xp, c.A_pad.transpose(1, 2)) * s_dev.view(K, 1, 1)
         return add(base(c), torch.bmm(h, c.B_pad).view(K * n_per, -1))
 
     out["loop"] = loop
     out["bmm_padded"] = bmm
     if linear and peft_model is not None:
-        names = [f"a{k}" for k in range(K) for _ in range(n_per // L_seq)]
+        if perm is None:
+            names = [f"a{k}" for k in range(K) for _ in range(n_per // L_seq)]
+        else:  # peft routes whole sequences: one token per sequence
+            names = [f"a{k}" for k in groups.adapter_ids.tolist()]
+            L_seq = 1
 
         def peft_fn(c: LoraCase) -> torch.Tensor:
             y = peft_model(c.x.view(-1, L_seq, c.x.shape[1]), adapter_names=names)
@@ -345,7 +368,7 @@ def lora_methods(op: str, layout: hk.AdapterLayout, groups: hk.TokenGroups, n_pe
         out["peft"] = peft_reason or "peft always adds the base output: see lora_linear"
     if gmm_reason is None:
         def gmm(c: LoraCase) -> torch.Tensor:
-            h = torch._grouped_mm(c.x, c.A_pad.transpose(1, 2), offs=g_offs) * s_tok
+            h = torch._grouped_mm(grouped_x(c), c.A_pad.transpose(1, 2), offs=g_offs) * s_tok
             return add(base(c), torch._grouped_mm(h, c.B_pad, offs=g_offs))
 
         out["grouped_mm"] = gmm
@@ -381,14 +404,31 @@ def _speedups(rows: list[dict[str, Any]]) -> None:
             continue
         r["speedup"] = {b: by[b]["median_ms"] / r["median_ms"] for b in BASELINES
                         if b in by and by[b].get("median_ms") and b != r["method"]}
+        # the other backends against the torch backend (the reference path): the csrc issue's ratio
+        t = by.get("torch", {}).get("median_ms")
+        if r["kind"] == "backend" and r["method"] != "torch" and t:
+            r["vs_torch"] = t / r["median_ms"]
         pb = by.get("bmm_padded", {}).get("peak_bytes")
         if pb and r.get("peak_bytes") is not None:
             r["mem_vs_bmm"] = r["peak_bytes"] / pb
 
 
+def token_ids(K: int, n_per: int, arrangement: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(ids [T], perm)``: adapter of each token, and for ``interleaved`` the permutation
+    ``perm`` with ``ids = grouped_ids[perm]`` (None for ``grouped``: ``perm`` is the identity)."""
+    grouped = torch.arange(K).repeat_interleave(n_per)
+    if arrangement == "grouped":
+        return grouped.to(device), None
+    if arrangement != "interleaved":
+        raise ValueError(f"unknown token arrangement {arrangement!r}")
+    perm = torch.randperm(K * n_per, generator=torch.Generator().manual_seed(K * 7919 + n_per))
+    return grouped[perm].to(device), perm.to(device)
+
+
 def bench_lora_config(T: int, d: int, K: int, mix: str, dtype: torch.dtype, device: torch.device,
                       backends: list[str], peaks: dict[str, float] | None, pre: Preset, modes: list[str],
-                      no_peft: str | None, gmm_reason: str | None, l2_bytes: float) -> list[dict[str, Any]]:
+                      no_peft: str | None, gmm_reason: str | None, l2_bytes: float,
+                      arrangement: str = "grouped") -> list[dict[str, Any]]:
     """Time both LoRA ops in every mode for one shape; returns one row per (op, mode, method)."""
     ranks = make_ranks(K, mix)
     layout = hk.AdapterLayout(ranks)
@@ -396,7 +436,7 @@ def bench_lora_config(T: int, d: int, K: int, mix: str, dtype: torch.dtype, devi
     T = n_per * K
     d_in = d_out = d
     r_pad = -(-layout.max_rank // 8) * 8
-    ids = torch.arange(K, device=device).repeat_interleave(n_per)
+    ids, perm = token_ids(K, n_per, arrangement, device)
     groups = hk.TokenGroups.from_adapter_ids(ids, K)
     scales = [ALPHA / r for r in ranks]
     gen = torch.Generator(device=device).manual_seed(zlib.crc32(f"{T},{d},{K},{mix}".encode()))
@@ -413,19 +453,23 @@ def bench_lora_config(T: int, d: int, K: int, mix: str, dtype: torch.dtype, devi
             peft_model = build_peft(case0.W, case0.bias, case0.A, case0.B, layout)
         except Exception as e:
             peft_reason = f"peft model build failed: {_err_reason(e)}"
-    common = {"T": T, "d_in": d_in, "d_out": d_out, "K": K, "mix": mix, "dtype": C.dtype_name(dtype),
+    common = {"T": T, "d_in": d_in, "d_out": d_out, "K": K, "mix": mix, "arrangement": arrangement,
+              "dtype": C.dtype_name(dtype),
               "r_max": layout.max_rank, "R": layout.total_rank, "r_pad": r_pad, "n_sets": n_sets}
     rows: list[dict[str, Any]] = []
     for op in LORA_OPS:
         methods = lora_methods(op, layout, groups, n_per, scales, backends, gmm_reason, peft_model, peft_reason,
-                               L_seq, device, dtype)
+                               L_seq, device, dtype, perm)
         # reference: the loop in float32 on input set 0 (float64 is slow on GPUs and not needed
         # to rank errors of 1e-3 and above)
         with torch.no_grad():
             c = case0
             xs, As, Bs = c.x.float(), c.A.float(), c.B.float()
-            ref = torch.cat([((xs[k * n_per:(k + 1) * n_per] @ As[layout.rows(k)].t()) * scales[k])
+            xg = xs if perm is None else xs[perm.argsort()]  # grouped order: token perm[i] at i
+            ref = torch.cat([((xg[k * n_per:(k + 1) * n_per] @ As[layout.rows(k)].t()) * scales[k])
                              @ Bs[layout.rows(k)] for k in range(K)])
+            if perm is not None:
+                ref = ref[perm]
             if op == "lora_linear":
                 ref = ref + torch.nn.functional.linear(xs, c.W.float(), c.bias.float())
             ref_norm = float(ref.norm())
@@ -635,8 +679,9 @@ def sweep(pre: Preset) -> list[tuple]:
 
     1. the server ops (first dtype; seconds); 2. the main grid (first mix and dtype) at the
     largest d; 3. the main grid at the other d; 4. the extra grid over every mix and dtype; 5. the
-    server ops in the other dtypes.  LoRA jobs are ``("lora", T, d, K, mix, dtype)`` with
-    ``T >= K``; server jobs ``("server", K, d, L, dtype)``.
+    server ops in the other dtypes; the other token arrangements come right after step 2.  LoRA
+    jobs are ``("lora", T, d, K, mix, dtype, arrangement)`` with ``T >= K``; server jobs
+    ``("server", K, d, L, dtype)``.
     """
     out: list[tuple] = []
     seen = set()
@@ -644,28 +689,28 @@ def sweep(pre: Preset) -> list[tuple]:
     def push(c: tuple) -> None:
         if c in seen:
             return
-        if c[0] == "lora" and (c[1] < c[3] or (c[3] == 1 and c[4] != pre.mixes[0])):
-            return  # fewer tokens than adapters; or K = 1, where every mix is the same
+        if c[0] == "lora" and (c[1] < c[3] or (c[3] == 1 and (c[4] != pre.mixes[0] or c[6] != "grouped"))):
+            return  # fewer tokens than adapters; or K = 1, where every mix and arrangement is the same
         seen.add(c)
         out.append(c)
 
     ds = sorted(pre.ds, reverse=True)
     for K, d, L in pre.server:  # cheap: seconds in all
         push(("server", K, d, L, pre.server_dtypes[0]))
-    for d in ds[:1]:
+    for arr in pre.arrangements:
         for T in pre.Ts:
             for K in pre.Ks:
-                push(("lora", T, d, K, pre.mixes[0], pre.dtypes[0]))
+                push(("lora", T, ds[0], K, pre.mixes[0], pre.dtypes[0], arr))
     for d in ds[1:]:
         for T in pre.Ts:
             for K in pre.Ks:
-                push(("lora", T, d, K, pre.mixes[0], pre.dtypes[0]))
+                push(("lora", T, d, K, pre.mixes[0], pre.dtypes[0], "grouped"))
     for dt in pre.dtypes:
         for mix in pre.mixes:
             for T in pre.extra_Ts:
                 for d in pre.extra_ds:
                     for K in pre.extra_Ks:
-                        push(("lora", T, d, K, mix, dt))
+                        push(("lora", T, d, K, mix, dt, "grouped"))
     for dt in pre.server_dtypes[1:]:
         for K, d, L in pre.server:
             push(("server", K, d, L, dt))
@@ -715,10 +760,11 @@ def run(args: argparse.Namespace) -> Path:
             break
         t0 = time.perf_counter()
         if job[0] == "lora":
-            _, T, d, K, mix, dtn = job
+            _, T, d, K, mix, dtn, arr = job
             dt = C.DTYPES[dtn]
-            rows = bench_lora_config(T, d, K, mix, dt, device, backends, peaks, pre, pre.modes, no_peft, gmm[dt], l2)
-            _progress(f"lora T={T} d={d} K={K} {mix} {dtn}", rows, t0)
+            rows = bench_lora_config(T, d, K, mix, dt, device, backends, peaks, pre, pre.modes, no_peft, gmm[dt], l2,
+                                     arr)
+            _progress(f"lora T={T} d={d} K={K} {mix} {dtn} {arr}", rows, t0)
         else:
             _, K, d, L, dtn = job
             rows = bench_server_config(K, d, L, "mixed", C.DTYPES[dtn], device, backends, peaks, pre)
@@ -771,11 +817,13 @@ def markdown(res: dict[str, Any]) -> str:
         + " (measured where measured, else datasheet). " + (res.get("memory_note") or "")
         + (" On a CPU a fraction above 100% means the inputs sat in cache or the ceilings, measured on the "
            "same shared machine, came out low." if res["machine"].get("gpu") is None else ""))
-    parts.append("`ms` = median, `min ms` = fastest rep (on a shared CPU the minimum is the steadier figure); "
-                 "`×B` = speed-up over baseline B (B's median / this median); `mem/bmm` = peak bytes over the "
+    parts.append("`tokens`: `grp` = each adapter's tokens contiguous, `int` = interleaved in random adapter order. "
+                 "`ms` = median, `min ms` = fastest rep (on a shared CPU the minimum is the steadier figure); "
+                 "`×B` = speed-up over baseline B (B's median / this median), `×torch` = over the torch backend; "
+                 "`mem/bmm` = peak bytes over the "
                  "padded-bmm baseline's; `err` = relative Frobenius error of the forward vs a float32 loop.\n")
-    hdr = ["op", "mode", "T", "d", "K", "ranks", "dtype", "method", "ms", "min ms", "GB/s", "TFLOP/s", "% roof",
-           "×loop", "×bmm", "×peft", "×gmm", "peak MiB", "mem/bmm", "err"]
+    hdr = ["op", "mode", "T", "d", "K", "ranks", "tokens", "dtype", "method", "ms", "min ms", "GB/s", "TFLOP/s",
+           "% roof", "×loop", "×bmm", "×peft", "×gmm", "×torch", "peak MiB", "mem/bmm", "err"]
     body = []
     notes: dict[str, set] = {}
     for r in res["rows"]:
@@ -784,10 +832,12 @@ def markdown(res: dict[str, Any]) -> str:
             continue
         sp = r.get("speedup") or {}
         body.append([r["op"], r["mode"], C.fmt(r.get("T")) if r.get("T") else f"L={r.get('L')}", r["d_in"], r["K"],
-                     r["mix"], r["dtype"], r["method"], C.fmt(r.get("median_ms")), C.fmt(r.get("min_ms")),
+                     r["mix"], ARR_SHORT.get(r.get("arrangement"), "–"), r["dtype"], r["method"],
+                     C.fmt(r.get("median_ms")), C.fmt(r.get("min_ms")),
                      C.fmt(r.get("gbps")),
                      C.fmt(r.get("tflops")), C.fmt(100 * r["roofline_frac"], ".2g") if r.get("roofline_frac") else "–",
-                     *(C.fmt(sp.get(b), ".2f") for b in BASELINES), _mib(r.get("peak_bytes")),
+                     *(C.fmt(sp.get(b), ".2f") for b in BASELINES), C.fmt(r.get("vs_torch"), ".2f"),
+                     _mib(r.get("peak_bytes")),
                      C.fmt(r.get("mem_vs_bmm"), ".2f"), C.fmt(r.get("rel_err"), ".1e")])
     parts.append(C.md_table(hdr, body))
     if notes:
@@ -800,7 +850,8 @@ def _geomean(v: list[float]) -> float:
 
 
 def plots(res: dict[str, Any], out: Path) -> list[Path]:
-    """``speedup_<op>_<mode>.png`` (one panel per baseline) and ``roofline.png``."""
+    """``speedup_<op>_<mode>[_interleaved].png`` (one panel per baseline, one file per token
+    arrangement) and ``roofline.png``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -809,40 +860,40 @@ def plots(res: dict[str, Any], out: Path) -> list[Path]:
     written = []
     rows = [r for r in res["rows"] if r.get("status") == "ok" and r.get("T")]
     backends = res["backends"]
-    for op in LORA_OPS:
-        for mode in ("fwd", "fwd+bwd"):
-            sel = [r for r in rows if r["op"] == op and r["mode"] == mode and r["method"] in backends]
-            bases = [b for b in BASELINES if any(b in (r.get("speedup") or {}) for r in sel)]
-            if not sel or not bases:
-                continue
-            fig, axes = plt.subplots(1, len(bases), figsize=(4.2 * len(bases), 3.6), squeeze=False)
-            for ax, b in zip(axes[0], bases):
-                series: dict[tuple[str, int], dict[int, list[float]]] = {}
-                for r in sel:
-                    v = (r.get("speedup") or {}).get(b)
-                    if v:
-                        series.setdefault((r["method"], r["K"]), {}).setdefault(r["T"], []).append(v)
-                Ks = sorted({K for _, K in series})
-                for (m, K), pts in sorted(series.items()):
-                    Ts = sorted(pts)
-                    # colour = K, line style and marker = backend
-                    st = backends.index(m) % 3
-                    ax.plot(Ts, [_geomean(pts[t]) for t in Ts], color=f"C{Ks.index(K)}", ls=("-", "--", ":")[st],
-                            marker=("o", "s", "^")[st], label=f"{m} K={K}")
-                ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-                ax.set_xscale("log", base=2)
-                ax.set_yscale("log")
-                ax.set_xlabel("tokens T")
-                ax.set_title(f"vs {b}")
-                ax.grid(alpha=0.3)
-            axes[0][0].set_ylabel("speed-up (geomean over d, ranks, dtype)")
-            axes[0][-1].legend(fontsize=7)
-            fig.suptitle(f"{op} {mode} — {res['machine']['device_name']}", fontsize=9)
-            fig.tight_layout()
-            p = out / f"speedup_{op}_{mode.replace('+', '_')}.png"
-            fig.savefig(p, dpi=110)
-            plt.close(fig)
-            written.append(p)
+    for op, mode, arr in itertools.product(LORA_OPS, ("fwd", "fwd+bwd"), ("grouped", "interleaved")):
+        sel = [r for r in rows if r["op"] == op and r["mode"] == mode and r["method"] in backends
+               and r.get("arrangement", "grouped") == arr]
+        bases = [b for b in BASELINES if any(b in (r.get("speedup") or {}) for r in sel)]
+        if not sel or not bases:
+            continue
+        fig, axes = plt.subplots(1, len(bases), figsize=(4.2 * len(bases), 3.6), squeeze=False)
+        for ax, b in zip(axes[0], bases):
+            series: dict[tuple[str, int], dict[int, list[float]]] = {}
+            for r in sel:
+                v = (r.get("speedup") or {}).get(b)
+                if v:
+                    series.setdefault((r["method"], r["K"]), {}).setdefault(r["T"], []).append(v)
+            Ks = sorted({K for _, K in series})
+            for (m, K), pts in sorted(series.items()):
+                Ts = sorted(pts)
+                # colour = K, line style and marker = backend
+                st = backends.index(m) % 3
+                ax.plot(Ts, [_geomean(pts[t]) for t in Ts], color=f"C{Ks.index(K)}", ls=("-", "--", ":")[st],
+                        marker=("o", "s", "^")[st], label=f"{m} K={K}")
+            ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("tokens T")
+            ax.set_title(f"vs {b}")
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("speed-up (geomean over d, ranks, dtype)")
+        axes[0][-1].legend(fontsize=7)
+        fig.suptitle(f"{op} {mode}, {arr} tokens — {res['machine']['device_name']}", fontsize=9)
+        fig.tight_layout()
+        p = out / f"speedup_{op}_{mode.replace('+', '_')}{'' if arr == 'grouped' else '_' + arr}.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        written.append(p)
     roof = [r for r in rows if r.get("roofline_frac")]
     if roof:
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), squeeze=False)

@@ -69,6 +69,15 @@ def test_kernels_smoke_outputs(smoke_out: Path) -> None:
     # the torch backend agrees with the loop reference (a sanity check of the benchmark's inputs)
     errs = [r["rel_err"] for r in ok_torch if r["mode"] == "fwd"]
     assert errs and max(errs) < 1e-4
+    # both token arrangements ran, and every method agrees with the loop reference in each: a
+    # wrong permutation in a baseline (or in the reference) would show here as a large error
+    assert {r["arrangement"] for r in rows if r["op"].startswith("lora")} == {"grouped", "interleaved"}
+    for arr in ("grouped", "interleaved"):
+        fwd = [r for r in rows if r.get("arrangement") == arr and r["mode"] == "fwd" and r["status"] == "ok"]
+        assert {"torch", "loop", "bmm_padded", "peft"} <= {r["method"] for r in fwd}
+        assert max(r["rel_err"] for r in fwd) < 1e-4, arr
+    # the other backends against the torch backend
+    assert any(r.get("vs_torch", 0) > 0 for r in rows if r["method"] == "cuda")
     # speed-ups against every baseline that ran for lora_linear
     lin = [r for r in ok_torch if r["op"] == "lora_linear"]
     assert all({"loop", "bmm_padded", "peft"} <= set(r["speedup"]) for r in lin)
@@ -111,6 +120,7 @@ def test_report_splices_readme(smoke_out: Path, tmp_path: Path) -> None:
     info = _load(slug_dir / "e2e.json")["machine"]
     assert info["device_name"] in body and info["date"][:10] in body
     assert "client-steps/s" in body and "lora_linear" in body
+    assert "over the torch backend" in body and "interleaved" in body
     args.check = True
     assert report.run(args) == 0  # now up to date
     # without markers: printed, README untouched
