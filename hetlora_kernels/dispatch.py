@@ -5,6 +5,10 @@ a dict from op name to an implementation that takes *validated* arguments (the
 ``prepare_*`` functions of `reference` validate once for every backend).  Backends
 load lazily on first use so that importing hetlora_kernels never compiles anything.
 An explicitly chosen backend that lacks an op raises; ``auto`` falls back per op.
+
+``auto`` on CUDA tensors tries triton, then cuda, then torch.  On CPU tensors it picks, per op,
+between the C++ ops of the ``cuda`` extension and the torch path by the table `cpu_auto_choice`
+measured with ``python -m bench kernels`` (``bench/results/cpu-2core/``).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import contextlib
 import contextvars
 import importlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -21,8 +26,8 @@ from . import reference
 BACKENDS = ("auto", "triton", "cuda", "torch")
 # modules that provide each non-torch backend
 _MODULES = {"triton": "hetlora_kernels.triton", "cuda": "hetlora_kernels.cuda"}
-# the order "auto" tries per device type, fastest first
-_AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("torch",)}
+# the order "auto" tries on CUDA tensors, fastest first (CPU tensors: `cpu_auto_choice`)
+_AUTO_ORDER_CUDA = ("triton", "cuda", "torch")
 
 _current: contextvars.ContextVar[str] = contextvars.ContextVar("hetlora_backend", default="auto")
 _loaded: dict[str, object] = {"torch": reference}
@@ -82,11 +87,54 @@ def use_backend(name: str) -> Iterator[None]:
         _current.reset(token)
 
 
-def resolve(op: str, device: torch.device) -> tuple[str, object]:
-    """The (backend name, implementation) that runs ``op`` on ``device`` now."""
+@dataclass(frozen=True)
+class LoraWork:
+    """What `cpu_auto_choice` needs to know of one ``lora_delta`` / ``lora_linear`` call."""
+
+    routed: int  # tokens with an adapter
+    active: int  # adapters that own at least one token
+    grouped: bool  # tokens already contiguous per adapter, no -1 (the torch path skips its gather)
+    dtype: torch.dtype
+
+
+# "auto" on CPU tensors: where the C++ ops (backend "cuda") measured faster than the torch path.
+# Source: bench/results/cpu-2core/kernels.json and threads2/ (2026-11-26, 1 and 2 threads, fp32):
+# - component_norms 1.1-1.9x, weighted_aggregate 1.3-2.0x: C++;  delta_fro_norms 0.5-1.5x and
+#   truncate 0.9-1.6x (noise around parity): torch.
+# - lora_delta / lora_linear: interleaved tokens 1.3-3.2x (the torch path gathers and scatters);
+#   grouped tokens: 1.3-3.2x up to 32 tokens per adapter, ~1.4-1.6x at 128 per adapter with 2+
+#   threads but 0.8x with 1 thread, 0.5-0.8x with one adapter or 512 per adapter (one big MKL
+#   GEMM pair per adapter is as fast as it gets).  float64: torch (the oracle dtype; not timed).
+_CPU_CPP_OPS = frozenset({"component_norms", "weighted_aggregate"})
+_CPU_CPP_MAX_PER_ADAPTER = {1: 32}  # tokens per adapter, by thread count (more threads: 128)
+
+
+def cpu_auto_choice(op: str, work: LoraWork | None = None) -> str:
+    """The backend ``auto`` prefers for ``op`` on CPU tensors: ``"cuda"`` (the C++ ops) or ``"torch"``."""
+    if op in _CPU_CPP_OPS:
+        return "cuda"
+    if op not in ("lora_delta", "lora_linear") or work is None or work.dtype == torch.float64:
+        return "torch"
+    if work.active <= 1:
+        return "torch"
+    if not work.grouped:
+        return "cuda"
+    limit = _CPU_CPP_MAX_PER_ADAPTER.get(torch.get_num_threads(), 128)
+    return "cuda" if work.routed <= limit * work.active else "torch"
+
+
+def resolve(op: str, device: torch.device, work: LoraWork | None = None) -> tuple[str, object]:
+    """The (backend name, implementation) that runs ``op`` on ``device`` now; ``work`` informs
+    ``auto``'s choice on CPU tensors for the LoRA ops."""
     name = _current.get()
     if name == "auto":
-        for cand in _AUTO_ORDER.get(device.type, ("torch",)):
+        if device.type == "cuda":
+            order = _AUTO_ORDER_CUDA
+        elif device.type == "cpu":
+            order = (cpu_auto_choice(op, work), "torch")
+        else:
+            order = ("torch",)
+        for cand in order:
             mod = _module(cand)
             if mod is None or op not in mod.IMPLS:
                 continue

@@ -171,6 +171,14 @@ class TokenGroups:
         return self.starts_list[-1] - self.starts_list[0]
 
     @property
+    def num_active(self) -> int:
+        """Adapters that own at least one token."""
+        n = self._cache.get("num_active")
+        if n is None:
+            n = self._cache["num_active"] = sum(1 for c in self.counts_list if c)
+        return n
+
+    @property
     def device(self) -> torch.device:
         return self.adapter_ids.device
 

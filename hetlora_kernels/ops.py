@@ -10,8 +10,14 @@ from collections.abc import Sequence
 import torch
 
 from . import reference as ref
-from .dispatch import resolve
+from .dispatch import LoraWork, resolve
 from .layout import AdapterLayout, TokenGroups
+
+
+def _work(x: torch.Tensor, groups: TokenGroups) -> LoraWork:
+    # host-side facts only (counts_list is on the host): no device synchronisation
+    return LoraWork(routed=groups.num_routed, active=groups.num_active,
+                    grouped=groups.is_sorted, dtype=x.dtype)
 
 
 def lora_delta(
@@ -32,7 +38,7 @@ def lora_delta(
     Returns ``[T, d_out]`` in x's dtype, differentiable in x, A and B.
     """
     args = ref.prepare_lora_delta(x, A, B, layout, groups, scaling)
-    return resolve("lora_delta", x.device)[1](*args)
+    return resolve("lora_delta", x.device, _work(x, groups))[1](*args)
 
 
 def lora_linear(
@@ -47,7 +53,7 @@ def lora_linear(
 ) -> torch.Tensor:
     """``x weight^T + bias + lora_delta(x, A, B, ...)``: weight ``[d_out, d_in]``, bias ``[d_out]`` or None."""
     args = ref.prepare_lora_linear(x, weight, bias, A, B, layout, groups, scaling)
-    return resolve("lora_linear", x.device)[1](*args)
+    return resolve("lora_linear", x.device, _work(x, groups))[1](*args)
 
 
 def _device(A) -> torch.device:

@@ -483,6 +483,66 @@ def test_available_and_dispatch():
     assert set(cuda_backend.IMPLS) >= {"lora_delta", "lora_linear", "component_norms", "weighted_aggregate"}
 
 
+@pytest.fixture
+def threads():
+    """Set torch's thread count for one test, restored after it."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def test_cpu_auto_table(threads):
+    W = dispatch.LoraWork
+    choice = dispatch.cpu_auto_choice
+    assert choice("component_norms") == choice("weighted_aggregate") == "cuda"
+    assert choice("delta_fro_norms") == choice("truncate") == "torch"
+    f32 = torch.float32
+    for n in (1, 2, 4):
+        threads(n)
+        # interleaved tokens: the torch path pays a gather and a scatter
+        assert choice("lora_delta", W(4096, 32, False, f32)) == "cuda"
+        assert choice("lora_linear", W(64, 8, False, torch.bfloat16)) == "cuda"
+        # one adapter: one MKL GEMM pair
+        assert choice("lora_delta", W(256, 1, True, f32)) == "torch"
+        assert choice("lora_delta", W(256, 1, False, f32)) == "torch"
+        # few tokens per adapter, grouped: C++; many: torch
+        assert choice("lora_delta", W(1024, 32, True, f32)) == "cuda"
+        assert choice("lora_delta", W(4096, 8, True, f32)) == "torch"
+        assert choice("lora_delta", W(4096, 32, False, torch.float64)) == "torch"
+        assert choice("lora_delta") == "torch"  # nothing known of the call
+    threads(1)
+    assert choice("lora_delta", W(4096, 32, True, f32)) == "torch"  # 128 per adapter, 1 thread
+    threads(2)
+    assert choice("lora_delta", W(4096, 32, True, f32)) == "cuda"
+
+
+def test_cpu_auto_follows_the_table_and_matches_the_chosen_backend():
+    K, d = 8, 40
+    layout = hk.AdapterLayout([3, 7, 1, 16, 5, 2, 9, 4])
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(96, d, generator=gen)
+    A = torch.randn(layout.total_rank, d, generator=gen)
+    B = torch.randn(layout.total_rank, d, generator=gen)
+    grouped_ids = torch.arange(K).repeat_interleave(12)
+    for ids, want in ((grouped_ids[torch.randperm(96, generator=gen)], "cuda"), (grouped_ids, "cuda"),
+                      (torch.zeros(96, dtype=torch.long), "torch")):
+        groups = hk.TokenGroups.from_adapter_ids(ids, K)
+        work = dispatch.LoraWork(groups.num_routed, groups.num_active, groups.is_sorted, x.dtype)
+        assert dispatch.resolve("lora_delta", x.device, work)[0] == want
+        y = hk.lora_delta(x, A, B, layout, groups, 0.5)  # auto
+        with hk.use_backend(want):
+            assert torch.equal(y, hk.lora_delta(x, A, B, layout, groups, 0.5))
+    assert dispatch.resolve("weighted_aggregate", x.device)[0] == "cuda"
+    assert dispatch.resolve("delta_fro_norms", x.device)[0] == "torch"
+
+
+def test_cpu_auto_falls_back_to_torch_without_the_extension(monkeypatch):
+    monkeypatch.setattr(cuda_backend, "available", lambda device: (False, "the extension is not built"))
+    work = dispatch.LoraWork(64, 8, False, torch.float32)
+    assert dispatch.resolve("lora_delta", torch.device("cpu"), work)[0] == "torch"
+    assert dispatch.resolve("component_norms", torch.device("cpu"))[0] == "torch"
+
+
 def test_public_api_bad_inputs_name_the_argument():
     x, A, B, layout, groups, _ = make_case("mixed", torch.float32)
     with hk.use_backend("cuda"):

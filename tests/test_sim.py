@@ -195,8 +195,8 @@ def test_backend_field_routes_every_op_and_gives_the_same_round(tmp_path, monkey
     used = []
     real = ops.resolve
 
-    def spy(op, device):
-        name, impl = real(op, device)
+    def spy(op, device, work=None):
+        name, impl = real(op, device, work)
         used.append((op, name))
         return name, impl
 
