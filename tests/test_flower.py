@@ -107,9 +107,13 @@ def test_run_config_maps_to_fedconfig():
                                             "rank-rule": "list", "norm-cap": "", "min-nodes": 4})
     assert cfg.num_clients == 4 and cfg.ranks == [2, 4, 8, 16] and cfg.norm_cap is None
     assert extra == {"min-nodes": 4}
-    with pytest.raises(ValueError, match="FedConfig.task"):
-        FlowerStrategy(FedConfig(model="tiny-random-gpt2", task="causal-lm", dataset="synthetic",
-                                 target_modules=["c_attn"]))
+    _, extra = fedconfig_from_run_config({"resume": True, "round-timeout-s": 5.0})
+    assert extra == {"resume": True, "round-timeout-s": 5.0}
+    from hetlora.flower.app import _flag
+
+    assert _flag("true", "resume") is True and _flag(0, "resume") is False and _flag(False, "resume") is False
+    with pytest.raises(ValueError, match="resume must be true or false"):
+        _flag("maybe", "resume")
     with pytest.raises(ValueError, match="no-such-key"):
         fedconfig_from_run_config({"no-such-key": 1})
     with pytest.raises(ValueError, match="clients_per_round"):
@@ -132,7 +136,7 @@ def test_example_app_is_consistent(monkeypatch):
     tool = tomllib.loads((app_dir / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     cfg, extra = fedconfig_from_run_config(tool["config"])
     assert cfg.dataset == "20newsgroups" and cfg.model == "minilm" and cfg.strategy == "hetlora"
-    assert set(extra) == {"min-nodes", "node-wait-s", "round-timeout-s"}
+    assert set(extra) == {"min-nodes", "node-wait-s", "round-timeout-s", "resume"}
     monkeypatch.syspath_prepend(str(app_dir))
     for key, cls in (("serverapp", ServerApp), ("clientapp", ClientApp)):
         mod, attr = tool["components"][key].split(":")
@@ -265,6 +269,70 @@ def test_fake_grid_run_equals_the_simulator(tmp_path, task_identity, dp):
     if dp:
         assert all(r["dp_epsilon"] > 0 and r["dp_clipped"] >= 1 for r in strat.records)
     assert (tmp_path / "flower" / "adapters" / "global" / "adapter_config.json").exists()
+
+
+def test_causal_lm_on_flower_equals_the_simulator(tmp_path, task_identity):
+    """task="causal-lm" (tiny random GPT-2, next-token loss, no federated head) on Flower's round
+    loop = the simulator, bit for bit; the records carry the next-token metrics."""
+    kw = dict(model="tiny-random-gpt2", task="causal-lm", target_modules=["c_attn", "c_fc"], r_max=8,
+              ranks=[2, 4, 8, 3])
+    strat = FlowerStrategy(_cfg(tmp_path, "flower", **kw))
+    strat.run(FakeGrid(make_client_app(), 4))
+    sim = Simulation(_cfg(tmp_path, "sim", **kw), verbose=False)
+    hist = sim.run()
+    _assert_same_state(strat.state, sim.state, rtol=0, atol=0)
+    assert strat.state.head_W.shape[0] == 0  # the LM head is frozen: nothing federated
+    assert max(float(t.abs().max()) for t in strat.state.B) > 0  # the adapters moved
+    assert [r["eval_ppl"] for r in strat.records] == [r["eval_ppl"] for r in hist.records]
+    assert all(math.isfinite(r["eval_ppl"]) and r["eval_ppl"] > 1 for r in strat.records)
+
+
+class CrashingGrid(FakeGrid):
+    """A fake grid whose server process 'dies' when it sends the train messages of a given round."""
+
+    def __init__(self, app, n, crash_at_train_call, extra=None):
+        super().__init__(app, n, extra)
+        self.train_calls, self.crash_at = 0, crash_at_train_call
+
+    def send_and_receive(self, messages, timeout=None):
+        messages = list(messages)
+        if messages and messages[0].metadata.message_type == "train":
+            self.train_calls += 1
+            if self.train_calls == self.crash_at:
+                raise KeyboardInterrupt("server killed")
+        return super().send_and_receive(messages, timeout)
+
+
+def test_flower_run_resumes_after_a_crash(tmp_path, task_identity):
+    """A Flower server killed in round 3 of 4 and started again with resume=True ends exactly as a
+    run that was never interrupted: state, ranks (pruning on, declared ranks kept), metrics."""
+    kw = dict(rounds=4, checkpoint_every=1, lam=1.0, gamma=0.5, r_min=1)
+    whole = FlowerStrategy(_cfg(tmp_path, "whole", **kw))
+    whole.run(FakeGrid(make_client_app(), 4, extra={1: {"rank": 3}}))
+    assert whole.records[0]["ranks_sent"] != whole.records[-1]["ranks_sent"]  # clients pruned on the way
+
+    cfg = _cfg(tmp_path, "crashed", **kw)
+    first = FlowerStrategy(cfg)
+    with pytest.raises(KeyboardInterrupt):
+        first.run(CrashingGrid(make_client_app(), 4, crash_at_train_call=3, extra={1: {"rank": 3}}))
+    assert [r["round"] for r in first.records] == [1, 2]
+    # a line cut short by the crash is ignored on resume
+    with open(cfg.run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"round": 3, "train_lo')
+    again = FlowerStrategy(cfg, resume=True)
+    assert again.round_offset == 2 and again.declared_ranks == {1: 3}
+    again.run(FakeGrid(make_client_app(), 4, extra={1: {"rank": 3}}))
+    _assert_same_state(again.state, whole.state, rtol=0, atol=0)
+    assert list(again.sim.client_ranks) == list(whole.sim.client_ranks)
+    lines = [json.loads(x) for x in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    want = [json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in lines] == [1, 2, 3, 4]
+    for got, ref in zip(lines, want):
+        for k in ("clients", "ranks_sent", "eval_acc", "eval_loss", "train_loss", "cum_bytes_up"):
+            assert got[k] == ref[k], (got["round"], k)
+    # everything done: a further resume runs no round
+    done = FlowerStrategy(cfg, resume=True)
+    assert done.round_offset == 4 and done.run(FakeGrid(make_client_app(), 4)) is None
 
 
 def test_ray_simulation_engine_matches_the_simulator(tmp_path):

@@ -442,6 +442,39 @@ class Simulation:
         atomic_write_bytes(d / "config.json", (self.config.to_json() + "\n").encode())
         atomic_write_bytes(d / "config.yaml", self.config.to_yaml().encode())
 
+    def restore(self) -> tuple[int, list[dict], dict]:
+        """Load the latest checkpoint of the run directory into ``state`` and ``client_ranks``.
+
+        Returns ``(last round, the metrics records of rounds <= last, the checkpoint's extra
+        dict)``, or ``(0, [], {})`` when there is no checkpoint (nothing changes then).  Shared
+        by ``run(resume=True)`` and Flower's `FlowerStrategy(resume=True)`.
+        """
+        if self.state is None:
+            self.setup()
+        d = self.run_dir
+        ck = load_checkpoint(d, device=self.fm.device)
+        if ck is None:
+            return 0, [], {}
+        last, state, ranks, extra = ck
+        dt = self.fm.dtype
+        self.state = GlobalState(
+            [a.to(dt) for a in state.A], [b.to(dt) for b in state.B], state.scaling,
+            state.head_W.to(dt), state.head_b.to(dt),
+            None if state.base_weights is None else [w.to(dt) for w in state.base_weights],
+            state.base_biases, state.stacked, state.stack_rank)
+        self.client_ranks = ranks
+        records: list[dict] = []
+        metrics = d / "metrics.jsonl"
+        if metrics.exists():
+            for line in metrics.read_text().splitlines():
+                try:
+                    r = json.loads(line)
+                except ValueError:  # a line cut short by the crash (rounds after the checkpoint)
+                    continue
+                if isinstance(r, dict) and isinstance(r.get("round"), int) and r["round"] <= last:
+                    records.append(r)
+        return last, records, extra or {}
+
     def run(self, resume: bool = False) -> History:
         """Run all rounds (continuing from the latest checkpoint with ``resume``); returns the History."""
         cfg = self.config
@@ -453,19 +486,9 @@ class Simulation:
         history = History(cfg, d)
         start = 1
         if resume:
-            ck = load_checkpoint(d, device=self.fm.device)
-            if ck is not None:
-                last, state, ranks, _ = ck
-                self.state = GlobalState(
-                    [a.to(self.fm.dtype) for a in state.A], [b.to(self.fm.dtype) for b in state.B], state.scaling,
-                    state.head_W.to(self.fm.dtype), state.head_b.to(self.fm.dtype),
-                    None if state.base_weights is None else [w.to(self.fm.dtype) for w in state.base_weights],
-                    state.base_biases, state.stacked, state.stack_rank)
-                self.client_ranks = ranks
-                start = last + 1
-                if metrics.exists():
-                    keep = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
-                    history.records = [r for r in keep if r["round"] <= last]
+            last, history.records, _ = self.restore()
+            start = last + 1
+            if last:
                 self._say(f"resuming {cfg.name} after round {last}")
         self._write_config()
         atomic_write_bytes(metrics, "".join(json.dumps(r) + "\n" for r in history.records).encode())

@@ -5,7 +5,8 @@ under ``flwr run``, from the run config (``[tool.flwr.app.config]`` of the app's
 pyproject.toml, overridable with ``flwr run --run-config "k=v ..."``): every key is a
 `FedConfig` field with ``-`` for ``_`` (``num-clients``, ``r-max``, ...; ``ranks`` and
 ``target-modules`` as comma-separated strings, ``""`` for None), plus ``min-nodes``,
-``node-wait-s`` and ``round-timeout-s`` for Flower itself.  Nodes need no settings: every
+``node-wait-s``, ``round-timeout-s`` and ``resume`` (true: continue the run in its run
+directory after its latest checkpoint) for Flower itself.  Nodes need no settings: every
 train message carries the run's `FedConfig`.
 """
 
@@ -29,8 +30,9 @@ from .strategy import FlowerStrategy
 __all__ = ["make_server_app", "make_client_app", "fedconfig_from_run_config", "FLOWER_KEYS"]
 
 #: run-config keys that are not FedConfig fields: ``min-nodes`` (nodes to wait for before round
-#: 1; 0 or absent: num-clients), ``node-wait-s`` (how long), ``round-timeout-s`` (per round)
-FLOWER_KEYS = ("min-nodes", "node-wait-s", "round-timeout-s")
+#: 1; 0 or absent: num-clients), ``node-wait-s`` (how long), ``round-timeout-s`` (per round),
+#: ``resume`` (continue after the run directory's latest checkpoint)
+FLOWER_KEYS = ("min-nodes", "node-wait-s", "round-timeout-s", "resume")
 
 
 def fedconfig_from_run_config(run_config: Mapping) -> tuple[FedConfig, dict]:
@@ -57,6 +59,17 @@ def fedconfig_from_run_config(run_config: Mapping) -> tuple[FedConfig, dict]:
     return FedConfig.from_dict(d), extra
 
 
+def _flag(v: object, key: str) -> bool:
+    """A run-config boolean: true/false, 1/0 or the strings "true"/"false"/"1"/"0"."""
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, (int, float)) and v in (0, 1):
+        return bool(v)
+    if isinstance(v, str) and v.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
+        return v.strip().lower() in ("true", "1", "yes")
+    raise ValueError(f"run config: {key} must be true or false, got {v!r}")
+
+
 def _logging() -> None:
     for name in ("hetlora.flower", "hetlora.fl"):
         lg = logging.getLogger(name)
@@ -69,7 +82,7 @@ def _logging() -> None:
 
 
 def make_server_app(config: FedConfig | None = None, *, min_nodes: int | None = None, node_wait_s: float = 120.0,
-                    round_timeout_s: float = 3600.0,
+                    round_timeout_s: float = 3600.0, resume: bool = False,
                     on_finish: Callable[[FlowerStrategy], None] | None = None) -> ServerApp:
     """A `ServerApp` running ``config.rounds`` rounds of `FlowerStrategy`.
 
@@ -77,6 +90,7 @@ def make_server_app(config: FedConfig | None = None, *, min_nodes: int | None = 
         config: the run's `FedConfig`; None reads it from the run config.
         min_nodes / node_wait_s: nodes to wait for before round 1, and how long.
         round_timeout_s: how long a round waits for replies.
+        resume: continue the run after its latest checkpoint (`FlowerStrategy`'s ``resume``).
         on_finish: called with the strategy after the last round (tests read its state).
     """
     app = ServerApp()
@@ -84,13 +98,14 @@ def make_server_app(config: FedConfig | None = None, *, min_nodes: int | None = 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         _logging()
-        cfg, mn, wait, timeout = config, min_nodes, node_wait_s, round_timeout_s
+        cfg, mn, wait, timeout, res = config, min_nodes, node_wait_s, round_timeout_s, resume
         if cfg is None:
             cfg, extra = fedconfig_from_run_config(context.run_config)
             mn = int(extra.get("min-nodes", 0)) or mn
             wait = float(extra.get("node-wait-s", wait))
             timeout = float(extra.get("round-timeout-s", timeout))
-        strategy = FlowerStrategy(cfg, min_nodes=mn, node_wait_s=wait)
+            res = _flag(extra.get("resume", res), "resume")
+        strategy = FlowerStrategy(cfg, min_nodes=mn, node_wait_s=wait, resume=res)
         strategy.run(grid, timeout=timeout)
         if on_finish is not None:
             on_finish(strategy)

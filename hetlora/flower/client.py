@@ -31,9 +31,9 @@ __all__ = ["node_info", "train_on_node", "local_simulation"]
 log = logging.getLogger("hetlora.flower")
 
 #: the FedConfig fields that determine the model and the data a node builds
-_SETUP_FIELDS = ("model", "dataset", "text_column", "label_column", "test_fraction", "max_length", "num_clients",
-                 "partition", "dirichlet_alpha", "holdout_fraction", "eval_samples", "seed", "target_modules",
-                 "lora_dropout", "dtype", "device", "threads", "r_min", "r_max")
+_SETUP_FIELDS = ("model", "task", "dataset", "text_column", "label_column", "test_fraction", "max_length",
+                 "num_clients", "partition", "dirichlet_alpha", "holdout_fraction", "eval_samples", "seed",
+                 "target_modules", "lora_dropout", "dtype", "device", "threads", "r_min", "r_max")
 
 _CACHE: dict[str, Simulation] = {}
 

@@ -64,15 +64,16 @@ class FlowerStrategy(_FlwrStrategy):
             that came (a sampled client with no node counts as a failed client).
         write_outputs: write ``config.json``, ``metrics.jsonl``, checkpoints and (in
             `finish`) the global peft adapter into ``config.run_dir``.
+        resume: continue the run in ``config.run_dir`` after its latest checkpoint (the global
+            state, every client's rank, the ranks nodes declared, the metrics so far), as
+            ``hetlora simulate --resume`` does: Flower's rounds 1, 2, ... are then rounds
+            last + 1, last + 2, ... of the run, which ends at ``config.rounds`` as before.
+            Without a checkpoint the run starts from round 1.
     """
 
     def __init__(self, config: FedConfig, *, sim: Simulation | None = None, min_nodes: int | None = None,
-                 node_wait_s: float = 120.0, write_outputs: bool = True) -> None:
+                 node_wait_s: float = 120.0, write_outputs: bool = True, resume: bool = False) -> None:
         self.config = config.validate()
-        # the causal-LM path is not exercised on Flower yet: refuse it rather than run it untested
-        if getattr(config, "task", "classification") != "classification":
-            raise ValueError(f"FedConfig.task: hetlora.flower supports task='classification' only "
-                             f"(got {config.task!r})")
         if sim is None:
             sim = Simulation(config, verbose=False)
         if sim.state is None:
@@ -89,11 +90,22 @@ class FlowerStrategy(_FlwrStrategy):
         self.records: list[dict] = []
         self._pending: dict[int, dict] = {}
         self._cum = {"elapsed": 0.0, "up": 0, "down": 0}
+        self.round_offset = 0  # rounds done before this process (resume)
+        if resume:
+            last, self.records, extra = sim.restore()
+            self.round_offset = last
+            # a rank a node declared was applied once, in the first run: pruning may have lowered it since
+            self.declared_ranks = {int(k): int(v) for k, v in (extra.get("declared_ranks") or {}).items()}
+            if self.records:
+                r = self.records[-1]
+                self._cum = {"elapsed": float(r.get("elapsed", 0.0)), "up": int(r.get("cum_bytes_up", 0)),
+                             "down": int(r.get("cum_bytes_down", 0))}
+            log.info("resuming %s after round %d", config.name, last)
         if write_outputs:
             d = config.run_dir
             d.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(d / "config.json", (config.to_json() + "\n").encode())
-            atomic_write_bytes(d / "metrics.jsonl", b"")
+            atomic_write_bytes(d / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.records).encode())
 
     # -- helpers -----------------------------------------------------------------------------------
     @property
@@ -174,6 +186,7 @@ class FlowerStrategy(_FlwrStrategy):
                         grid: Grid) -> Iterable[Message]:
         """Sample the simulator's clients for ``server_round`` and send each node its adapter rows,
         rank and task.  ``arrays`` is ignored: the global state is ``self.sim.state``."""
+        server_round += self.round_offset
         t0 = time.perf_counter()
         self.discover(grid, wait=not self._discovered)  # later rounds: only nodes that joined since
         self._discovered = True
@@ -233,6 +246,7 @@ class FlowerStrategy(_FlwrStrategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None,
                                                                                      MetricRecord | None]:
         """Screen the replies, aggregate the sound ones with the wrapped strategy, evaluate, record."""
+        server_round += self.round_offset
         sim, cfg = self.sim, self.config
         pend = self._pending.pop(server_round, None)
         if pend is None:  # called without configure_train (should not happen)
@@ -286,17 +300,19 @@ class FlowerStrategy(_FlwrStrategy):
         log.info("round %d: %d replies, %d accepted, %d rejected%s%s", server_round, len(replies),
                  rec["num_accepted"], rec["num_rejected"],
                  " ROUND FAILED (global model unchanged)" if rec["failed"] else "",
-                 f", global test acc {rec['eval_acc']:.3f} loss {rec['eval_loss']:.3f}" if "eval_acc" in rec else "")
+                 f", global test acc {rec['eval_acc']:.3f} loss {rec['eval_loss']:.3f}" if "eval_acc" in rec else ""
+                 + (f" ppl {rec['eval_ppl']:.2f}" if "eval_ppl" in rec else ""))
         if self.write_outputs:
             d = cfg.run_dir
             with open(d / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
             if (cfg.checkpoint_every and server_round % cfg.checkpoint_every == 0) or server_round == cfg.rounds:
-                save_checkpoint(d, server_round, sim.state, sim.client_ranks, {"strategy": cfg.strategy,
-                                                                                "engine": "flower"})
+                save_checkpoint(d, server_round, sim.state, sim.client_ranks,
+                                {"strategy": cfg.strategy, "engine": "flower",
+                                 "declared_ranks": {str(k): v for k, v in self.declared_ranks.items()}})
         metrics = {"num-replies": len(replies), "num-accepted": rec["num_accepted"],
                    "num-rejected": rec["num_rejected"], "failed": int(rec["failed"])}
-        for k in ("train_loss", "eval_acc", "eval_loss"):
+        for k in ("train_loss", "eval_acc", "eval_loss", "eval_ppl"):
             if rec.get(k) is not None:
                 metrics[k.replace("_", "-")] = float(rec[k])
         return self.global_arrays(), MetricRecord(metrics)
@@ -321,8 +337,14 @@ class FlowerStrategy(_FlwrStrategy):
             log.warning("adapter export failed: %s", e)
 
     def run(self, grid: Grid, timeout: float = 3600.0):
-        """All ``config.rounds`` rounds through Flower's `Strategy.start`, then `finish`."""
-        res = self.start(grid, initial_arrays=self.global_arrays(), num_rounds=self.config.rounds, timeout=timeout)
+        """The rounds left (all ``config.rounds``, or those after a resumed checkpoint) through
+        Flower's `Strategy.start`, then `finish`."""
+        left = self.config.rounds - self.round_offset
+        res = None
+        if left > 0:
+            res = self.start(grid, initial_arrays=self.global_arrays(), num_rounds=left, timeout=timeout)
+        else:
+            log.info("%s: all %d rounds already done", self.config.name, self.config.rounds)
         self.finish()
         return res
 
