@@ -248,3 +248,29 @@ def test_missing_index_with_round_files_is_refused(tmp_path):
     (ck / "round_0002.safetensors").write_bytes(b"\x00" * 16)
     with pytest.raises(ValueError, match="latest.json.*round_0002"):
         load_checkpoint(tmp_path)
+
+
+def _tree_bytes(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_resume_with_other_settings_is_refused_and_touches_nothing(finished_run, capsys):
+    """--resume of a run directory with settings that change what is trained (here the client
+    count and the learning rate) exits 2 naming every differing field; the run is untouched.
+    Settings that only extend or move the run (more rounds, another backend) resume it."""
+    run_dir = finished_run[0]
+    before = _tree_bytes(run_dir)
+    cfg = ["simulate", "--config", str(run_dir / "config.json"), "--resume", "--quiet"]
+    assert cli_main([*cfg, "--num-clients", "8", "--lr", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "other settings" in err and "num_clients=6 (now 8)" in err and "lr=" in err, err
+    assert "Traceback" not in err
+    assert _tree_bytes(run_dir) == before
+    sim = Simulation(FedConfig.from_json(run_dir / "config.json").replace(seed=1), verbose=False)
+    with pytest.raises(ValueError, match=r"seed=0 \(now 1\)"):
+        sim.run(resume=True)
+    assert _tree_bytes(run_dir) == before
+    # more rounds, another backend: the run goes on from round 3
+    assert cli_main([*cfg, "--rounds", "4", "--backend", "torch"]) == 0
+    rounds = [json.loads(x)["round"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rounds == [1, 2, 3, 4]

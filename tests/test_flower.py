@@ -319,6 +319,10 @@ def test_flower_run_resumes_after_a_crash(tmp_path, task_identity):
     # a line cut short by the crash is ignored on resume
     with open(cfg.run_dir / "metrics.jsonl", "a") as f:
         f.write('{"round": 3, "train_lo')
+    metrics = (cfg.run_dir / "metrics.jsonl").read_bytes()
+    with pytest.raises(ValueError, match=r"other settings: lr=0.01 \(now 0.5\)"):
+        FlowerStrategy(_cfg(tmp_path, "crashed", **{**kw, "lr": 0.5}), resume=True)
+    assert (cfg.run_dir / "metrics.jsonl").read_bytes() == metrics
     again = FlowerStrategy(cfg, resume=True)
     assert again.round_offset == 2 and again.declared_ranks == {1: 3}
     again.run(FakeGrid(make_client_app(), 4, extra={1: {"rank": 3}}))

@@ -30,7 +30,7 @@ from torch import nn
 
 from hetlora_kernels import use_backend
 
-from .checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
+from .checkpoint import CKPT_DIR, atomic_write_bytes, load_checkpoint, save_checkpoint
 from .config import FedConfig
 from .local import ClientTask, FedModel, TokenData, evaluate, train_round
 from .strategies import ClientUpdate, GlobalState, Strategy, client_generator, make_strategy
@@ -442,6 +442,32 @@ class Simulation:
         atomic_write_bytes(d / "config.json", (self.config.to_json() + "\n").encode())
         atomic_write_bytes(d / "config.yaml", self.config.to_yaml().encode())
 
+    # FedConfig fields a resumed run may change: how long it runs and where and how it is
+    # executed or reported, never what is trained on what
+    RESUME_MAY_CHANGE = frozenset({"rounds", "eval_every", "eval_batch_size", "device", "backend", "mode", "threads",
+                                   "out_dir", "run_name", "checkpoint_every", "export_clients", "progress", "plots"})
+
+    def _check_resumable(self, d: Path) -> None:
+        """Refuse to resume a run directory made with other settings (its ``config.json``), naming
+        every field that differs: the checkpoint's state and ranks only fit the run that wrote them."""
+        p = d / "config.json"
+        if not p.exists():
+            return
+        try:
+            saved = json.loads(p.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"resume: cannot read the settings of the run in {d} ({p}: {e})") from e
+        if not isinstance(saved, dict):
+            raise ValueError(f"resume: {p} does not hold a FedConfig mapping")
+        now = json.loads(self.config.to_json())
+        diff = [f"{k}={saved[k]!r} (now {now[k]!r})" for k in sorted(set(saved) & set(now))
+                if k not in self.RESUME_MAY_CHANGE and saved[k] != now[k]]
+        if diff:
+            raise ValueError(
+                f"resume: the run in {d} was made with other settings: {'; '.join(diff)}. Resume it with "
+                f"the same settings (only {', '.join(sorted(self.RESUME_MAY_CHANGE))} may change), or start "
+                f"a new run (another --run-name)")
+
     def restore(self) -> tuple[int, list[dict], dict]:
         """Load the latest checkpoint of the run directory into ``state`` and ``client_ranks``.
 
@@ -452,6 +478,9 @@ class Simulation:
         if self.state is None:
             self.setup()
         d = self.run_dir
+        if not (d / CKPT_DIR).is_dir():
+            return 0, [], {}
+        self._check_resumable(d)
         ck = load_checkpoint(d, device=self.fm.device)
         if ck is None:
             return 0, [], {}
