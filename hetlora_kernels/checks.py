@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -48,9 +50,44 @@ def check_factors(A: torch.Tensor, B: torch.Tensor, layout: AdapterLayout, a_nam
         raise ValueError(f"{b_name} is on {B.device} but {a_name} is on {A.device}")
 
 
+# Sequences of scalings -> their float64 device tensor, reused.  A layer passes the same host
+# list on every call; building the tensor each time is a host-to-device copy, which torch
+# follows with a stream synchronisation on a GPU: one per layer per forward.  The tensors are
+# only ever read (the kernels take them as scale pointers), so sharing one is safe.
+_SEQ_CACHE: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+_SEQ_CACHE_MAX = 256
+_SEQ_LOCK = threading.Lock()
+_HOST_VALUES: dict[int, tuple[torch.Tensor, tuple[float, ...]]] = {}  # id -> (the tensor, its values)
+
+
+def host_values(t: torch.Tensor) -> tuple[float, ...] | None:
+    """The host values of a scaling tensor made by `check_scaling` from a sequence (so that the
+    torch path need not read them back from a GPU), else None."""
+    hit = _HOST_VALUES.get(id(t))
+    return hit[1] if hit is not None and hit[0] is t else None
+
+
+def _scaling_tensor(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    key = (values, str(device))
+    with _SEQ_LOCK:
+        t = _SEQ_CACHE.get(key)
+        if t is not None:
+            _SEQ_CACHE.move_to_end(key)
+            return t
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    with _SEQ_LOCK:
+        _SEQ_CACHE[key] = t
+        _HOST_VALUES[id(t)] = (t, values)
+        while len(_SEQ_CACHE) > _SEQ_CACHE_MAX:
+            _, old = _SEQ_CACHE.popitem(last=False)
+            _HOST_VALUES.pop(id(old), None)
+    return t
+
+
 def check_scaling(scaling: object, num_adapters: int, device: torch.device) -> float | torch.Tensor:
     """A finite float, or a finite ``[K]`` tensor.  Returns a float or a ``[K]`` tensor: float64
-    for a float64 tensor or a sequence (so that float64 ops keep full precision), else float32."""
+    for a float64 tensor or a sequence (so that float64 ops keep full precision), else float32.
+    The tensor made for a sequence is cached per (values, device) and must not be modified."""
     if isinstance(scaling, torch.Tensor):
         if scaling.dim() == 0:
             scaling = scaling.item()
@@ -73,7 +110,7 @@ def check_scaling(scaling: object, num_adapters: int, device: torch.device) -> f
             for i, v in enumerate(scaling):
                 if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
                     raise ValueError(f"scaling[{i}] must be a finite number, got {v!r}")
-            return torch.tensor([float(v) for v in scaling], dtype=torch.float64, device=device)
+            return _scaling_tensor(tuple(float(v) for v in scaling), torch.device(device))
         raise TypeError(f"scaling must be a float or a [K] tensor, got {type(scaling).__name__}")
     s = float(scaling)
     if not math.isfinite(s):

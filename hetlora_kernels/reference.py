@@ -32,7 +32,8 @@ __all__ = [
 
 def _scales(scaling: float | torch.Tensor, K: int) -> list[float]:
     if isinstance(scaling, torch.Tensor):
-        return [float(s) for s in scaling.tolist()]
+        host = checks.host_values(scaling)  # a layer's list: no read-back from the device
+        return list(host) if host is not None else [float(s) for s in scaling.tolist()]
     return [float(scaling)] * K
 
 

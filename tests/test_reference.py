@@ -213,3 +213,32 @@ def test_truncate_then_aggregate_roundtrip():
     A, B, layout = ref.truncate(Ag, Bg, [6, 6, 6])
     A2, B2 = ref.weighted_aggregate(A, B, layout, [0.2, 0.3, 0.5])
     assert torch.allclose(A2, Ag, atol=1e-6) and torch.allclose(B2, Bg, atol=1e-6)
+
+
+def test_a_scaling_list_becomes_one_cached_device_tensor(monkeypatch):
+    """A layer passes the same host list on every call: it becomes one float64 tensor, made once
+    (on a GPU, a copy per call would also synchronise the stream), whose host values the torch
+    path reads without a read-back; the cache is bounded."""
+    from hetlora_kernels import checks
+
+    vals = [0.5, 2.0, 1.0 / 3.0]
+    t1 = checks.check_scaling(vals, 3, torch.device("cpu"))
+    t2 = checks.check_scaling(tuple(vals), 3, torch.device("cpu"))
+    assert t1 is t2 and t1.dtype == torch.float64 and t1.tolist() == vals
+    assert checks.check_scaling([0.5, 2.0, 0.25], 3, torch.device("cpu")) is not t1
+    assert checks.host_values(t1) == tuple(vals)
+    assert checks.host_values(t1.clone()) is None  # only the cached object itself
+    # the reference backend takes the host values: no .tolist() on the tensor
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: pytest.fail("read back from the tensor"))
+    assert ref._scales(t1, 3) == vals
+    monkeypatch.undo()
+    # same results as a float scaling per adapter (the values went through unchanged)
+    x, A, B, ids = random_case([3, 1, 5], 17, 6, 4, dtype=torch.float64)
+    layout, groups = hk.AdapterLayout([3, 1, 5]), hk.TokenGroups.from_adapter_ids(ids, 3)
+    y = hk.lora_delta(x, A, B, layout, groups, vals)
+    y_ref = hk.lora_delta(x, A, B, layout, groups, torch.tensor(vals, dtype=torch.float64))
+    assert torch.equal(y, y_ref)
+    for i in range(checks._SEQ_CACHE_MAX + 20):
+        checks.check_scaling([float(i), 1.0, 2.0], 3, torch.device("cpu"))
+    assert len(checks._SEQ_CACHE) <= checks._SEQ_CACHE_MAX
+    assert checks.host_values(t1) is None  # evicted, and forgotten with it
