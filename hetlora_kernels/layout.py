@@ -209,23 +209,28 @@ class TokenGroups:
             raise ValueError(f"adapter_ids must be 1-D [T], got shape {tuple(adapter_ids.shape)}")
         ids = adapter_ids.to(torch.int64)
         T = ids.shape[0]
-        if T:
-            lo, hi = torch.aminmax(ids)
-            lo, hi = int(lo), int(hi)
-            if lo < -1 or hi >= num_adapters:
-                bad = lo if lo < -1 else hi
-                raise ValueError(
-                    f"adapter_ids must lie in [-1, {num_adapters - 1}] (num_adapters={num_adapters}), found {bad}"
-                )
-        order = torch.sort(ids, stable=True).indices
-        # counts of ids -1..K-1 in one bincount, shifted so -1 lands in bin 0
-        binc = torch.bincount(ids + 1, minlength=num_adapters + 1)
+        K = num_adapters
+        # counts of ids -1..K-1 in one bincount, shifted so -1 lands in bin 0 (clamped so that a
+        # bad id cannot fault the bincount: it is refused below, before anything uses it)
+        binc = torch.bincount((ids + 1).clamp(0, K), minlength=K + 1)
         counts = binc[1:]
         starts = torch.cumsum(binc, 0)  # starts[k] = #tokens with id < k
-        starts_list = tuple(starts.tolist())
-        counts_list = tuple(counts.tolist())
-        is_sorted = starts_list[0] == 0 and (T < 2 or bool((ids[1:] >= ids[:-1]).all()))
-        return cls(ids, num_adapters, order, starts, counts, counts_list, starts_list, is_sorted, _trusted=True)
+        # everything the host needs in one transfer (on a GPU: one synchronisation per batch)
+        if T:
+            lo, hi = torch.aminmax(ids)
+            flag = (ids[1:] >= ids[:-1]).all() if T > 1 else torch.ones((), dtype=torch.bool, device=ids.device)
+            host = torch.cat([starts, counts, torch.stack([lo, hi, flag.to(torch.int64)])]).tolist()
+            lo, hi, ordered = host[-3:]
+            if lo < -1 or hi >= K:
+                bad = lo if lo < -1 else hi
+                raise ValueError(f"adapter_ids must lie in [-1, {K - 1}] (num_adapters={K}), found {bad}")
+        else:
+            host, ordered = torch.cat([starts, counts]).tolist() + [0, 0, 1], True
+        starts_list = tuple(host[: K + 1])
+        counts_list = tuple(host[K + 1: 2 * K + 1])
+        order = torch.sort(ids, stable=True).indices
+        is_sorted = starts_list[0] == 0 and bool(ordered)
+        return cls(ids, K, order, starts, counts, counts_list, starts_list, is_sorted, _trusted=True)
 
     @classmethod
     def from_lengths(cls, lengths: torch.Tensor | Sequence[int]) -> TokenGroups:
