@@ -141,10 +141,25 @@ def _pool(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (h.float() * m).sum(1) / m.sum(1)
 
 
+def lora_work(run: Run, dtype: torch.dtype):
+    """The `LoraWork` of every LoRA layer call of a concurrent step: each client's ``batch x seq``
+    tokens contiguous (what ``auto`` bases its CPU choice on)."""
+    from hetlora_kernels.dispatch import LoraWork
+
+    n = run.batch * run.seq
+    return LoraWork(routed=run.clients * n, active=run.clients, grouped=True, dtype=dtype)
+
+
+def auto_backend(run: Run, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend ``auto`` runs the concurrent step's LoRA layers on."""
+    from hetlora_kernels.dispatch import resolve
+
+    return resolve("lora_linear", device, lora_work(run, dtype))[0]
+
+
 def concurrent_step_fn(base: nn.Module, family: str, run: Run, data, device: torch.device
                        ) -> tuple[Callable[[], None], dict[str, Any]]:
     from hetlora import MultiLoraModel
-    from hetlora_kernels.dispatch import resolve
 
     K, b = run.clients, run.batch
     ids, mask, labels = data
@@ -164,7 +179,8 @@ def concurrent_step_fn(base: nn.Module, family: str, run: Run, data, device: tor
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    meta = {"backend": resolve("lora_linear", device)[0],
+    dtype = next(base.parameters()).dtype
+    meta = {"backend": auto_backend(run, device, dtype),
             "lora_params": sum(p.numel() for p in model.lora_parameters())}
     return step, meta
 
@@ -230,14 +246,13 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def bench_run(run: Run, device: torch.device, dtype: torch.dtype, warmup: int, steps: int,
-              extra_torch: bool) -> list[dict[str, Any]]:
+def bench_run(run: Run, device: torch.device, dtype: torch.dtype, warmup: int, steps: int) -> list[dict[str, Any]]:
     """Rows of one configuration: concurrent (auto backend, and torch if auto is not torch), sequential."""
     import hetlora_kernels as hk
 
     rows = []
     methods = [("concurrent", "auto")]
-    if extra_torch:
+    if auto_backend(run, device, dtype) != "torch":
         methods.append(("concurrent", "torch"))
     methods.append(("sequential", "peft"))
     for method, backend in methods:
@@ -298,9 +313,7 @@ def run(args: argparse.Namespace) -> Path:
     info = C.machine_info(device)
     t_start = time.perf_counter()
     import hetlora_kernels as hk
-    from hetlora_kernels.dispatch import resolve
 
-    extra_torch = resolve("lora_linear", device)[0] != "torch"
     local = importlib.util.find_spec("hetlora.fl.local") is not None
     res: dict[str, Any] = {
         "kind": "e2e", "preset": preset_name, "machine": info, "rows": [], "truncated": False,
@@ -316,7 +329,7 @@ def run(args: argparse.Namespace) -> Path:
         if time.perf_counter() - t_start > budget:
             res["truncated"] = True
             break
-        res["rows"].extend(bench_run(run_, device, dtype, pre["warmup"], steps, extra_torch))
+        res["rows"].extend(bench_run(run_, device, dtype, pre["warmup"], steps))
         C.save_results(res, out, "e2e", markdown)
     C.finish_info(info)
     res["wall_s"] = time.perf_counter() - t_start
