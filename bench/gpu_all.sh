@@ -132,7 +132,7 @@ fi
 GPU_FILES=$(ls tests/test_triton*.py tests/test_cuda*.py 2>/dev/null | tr '\n' ' ')
 COLLECT=""
 [ "$DRY" = 1 ] && COLLECT="--collect-only"
-want tests && stage tests "$(cap 90 230)" "$PY" -m pytest -q -p no:cacheprovider --continue-on-collection-errors \
+want tests && stage tests "$(cap 120 200)" "$PY" -m pytest -q -p no:cacheprovider --continue-on-collection-errors \
   $COLLECT --junitxml="$RES/pytest-backends.xml" $GPU_FILES
 
 # 3. kernels (the sweep stops itself 30 s before the stage's timeout and writes what it has)

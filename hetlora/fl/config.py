@@ -197,8 +197,9 @@ class FedConfig:
     dtype: str = "float32"
     """Model dtype: float32, float64 or bfloat16."""
     backend: str = "auto"
-    """hetlora_kernels backend for the LoRA and server ops: auto (triton on CUDA, torch on CPU),
-    torch, triton, or cuda (the csrc extension: CUDA kernels, or C++ CPU ops on CPU)."""
+    """hetlora_kernels backend for the LoRA and server ops: auto (triton on CUDA; on CPU, per op,
+    the C++ ops or torch by a measured table), torch, triton, or cuda (the csrc extension: CUDA
+    kernels, or C++ CPU ops on CPU)."""
     seed: int = 0
     """Seed of every random choice (clients, ranks, batches, inits)."""
     threads: int | None = None
