@@ -89,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"run several strategies on the same seed, clients and data and write comparison.md and "
                         f"plots; names from {list(STRATEGIES)}, homlora@R for HomLoRA at rank R")
     s.add_argument("--resume", action="store_true",
-                   help="continue the run in the run directory from its latest checkpoint")
+                   help="continue the run in the run directory from its latest checkpoint, with the settings "
+                        "it was made with (only the number of rounds, evaluation, device, backend, mode, "
+                        "threads and output settings may differ; anything else is refused, naming it)")
     s.add_argument("--quiet", action="store_true", help="no progress bar and no per-round lines")
     s.add_argument("--print-config", action="store_true", help="print the resolved configuration (YAML) and exit")
     _add_config_flags(s)
