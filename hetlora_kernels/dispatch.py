@@ -98,13 +98,14 @@ class LoraWork:
 
 
 # "auto" on CPU tensors: where the C++ ops (backend "cuda") measured faster than the torch path.
-# Source: bench/results/cpu-2core/kernels.json and threads2/ (2026-11-26, 1 and 2 threads, fp32):
+# Source: bench/results/cpu-2core/ (1 thread) and cpu-2core-threads2/ (2 threads), kernels.json,
+# 2026-11-26, fp32, and two earlier sweeps of the same day:
 # - component_norms 1.1-1.9x, weighted_aggregate 1.3-2.0x: C++;  delta_fro_norms 0.5-1.5x and
 #   truncate 0.9-1.6x (noise around parity): torch.
-# - lora_delta / lora_linear: interleaved tokens 1.3-3.2x (the torch path gathers and scatters);
-#   grouped tokens: 1.3-3.2x up to 32 tokens per adapter, ~1.4-1.6x at 128 per adapter with 2+
-#   threads but 0.8x with 1 thread, 0.5-0.8x with one adapter or 512 per adapter (one big MKL
-#   GEMM pair per adapter is as fast as it gets).  float64: torch (the oracle dtype; not timed).
+# - lora_delta / lora_linear: interleaved tokens 1.3-3.4x (the torch path gathers and scatters);
+#   grouped tokens: 1.3-3.5x up to 32 tokens per adapter; 64-128 per adapter 1.0-1.6x with 2
+#   threads but 0.8-1.0x with 1 thread; 0.5-0.9x with one adapter or 512 per adapter (one big
+#   MKL GEMM pair per adapter is as fast as it gets).  float64: torch (the oracle dtype; not timed).
 _CPU_CPP_OPS = frozenset({"component_norms", "weighted_aggregate"})
 _CPU_CPP_MAX_PER_ADAPTER = {1: 32}  # tokens per adapter, by thread count (more threads: 128)
 
