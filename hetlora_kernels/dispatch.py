@@ -103,7 +103,7 @@ class LoraWork:
 # - component_norms 1.1-1.9x, weighted_aggregate 1.3-2.0x: C++;  delta_fro_norms 0.5-1.5x and
 #   truncate 0.9-1.6x (noise around parity): torch.
 # - lora_delta / lora_linear: interleaved tokens 1.3-3.4x (the torch path gathers and scatters);
-#   grouped tokens: 1.3-3.5x up to 32 tokens per adapter; 64-128 per adapter 1.0-1.6x with 2
+#   grouped tokens: 1.2-3.5x up to 32 tokens per adapter (one 0.9x row); 64-128 per adapter 1.0-1.6x with 2
 #   threads but 0.8-1.0x with 1 thread; 0.5-0.9x with one adapter or 512 per adapter (one big
 #   MKL GEMM pair per adapter is as fast as it gets).  float64: torch (the oracle dtype; not timed).
 _CPU_CPP_OPS = frozenset({"component_norms", "weighted_aggregate"})
