@@ -271,13 +271,17 @@ def test_fake_grid_run_equals_the_simulator(tmp_path, task_identity, dp):
     assert (tmp_path / "flower" / "adapters" / "global" / "adapter_config.json").exists()
 
 
-def test_causal_lm_on_flower_equals_the_simulator(tmp_path, task_identity):
+def test_causal_lm_on_flower_equals_the_simulator(tmp_path, task_identity, caplog):
     """task="causal-lm" (tiny random GPT-2, next-token loss, no federated head) on Flower's round
-    loop = the simulator, bit for bit; the records carry the next-token metrics."""
+    loop = the simulator, bit for bit; the records and the server's log carry the next-token metrics."""
+    import logging
+
     kw = dict(model="tiny-random-gpt2", task="causal-lm", target_modules=["c_attn", "c_fc"], r_max=8,
               ranks=[2, 4, 8, 3])
     strat = FlowerStrategy(_cfg(tmp_path, "flower", **kw))
-    strat.run(FakeGrid(make_client_app(), 4))
+    with caplog.at_level(logging.INFO, logger="hetlora.flower"):
+        strat.run(FakeGrid(make_client_app(), 4))
+    assert any("global test acc" in r.getMessage() and " ppl " in r.getMessage() for r in caplog.records)
     sim = Simulation(_cfg(tmp_path, "sim", **kw), verbose=False)
     hist = sim.run()
     _assert_same_state(strat.state, sim.state, rtol=0, atol=0)

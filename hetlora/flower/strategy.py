@@ -300,7 +300,7 @@ class FlowerStrategy(_FlwrStrategy):
         log.info("round %d: %d replies, %d accepted, %d rejected%s%s", server_round, len(replies),
                  rec["num_accepted"], rec["num_rejected"],
                  " ROUND FAILED (global model unchanged)" if rec["failed"] else "",
-                 f", global test acc {rec['eval_acc']:.3f} loss {rec['eval_loss']:.3f}" if "eval_acc" in rec else ""
+                 (f", global test acc {rec['eval_acc']:.3f} loss {rec['eval_loss']:.3f}" if "eval_acc" in rec else "")
                  + (f" ppl {rec['eval_ppl']:.2f}" if "eval_ppl" in rec else ""))
         if self.write_outputs:
             d = cfg.run_dir
