@@ -291,6 +291,22 @@ def test_causal_lm_on_flower_equals_the_simulator(tmp_path, task_identity, caplo
     assert all(math.isfinite(r["eval_ppl"]) and r["eval_ppl"] > 1 for r in strat.records)
 
 
+@pytest.mark.parametrize("strategy", ["homlora", "zeropad", "flora", "flexlora", "fullft"])
+def test_every_strategy_on_flower_equals_the_simulator(tmp_path, task_identity, strategy):
+    """Each strategy on Flower's round loop = the simulator, bit for bit; run right after a FLoRA
+    run in the same process, whose nodes merged updates into their cached base weights (a node
+    must not train the next run on them)."""
+    FlowerStrategy(_cfg(tmp_path, "before", strategy="flora")).run(FakeGrid(make_client_app(), 4))
+    strat = FlowerStrategy(_cfg(tmp_path, "flower", strategy=strategy))
+    strat.run(FakeGrid(make_client_app(), 4))
+    sim = Simulation(_cfg(tmp_path, "sim", strategy=strategy), verbose=False)
+    sim.run()
+    _assert_same_state(strat.state, sim.state, rtol=0, atol=0)
+    if sim.state.base_weights is not None:
+        for a, b in zip(strat.state.base_weights, sim.state.base_weights, strict=True):
+            assert torch.equal(a, b)
+
+
 class CrashingGrid(FakeGrid):
     """A fake grid whose server process 'dies' when it sends the train messages of a given round."""
 

@@ -36,17 +36,26 @@ _SETUP_FIELDS = ("model", "task", "dataset", "text_column", "label_column", "tes
                  "target_modules", "lora_dropout", "dtype", "device", "threads", "r_min", "r_max")
 
 _CACHE: dict[str, Simulation] = {}
+# cached models whose base weights a message replaced (FLoRA, full fine-tuning): a later message
+# without base weights (another strategy's run in the same process) must get the pristine base
+_BASE_REPLACED: set[str] = set()
 
 
-def local_simulation(cfg: FedConfig) -> Simulation:
-    """The set-up `Simulation` (model + data) of ``cfg`` for this process, built once and cached."""
+def local_simulation(cfg: FedConfig, *, pristine_base: bool = False) -> Simulation:
+    """The set-up `Simulation` (model + data) of ``cfg`` for this process, built once and cached;
+    rebuilt when ``pristine_base`` is asked for and a message has replaced the cached base weights."""
     key = json.dumps({k: getattr(cfg, k) for k in _SETUP_FIELDS}, sort_keys=True)
     sim = _CACHE.get(key)
+    if sim is not None and pristine_base and key in _BASE_REPLACED:
+        sim = None
     if sim is None:
         sim = Simulation(cfg.replace(progress=False, plots=False), verbose=False)
         sim.setup()
         _CACHE.clear()  # one run's model and data per process
+        _BASE_REPLACED.clear()
         _CACHE[key] = sim
+    if not pristine_base:
+        _BASE_REPLACED.add(key)
     return sim
 
 
@@ -101,9 +110,9 @@ def train_on_node(msg: Message, context: Context,
     declared = _int_or_none(nc.get("rank"))
     if declared is not None and r > declared:
         raise ValueError(f"this node declared rank {declared}, the server sent rank {r}")
-    sim = local_simulation(cfg)
-    fm = sim.fm
     arr = msg.content["adapter"]
+    sim = local_simulation(cfg, pristine_base="W.0" not in arr)
+    fm = sim.fm
     t_ = decode_tensors(arr, fm.dtype, fm.device)
     A, B, head_W, head_b, W, bias = t_["A"], t_["B"], t_["head_W"], t_["head_b"], t_["weights"], t_["biases"]
     scaling = float(task["scaling"])
