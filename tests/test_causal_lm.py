@@ -96,6 +96,51 @@ def test_concurrent_equals_sequential_for_a_causal_lm():
     assert max(float(t.abs().max()) for t in a.B) > 1e-4  # the round moved the adapter
 
 
+def test_base_weights_are_d_out_by_d_in_for_gpt2_conv1d():
+    """GPT-2's Conv1D stores ``[d_in, d_out]``; the federated code sees ``[d_out, d_in]`` as for
+    nn.Linear (the strategies merge ``B^T A`` into it; validation checks that shape)."""
+    sim = _sim(_cfg(), _data())
+    fm = sim.fm
+    W, b = fm.base_weights()
+    for w, layer, (d_in, d_out) in zip(W, fm.layers, fm.dims):
+        assert layer.fan_in_fan_out and w.shape == (d_out, d_in)
+        assert torch.equal(w, layer.base_layer.weight.t())
+    moved = [w + 0.25 * torch.randn_like(w) for w in W]
+    fm.set_base(moved, b)
+    for w, layer in zip(moved, fm.layers):
+        assert torch.equal(layer.base_layer.weight, w.t())
+    assert all(torch.equal(x, y) for x, y in zip(fm.base_weights()[0], moved))
+
+
+@pytest.mark.parametrize("strategy", ["hetlora", "homlora", "zeropad", "flora", "flexlora", "fullft"])
+def test_every_strategy_trains_a_causal_lm(strategy, tmp_path):
+    """Every strategy on GPT-2 (Conv1D layers): no update is rejected, concurrent = sequential,
+    and the strategies that change the base (FLoRA merges, full fine-tuning) change it."""
+    data = _data()
+    sims = {m: _sim(_cfg(tmp_path / m, mode=m, strategy=strategy), data) for m in ("concurrent", "sequential")}
+    before = sims["sequential"].fm.base_weights()[0]
+    recs = {m: s.run_round(1) for m, s in sims.items()}
+    for rec in recs.values():
+        assert rec["num_rejected"] == 0 and not rec["failed"], rec["rejected"]
+    a, b = sims["concurrent"].state.tensors(), sims["sequential"].state.tensors()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-9, atol=1e-11)
+    base = sims["sequential"].state.base_weights
+    if strategy in ("flora", "fullft"):
+        assert any(not torch.equal(x, y) for x, y in zip(base, before))
+        # exported in the modules' own layout: loadable into the model as it is
+        paths = sims["sequential"].export_adapters(tmp_path / "export", clients=[])
+        from safetensors.torch import load_file
+
+        tw = load_file(str(paths[0].parent / "target_weights.safetensors"))
+        model = tiny_gpt2(0, dtype=torch.float64)
+        for (name, w), layer in zip(tw.items(), sims["sequential"].fm.layers):
+            assert w.shape == dict(model.named_parameters())[name].shape == layer.base_layer.weight.shape
+    else:
+        assert base is None
+
+
 def test_per_client_loss_is_the_mean_over_its_own_tokens():
     """One client at a time (sequential) with one local step: the reported train loss of a
     client is HF's token-mean loss of its batch at the received adapter."""

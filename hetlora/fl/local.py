@@ -114,16 +114,22 @@ class FedModel:
             layer.set_adapters(a, b, layout, alphas=[float(s) for s in scalings], scaling_rules="fixed")
 
     def base_weights(self) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
-        """Clones of the target layers' ``weight [d_out, d_in]`` and ``bias [d_out]`` (or None)."""
-        W = [layer.base_layer.weight.detach().clone() for layer in self.layers]
+        """Clones of the target layers' ``weight [d_out, d_in]`` and ``bias [d_out]`` (or None).
+
+        Always ``[d_out, d_in]`` (nn.Linear's layout), also for a GPT-2 ``Conv1D``, which stores
+        its weight as ``[d_in, d_out]``: the strategies merge ``B^T A`` into it and the
+        validation checks that shape whatever the module type."""
+        W = [(layer.base_layer.weight.t() if layer.fan_in_fan_out else layer.base_layer.weight).detach().clone()
+             for layer in self.layers]
         b = [None if layer.base_layer.bias is None else layer.base_layer.bias.detach().clone()
              for layer in self.layers]
         return W, b
 
     @torch.no_grad()
     def set_base(self, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None] | None) -> None:
+        """Load ``[d_out, d_in]`` weights (see `base_weights`) and ``[d_out]`` biases."""
         for i, layer in enumerate(self.layers):
-            layer.base_layer.weight.copy_(weights[i])
+            layer.base_layer.weight.copy_(weights[i].t() if layer.fan_in_fan_out else weights[i])
             if biases is not None and biases[i] is not None and layer.base_layer.bias is not None:
                 layer.base_layer.bias.copy_(biases[i])
 
@@ -371,9 +377,7 @@ def _train_group(fm: FedModel, strategy: Strategy, state: GlobalState, tasks: li
         B_k = [b.detach()[rows][:r_new].clone() for b in Bs]
         w = bias = None
         if full:
-            w = [layer.base_layer.weight.detach().clone() for layer in fm.layers]
-            bias = [None if layer.base_layer.bias is None else layer.base_layer.bias.detach().clone()
-                    for layer in fm.layers]
+            w, bias = fm.base_weights()
         updates.append(ClientUpdate(
             client_id=t.client_id, rank=r_new, rank_received=layout.ranks[k], A=A_k, B=B_k,
             scaling=float(dist.scalings[k]), head_W=head_W.detach()[k].clone(), head_b=head_b.detach()[k].clone(),

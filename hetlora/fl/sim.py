@@ -606,8 +606,9 @@ class Simulation:
         for c in clients:
             written.append(self.export_client(c, out / f"client_{c}"))
         if self.state.base_weights is not None:
-            t = {f"{name}.weight": w.detach().cpu().contiguous() for name, w in
-                 zip(self.fm.layer_names, self.state.base_weights)}
+            # in each module's own layout (a GPT-2 Conv1D stores [d_in, d_out]): loadable into the model
+            t = {f"{name}.weight": (w.t() if layer.fan_in_fan_out else w).detach().cpu().contiguous()
+                 for name, w, layer in zip(self.fm.layer_names, self.state.base_weights, self.fm.layers)}
             save_file(t, str(out / "target_weights.safetensors"))
         return written
 
