@@ -123,7 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export", help="export a run's global or a client's adapter as a peft directory",
                        description="Write a peft adapter directory (adapter_config.json, adapter_model.safetensors, "
-                                   "head.safetensors) from a run's latest checkpoint.")
+                                   "head.safetensors) from a run's latest checkpoint. For strategies that change the "
+                                   "base model (flora merges updates into it, fullft trains it) the adapter alone is "
+                                   "not the model: target_weights.safetensors holds the target layers' weights, to "
+                                   "load into the base model (load_state_dict(..., strict=False)) before the adapter.")
     e.add_argument("run_dir", metavar="RUN_DIR")
     e.add_argument("out", metavar="OUT", help="output directory")
     who = e.add_mutually_exclusive_group(required=True)

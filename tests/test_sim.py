@@ -38,15 +38,26 @@ def test_two_round_run_writes_outputs(tmp_path):
     assert (d / "accuracy.png").exists() and (d / "ranks_run.png").exists()
 
 
-def test_exported_global_adapter_loads_in_peft(tmp_path):
+@pytest.mark.parametrize("strategy", ["hetlora", "flora", "fullft"])
+def test_exported_global_adapter_loads_in_peft(tmp_path, strategy):
+    """The exported global directory is the global model: peft's adapter on the base, plus, for
+    strategies that change the base (FLoRA merges, full fine-tuning), target_weights.safetensors
+    loaded into the base first."""
     from peft import PeftModel
+    from safetensors.torch import load_file
 
     from hetlora.fl.sim import tiny_bert
 
-    sim = Simulation(_cfg(tmp_path, rounds=1), verbose=False)
+    sim = Simulation(_cfg(tmp_path, rounds=2, strategy=strategy), verbose=False)
     sim.run()
+    sim.fm.load_global(sim.state)
     path = tmp_path / "run" / "adapters" / "global"
     base = tiny_bert(0)
+    tw = path / "target_weights.safetensors"
+    assert tw.exists() == (strategy != "hetlora")
+    if tw.exists():
+        missing, unexpected = base.load_state_dict(load_file(str(tw)), strict=False)
+        assert not unexpected
     pm = PeftModel.from_pretrained(base, str(path))
     ids = torch.randint(4, 60, (2, 10))
     mask = torch.ones_like(ids)

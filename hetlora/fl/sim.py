@@ -591,11 +591,7 @@ class Simulation:
 
     # -- export ----------------------------------------------------------------------------------------
     def export_adapters(self, out: str | Path | None = None, clients: list[int] | None = None) -> list[Path]:
-        """Write the global adapter (and a few clients') as peft directories, each with the
-        classifier head in ``head.safetensors``; for strategies that change the base
-        (FLoRA, FullFT) also ``target_weights.safetensors`` with the target layers' weights."""
-        from safetensors.torch import save_file
-
+        """Write the global adapter (and a few clients') as peft directories (see `export_global`)."""
         out = Path(out) if out is not None else self.run_dir / "adapters"
         out.mkdir(parents=True, exist_ok=True)
         written = [self.export_global(out / "global")]
@@ -605,11 +601,6 @@ class Simulation:
                 self.config.num_clients, n, replace=False)] if n else []
         for c in clients:
             written.append(self.export_client(c, out / f"client_{c}"))
-        if self.state.base_weights is not None:
-            # in each module's own layout (a GPT-2 Conv1D stores [d_in, d_out]): loadable into the model
-            t = {f"{name}.weight": (w.t() if layer.fan_in_fan_out else w).detach().cpu().contiguous()
-                 for name, w, layer in zip(self.fm.layer_names, self.state.base_weights, self.fm.layers)}
-            save_file(t, str(out / "target_weights.safetensors"))
         return written
 
     def _export_slot(self, A, B, rank: int, scaling: float, path: Path) -> Path:
@@ -622,16 +613,29 @@ class Simulation:
         p = self.fm.mlm.export_peft(0, path, base_model_name_or_path=base)
         save_file({"weight": self.state.head_W.detach().cpu().contiguous(),
                    "bias": self.state.head_b.detach().cpu().contiguous()}, str(Path(p) / "head.safetensors"))
+        if self.state.base_weights is not None:
+            # the adapter alone is not the model when the strategy changes the base (FLoRA merges,
+            # full fine-tuning): the target layers' weights go beside it, in each module's own
+            # layout (a GPT-2 Conv1D stores [d_in, d_out]), ready for load_state_dict(strict=False)
+            t = {f"{name}.weight": (w.t() if layer.fan_in_fan_out else w).detach().cpu().contiguous()
+                 for name, w, layer in zip(self.fm.layer_names, self.state.base_weights, self.fm.layers)}
+            for name, bias in zip(self.fm.layer_names, self.state.base_biases or []):
+                if bias is not None:
+                    t[f"{name}.bias"] = bias.detach().cpu().contiguous()
+            save_file(t, str(Path(p) / "target_weights.safetensors"))
         return Path(p)
 
     def export_global(self, path: str | Path) -> Path:
-        """The global adapter (rank ``state.rank``) as a peft directory."""
+        """The global adapter (rank ``state.rank``) as a peft directory, with the classifier head
+        in ``head.safetensors`` and, for strategies that change the base (FLoRA, FullFT), the
+        target layers' weights in ``target_weights.safetensors``."""
         if self.state.base_weights is not None:
             self.fm.set_base(self.state.base_weights, self.state.base_biases)
         return self._export_slot(self.state.A, self.state.B, self.state.rank, self.state.scaling, Path(path))
 
     def export_client(self, client: int, path: str | Path) -> Path:
-        """Client ``client``'s adapter: what the server would send it now (its current rank)."""
+        """Client ``client``'s adapter: what the server would send it now (its current rank); the
+        same files as `export_global`."""
         if not 0 <= client < self.config.num_clients:
             raise ValueError(f"client must lie in [0, {self.config.num_clients - 1}], got {client}")
         r = min(self.strategy.client_rank(int(self.client_ranks[client])), max(self.strategy.global_rank, 1))
