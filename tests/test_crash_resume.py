@@ -274,3 +274,18 @@ def test_resume_with_other_settings_is_refused_and_touches_nothing(finished_run,
     assert cli_main([*cfg, "--rounds", "4", "--backend", "torch"]) == 0
     rounds = [json.loads(x)["round"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert rounds == [1, 2, 3, 4]
+
+
+def test_resumed_history_equals_the_uninterrupted_one(tmp_path):
+    """The History a resumed run returns holds the restored rounds as a live run records them
+    (per-client dicts keyed by int client ids, not JSON's strings), equal to an uninterrupted
+    run's but for the timings."""
+    whole = Simulation(_cfg(tmp_path / "a"), verbose=False).run()
+    Simulation(_cfg(tmp_path / "b", rounds=2), verbose=False).run()
+    resumed = Simulation(_cfg(tmp_path / "b"), verbose=False).run(resume=True)
+
+    def strip(r):
+        return {k: v for k, v in r.items() if k not in TIMING_FIELDS}
+
+    assert [strip(r) for r in resumed.records] == [strip(r) for r in whole.records]
+    assert all(isinstance(c, int) for r in resumed.records for c in r["bytes_up"])

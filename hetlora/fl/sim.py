@@ -239,6 +239,17 @@ def _elt_bytes(dtype: torch.dtype) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+def _client_keys_to_int(rec: dict) -> dict:
+    """A metrics record read back from JSON, with the client ids that key its per-client dicts
+    (``bytes_up``, ``client_losses``, ...) as ints again, as in the records of a live run."""
+    out = {}
+    for k, v in rec.items():
+        if isinstance(v, dict) and v and all(isinstance(c, str) and c.lstrip("-").isdigit() for c in v):
+            v = {int(c): x for c, x in v.items()}
+        out[k] = v
+    return out
+
+
 class Simulation:
     """One federated run.
 
@@ -501,7 +512,7 @@ class Simulation:
                 except ValueError:  # a line cut short by the crash (rounds after the checkpoint)
                     continue
                 if isinstance(r, dict) and isinstance(r.get("round"), int) and r["round"] <= last:
-                    records.append(r)
+                    records.append(_client_keys_to_int(r))
         return last, records, extra or {}
 
     def run(self, resume: bool = False) -> History:
