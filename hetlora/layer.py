@@ -43,6 +43,17 @@ def scaling_value(alpha: float, rank: int, rule: str) -> float:
     raise ValueError(f"scaling_rule must be one of {SCALING_RULES}, got {rule!r}")
 
 
+def alpha_of_scaling(scaling: float, rank: int, rule: str) -> float:
+    """The ``alpha`` that `scaling_value` turns into ``scaling`` for this rank and rule."""
+    if rule == "alpha/r":
+        return scaling * rank
+    if rule == "rslora":
+        return scaling * math.sqrt(rank)
+    if rule == "fixed":
+        return float(scaling)
+    raise ValueError(f"scaling_rule must be one of {SCALING_RULES}, got {rule!r}")
+
+
 def per_adapter(value, K: int, name: str, kind=float) -> list:
     """Broadcast a scalar to K entries, or check a sequence has K."""
     if isinstance(value, torch.Tensor):
@@ -175,6 +186,19 @@ class HetLoraLinear(nn.Module):
         vals = [scaling_value(a, r, rule) for a, r, rule in zip(self.alphas, self.layout.ranks, self.scaling_rules)]
         self.scaling = torch.tensor(vals, dtype=torch.float32, device=self.lora_A.device)
         self._scaling_host = vals
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # forward reads the scalings' host copy (no device read per call) and export_peft the
+        # alphas: a loaded `scaling` buffer that differs from this layer's (a model saved with
+        # other alphas) must reach both, or the loaded model would silently compute another one
+        before = self.scaling.detach().clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if (prefix + "scaling") in state_dict and self.scaling.shape == before.shape \
+                and not torch.equal(self.scaling, before):
+            vals = [float(v) for v in self.scaling.tolist()]
+            self.alphas = [alpha_of_scaling(v, r, rule) for v, r, rule in zip(vals, self.layout.ranks,
+                                                                                  self.scaling_rules)]
+            self._scaling_host = vals
 
     @torch.no_grad()
     def reset_adapter(self, k: int) -> None:

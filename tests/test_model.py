@@ -210,3 +210,30 @@ def test_set_ranks_and_training_step_only_moves_lora():
     for _, layer in mlm.lora_layers():
         assert layer.lora_B.grad.abs().sum() > 0 and layer.lora_B.abs().sum() > 0
         assert torch.all(layer.lora_A.grad == 0)
+
+
+def test_state_dict_into_a_model_with_other_alphas_is_the_same_model(tmp_path):
+    """load_state_dict brings the saved scalings along: forward and export_peft follow them
+    (they read host copies, which a loaded buffer alone would not have changed)."""
+    from hetlora.fl.sim import tiny_bert
+
+    torch.manual_seed(0)
+    m1 = MultiLoraModel(tiny_bert(0), ["query", "value"], [2, 4, 3], alpha=[16.0, 4.0, 7.0],
+                        scaling_rule=["alpha/r", "rslora", "fixed"])
+    for p in m1.lora_parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    m2 = MultiLoraModel(tiny_bert(0), ["query", "value"], [2, 4, 3], alpha=8.0,
+                        scaling_rule=["alpha/r", "rslora", "fixed"])
+    m2.load_state_dict(m1.state_dict())
+    ids = torch.randint(4, 60, (3, 9))
+    aid = torch.tensor([2, 0, 1])
+    with torch.no_grad():
+        a = m1(input_ids=ids, adapter_ids=aid).last_hidden_state
+        b = m2(input_ids=ids, adapter_ids=aid).last_hidden_state
+    torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+    layer1, layer2 = next(m1.lora_layers())[1], next(m2.lora_layers())[1]
+    assert layer2.alphas == pytest.approx(layer1.alphas, rel=1e-6)
+    # a state dict of the same alphas changes nothing (the exact host scalings stay)
+    host = list(layer1._scaling_host)
+    m1.load_state_dict(m1.state_dict())
+    assert layer1._scaling_host == host
