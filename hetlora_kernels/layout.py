@@ -73,6 +73,17 @@ class AdapterLayout:
     def __delattr__(self, name: str) -> None:
         raise AttributeError(f"AdapterLayout is immutable (tried to delete {name!r})")
 
+    # copy, deepcopy and pickle (a model that holds layouts: copy.deepcopy, torch.save) rebuild
+    # from the ranks, through __init__'s checks, instead of setting the frozen fields one by one
+    def __reduce__(self):
+        return (AdapterLayout, (self.ranks,))
+
+    def __copy__(self) -> AdapterLayout:
+        return self  # immutable: a copy would be the same
+
+    def __deepcopy__(self, memo: dict) -> AdapterLayout:
+        return self
+
     # -- derived index tensors, cached per device -------------------------------------------
     def _cached(self, key: str, device: torch.device | str | None, build) -> torch.Tensor:
         dev = torch.device(device) if device is not None else torch.device("cpu")

@@ -134,3 +134,16 @@ def test_backend_switch():
     with pytest.raises(ValueError, match="backend"):
         with hk.use_backend("fast"):
             pass
+
+
+def test_layout_copies_and_pickles():
+    import copy
+    import pickle
+
+    lay = hk.AdapterLayout([3, 1, 7])
+    lay.offsets_tensor("cpu")  # a filled cache travels or not, either is fine
+    for other in (copy.copy(lay), copy.deepcopy(lay), pickle.loads(pickle.dumps(lay))):
+        assert isinstance(other, hk.AdapterLayout)
+        assert (other.ranks, other.offsets, other.total_rank, other.max_rank) == (lay.ranks, lay.offsets, 7 + 4, 7)
+        with pytest.raises(AttributeError, match="immutable"):
+            other.ranks = (1,)

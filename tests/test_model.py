@@ -237,3 +237,22 @@ def test_state_dict_into_a_model_with_other_alphas_is_the_same_model(tmp_path):
     host = list(layer1._scaling_host)
     m1.load_state_dict(m1.state_dict())
     assert layer1._scaling_host == host
+
+
+def test_deepcopy_and_torch_save_of_a_model(tmp_path):
+    """copy.deepcopy and torch.save/torch.load of a MultiLoraModel give the same model (its
+    layouts are immutable; copying them used to fail)."""
+    import copy
+
+    from hetlora.fl.sim import tiny_bert
+
+    torch.manual_seed(0)
+    m = MultiLoraModel(tiny_bert(0), ["query", "value"], [2, 5], alpha=[16.0, 4.0])
+    for p in m.lora_parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    torch.save(m, tmp_path / "m.pt")
+    ids, aid = torch.randint(4, 60, (2, 9)), torch.tensor([1, 0])
+    with torch.no_grad():
+        ref = m(input_ids=ids, adapter_ids=aid).last_hidden_state
+        for other in (copy.deepcopy(m), torch.load(tmp_path / "m.pt", weights_only=False)):
+            assert torch.equal(other(input_ids=ids, adapter_ids=aid).last_hidden_state, ref)
