@@ -84,10 +84,13 @@ class Routing:
     def __init__(self) -> None:
         self.adapter_ids: torch.Tensor | None = None
         self.num_adapters = 0
+        self.expand = False
         self._groups: dict = {}
 
-    def set(self, adapter_ids: torch.Tensor | None, num_adapters: int) -> None:
-        self.adapter_ids, self.num_adapters, self._groups = adapter_ids, num_adapters, {}
+    def set(self, adapter_ids: torch.Tensor | None, num_adapters: int, expand: bool = False) -> None:
+        """``expand``: a layer input may hold each sequence's row ``m`` times in a row (what
+        ``generate`` does for beams and ``num_return_sequences``); each copy keeps the adapter."""
+        self.adapter_ids, self.num_adapters, self.expand, self._groups = adapter_ids, num_adapters, expand, {}
 
     def single(self, num_tokens: int, device: torch.device) -> TokenGroups:
         """All ``num_tokens`` tokens on adapter 0 (one-adapter models), built once per forward."""
@@ -102,13 +105,16 @@ class Routing:
         ids = self.adapter_ids
         if ids is None:
             return None
+        n = ids.shape[0]
+        if x.dim() >= 2 and self.expand and n and x.shape[0] != n and x.shape[0] % n == 0:
+            ids = ids.repeat_interleave(x.shape[0] // n)
         if x.dim() < 2 or x.shape[0] != ids.shape[0]:
             raise ValueError(
-                f"adapter_ids has {ids.shape[0]} entries (one per sequence) but a LoRA layer "
+                f"adapter_ids has {n} entries (one per sequence) but a LoRA layer "
                 f"received input of shape {tuple(x.shape)}"
             )
         per_row = x[0, ..., 0].numel() if x.dim() > 1 else 1
-        key = (per_row, x.device)
+        key = (per_row, x.shape[0], x.device)
         g = self._groups.get(key)
         if g is None:
             tok = ids.to(x.device).repeat_interleave(per_row) if per_row != 1 else ids.to(x.device)

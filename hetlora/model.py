@@ -179,6 +179,25 @@ class MultiLoraModel(nn.Module):
         finally:
             self.routing.set(None, 0)
 
+    def generate(self, *args, adapter_ids=None, **kwargs):
+        """The wrapped model's ``generate(...)`` with ``adapter_ids [batch]`` (or an int) naming
+        each prompt's adapter (``-1``: base model only).  Beams and ``num_return_sequences``
+        repeat each prompt in consecutive rows; every copy keeps its prompt's adapter."""
+        gen = getattr(self.model, "generate", None)
+        if gen is None:
+            raise AttributeError(f"the wrapped {type(self.model).__name__} has no generate(): load a model "
+                                 f"with a language-model head (AutoModelForCausalLM, ...)")
+        first = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("input_ids")
+        if first is None:
+            first = kwargs.get("inputs_embeds")
+        batch = first.shape[0] if isinstance(first, torch.Tensor) and first.dim() > 0 else None
+        ids = self._normalise_ids(adapter_ids, batch)
+        self.routing.set(ids, self.num_adapters, expand=True)
+        try:
+            return gen(*args, **kwargs)
+        finally:
+            self.routing.set(None, 0)
+
     # -- peft interop -----------------------------------------------------------------------------
     def export_peft(self, k: int, path: str | Path, base_model_name_or_path: str | None = None) -> Path:
         """Write adapter k as a peft adapter directory (adapter_config.json + safetensors)."""

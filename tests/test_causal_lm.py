@@ -247,3 +247,49 @@ def test_a_local_causal_lm_directory_on_real_20_newsgroups(tmp_path, capsys):
     rec = json.loads((tmp_path / "runs" / "hetlora_s0" / "metrics.jsonl").read_text().splitlines()[0])
     # a random model over a 30k vocabulary: perplexity of the order of the vocabulary size
     assert 1e3 < rec["eval_ppl"] < 1e5 and rec["eval_ppl"] == pytest.approx(math.exp(rec["eval_loss"]))
+
+
+def test_generate_with_an_adapter_per_prompt(tmp_path):
+    """MultiLoraModel.generate: prompts of different adapters (and -1, the base model) in one
+    batch give the tokens each gives alone and the tokens peft gives with that adapter exported;
+    beams and several returned sequences keep each prompt's adapter."""
+    from peft import PeftModel
+
+    from hetlora import MultiLoraModel
+
+    torch.manual_seed(0)
+    m = MultiLoraModel(tiny_gpt2(0), ["c_attn", "c_fc"], [2, 5], alpha=8.0)
+    for p in m.lora_parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    ids = torch.randint(0, 50, (3, 5))
+    mask = torch.ones_like(ids)
+    aid = torch.tensor([1, -1, 0])
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    out = m.generate(input_ids=ids, attention_mask=mask, adapter_ids=aid, **kw)
+    assert out.shape == (3, 10)
+    for i, k in enumerate(aid.tolist()):
+        alone = m.generate(input_ids=ids[i:i + 1], attention_mask=mask[i:i + 1], adapter_ids=k, **kw)
+        assert torch.equal(alone[0], out[i])
+        if k >= 0:
+            path = m.export_peft(k, tmp_path / f"a{k}")
+            ref = PeftModel.from_pretrained(tiny_gpt2(0), str(path)).eval()
+            assert torch.equal(ref.generate(input_ids=ids[i:i + 1], attention_mask=mask[i:i + 1], **kw)[0], out[i])
+        else:
+            assert torch.equal(tiny_gpt2(0).generate(input_ids=ids[i:i + 1], attention_mask=mask[i:i + 1], **kw)[0],
+                               out[i])
+    beams = m.generate(input_ids=ids, attention_mask=mask, adapter_ids=aid, num_beams=2, num_return_sequences=2,
+                       max_new_tokens=3, pad_token_id=0)
+    assert beams.shape[0] == 6
+    for i, k in enumerate(aid.tolist()):
+        alone = m.generate(input_ids=ids[i:i + 1], attention_mask=mask[i:i + 1], adapter_ids=k, num_beams=2,
+                           num_return_sequences=2, max_new_tokens=3, pad_token_id=0)
+        assert torch.equal(alone, beams[2 * i:2 * i + 2])
+
+
+def test_generate_needs_a_model_that_generates():
+    from hetlora import MultiLoraModel
+    from hetlora.fl.sim import tiny_bert
+
+    m = MultiLoraModel(tiny_bert(0), ["query"], [2, 3])
+    with pytest.raises(AttributeError, match="has no generate"):
+        m.generate(input_ids=torch.zeros(1, 3, dtype=torch.long), adapter_ids=0)
