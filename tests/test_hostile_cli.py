@@ -36,6 +36,8 @@ CASES = [
     ("--dataset /nonexistent.csv", "data file not found: /nonexistent.csv"),
     ("--dataset {d}/binary.csv", "binary.csv is not UTF-8 text"),
     ("--dataset {d}/broken.jsonl", "broken.jsonl is not valid JSON"),
+    # the tests run with HF_DATASETS_OFFLINE=1 (conftest): the hub is never asked
+    ("--dataset hf:ag_news", "hub data set 'ag_news' could not be loaded"),
     ("--model minilm --dataset {d}/small.csv --num-clients 5 --clients-per-round 2",
      "num_clients (5) exceeds the number of samples (2)"),
 ]

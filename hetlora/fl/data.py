@@ -379,7 +379,13 @@ def _load_hub(spec: str, text_column: str, label_column: str, test_fraction: flo
         raise ValueError("name: 'hf:' must be followed by a hub data set name, e.g. 'hf:ag_news'")
     import datasets  # only here: importing datasets is slow and the other loaders do not need it
 
-    ds = datasets.load_dataset(hub_name, config or None)
+    try:
+        ds = datasets.load_dataset(hub_name, config or None)
+    except (ConnectionError, OSError) as e:  # offline, not cached, or no such data set on the hub
+        raise ValueError(
+            f"name: hub data set {spec!r} could not be loaded ({type(e).__name__}: {e}). Without network access "
+            f"only data sets already in the local Hugging Face cache load; a local .csv/.tsv/.jsonl/.json file "
+            f"or an installed data set (20newsgroups, ...) needs none") from e
     if "train" not in ds:
         raise ValueError(f"name: hub data set {hub_name!r} has no 'train' split (splits: {list(ds)})")
     columns = ds["train"].column_names
