@@ -106,18 +106,20 @@ class Routing:
         if ids is None:
             return None
         n = ids.shape[0]
-        if x.dim() >= 2 and self.expand and n and x.shape[0] != n and x.shape[0] % n == 0:
-            ids = ids.repeat_interleave(x.shape[0] // n)
-        if x.dim() < 2 or x.shape[0] != ids.shape[0]:
+        rows = x.shape[0] if x.dim() >= 2 else None
+        # rows per sequence: 1, or m when generate repeats each sequence m times in a row
+        m = 1 if rows == n else (rows // n if self.expand and rows and n and rows % n == 0 else 0)
+        if not m:
             raise ValueError(
                 f"adapter_ids has {n} entries (one per sequence) but a LoRA layer "
                 f"received input of shape {tuple(x.shape)}"
             )
-        per_row = x[0, ..., 0].numel() if x.dim() > 1 else 1
-        key = (per_row, x.shape[0], x.device)
+        per_row = x[0, ..., 0].numel()
+        key = (per_row, rows, x.device)
         g = self._groups.get(key)
         if g is None:
-            tok = ids.to(x.device).repeat_interleave(per_row) if per_row != 1 else ids.to(x.device)
+            rep = m * per_row  # built once per shape, not on every layer call
+            tok = ids.to(x.device).repeat_interleave(rep) if rep != 1 else ids.to(x.device)
             g = TokenGroups.from_adapter_ids(tok, self.num_adapters)
             self._groups[key] = g
         return g

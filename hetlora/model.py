@@ -7,6 +7,7 @@ all layers reuse them.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -169,15 +170,20 @@ class MultiLoraModel(nn.Module):
             raise ValueError(f"adapter_ids has {ids.shape[0]} entries but the batch has {batch_hint} sequences")
         return ids
 
-    def forward(self, *args, adapter_ids=None, **kwargs):
-        first = next((a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)), None)
+    @contextlib.contextmanager
+    def _routed(self, adapter_ids, args: tuple, kwargs: dict, expand: bool = False) -> Iterator[None]:
+        """Route this call's sequences to their adapters (the batch sized by its first tensor)."""
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
         batch = first.shape[0] if first is not None and first.dim() > 0 else None
-        ids = self._normalise_ids(adapter_ids, batch)
-        self.routing.set(ids, self.num_adapters)
+        self.routing.set(self._normalise_ids(adapter_ids, batch), self.num_adapters, expand)
         try:
-            return self.model(*args, **kwargs)
+            yield
         finally:
             self.routing.set(None, 0)
+
+    def forward(self, *args, adapter_ids=None, **kwargs):
+        with self._routed(adapter_ids, args, kwargs):
+            return self.model(*args, **kwargs)
 
     def generate(self, *args, adapter_ids=None, **kwargs):
         """The wrapped model's ``generate(...)`` with ``adapter_ids [batch]`` (or an int) naming
@@ -187,16 +193,8 @@ class MultiLoraModel(nn.Module):
         if gen is None:
             raise AttributeError(f"the wrapped {type(self.model).__name__} has no generate(): load a model "
                                  f"with a language-model head (AutoModelForCausalLM, ...)")
-        first = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("input_ids")
-        if first is None:
-            first = kwargs.get("inputs_embeds")
-        batch = first.shape[0] if isinstance(first, torch.Tensor) and first.dim() > 0 else None
-        ids = self._normalise_ids(adapter_ids, batch)
-        self.routing.set(ids, self.num_adapters, expand=True)
-        try:
+        with self._routed(adapter_ids, args, kwargs, expand=True):
             return gen(*args, **kwargs)
-        finally:
-            self.routing.set(None, 0)
 
     # -- peft interop -----------------------------------------------------------------------------
     def export_peft(self, k: int, path: str | Path, base_model_name_or_path: str | None = None) -> Path:
