@@ -1,0 +1,264 @@
+"""The CUDA kernels of csrc/cuda, run on the CPU by the emulator (tests/cuda_emu.py).
+
+No GPU is needed: the ``.cu`` files are compiled unchanged (but for the launch syntax) with
+g++ and every CUDA thread runs as a fiber, so warp shuffles and ``__syncthreads`` wait for
+real.  The same checks as the C++ CPU kernels' (tests/test_cuda_backend.py) then run through
+``use_backend("cuda")`` against the float64 references there.  Then the emulator itself is
+shown to catch what it claims to: a kernel that reads or writes out of bounds, skips a zero
+fill, leaves a lane out of a shuffle, or depends on the order threads run in.
+
+What it cannot show: speed, and the memory model of a real GPU.  The gpu-marked tests in
+test_cuda_backend.py run the same kernels on a GPU when one is present.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+import hetlora_kernels as hk
+from tests import cuda_emu
+from tests import test_cuda_backend as cb
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="the CUDA emulator needs g++")
+
+DTYPES = cb.DTYPES
+
+
+@pytest.fixture(scope="module")
+def emu():
+    return cuda_emu.load()
+
+
+@pytest.fixture
+def emulated(emu):
+    """The cuda backend's _C is the emulated one; the test must really launch kernels."""
+    before = emu.counters()["launches"]
+    emu.schedule("ascending")
+    with cuda_emu.emulated(emu) as fake:
+        yield fake
+    emu.schedule("ascending")
+    assert emu.counters()["launches"] > before, "no emulated kernel ran"
+
+
+def test_every_launch_is_translated():
+    for name in cuda_emu.KERNEL_FILES:
+        text, n = cuda_emu.translate((cuda_emu.CUDA_DIR / name).read_text())
+        assert n == 3, name
+        assert "<<<" not in text and ">>>" not in text
+
+
+# ------------------------------------------------------------------------------------------
+# the checks of the C++ CPU kernels, through the CUDA kernels
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", cb.CASES)
+def test_lora_delta_forward_backward(emulated, case, dtype):
+    cb._check_delta_and_grads(case, dtype, "tensor" if case != "lengths" else "float", "cpu")
+
+
+@pytest.mark.parametrize("scaling_kind", ["float", "tensor"])
+def test_lora_delta_scaling_kinds(emulated, scaling_kind):
+    cb._check_delta_and_grads("mixed", torch.float32, scaling_kind, "cpu")
+
+
+def test_lora_linear_and_noncontiguous_inputs(emulated):
+    x, A, B, layout, groups, ids = cb.make_case("mixed", torch.float32)
+    weight, bias = torch.randn(B.shape[1], x.shape[1]), torch.randn(B.shape[1])
+    with hk.use_backend("cuda"):
+        y = hk.lora_linear(x, weight, bias, A, B, layout, groups, 0.5)
+        y_nc = hk.lora_delta(torch.stack([x, x], dim=2)[..., 0], A.t().contiguous().t(), B, layout, groups, 0.5)
+        y_c = hk.lora_delta(x, A, B, layout, groups, 0.5)
+    ref = x.double() @ weight.double().t() + bias.double() + cb.dense_delta(x, A, B, layout, ids, 0.5)
+    assert cb.rel_err(y, ref) < 1e-5
+    assert torch.equal(y_nc, y_c)
+
+
+@pytest.mark.parametrize("d_in, d_out", [(1, 1), (33, 5), (256, 512), (7, 300), (1037, 263)])
+def test_primitives_odd_widths(emulated, d_in, d_out):
+    """shrink/expand/wgrad one by one: widths below, at and past a warp (32) and a column
+    tile (256), a rank-0 adapter, ranks past a register group (8), exact zeros where owed."""
+    cb.test_primitives_odd_widths_cpu(d_in, d_out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_blocked_case_against_reference(emulated, dtype):
+    """Long segments, an empty adapter, -1 tokens, ranks 1..67, odd widths past a tile."""
+    x, A, B, layout, groups, ids = cb._blocked_case(dtype, T=48, d_in=301, d_out=263)
+    s = torch.linspace(0.5, 2.0, layout.num_adapters, dtype=torch.float64 if dtype == torch.float64 else None)
+    got = cb._fwd_bwd(x, A, B, layout, groups, s)
+    xd, Ad, Bd = (t.double().requires_grad_(True) for t in (x, A, B))
+    ref = cb.dense_delta(xd, Ad, Bd, layout, ids, s)
+    dy = torch.linspace(-1, 1, ref.numel()).reshape(ref.shape).to(dtype).double()
+    want = (ref, *torch.autograd.grad(ref, (xd, Ad, Bd), dy))
+    for name, g, w in zip(("y", "dx", "dA", "dB"), got, want):
+        assert cb.rel_err(g, w) < cb.TOL[dtype], name
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_server_ops(emulated, dtype):
+    cb.test_component_norms_cpu(dtype)
+    cb.test_delta_fro_norms_cpu(dtype)
+    cb.test_weighted_aggregate_cpu(dtype)
+
+
+def test_server_ops_gradients_mixed_dtypes_and_nonfinite(emulated):
+    # (no gradcheck: its thousands of forward calls would take a minute emulated; the
+    # gradients come from the kernels' row norms, checked against the torch backend here)
+    cb.test_component_norms_list_gradients_cpu()
+    cb.test_server_ops_mixed_dtype_layers_cpu()
+    cb.test_weighted_aggregate_rejects_nonfinite_client()
+
+
+def _shrink_all_routed(d: int = 45) -> None:
+    """No -1 token, so the binding allocates h uninitialised: the kernel itself must zero
+    every entry past a token's rank (the wgrad of the backward reads h)."""
+    layout = hk.AdapterLayout([3, 9, 1, 12])
+    gen = torch.Generator().manual_seed(d)
+    ids = torch.randint(0, layout.num_adapters, (37,), generator=gen)
+    groups = hk.TokenGroups.from_adapter_ids(ids, layout.num_adapters)
+    x, A = torch.randn(37, d, generator=gen), torch.randn(layout.total_rank, d, generator=gen)
+    s = torch.rand(layout.num_adapters, generator=gen) + 0.5
+    h = cb._C().shrink(x, A, groups.order, groups.starts, layout.offsets_tensor("cpu"), s, 1.0, 0, layout.max_rank)
+    for k in range(layout.num_adapters):
+        m = ids == k
+        want = float(s[k]) * x[m].double() @ A[layout.rows(k)].double().t()
+        assert cb.rel_err(h[m, : layout.ranks[k]], want) < 1e-6
+        assert torch.equal(h[m, layout.ranks[k] :], torch.zeros_like(h[m, layout.ranks[k] :]))
+
+
+def test_shrink_zeroes_past_each_rank_without_unrouted_tokens(emulated):
+    _shrink_all_routed()
+
+
+def test_matches_the_cpp_cpu_kernels():
+    """The CUDA and the C++ CPU kernels of one op agree (to rounding: their sums differ in order)."""
+    x, A, B, layout, groups, _ = cb.make_case("mixed", torch.float32, d_in=300, d_out=260, seed=3)
+    s = torch.rand(layout.num_adapters)
+    cpu = cb._fwd_bwd(x, A, B, layout, groups, s)
+    with cuda_emu.emulated():
+        gpu = cb._fwd_bwd(x, A, B, layout, groups, s)
+    for a, b in zip(gpu, cpu):
+        assert cb.rel_err(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_results_do_not_depend_on_thread_order(emu, dtype):
+    """Bitwise the same whether ready threads run in ascending, descending or random order."""
+    x, A, B, layout, groups, _ = cb.make_case("mixed", dtype, d_in=70, d_out=300)
+    s = torch.rand(layout.num_adapters)
+    layers = cb._layers(dtype)
+    runs = []
+    for mode, seed in (("ascending", 0), ("descending", 0), ("random", 1), ("random", 2)):
+        emu.schedule(mode, seed)
+        try:
+            with cuda_emu.emulated(emu), hk.use_backend("cuda"):
+                out = cb._fwd_bwd(x, A, B, layout, groups, s)
+                out += (hk.component_norms(*layers[1:], layers[0]), hk.delta_fro_norms(*layers[1:], layers[0]))
+                out += tuple(hk.weighted_aggregate(*layers[1:], layers[0], [0.1, 0.2, 0.3, 0.15, 0.25], 20)[0])
+        finally:
+            emu.schedule("ascending")
+        runs.append(out)
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run):
+            assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------
+# the emulator catches broken kernels (each mutation is a bug the checks above must see)
+# ------------------------------------------------------------------------------------------
+def _mutated(file: str, old: str, new: str) -> cuda_emu.Emulator:
+    def mutate(name: str, text: str) -> str:
+        if name != file:
+            return text
+        assert text.count(old) == 1, f"mutation target not found once in {file}: {old!r}"
+        return text.replace(old, new)
+
+    return cuda_emu.load(cuda_emu.build(mutate))
+
+
+_SHRINK_SEGMENT = (
+    "const int k = find_segment(starts, K, p);\n  const int64_t tok = order[p];\n  const A s = scale_of(scales, scale, "
+    "k);\n  const int64_t r0 = offsets[k];\n  const int rk = static_cast<int>(offsets[k + 1] - r0);\n  const T* xr"
+)
+
+
+def _lora_checks(emu) -> None:
+    with cuda_emu.emulated(emu):
+        cb._check_delta_and_grads("mixed", torch.float32, "tensor", "cpu")
+        cb.test_primitives_odd_widths_cpu(33, 300)
+        _shrink_all_routed()
+
+
+@pytest.mark.parametrize(
+    "old, new, what",
+    [
+        ("for (int64_t j = rk + lane; j < r_max; j += 32) hr[j] = A(0);", "", "no zero fill past r_k"),
+        (
+            "if (c >= d) return;\n  const int k = find_segment(starts, K, p);",
+            "const int k = find_segment(starts, K, p);",
+            "expand writes past the last column",
+        ),
+        (
+            _SHRINK_SEGMENT,
+            _SHRINK_SEGMENT.replace("(starts, K, p)", "(starts, K - 1, p)"),
+            "shrink takes the last adapter's tokens for the one before",
+        ),
+        (
+            "if (j0 >= rk || c >= d) return;\n  const int nu = rk - j0 < kRows ? rk - j0 : kRows;",
+            "if (j0 >= rk || c >= d) return;\n  const int nu = kRows;",
+            "wgrad writes rows past an adapter's rank",
+        ),
+    ],
+    ids=["zero-fill", "expand-bounds", "segment", "wgrad-rows"],
+)
+def test_a_broken_lora_kernel_is_caught(old, new, what):
+    emu = _mutated("lora_kernels.cu", old, new)
+    with pytest.raises((AssertionError, RuntimeError)):
+        _lora_checks(emu)
+
+
+def test_a_lane_left_out_of_a_shuffle_is_reported():
+    emu = _mutated("lora_kernels.cu", "if (p >= T_total) return;", "if (p >= T_total || lane == 7) return;")
+    with pytest.raises(
+        RuntimeError, match=r"lane 7\]: exits while \d+ lane\(s\) of its warp wait in a full-mask shuffle"
+    ):
+        _lora_checks(emu)
+
+
+def test_a_missing_barrier_is_caught():
+    """Without __syncthreads, thread 0 sums the warps' partial results before all are written."""
+    emu = _mutated("server_kernels.cu", "  __syncthreads();\n", "")
+    layout, As, Bs = cb._layers(torch.float64)
+    with cuda_emu.emulated(emu), hk.use_backend("cuda"):
+        results = []
+        for mode in ("ascending", "descending"):
+            emu.schedule(mode)
+            results.append(hk.delta_fro_norms(As, Bs, layout))
+        emu.schedule("ascending")
+    ref = torch.stack([
+        torch.stack([(B[layout.rows(k)].t() @ A[layout.rows(k)]).norm() for k in range(layout.num_adapters)])
+        for A, B in zip(As, Bs)
+    ])  # fmt: skip
+    assert any(not torch.allclose(r, ref, rtol=1e-9) for r in results)
+
+
+def test_guards_catch_an_out_of_bounds_write(emu):
+    """The sentinels around device buffers: a write one past the end is reported."""
+    mem = cuda_emu._Guarded()
+    mem.alloc((3, 5), torch.float32, zero=False)
+    mem.check("nothing")
+    mem.buffers[0][cuda_emu.GUARD + 15] = 1.0
+    with pytest.raises(AssertionError, match="wrote after"):
+        mem.check("op")
+
+
+def test_an_invalid_launch_is_refused():
+    """A block CUDA would refuse (2048 threads) fails the launch, as it would on a GPU."""
+    emu = _mutated("lora_kernels.cu", "constexpr int kThreads = 256;", "constexpr int kThreads = 2048;")
+    with pytest.raises(
+        RuntimeError, match=r"cudaErrorInvalidConfiguration: invalid launch configuration.*block \(2048"
+    ):
+        _lora_checks(emu)
