@@ -30,6 +30,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from unittest import mock
@@ -136,6 +137,9 @@ class Emulator:
         self.lib.hetlora_emu_message.restype = ctypes.c_char_p
         self.lib.hetlora_emu_set_schedule.argtypes = [ctypes.c_int, ctypes.c_uint64]
         self.lib.hetlora_emu_counters.argtypes = [ctypes.POINTER(ctypes.c_uint64)]
+        # the emulator runs one launch at a time (its scheduler and error state are global),
+        # and ctypes drops the GIL during a call
+        self._lock = threading.Lock()
 
     def schedule(self, mode: str, seed: int = 0) -> None:
         """The order ready threads run in: 'ascending', 'descending' or 'random' (seeded)."""
@@ -148,9 +152,10 @@ class Emulator:
         return {"launches": out[0], "blocks": out[1], "threads": out[2]}
 
     def call(self, op: str, *args) -> None:
-        self.lib.hetlora_emu_reset()
-        rc = getattr(self.lib, f"hetlora_emu_{op}")(*args)
-        msg = self.lib.hetlora_emu_message().decode()
+        with self._lock:
+            self.lib.hetlora_emu_reset()
+            rc = getattr(self.lib, f"hetlora_emu_{op}")(*args)
+            msg = self.lib.hetlora_emu_message().decode()
         if rc != 0 or msg:
             raise RuntimeError(f"emulated CUDA {op}: {CUDA_ERRORS.get(rc, rc)}: {msg or 'no detail'}")
 

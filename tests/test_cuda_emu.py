@@ -144,6 +144,27 @@ def test_matches_the_cpp_cpu_kernels():
         assert cb.rel_err(a, b) < 1e-5
 
 
+def test_a_federated_round_on_the_cuda_kernels_equals_the_torch_backend(tmp_path, emu):
+    """Local training, aggregation and evaluation of a simulated round, in float64: the state
+    after the round on the emulated CUDA kernels is the torch backend's, to rounding."""
+    from hetlora.fl import Simulation
+    from tests.test_sim import _cfg
+
+    states = {}
+    for backend in ("torch", "cuda"):
+        before = emu.counters()["launches"]
+        with cuda_emu.emulated(emu):
+            sim = Simulation(_cfg(tmp_path / backend, rounds=1, dtype="float64", backend=backend), verbose=False)
+            sim.setup()
+            sim.run_round(1)
+        states[backend] = sim.state
+        ran = emu.counters()["launches"] - before
+        assert (ran > 0) == (backend == "cuda"), ran
+    a, b = states["torch"], states["cuda"]
+    for x, y in zip(a.A + a.B + [a.head_W], b.A + b.B + [b.head_W]):
+        torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-11)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_results_do_not_depend_on_thread_order(emu, dtype):
     """Bitwise the same whether ready threads run in ascending, descending or random order."""
