@@ -1,4 +1,6 @@
-"""Property-based fuzzing of every public op on every backend that runs on CPU tensors.
+"""Property-based fuzzing of every public op on every backend that runs on CPU tensors, and
+on the CUDA kernels too (``cuda-emu``: the cuda backend with csrc/cuda's kernels run by the
+emulator of tests/cuda_emu.py instead of the C++ CPU kernels).
 
 Each property draws a random case (layouts of K = 1..6 adapters with ranks 1..17 -- for the
 server ops now and then one rank of 65 or 80, past the triton Gram tile --, token ids with
@@ -32,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import shutil
 
 import pytest
 import torch
@@ -41,6 +44,7 @@ from hypothesis import strategies as st
 import hetlora_kernels as hk
 from hetlora_kernels import AdapterLayout, TokenGroups
 
+from . import cuda_emu
 from . import fuzz_refs as R
 from .helpers import cpu_backend_params
 
@@ -59,8 +63,27 @@ CI = settings(max_examples=13, derandomize=True, **_COMMON)
 SLOW = settings(max_examples=125, derandomize=False, **_COMMON)
 
 
-BACKENDS = cpu_backend_params()
+# "cuda-emu": the cuda backend with its CUDA kernels (csrc/cuda) run by the emulator of
+# tests/cuda_emu.py instead of its C++ CPU kernels
+BACKENDS = cpu_backend_params() + [
+    pytest.param(
+        "cuda-emu",
+        marks=() if shutil.which("g++") else (pytest.mark.skip(reason="the CUDA emulator needs g++"),),
+        id="cuda-emu",
+    )
+]
 backends = pytest.mark.parametrize("backend", BACKENDS)
+
+
+def on_backend(backend: str) -> contextlib.AbstractContextManager:
+    """``hk.use_backend(backend)``; for "cuda-emu" the cuda backend with its CUDA kernels emulated."""
+    if backend != "cuda-emu":
+        return hk.use_backend(backend)
+    stack = contextlib.ExitStack()
+    stack.enter_context(cuda_emu.emulated())
+    stack.enter_context(hk.use_backend("cuda"))
+    return stack
+
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
@@ -356,7 +379,7 @@ def check_lora(backend: str, case: LoraCase, linear: bool) -> None:
         t.requires_grad_(need)
     inputs = [t for t, _ in leaves] + [dy]
     before = snapshot(inputs)
-    with hk.use_backend(backend), triton_knobs(backend, case.fused, case.chunk):
+    with on_backend(backend), triton_knobs(backend, case.fused, case.chunk):
         if linear:
             y = hk.lora_linear(x, W, bias, A, B, layout, groups, scaling)
         else:
@@ -439,7 +462,7 @@ def check_component_norms(backend: str, case: ServerCase, data) -> None:
         for t in As + Bs:
             t.requires_grad_(True)
     before = snapshot(As + Bs)
-    with hk.use_backend(backend):
+    with on_backend(backend):
         out = hk.component_norms(as_arg(As, case), as_arg(Bs, case), layout, reduce=reduce)
     assert out.dtype == norm_dtype(case.dtype), f"norms dtype {out.dtype} for {case.dtype} inputs"
     lead = () if case.n_layers is None or reduce == "sum" else (case.n_layers,)
@@ -451,7 +474,7 @@ def check_component_norms(backend: str, case: ServerCase, data) -> None:
         assert bool((out.detach()[..., k, r:] == 0).all()), f"entries past rank r_{k} = {r} must be 0"
     if with_grad:
         gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(case.seed), dtype=out.dtype)
-        with hk.use_backend(backend):
+        with on_backend(backend):
             out.backward(gout)
         for i, (a, b) in enumerate(zip(As, Bs)):
             g_i = gout if not lead else gout[i]
@@ -469,7 +492,7 @@ def check_delta_fro_norms(backend: str, case: ServerCase, data) -> None:
     As, Bs = server_tensors(case)
     scaling = make_scaling(scaling_spec)
     before = snapshot(As + Bs)
-    with hk.use_backend(backend):
+    with on_backend(backend):
         out = hk.delta_fro_norms(as_arg(As, case), as_arg(Bs, case), layout, scaling)
     assert out.dtype == norm_dtype(case.dtype), f"norms dtype {out.dtype} for {case.dtype} inputs"
     K = len(case.ranks)
@@ -509,7 +532,7 @@ def check_weighted_aggregate(backend: str, case: ServerCase, data) -> None:
     r_max = max(case.ranks)
     out_rank = None if extra is None else r_max + extra
     before = snapshot(As + Bs)
-    with hk.use_backend(backend):
+    with on_backend(backend):
         res = hk.weighted_aggregate(as_arg(As, case), as_arg(Bs, case), layout, weights, out_rank)
     assert isinstance(res, tuple) and len(res) == 2
     w = weight_values(weights)
@@ -533,7 +556,7 @@ def check_truncate(backend: str, case: ServerCase, data) -> None:
         Bgs.append(laid_out(torch.randn(r, d_out, generator=g).to(case.dtype), sb))
     ranks = AdapterLayout(case.ranks) if as_layout else list(case.ranks)
     before = snapshot(Ags + Bgs)
-    with hk.use_backend(backend):
+    with on_backend(backend):
         A, B, layout = hk.truncate(as_arg(Ags, case), as_arg(Bgs, case), ranks)
     assert isinstance(layout, AdapterLayout) and layout.ranks == tuple(case.ranks)
     for name, srcs, outs in (("A", Ags, per_layer(A, case)), ("B", Bgs, per_layer(B, case))):
