@@ -25,6 +25,7 @@ from .schedule import (
     torch_to_tl_scale,
 )
 from .shrink import shrink_block_t
+from .tile_ops import adapter_rows, dot_acc, out_tile, scaled, store_rows, tile_of, tile_tokens
 
 _CONFIGS = [
     triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
@@ -64,23 +65,15 @@ def _expand_kernel(
 ):
     pid_n = tl.program_id(0)
     pid_t = tl.program_id(1)
-    a = tl.load(tiles + pid_t * 3)
-    p0 = tl.load(tiles + pid_t * 3 + 1)
-    p1 = tl.load(tiles + pid_t * 3 + 2)
-    offs_p = p0 + tl.arange(0, BLOCK_T)
-    mask_t = offs_p < p1
-    tok = tl.load(order + offs_p, mask=mask_t, other=0)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < d_out
-    y_ptrs = Y + tok[:, None] * stride_y + offs_n[None, :]
-    mask_y = mask_t[:, None] & mask_n[None, :]
+    a, p0, p1 = tile_of(tiles, pid_t)
+    offs_p, mask_t, tok = tile_tokens(order, p0, p1, BLOCK_T)
+    offs_n, mask_n, y_ptrs, mask_y = out_tile(Y, stride_y, tok, mask_t, pid_n, d_out, BLOCK_N)
     if a < 0:
         # tokens of no adapter: the buffer comes from torch.empty, so write their zeros
         if not ACCUMULATE:
             tl.store(y_ptrs, tl.zeros((BLOCK_T, BLOCK_N), dtype=Y.dtype.element_ty), mask=mask_y)
     else:
-        row0 = tl.load(offsets + a)
-        rank = tl.load(offsets + a + 1) - row0
+        row0, rank = adapter_rows(offsets, a)
         acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
         for r0 in range(0, rank, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
@@ -89,17 +82,8 @@ def _expand_kernel(
             ht = tl.load(H + offs_p[:, None] * stride_h + offs_r[None, :], mask=mask_h, other=0.0)
             mask_w = mask_r[:, None] & mask_n[None, :]
             wt = tl.load(W + (row0 + offs_r)[:, None] * stride_w + offs_n[None, :], mask=mask_w, other=0.0)
-            if DOT_F32:
-                acc = tl.dot(ht, wt.to(tl.float32), acc, input_precision=DOT_PREC)
-            else:
-                acc = tl.dot(ht.to(W.dtype.element_ty), wt, acc)
-        if HAS_SCALE_PTR:
-            acc = acc * tl.load(scale_ptr + a)
-        else:
-            acc = acc * scale_val
-        if ACCUMULATE:
-            acc += tl.load(y_ptrs, mask=mask_y, other=0.0).to(tl.float32)
-        tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=mask_y)
+            acc = dot_acc(ht, wt, acc, DOT_F32, DOT_PREC, W.dtype.element_ty)
+        store_rows(y_ptrs, scaled(acc, a, scale_ptr, scale_val, HAS_SCALE_PTR), mask_y, ACCUMULATE)
 
 
 def expand(

@@ -28,6 +28,7 @@ from .schedule import (
     torch_to_tl_scale,
 )
 from .shrink import shrink_block_t
+from .tile_ops import adapter_rows, dot_acc, out_tile, rows_times_factor_t, scaled, store_rows, tile_of, tile_tokens
 
 # tests set this: True / False force the fused / the two-launch forward, None decides
 FORCE_FUSED: bool | None = None
@@ -80,55 +81,28 @@ def _fused_fwd_kernel(
 ):
     pid_n = tl.program_id(0)
     pid_t = tl.program_id(1)
-    a = tl.load(tiles + pid_t * 3)
-    p0 = tl.load(tiles + pid_t * 3 + 1)
-    p1 = tl.load(tiles + pid_t * 3 + 2)
-    offs_p = p0 + tl.arange(0, BLOCK_T)
-    mask_t = offs_p < p1
-    tok = tl.load(order + offs_p, mask=mask_t, other=0)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < d_out
-    y_ptrs = Y + tok[:, None] * stride_y + offs_n[None, :]
-    mask_y = mask_t[:, None] & mask_n[None, :]
+    a, p0, p1 = tile_of(tiles, pid_t)
+    offs_p, mask_t, tok = tile_tokens(order, p0, p1, BLOCK_T)
+    offs_n, mask_n, y_ptrs, mask_y = out_tile(Y, stride_y, tok, mask_t, pid_n, d_out, BLOCK_N)
     if a < 0:
         if not ACCUMULATE:
             tl.store(y_ptrs, tl.zeros((BLOCK_T, BLOCK_N), dtype=Y.dtype.element_ty), mask=mask_y)
     else:
-        row0 = tl.load(offsets + a)
-        rank = tl.load(offsets + a + 1) - row0
-        offs_k = tl.arange(0, BLOCK_K)
+        row0, rank = adapter_rows(offsets, a)
         acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
         for r0 in range(0, rank, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
             mask_r = offs_r < rank
-            x_ptrs = X + tok[:, None] * stride_x + offs_k[None, :]
-            a_ptrs = A + (row0 + offs_r)[None, :] * stride_a + offs_k[:, None]
-            h = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
-            for k0 in range(0, d_in, BLOCK_K):
-                mask_k = offs_k < d_in - k0
-                xt = tl.load(x_ptrs, mask=mask_t[:, None] & mask_k[None, :], other=0.0)
-                at = tl.load(a_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
-                if DOT_F32:
-                    h = tl.dot(xt.to(tl.float32), at.to(tl.float32), h, input_precision=DOT_PREC)
-                else:
-                    h = tl.dot(xt, at, h)
-                x_ptrs += BLOCK_K
-                a_ptrs += BLOCK_K
+            h = rows_times_factor_t(
+                X, stride_x, tok, mask_t, A, stride_a, row0, offs_r, mask_r, d_in, DOT_F32, DOT_PREC, BLOCK_T,
+                BLOCK_R, BLOCK_K,
+            )  # fmt: skip
             if pid_n == 0:
                 tl.store(H + offs_p[:, None] * stride_h + offs_r[None, :], h, mask=mask_t[:, None] & mask_r[None, :])
             mask_b = mask_r[:, None] & mask_n[None, :]
             bt = tl.load(B + (row0 + offs_r)[:, None] * stride_b + offs_n[None, :], mask=mask_b, other=0.0)
-            if DOT_F32:
-                acc = tl.dot(h, bt.to(tl.float32), acc, input_precision=DOT_PREC)
-            else:
-                acc = tl.dot(h.to(B.dtype.element_ty), bt, acc)
-        if HAS_SCALE_PTR:
-            acc = acc * tl.load(scale_ptr + a)
-        else:
-            acc = acc * scale_val
-        if ACCUMULATE:
-            acc += tl.load(y_ptrs, mask=mask_y, other=0.0).to(tl.float32)
-        tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=mask_y)
+            acc = dot_acc(h, bt, acc, DOT_F32, DOT_PREC, B.dtype.element_ty)
+        store_rows(y_ptrs, scaled(acc, a, scale_ptr, scale_val, HAS_SCALE_PTR), mask_y, ACCUMULATE)
 
 
 def use_fused(groups: TokenGroups, layout: AdapterLayout, d_in: int, d_out: int, elem_size: int) -> bool:

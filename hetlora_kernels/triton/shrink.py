@@ -26,6 +26,7 @@ from .schedule import (
     token_tiles,
     torch_to_tl_scale,
 )
+from .tile_ops import adapter_rows, rows_times_factor_t, scaled, tile_of, tile_tokens
 
 _CONFIGS = [
     triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s)
@@ -61,36 +62,18 @@ def _shrink_kernel(
     # so x is read from DRAM once and from L2 for the other rank tiles
     pid_r = tl.program_id(0)
     pid_t = tl.program_id(1)
-    a = tl.load(tiles + pid_t * 3)
-    p0 = tl.load(tiles + pid_t * 3 + 1)
-    p1 = tl.load(tiles + pid_t * 3 + 2)
-    row0 = tl.load(offsets + a)
-    rank = tl.load(offsets + a + 1) - row0
+    a, p0, p1 = tile_of(tiles, pid_t)
+    row0, rank = adapter_rows(offsets, a)
     r0 = pid_r * BLOCK_R
     if r0 < rank:
-        offs_p = p0 + tl.arange(0, BLOCK_T)
-        mask_t = offs_p < p1
-        tok = tl.load(order + offs_p, mask=mask_t, other=0)
+        offs_p, mask_t, tok = tile_tokens(order, p0, p1, BLOCK_T)
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < rank
-        offs_k = tl.arange(0, BLOCK_K)
-        x_ptrs = X + tok[:, None] * stride_x + offs_k[None, :]
-        w_ptrs = W + (row0 + offs_r)[None, :] * stride_w + offs_k[:, None]
-        acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
-        for k0 in range(0, d_in, BLOCK_K):
-            mask_k = offs_k < d_in - k0
-            xt = tl.load(x_ptrs, mask=mask_t[:, None] & mask_k[None, :], other=0.0)
-            wt = tl.load(w_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
-            if DOT_F32:
-                acc = tl.dot(xt.to(tl.float32), wt.to(tl.float32), acc, input_precision=DOT_PREC)
-            else:
-                acc = tl.dot(xt, wt, acc)
-            x_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K
-        if HAS_SCALE_PTR:
-            acc = acc * tl.load(scale_ptr + a)
-        else:
-            acc = acc * scale_val
+        acc = rows_times_factor_t(
+            X, stride_x, tok, mask_t, W, stride_w, row0, offs_r, mask_r, d_in, DOT_F32, DOT_PREC, BLOCK_T, BLOCK_R,
+            BLOCK_K,
+        )  # fmt: skip
+        acc = scaled(acc, a, scale_ptr, scale_val, HAS_SCALE_PTR)
         h_ptrs = H + offs_p[:, None] * stride_h + offs_r[None, :]
         tl.store(h_ptrs, acc, mask=mask_t[:, None] & mask_r[None, :])
 

@@ -31,6 +31,7 @@ from .schedule import (
     token_chunks,
     torch_to_tl_scale,
 )
+from .tile_ops import adapter_rows, dot_acc, scaled, tile_of, tile_tokens
 
 # tests set this to force the two-stage path (chunks of this many tokens)
 FORCE_CHUNK_T: int | None = None
@@ -68,11 +69,8 @@ def _wgrad_kernel(
     pid_r = tl.program_id(0)
     pid_n = tl.program_id(1)
     c = tl.program_id(2)
-    a = tl.load(chunks + c * 3)
-    p0 = tl.load(chunks + c * 3 + 1)
-    p1 = tl.load(chunks + c * 3 + 2)
-    row0 = tl.load(offsets + a)
-    rank = tl.load(offsets + a + 1) - row0
+    a, p0, p1 = tile_of(chunks, c)
+    row0, rank = adapter_rows(offsets, a)
     r0 = pid_r * BLOCK_R
     if r0 < rank:
         offs_r = r0 + tl.arange(0, BLOCK_R)
@@ -81,23 +79,15 @@ def _wgrad_kernel(
         mask_n = offs_n < d
         acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
         for q in range(p0, p1, BLOCK_T):
-            offs_p = q + tl.arange(0, BLOCK_T)
-            mask_t = offs_p < p1
-            tok = tl.load(order + offs_p, mask=mask_t, other=0)
+            offs_p, mask_t, tok = tile_tokens(order, q, p1, BLOCK_T)
             mask_x = mask_n[:, None] & mask_t[None, :]
             xt = tl.load(X + tok[None, :] * stride_x + offs_n[:, None], mask=mask_x, other=0.0)
             mask_h = mask_t[:, None] & mask_r[None, :]
             ht = tl.load(Hm + offs_p[:, None] * stride_h + offs_r[None, :], mask=mask_h, other=0.0)
-            if DOT_F32:
-                acc = tl.dot(xt.to(tl.float32), ht, acc, input_precision=DOT_PREC)
-            else:
-                acc = tl.dot(xt, ht.to(X.dtype.element_ty), acc)
+            acc = dot_acc(xt, ht, acc, DOT_F32, DOT_PREC, X.dtype.element_ty)
         mask = mask_n[:, None] & mask_r[None, :]
         if DIRECT:
-            if HAS_SCALE_PTR:
-                acc = acc * tl.load(scale_ptr + a)
-            else:
-                acc = acc * scale_val
+            acc = scaled(acc, a, scale_ptr, scale_val, HAS_SCALE_PTR)
             o_ptrs = Out + (row0 + offs_r)[None, :] * stride_or + offs_n[:, None]
             tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=mask)
         else:
@@ -124,8 +114,7 @@ def _wgrad_reduce_kernel(
     pid_r = tl.program_id(0)
     pid_n = tl.program_id(1)
     a = tl.program_id(2)
-    row0 = tl.load(offsets + a)
-    rank = tl.load(offsets + a + 1) - row0
+    row0, rank = adapter_rows(offsets, a)
     r0 = pid_r * BLOCK_R
     if r0 < rank:
         offs_r = r0 + tl.arange(0, BLOCK_R)
@@ -137,10 +126,7 @@ def _wgrad_reduce_kernel(
         # a fixed summation order (chunk by chunk) keeps the result bitwise reproducible
         for c in range(c0, c1):
             acc += tl.load(P + c * stride_pc + offs_r[:, None] * stride_pr + offs_n[None, :], mask=mask, other=0.0)
-        if HAS_SCALE_PTR:
-            acc = acc * tl.load(scale_ptr + a)
-        else:
-            acc = acc * scale_val
+        acc = scaled(acc, a, scale_ptr, scale_val, HAS_SCALE_PTR)
         tl.store(Out + (row0 + offs_r)[:, None] * stride_o + offs_n[None, :], acc.to(Out.dtype.element_ty), mask=mask)
 
 
