@@ -140,6 +140,9 @@ def autotune(configs: list, key: list[str], **kwargs):
     """
 
     def deco(fn):
+        # kept on the kernel so that tests can check the tuning spec against the kernel's
+        # arguments without a GPU (a key that names no argument is silently ignored)
+        fn.autotune_spec = dict(configs=configs, key=key, **kwargs)
         if INTERPRET:
             return fn
         import triton
