@@ -133,13 +133,16 @@ def test_shrink_zeroes_past_each_rank_without_unrouted_tokens(emulated):
     _shrink_all_routed()
 
 
-def test_matches_the_cpp_cpu_kernels():
+def test_matches_the_cpp_cpu_kernels(emu):
     """The CUDA and the C++ CPU kernels of one op agree (to rounding: their sums differ in order)."""
     x, A, B, layout, groups, _ = cb.make_case("mixed", torch.float32, d_in=300, d_out=260, seed=3)
     s = torch.rand(layout.num_adapters)
+    before = emu.counters()["launches"]
     cpu = cb._fwd_bwd(x, A, B, layout, groups, s)
-    with cuda_emu.emulated():
+    assert emu.counters()["launches"] == before
+    with cuda_emu.emulated(emu):
         gpu = cb._fwd_bwd(x, A, B, layout, groups, s)
+    assert emu.counters()["launches"] > before
     for a, b in zip(gpu, cpu):
         assert cb.rel_err(a, b) < 1e-5
 
