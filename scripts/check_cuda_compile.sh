@@ -6,7 +6,7 @@
 # Usage: scripts/check_cuda_compile.sh [--bindings]
 #   --bindings  also syntax-check the torch-facing C++ with WITH_CUDA defined
 #               (csrc/bindings.cpp, csrc/cuda/bindings_cuda.cpp) against the installed
-#               torch's headers and the CUDA toolkit's; ~1-2 min; needs python with torch.
+#               torch's headers and the CUDA toolkit's; ~20 s; needs python with torch.
 # Exit codes: 0 all compiled; 1 a compile failed; 3 nvcc is not installed (the pytest
 # wrapper turns 3 into a skip carrying this script's message).
 set -uo pipefail
