@@ -143,6 +143,21 @@ def test_example_app_is_consistent(monkeypatch):
         assert isinstance(getattr(importlib.import_module(mod), attr), cls)
 
 
+@pytest.mark.parametrize("shadow", [True, False])
+def test_a_ray_py_beside_the_script_is_named(tmp_path, shadow):
+    """A ray.py found before the ray package breaks Flower's simulation engine with a confusing
+    error; importing hetlora.flower names the file instead."""
+    if shadow:
+        (tmp_path / "ray.py").write_text("x = 1\n")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    r = subprocess.run([sys.executable, "-c", "import hetlora.flower"], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert ("shadows the ray package" in r.stderr) == shadow, r.stderr[-2000:]
+    if shadow:
+        assert str(tmp_path / "ray.py") in r.stderr
+
+
 def test_missing_flwr_gives_an_install_hint():
     code = ("import sys; sys.modules['flwr'] = None\n"
             "try:\n    import hetlora.flower\nexcept ImportError as e:\n    print(e)\n")

@@ -26,4 +26,35 @@ except ImportError as e:  # pragma: no cover - exercised only without flwr
 from .app import fedconfig_from_run_config, make_client_app, make_server_app
 from .strategy import FlowerStrategy
 
+
+def _ray_shadowed() -> str | None:
+    """A ``ray.py`` (or ``ray/`` without the package) found before the real ray package, e.g.
+    a script named ray.py beside the one that calls ``run_simulation``: Flower's simulation
+    engine then fails with a confusing "partially initialized module" error."""
+    import importlib.util
+    from pathlib import Path
+
+    try:
+        spec = importlib.util.find_spec("ray")
+    except (ImportError, ValueError):
+        return None
+    origin = getattr(spec, "origin", None) if spec is not None else None
+    if not origin:
+        return None
+    path = Path(origin)
+    if path.name == "__init__.py" and (path.parent / "_private").is_dir():
+        return None  # the ray package itself
+    return origin
+
+
+if (_shadow := _ray_shadowed()) is not None:
+    import warnings
+
+    warnings.warn(
+        f"{_shadow} shadows the ray package, which Flower's simulation engine imports "
+        "(run_simulation would fail with 'partially initialized module ray'): rename that file",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
 __all__ = ["FlowerStrategy", "make_client_app", "make_server_app", "fedconfig_from_run_config"]
