@@ -238,7 +238,16 @@ def time_fn(
 
 
 def peak_memory(fn: Callable[[], Any], device: torch.device) -> int | None:
-    """Peak bytes allocated *above what was allocated before* one call (GPU only; None on CPU)."""
+    """Peak bytes allocated *above what was allocated before* one call.
+
+    GPU: the caching allocator's peak counter.  CPU: torch's CPU allocator keeps no counter,
+    so the call runs once under the profiler with ``profile_memory=True`` and the peak is the
+    largest running sum of its allocation (+) and free (-) events in time order; it counts
+    what torch allocates (compiled ops' ``at::empty`` included), not a library's own scratch
+    (MKL's packing buffers).  None where neither works.
+    """
+    if device.type == "cpu":
+        return _cpu_peak_memory(fn)
     if device.type != "cuda":
         return None
     sync(device)
@@ -247,6 +256,22 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> int | None:
     fn()
     sync(device)
     return int(torch.cuda.max_memory_allocated(device) - base)
+
+
+def _cpu_peak_memory(fn: Callable[[], Any]) -> int | None:
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        events = prof.profiler.kineto_results.events()
+    except (RuntimeError, AttributeError):  # another profiler active, or a torch without kineto
+        return None
+    live = peak = 0
+    for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]"):
+        live += nbytes
+        peak = max(peak, live)
+    return int(peak)
 
 
 # ------------------------------------------------------------------------------------------

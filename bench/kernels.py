@@ -746,7 +746,8 @@ def run(args: argparse.Namespace) -> Path:
         "backends_unavailable": unavailable, "peaks_table": table, "peaks_measured": measured, "peaks_used": peaks,
         "grouped_mm": {C.dtype_name(k): v or "ok" for k, v in gmm.items()}, "rows": [], "truncated": False,
         "memory_note": None if device.type == "cuda" else
-        "peak memory not measured on CPU (torch's CPU allocator is not instrumented; tracemalloc misses it)",
+        "peak memory on CPU: what torch allocates during one call, from the profiler's memory events "
+        "(a library's own scratch, e.g. MKL's packing buffers, is not counted)",
     }
     print(f"[bench kernels] {info['device_name']}: preset {preset_name}, backends {backends}, "
           f"unavailable {list(unavailable)}, out {out}", flush=True)

@@ -78,6 +78,13 @@ def test_kernels_smoke_outputs(smoke_out: Path) -> None:
         assert max(r["rel_err"] for r in fwd) < 1e-4, arr
     # the other backends against the torch backend
     assert any(r.get("vs_torch", 0) > 0 for r in rows if r["method"] == "cuda")
+    # peak memory on CPU (profiler memory events): at least the output a forward call returns,
+    # and the ratio to the padded bmm baseline beside it
+    for r in rows:
+        if r["status"] == "ok" and r["op"] == "lora_delta" and r["mode"] == "fwd":
+            assert r["peak_bytes"] >= r["T"] * r["d_out"] * 4, r
+            if r["method"] != "bmm_padded":
+                assert r["mem_vs_bmm"] > 0, r
     # speed-ups against every baseline that ran for lora_linear
     lin = [r for r in ok_torch if r["op"] == "lora_linear"]
     assert all({"loop", "bmm_padded", "peft"} <= set(r["speedup"]) for r in lin)
