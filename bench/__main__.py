@@ -11,6 +11,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # the CPU peak-memory measure runs the profiler once per row: keep kineto's per-start/stop
+    # trace lines ("USDT: ... profiler_start") out of the progress output
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     from bench import e2e, kernels, report

@@ -160,6 +160,8 @@ def section(results: dict[str, dict[str, Any]], note: str) -> str:
                          + f". Full table: [`bench/results/{slug}/{kind}.md`](bench/results/{slug}/{kind}.md).\n")
             if kind == "e2e":
                 lines.append(C.md_table(*table_rows(res)))
+                if res.get("memory_note"):  # what "peak MiB" means where it is not the allocator's peak
+                    lines.append(f"\n{res['memory_note'][0].upper()}{res['memory_note'][1:]}.")
                 lines.append("")
             else:
                 lines.append(kernels_summary(res))
