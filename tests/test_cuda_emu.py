@@ -168,6 +168,33 @@ def test_a_federated_round_on_the_cuda_kernels_equals_the_torch_backend(tmp_path
         torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-11)
 
 
+def test_serving_many_adapters_on_the_cuda_kernels(emu):
+    """A MultiLoraModel (GPT-2 shaped, Conv1D targets) serving a batch with an adapter per prompt
+    (and the base model for one): logits and greedy generations on the emulated CUDA kernels
+    are the torch backend's."""
+    from hetlora import MultiLoraModel
+    from hetlora.fl.sim import tiny_gpt2
+
+    torch.manual_seed(0)
+    m = MultiLoraModel(tiny_gpt2(0), ["c_attn", "c_fc"], [2, 5, 3], alpha=8.0).eval()
+    for p in m.lora_parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    ids = torch.randint(0, 50, (4, 6))
+    mask = torch.ones_like(ids)
+    aid = torch.tensor([1, -1, 0, 2])
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    out = {}
+    for backend in ("torch", "cuda"):
+        before = emu.counters()["launches"]
+        with cuda_emu.emulated(emu), hk.use_backend(backend), torch.no_grad():
+            logits = m(input_ids=ids, attention_mask=mask, adapter_ids=aid).logits
+            gen = m.generate(input_ids=ids, attention_mask=mask, adapter_ids=aid, **kw)
+        assert (emu.counters()["launches"] > before) == (backend == "cuda")
+        out[backend] = (logits, gen)
+    torch.testing.assert_close(out["cuda"][0], out["torch"][0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(out["cuda"][1], out["torch"][1])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_results_do_not_depend_on_thread_order(emu, dtype):
     """Bitwise the same whether ready threads run in ascending, descending or random order."""
