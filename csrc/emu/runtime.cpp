@@ -73,11 +73,10 @@ Run& run_here(const char* what) {
   return *g_run;
 }
 
-std::string where(const Run& r, const Fiber& f) {
+std::string where(const Fiber& f) {
   char buf[160];
   std::snprintf(buf, sizeof buf, "block (%u,%u,%u) thread (%u,%u,%u) [warp %d lane %d]: ", g_block_idx.x,
                 g_block_idx.y, g_block_idx.z, f.tid.x, f.tid.y, f.tid.z, f.warp, f.lane);
-  (void)r;
   return buf;
 }
 
@@ -86,7 +85,7 @@ std::string where(const Run& r, const Fiber& f) {
   Fiber& f = r.fibers[r.current];
   if (!r.failed) {
     r.failed = true;
-    r.error = where(r, f) + msg;
+    r.error = where(f) + msg;
   }
   swapcontext(&f.ctx, &r.sched);
   std::abort();  // a failed block is never resumed
