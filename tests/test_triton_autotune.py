@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from hetlora_kernels.triton import expand, fused, shrink, wgrad
+from hetlora_kernels.triton import expand, fused, schedule, shrink, wgrad
 
 MODULES = (shrink, expand, fused, wgrad)
 
@@ -110,3 +110,20 @@ def test_launches_leave_the_tuned_parameters_to_the_autotuner(mod, name, fn, spe
     for _, explicit, meta in sites:
         assert not tuned & set(explicit), f"{name} is launched with tuned {tuned & set(explicit)} on the GPU too"
         assert meta == tuned, f"{name}: the interpreter gets {meta}, the autotuner tunes {tuned}"
+
+
+@pytest.mark.parametrize("mod, name, fn, spec", KERNELS)
+@pytest.mark.parametrize("value, single", [(None, False), ("1", False), ("0", True), ("off", True)])
+def test_autotuning_can_be_switched_off_for_tests(mod, name, fn, spec, value, single, monkeypatch):
+    """HETLORA_TRITON_AUTOTUNE=0: one config (Triton then times nothing) and no pruning of it."""
+    if value is None:
+        monkeypatch.delenv("HETLORA_TRITON_AUTOTUNE", raising=False)
+    else:
+        monkeypatch.setenv("HETLORA_TRITON_AUTOTUNE", value)
+    options = {k: v for k, v in spec.items() if k not in ("configs", "key")}
+    configs, kept = schedule.tuning(spec["configs"], options)
+    if single:
+        assert configs == spec["configs"][:1] and "prune_configs_by" not in kept
+        assert kept == {k: v for k, v in options.items() if k != "prune_configs_by"}
+    else:
+        assert configs == spec["configs"] and kept == options

@@ -132,8 +132,18 @@ def torch_to_tl_scale(scaling, device: torch.device, dummy: torch.Tensor) -> tup
     return dummy, float(scaling), False
 
 
+def tuning(configs: list, kwargs: dict) -> tuple[list, dict]:
+    """The configs (and ``triton.autotune`` options) a GPU tries: all of them, or with
+    ``HETLORA_TRITON_AUTOTUNE=0`` the first alone, which Triton runs without timing anything.
+    Tests set it (bench/gpu_all.sh's test stage): they check results, not speed, and every
+    new shape key would otherwise compile and time each config."""
+    if os.environ.get("HETLORA_TRITON_AUTOTUNE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return configs[:1], {k: v for k, v in kwargs.items() if k != "prune_configs_by"}
+    return configs, kwargs
+
+
 def autotune(configs: list, key: list[str], **kwargs):
-    """``triton.autotune`` on the GPU; the bare kernel under the interpreter.
+    """``triton.autotune`` on the GPU (see `tuning`); the bare kernel under the interpreter.
 
     The interpreter cannot time several configs (no driver), so there the launchers pass
     one fixed config themselves (see ``interpret_meta``).
@@ -147,7 +157,8 @@ def autotune(configs: list, key: list[str], **kwargs):
             return fn
         import triton
 
-        return triton.autotune(configs=configs, key=key, **kwargs)(fn)
+        tried, options = tuning(configs, kwargs)
+        return triton.autotune(configs=tried, key=key, **options)(fn)
 
     return deco
 
