@@ -93,19 +93,25 @@ std::string where(const Fiber& f) {
 
 void yield(Run& r, Fiber& f) { swapcontext(&f.ctx, &r.sched); }
 
+// One thread arrives at a barrier of `expected` threads: the last one releases it (a new
+// generation), the others wait in `state` until the generation moves on.
+void arrive(Run& r, Fiber& f, int& arrived, int expected, unsigned& gen, State state) {
+  if (++arrived == expected) {
+    arrived = 0;
+    ++gen;
+    return;
+  }
+  f.state = state;
+  f.wait_gen = gen;
+  yield(r, f);
+}
+
 void warp_step(Run& r, Fiber& f, const char* what) {
   Warp& w = r.warps[f.warp];
   if (w.exited > 0)
     fail(r, std::string(what) + " with a full mask, but " + std::to_string(w.exited) +
                 " lane(s) of this warp have exited");
-  if (++w.arrived == w.size) {
-    w.arrived = 0;
-    ++w.gen;
-    return;
-  }
-  f.state = State::WarpWait;
-  f.wait_gen = w.gen;
-  yield(r, f);
+  arrive(r, f, w.arrived, w.size, w.gen, State::WarpWait);
 }
 
 void thread_exit(Run& r, Fiber& f) {
@@ -227,15 +233,7 @@ const dim3& grid_dim() {
 
 void sync_threads() {
   Run& r = run_here("__syncthreads");
-  Fiber& f = r.fibers[r.current];
-  if (++r.block_arrived == r.live) {
-    r.block_arrived = 0;
-    ++r.block_gen;
-    return;
-  }
-  f.state = State::BlockWait;
-  f.wait_gen = r.block_gen;
-  yield(r, f);
+  arrive(r, r.fibers[r.current], r.block_arrived, r.live, r.block_gen, State::BlockWait);
 }
 
 uint64_t shfl_xor_bits(unsigned member_mask, uint64_t bits, int lane_mask, int width) {
