@@ -279,6 +279,11 @@ class EmulatedC:
     def _table(rows: list[list[int]]) -> torch.Tensor:
         return torch.tensor(rows, dtype=torch.int64).contiguous()
 
+    @classmethod
+    def _factor_table(cls, A: list, B: list) -> torch.Tensor:
+        """[L, 4] rows {A_l, B_l, d_in_l, d_out_l}, as bindings_cuda.cpp's factor_table."""
+        return cls._table([[a.data_ptr(), b.data_ptr(), a.shape[1], b.shape[1]] for a, b in zip(A, B)])
+
     def component_norms(self, As, Bs, offsets, r_max):
         mem = _Guarded()
         A, B = [mem.copy(a) for a in As], [mem.copy(b) for b in Bs]
@@ -287,7 +292,7 @@ class EmulatedC:
         acc = _acc(A[0].dtype)
         out = mem.alloc((L, K, r_max), acc, zero=True)
         na, nb = mem.alloc((L, R), acc, zero=False), mem.alloc((L, R), acc, zero=False)
-        table = self._table([[a.data_ptr(), b.data_ptr(), a.shape[1], b.shape[1]] for a, b in zip(A, B)])
+        table = self._factor_table(A, B)
         self._launch(
             "component_norms", mem, DTYPE_CODE[A[0].dtype], _idx(table), L, _p(out), _p(na), _p(nb),
             _idx(offsets), R, K, r_max,
@@ -314,7 +319,7 @@ class EmulatedC:
         offsets = self._index(offsets)
         L, K = len(A), offsets.numel() - 1
         out = mem.alloc((L, K), _acc(A[0].dtype), zero=False)
-        table = self._table([[a.data_ptr(), b.data_ptr(), a.shape[1], b.shape[1]] for a, b in zip(A, B)])
+        table = self._factor_table(A, B)
         self._launch("delta_fro_sq", mem, DTYPE_CODE[A[0].dtype], _idx(table), L, _p(out), _idx(offsets), K)
         return out
 

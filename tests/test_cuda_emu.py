@@ -65,15 +65,8 @@ def test_lora_delta_scaling_kinds(emulated, scaling_kind):
 
 
 def test_lora_linear_and_noncontiguous_inputs(emulated):
-    x, A, B, layout, groups, ids = cb.make_case("mixed", torch.float32)
-    weight, bias = torch.randn(B.shape[1], x.shape[1]), torch.randn(B.shape[1])
-    with hk.use_backend("cuda"):
-        y = hk.lora_linear(x, weight, bias, A, B, layout, groups, 0.5)
-        y_nc = hk.lora_delta(torch.stack([x, x], dim=2)[..., 0], A.t().contiguous().t(), B, layout, groups, 0.5)
-        y_c = hk.lora_delta(x, A, B, layout, groups, 0.5)
-    ref = x.double() @ weight.double().t() + bias.double() + cb.dense_delta(x, A, B, layout, ids, 0.5)
-    assert cb.rel_err(y, ref) < 1e-5
-    assert torch.equal(y_nc, y_c)
+    cb.test_lora_linear_cpu()
+    cb.test_noncontiguous_inputs_cpu()
 
 
 @pytest.mark.parametrize("d_in, d_out", [(1, 1), (33, 5), (256, 512), (7, 300), (1037, 263)])
