@@ -46,6 +46,41 @@ _FALLBACK = (
 )
 
 
+def cxx_runtime() -> str | None:
+    """Path of the libstdc++ shared library this process runs on (torch loads it), or None.
+
+    Linux only: read from /proc/self/maps after importing torch.
+    """
+    import torch  # noqa: F401 - importing torch loads the C++ runtime it was linked against
+
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    for line in maps.splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and Path(fields[-1]).name.startswith("libstdc++.so"):
+            return fields[-1]
+    return None
+
+
+def link_flags() -> list[str]:
+    """``LINK_FLAGS`` plus the process's own libstdc++, named by path.
+
+    Why by path: on the lent GPU machines' image the default link put a static copy of
+    libstdc++ inside the extension (`ldd` showed no libstdc++.so, and the extension held
+    ``std::ostream::_M_insert<long>``).  Two C++ runtimes in one process then share
+    locale facets by index: the first TORCH_CHECK message that formats an integer
+    crashed the interpreter (SIGSEGV in ``codecvt::do_unshift``; on this machine a
+    forced ``-static-libstdc++`` only drops the number from the message).  A shared
+    library given by path is linked dynamically whatever the toolchain's default, and
+    it resolves every C++ runtime symbol before the driver's implicit ``-lstdc++``.
+    ``hetlora_kernels.cuda`` refuses a module that still carries its own copy.
+    """
+    rt = cxx_runtime()
+    return [*LINK_FLAGS, *([rt] if rt else [])]
+
+
 def cpu_sources() -> list[Path]:
     return [CSRC / "bindings.cpp", *sorted((CSRC / "cpu").glob("*.cpp"))]
 
@@ -106,7 +141,7 @@ def extension_setup_args() -> tuple[list, dict]:
         sources=_rel(sources),
         include_dirs=[str(CSRC)],
         extra_compile_args={"cxx": list(CXX_FLAGS), **({"nvcc": list(NVCC_FLAGS)} if with_cuda else {})},
-        extra_link_args=list(LINK_FLAGS),
+        extra_link_args=link_flags(),
     )
     if with_cuda:
         ext = CUDAExtension(define_macros=[("WITH_CUDA", None)], **kwargs)

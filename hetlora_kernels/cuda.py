@@ -87,12 +87,47 @@ def build_jit(verbose: bool = False, build_directory: str | os.PathLike | None =
         extra_include_paths=[str(cfg.CSRC)],
         extra_cflags=list(cfg.CXX_FLAGS) + (["-DWITH_CUDA"] if with_cuda else []),
         extra_cuda_cflags=list(cfg.NVCC_FLAGS),
-        extra_ldflags=list(cfg.LINK_FLAGS),
+        extra_ldflags=cfg.link_flags(),
         build_directory=str(build_directory),
         with_cuda=with_cuda,
         verbose=verbose,
     )
-    _C, _load_error = mod, ""
+    _C, _load_error = _checked(mod), ""
+    return mod
+
+
+# std::locale::classic(): a plain function of libstdc++ (no template a header could instantiate)
+_CXX_RUNTIME_SYMBOL = "_ZNSt6locale7classicEv"
+
+
+def carries_own_cxx_runtime(path: str | os.PathLike) -> bool:
+    """Whether the shared library at ``path`` holds its own copy of libstdc++.
+
+    Such a copy (a static link) shares locale state with the process's libstdc++ by
+    index, and the first C++ error message that formats a number then crashes or loses
+    the number.  Detected as: the library's own lookup of ``std::locale::classic``
+    finds a definition other than the process's.
+    """
+    import ctypes
+
+    try:
+        own = ctypes.cast(getattr(ctypes.CDLL(str(path)), _CXX_RUNTIME_SYMBOL), ctypes.c_void_p).value
+        # dlopen by soname returns the libstdc++ already loaded (by torch), wherever it lies
+        ours = ctypes.cast(getattr(ctypes.CDLL("libstdc++.so.6"), _CXX_RUNTIME_SYMBOL), ctypes.c_void_p).value
+    except (OSError, AttributeError):
+        return False  # no C++ runtime in the process, or none exported: nothing to mix
+    return own != ours
+
+
+def _checked(mod):
+    """``mod`` if it shares the process's C++ runtime, else RuntimeError naming the fix."""
+    path = getattr(mod, "__file__", None)
+    if path and carries_own_cxx_runtime(path):
+        raise RuntimeError(
+            f"{path} was linked with its own copy of libstdc++ (a static link), and two C++ runtimes "
+            "in one process crash on the first error message; rebuild it (csrc/build.py's link_flags "
+            "names the process's libstdc++.so by path, so a rebuild from this checkout links it dynamically)"
+        )
     return mod
 
 
@@ -113,7 +148,10 @@ def _load() -> None:
             "or set HETLORA_JIT=1 to compile it on first use"
         )
         return
-    _C, _load_error = mod, ""
+    try:
+        _C, _load_error = _checked(mod), ""
+    except RuntimeError as e:
+        _load_error = str(e)
 
 
 _load()
