@@ -400,8 +400,10 @@ def test_schedule_is_cached_and_partitions_tokens():
     ranks = [3, 1, 5]
     layout = AdapterLayout(ranks)
     ids = mixed_ids(50, 3, seed=31, empty=1)
-    groups = TokenGroups.from_adapter_ids(ids, 3)
-    x, A, B, _, s, _ = make_case(ranks, ids, 8, 8, torch.float32, seed=2)
+    groups = TokenGroups.from_adapter_ids(ids, 3).to(DEV)
+    x, A, B, _, s, _ = (
+        t.to(DEV) if isinstance(t, torch.Tensor) else t for t in make_case(ranks, ids, 8, 8, torch.float32, seed=2)
+    )
     with hk.use_backend("triton"):
         hk.lora_delta(x, A, B, layout, groups, s)
     keys = [k for k in groups._cache if isinstance(k, tuple) and k[0] == "hetlora_token_tiles"]
