@@ -67,6 +67,21 @@ def host_values(t: torch.Tensor) -> tuple[float, ...] | None:
     return hit[1] if hit is not None and hit[0] is t else None
 
 
+def _cached_scaling(scaling: Sequence, device: torch.device) -> torch.Tensor | None:
+    """The cached tensor of a sequence of Python floats, or None (not cached, or other types).
+
+    Only exact floats qualify: a bool or an int equal to a cached float must still be
+    checked (and a bool rejected) by the slow path."""
+    values = tuple(scaling)
+    if not all(type(v) is float for v in values):
+        return None
+    with _SEQ_LOCK:
+        t = _SEQ_CACHE.get((values, str(device)))
+        if t is not None:
+            _SEQ_CACHE.move_to_end((values, str(device)))
+        return t
+
+
 def _scaling_tensor(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
     key = (values, str(device))
     with _SEQ_LOCK:
@@ -105,6 +120,13 @@ def check_scaling(scaling: object, num_adapters: int, device: torch.device) -> f
     if isinstance(scaling, bool) or not isinstance(scaling, numbers.Real):
         if isinstance(scaling, Sequence) and not isinstance(scaling, (str, bytes)):
             # checked on the host, so a list costs no device synchronisation
+            if len(scaling) != num_adapters:
+                raise ValueError(f"scaling must be a float or hold K={num_adapters} values, got {len(scaling)}")
+            # fast path (a model's layers pass the same K floats on every call): values already
+            # in the cache were validated when they entered it
+            hit = _cached_scaling(scaling, torch.device(device))
+            if hit is not None:
+                return hit
             if len(scaling) != num_adapters:
                 raise ValueError(f"scaling must be a float or hold K={num_adapters} values, got {len(scaling)}")
             for i, v in enumerate(scaling):

@@ -242,3 +242,21 @@ def test_a_scaling_list_becomes_one_cached_device_tensor(monkeypatch):
         checks.check_scaling([float(i), 1.0, 2.0], 3, torch.device("cpu"))
     assert len(checks._SEQ_CACHE) <= checks._SEQ_CACHE_MAX
     assert checks.host_values(t1) is None  # evicted, and forgotten with it
+
+
+def test_the_scaling_cache_fast_path_still_rejects_what_the_checks_reject():
+    """A cached list skips the per-value checks (a layer's K floats, every call): values that only
+    compare equal to a cached entry (a bool, an int) or a wrong length still take the checks."""
+    from hetlora_kernels import checks
+
+    dev = torch.device("cpu")
+    ok = checks.check_scaling([1.0, 2.0, 0.5], 3, dev)
+    assert checks.check_scaling([1.0, 2.0, 0.5], 3, dev) is ok  # served from the cache
+    with pytest.raises(ValueError, match=r"scaling\[0\] must be a finite number, got True"):
+        checks.check_scaling([True, 2.0, 0.5], 3, dev)  # True == 1.0, yet a bool is refused
+    with pytest.raises(ValueError, match=r"hold K=2 values, got 3"):
+        checks.check_scaling([1.0, 2.0, 0.5], 2, dev)
+    assert checks.check_scaling([1, 2.0, 0.5], 3, dev).tolist() == [1.0, 2.0, 0.5]  # an int is a number
+    with pytest.raises(ValueError, match=r"scaling\[1\] must be a finite number, got nan"):
+        checks.check_scaling([1.0, float("nan"), 0.5], 3, dev)
+    assert checks._cached_scaling([1.0, float("nan"), 0.5], dev) is None  # never entered the cache

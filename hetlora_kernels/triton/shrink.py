@@ -82,8 +82,7 @@ def shrink_block_t(groups: TokenGroups) -> int:
     """Token tile of the shrink/expand schedule: small when groups are small, so that a
     batch of many clients with a few tokens each wastes little of each tile."""
     routed = groups.num_routed
-    busy = sum(1 for c in groups.counts_list if c)
-    mean = routed // max(busy, 1)
+    mean = routed // max(groups.num_active, 1)  # num_active is cached on the groups
     return 64 if (mean >= 48 or routed == 0) else (32 if mean >= 24 else 16)
 
 
