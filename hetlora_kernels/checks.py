@@ -58,6 +58,7 @@ _SEQ_CACHE: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 _SEQ_CACHE_MAX = 256
 _SEQ_LOCK = threading.Lock()
 _HOST_VALUES: dict[int, tuple[torch.Tensor, tuple[float, ...]]] = {}  # id -> (the tensor, its values)
+_FLOAT32_COPY: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (the tensor, its float32 copy)
 
 
 def host_values(t: torch.Tensor) -> tuple[float, ...] | None:
@@ -65,6 +66,17 @@ def host_values(t: torch.Tensor) -> tuple[float, ...] | None:
     torch path need not read them back from a GPU), else None."""
     hit = _HOST_VALUES.get(id(t))
     return hit[1] if hit is not None and hit[0] is t else None
+
+
+def as_float32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32: for a scaling tensor made by `check_scaling` from a sequence, one cached
+    copy (the kernels read float32 scales; a cast per call is a kernel launch per layer call)."""
+    if t.dtype == torch.float32:
+        return t
+    hit = _FLOAT32_COPY.get(id(t))
+    if hit is not None and hit[0] is t:
+        return hit[1]
+    return t.to(torch.float32)
 
 
 def _cached_scaling(scaling: Sequence, device: torch.device) -> torch.Tensor | None:
@@ -93,9 +105,11 @@ def _scaling_tensor(values: tuple[float, ...], device: torch.device) -> torch.Te
     with _SEQ_LOCK:
         _SEQ_CACHE[key] = t
         _HOST_VALUES[id(t)] = (t, values)
+        _FLOAT32_COPY[id(t)] = (t, t.to(torch.float32))
         while len(_SEQ_CACHE) > _SEQ_CACHE_MAX:
             _, old = _SEQ_CACHE.popitem(last=False)
             _HOST_VALUES.pop(id(old), None)
+            _FLOAT32_COPY.pop(id(old), None)
     return t
 
 

@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from . import reference
+from .checks import as_float32
 from .layout import AdapterLayout, TokenGroups
 
 __all__ = ["available", "build_jit", "IMPLS", "extension"]
@@ -184,9 +185,10 @@ def _meta(layout: AdapterLayout, groups: TokenGroups, device: torch.device):
     return groups.order, groups.starts, layout.offsets_tensor(device), groups.starts_list[0]
 
 
-def _split_scaling(scaling: float | torch.Tensor) -> tuple[torch.Tensor | None, float]:
+def _split_scaling(scaling: float | torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor | None, float]:
     if isinstance(scaling, torch.Tensor):
-        return scaling, 1.0
+        # the kernels read scales in the accumulation dtype: float32 unless the data is float64
+        return (scaling if dtype == torch.float64 else as_float32(scaling)), 1.0
     return None, float(scaling)
 
 
@@ -223,7 +225,7 @@ class _LoraDelta(torch.autograd.Function):
 
 
 def lora_delta_impl(x, A, B, layout, groups, scaling):
-    scales, scale = _split_scaling(scaling)
+    scales, scale = _split_scaling(scaling, x.dtype)
     return _LoraDelta.apply(x, A, B, layout, groups, scales, scale)
 
 

@@ -260,3 +260,17 @@ def test_the_scaling_cache_fast_path_still_rejects_what_the_checks_reject():
     with pytest.raises(ValueError, match=r"scaling\[1\] must be a finite number, got nan"):
         checks.check_scaling([1.0, float("nan"), 0.5], 3, dev)
     assert checks._cached_scaling([1.0, float("nan"), 0.5], dev) is None  # never entered the cache
+
+
+def test_a_cached_scaling_has_one_float32_copy():
+    """The kernels read float32 scales: a cached scaling gives the same float32 tensor every call
+    (no cast kernel per layer call); any other tensor is cast as before."""
+    from hetlora_kernels import checks
+
+    t = checks.check_scaling([0.1, 1.0 / 3.0, 7.5], 3, torch.device("cpu"))
+    f1, f2 = checks.as_float32(t), checks.as_float32(t)
+    assert f1 is f2 and f1.dtype == torch.float32 and torch.equal(f1, t.to(torch.float32))
+    other = t.clone()
+    g = checks.as_float32(other)
+    assert g is not f1 and torch.equal(g, f1)
+    assert checks.as_float32(f1) is f1

@@ -14,6 +14,7 @@ import os
 
 import torch
 
+from ..checks import as_float32
 from ..layout import TokenGroups
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -128,7 +129,7 @@ def dot_mode(dtype: torch.dtype) -> tuple[bool, str]:
 def torch_to_tl_scale(scaling, device: torch.device, dummy: torch.Tensor) -> tuple[torch.Tensor, float, bool]:
     """``(scale_ptr, scale_val, HAS_SCALE_PTR)`` kernel arguments for a validated scaling."""
     if isinstance(scaling, torch.Tensor):
-        return scaling.to(device=device, dtype=torch.float32).contiguous(), 1.0, True
+        return as_float32(scaling).to(device=device).contiguous(), 1.0, True
     return dummy, float(scaling), False
 
 
