@@ -6,7 +6,8 @@ a dict from op name to an implementation that takes *validated* arguments (the
 load lazily on first use so that importing hetlora_kernels never compiles anything.
 An explicitly chosen backend that lacks an op raises; ``auto`` falls back per op.
 
-``auto`` on CUDA tensors tries triton, then cuda, then torch.  On CPU tensors it picks, per op,
+``auto`` on CUDA tensors tries triton, then cuda, then torch, except for the server ops where the
+GPU sweep measured another order (`cuda_auto_order`).  On CPU tensors it picks, per op,
 between the C++ ops of the ``cuda`` extension and the torch path by the table `cpu_auto_choice`
 measured with ``python -m bench kernels`` (``bench/results/cpu-2core/``).
 """
@@ -28,6 +29,24 @@ BACKENDS = ("auto", "triton", "cuda", "torch")
 _MODULES = {"triton": "hetlora_kernels.triton", "cuda": "hetlora_kernels.cuda"}
 # the order "auto" tries on CUDA tensors, fastest first (CPU tensors: `cpu_auto_choice`)
 _AUTO_ORDER_CUDA = ("triton", "cuda", "torch")
+# Per-op exceptions, from the first GPU sweep (bench/results/nvidia-h200/kernels.json, H200,
+# 2026-11-26, fp32 server ops, K in {8, 64, 256}, d in {1024, 4096}, L in {1, 12}):
+# - component_norms: the CUDA kernel fastest at 11 of 12 shapes (1.4-2.6x triton at L=12);
+# - weighted_aggregate: CUDA fastest at 11 of 12 (up to 2.4x triton, 2.8x torch);
+# - truncate (a row gather): torch's index_select at parity or faster where it matters
+#   (L=12, d=4096: 0.49-1.35 ms against triton's 0.74-2.38);
+# - delta_fro_norms: triton fastest everywhere (3-14x the CUDA kernel), the default order.
+# The LoRA ops stay triton-first: the CUDA kernels are the simple versions (2-20x slower).
+_AUTO_ORDER_CUDA_BY_OP = {
+    "component_norms": ("cuda", "triton", "torch"),
+    "weighted_aggregate": ("cuda", "triton", "torch"),
+    "truncate": ("torch",),
+}
+
+
+def cuda_auto_order(op: str) -> tuple[str, ...]:
+    """The backends ``auto`` tries for ``op`` on CUDA tensors, in order (the first available runs)."""
+    return _AUTO_ORDER_CUDA_BY_OP.get(op, _AUTO_ORDER_CUDA)
 
 _current: contextvars.ContextVar[str] = contextvars.ContextVar("hetlora_backend", default="auto")
 _loaded: dict[str, object] = {"torch": reference}
@@ -130,7 +149,7 @@ def resolve(op: str, device: torch.device, work: LoraWork | None = None) -> tupl
     name = _current.get()
     if name == "auto":
         if device.type == "cuda":
-            order = _AUTO_ORDER_CUDA
+            order = cuda_auto_order(op)
         elif device.type == "cpu":
             order = (cpu_auto_choice(op, work), "torch")
         else:

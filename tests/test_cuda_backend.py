@@ -516,6 +516,35 @@ def test_cpu_auto_table(threads):
     assert choice("lora_delta", W(4096, 32, True, f32)) == "cuda"
 
 
+def test_cuda_auto_order_follows_the_gpu_sweep(monkeypatch):
+    """On CUDA tensors auto tries, per op, the order the H200 sweep measured; an unavailable
+    backend is skipped (no GPU needed: the backends are stand-ins that report availability)."""
+    import types
+
+    order = dispatch.cuda_auto_order
+    assert order("lora_delta") == order("lora_linear") == order("delta_fro_norms") == ("triton", "cuda", "torch")
+    assert order("component_norms") == order("weighted_aggregate") == ("cuda", "triton", "torch")
+    assert order("truncate") == ("torch",)
+    up = {"triton": True, "cuda": True}
+
+    def fake(name):
+        impls = {op: (lambda *a, _n=name: _n) for op in dispatch.reference.IMPLS}
+        return types.SimpleNamespace(IMPLS=impls, available=lambda dev, _n=name: (up[_n], "" if up[_n] else "off"))
+
+    monkeypatch.setitem(dispatch._loaded, "triton", fake("triton"))
+    monkeypatch.setitem(dispatch._loaded, "cuda", fake("cuda"))
+    cuda = torch.device("cuda")
+    with hk.use_backend("auto"):
+        assert dispatch.resolve("lora_linear", cuda)[0] == "triton"
+        assert dispatch.resolve("component_norms", cuda)[0] == "cuda"
+        assert dispatch.resolve("weighted_aggregate", cuda)[0] == "cuda"
+        assert dispatch.resolve("truncate", cuda)[0] == "torch"
+        up["cuda"] = False  # e.g. _C built without its CUDA kernels
+        assert dispatch.resolve("component_norms", cuda)[0] == "triton"
+        up["triton"] = False
+        assert dispatch.resolve("lora_linear", cuda)[0] == "torch"
+
+
 def test_cpu_auto_follows_the_table_and_matches_the_chosen_backend():
     K, d = 8, 40
     layout = hk.AdapterLayout([3, 7, 1, 16, 5, 2, 9, 4])
