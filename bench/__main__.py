@@ -1,4 +1,4 @@
-"""``python -m bench kernels|e2e|report``: the benchmark command line (``hetlora bench`` delegates here)."""
+"""``python -m bench kernels|e2e|profile|report``: the benchmark command line (``hetlora bench`` delegates here)."""
 
 from __future__ import annotations
 
@@ -16,10 +16,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
-    from bench import e2e, kernels, report
+    from bench import e2e, kernels, profile, report
 
     kernels.add_args(sub.add_parser("kernels", help="microbenchmarks of every op and backend vs baselines"))
     e2e.add_args(sub.add_parser("e2e", help="concurrent vs sequential (peft) local training, client-steps/s"))
+    profile.add_args(sub.add_parser("profile", help="one shape: host vs device time per LoRA call, per method"))
     report.add_args(sub.add_parser("report", help="regenerate README's Performance section from results"))
     sub.add_parser("env", help="print the machine, versions and backend status (bench/gpu_all.sh's first stage)")
     args = p.parse_args(argv)
@@ -27,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
         kernels.run(args)
     elif args.cmd == "e2e":
         e2e.run(args)
+    elif args.cmd == "profile":
+        profile.run(args)
     elif args.cmd == "env":
         print_env()
     else:

@@ -198,18 +198,28 @@ def time_fn(
     min_reps: int = 1,
     budget_s: float | None = None,
     before: Callable[[], Any] | None = None,
+    slow_s: float | None = None,
 ) -> dict[str, Any]:
     """Median time of one call; ``calls`` are the same work on different input sets (rotated).
 
     ``before`` runs before each call outside the timed region (e.g. clearing grads).
     With ``budget_s``, stops after at least ``min_reps`` reps once the budget is spent.
+    With ``slow_s``: a call whose second warm-up run (the first may compile) takes longer than
+    that is warmed up no further and timed at most 3 times (a baseline 100x slower than the
+    rest needs no more to be ranked, and would otherwise eat a sweep's budget).
     """
     gpu = device.type == "cuda"
     n = len(calls)
     for i in range(warmup):
         if before:
             before()
+        t0 = time.perf_counter()
         calls[i % n]()
+        if slow_s is not None and i == 1:
+            sync(device)
+            if time.perf_counter() - t0 > slow_s:
+                min_reps, reps = min(min_reps, 3), min(reps, 3)
+                break
     sync(device)
     times: list[float] = []
     t_start = time.perf_counter()

@@ -74,6 +74,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 TARGETS = {"bert": ["query", "value"], "llama": ["q_proj", "v_proj"]}
+# sequential training times this many clients per step (rotating through all K; see
+# `sequential_step_fn`): client-steps/s is a per-client-step rate either way
+SEQ_TIMED_CLIENTS = 16
 
 
 def _llama_config(name: str):
@@ -211,8 +214,15 @@ def sequential_step_fn(base: nn.Module, family: str, run: Run, data, device: tor
         mine = [p for n, p in named if n.endswith(f".c{k}.weight")]
         opts.append(torch.optim.AdamW(mine + list(heads[k].parameters()), lr=1e-4))
 
+    m = min(K, SEQ_TIMED_CLIENTS)
+    nxt = [0]
+
     def round_() -> None:
-        for k in range(K):
+        # m of the K clients per step, rotating: every adapter stays loaded (peft's per-step
+        # cost grows with K), but a K=128 round of a 100M model no longer takes a minute
+        first = nxt[0]
+        nxt[0] = (first + m) % K
+        for k in ((first + i) % K for i in range(m)):
             pm.set_adapter(f"c{k}")
             rows = slice(k * b, (k + 1) * b)
             h = pm(input_ids=ids[rows], attention_mask=mask[rows]).last_hidden_state
@@ -221,7 +231,7 @@ def sequential_step_fn(base: nn.Module, family: str, run: Run, data, device: tor
             opts[k].step()
             opts[k].zero_grad(set_to_none=True)
 
-    return round_, {"backend": "peft"}
+    return round_, {"backend": "peft", "clients_per_step": m}
 
 
 def time_steps(fn: Callable[[], None], device: torch.device, warmup: int, steps: int) -> dict[str, Any]:
@@ -249,8 +259,12 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def bench_run(run: Run, device: torch.device, dtype: torch.dtype, warmup: int, steps: int) -> list[dict[str, Any]]:
-    """Rows of one configuration: concurrent (auto backend, and torch if auto is not torch), sequential."""
+def bench_run(run: Run, device: torch.device, dtype: torch.dtype, warmup: int, steps: int,
+              deadline: float | None = None) -> list[dict[str, Any]]:
+    """Rows of one configuration: concurrent (auto backend, and torch if auto is not torch), sequential.
+
+    A method not started by ``deadline`` (a ``time.perf_counter()`` value) gets a row marked
+    ``skipped``: a stage's outer timeout then finds the results saved, not a run cut mid-step."""
     import hetlora_kernels as hk
 
     rows = []
@@ -262,6 +276,11 @@ def bench_run(run: Run, device: torch.device, dtype: torch.dtype, warmup: int, s
         row: dict[str, Any] = {"model": run.model, "clients": run.clients, "batch": run.batch, "seq": run.seq,
                                "regime": run.regime, "method": method, "dtype": C.dtype_name(dtype),
                                "ranks": f"{{{','.join(map(str, RANK_CYCLE))}}} cycled"}
+        if deadline is not None and time.perf_counter() > deadline:
+            row.update(status="skipped", reason="the time budget ran out before this method started")
+            rows.append(row)
+            print(f"  {run.model} K={run.clients} {method}: skipped (time budget)", flush=True)
+            continue
         try:
             base, family, vocab = load_base(run.model, device, dtype)
             row["params"] = sum(p.numel() for p in base.parameters())
@@ -278,7 +297,7 @@ def bench_run(run: Run, device: torch.device, dtype: torch.dtype, warmup: int, s
                 if method == "concurrent" and backend != "auto":
                     row["backend"] = backend
                 row.update(time_steps(fn, device, warmup, steps))
-            row["client_steps_per_s"] = run.clients / row["step_s"]
+            row["client_steps_per_s"] = row.get("clients_per_step", run.clients) / row["step_s"]
             row["status"] = "ok"
         except torch.cuda.OutOfMemoryError as e:
             row.update(status="oom", reason=str(e).splitlines()[0][:200])
@@ -327,14 +346,18 @@ def run(args: argparse.Namespace) -> Path:
         "peak MiB on CPU: what torch allocates during one step above what was live before it (activations, "
         "gradients, optimizer state created in the step; the model itself not counted)",
         "method_note": "concurrent: one MultiLoraModel over all clients' rows, one backward, one AdamW; "
-                       "sequential: peft, one client at a time (set_adapter), own AdamW per client",
+                       "sequential: peft, one client at a time (set_adapter), own AdamW per client; a step "
+                       f"trains {SEQ_TIMED_CLIENTS} of the K clients (rotating, all K adapters loaded) when "
+                       "K is larger, and client-steps/s counts the clients it trained",
     }
     print(f"[bench e2e] {info['device_name']}: preset {preset_name}, {len(runs)} configs, out {out}", flush=True)
     for run_ in runs:
         if time.perf_counter() - t_start > budget:
             res["truncated"] = True
             break
-        res["rows"].extend(bench_run(run_, device, dtype, pre["warmup"], steps))
+        res["rows"].extend(bench_run(run_, device, dtype, pre["warmup"], steps, deadline=t_start + budget))
+        if any(r.get("status") == "skipped" for r in res["rows"]):
+            res["truncated"] = True
         C.save_results(res, out, "e2e", markdown)
     C.finish_info(info)
     res["wall_s"] = time.perf_counter() - t_start

@@ -6,6 +6,7 @@
 #   1. build the cuda backend   (HETLORA_JIT=1: csrc/ compiled with the machine's torch; cached)
 #   2. GPU tests                (the triton/cuda test files, which hold every gpu-marked test;
 #                                they import nothing beyond torch, triton, pytest and hypothesis)
+#   2b. host vs device time     (python -m bench profile: one shape, per method; ~20 s)
 #   3. kernel benchmarks        (python -m bench kernels --preset gpu)
 #   4. end-to-end benchmarks    (python -m bench e2e --preset gpu)
 #   5. 20 Newsgroups grid       (hetlora reproduce 20ng --scale full, resumable: each lend adds
@@ -29,7 +30,7 @@
 # Output: bench/results/<device-slug>/ (a scratch folder in the dry run; kernels.{json,md}, e2e.{json,md}, *.png, logs, pytest
 # junit xml, summary.txt, reproduce-full/).  With OUT set (the device tool's $OUT, which
 # returns at most 8 files), after every stage the folder is also packed into
-# $OUT/<device-slug>.tar.gz, with summary.txt, kernels.md and e2e.md beside it to read at
+# $OUT/<device-slug>.tar.gz, with summary.txt, kernels.md, e2e.md and profile.md beside it to read at
 # once: `tar xzf <slug>.tar.gz -C bench/results/`, move reproduce-full/ to
 # results/20ng/reproduce-full/, commit, then `python -m bench report` regenerates README's
 # Performance section.  A run killed by the command's time limit still leaves the pack of
@@ -47,7 +48,7 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_
 unset TRITON_INTERPRET  # the GPU runs the real kernels
 T0=$(date +%s)
 BUDGET=${HETLORA_GPU_BUDGET_S:-480}
-STAGES=${HETLORA_GPU_STAGES:-tests kernels e2e reproduce}
+STAGES=${HETLORA_GPU_STAGES:-tests profile kernels e2e reproduce}
 want() { case " $STAGES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
 # HETLORA_GPU_ALL_DRYRUN=1: check this script's plumbing on a CPU (smoke presets, device cpu)
@@ -86,7 +87,7 @@ pack() {  # the results so far into $OUT (at most 8 files come back from there)
   [ -n "${OUT:-}" ] || return 0
   mkdir -p "$OUT"
   tar czf "$OUT/$SLUG.tar.gz.tmp" -C "$RESROOT" "$SLUG" 2>/dev/null && mv "$OUT/$SLUG.tar.gz.tmp" "$OUT/$SLUG.tar.gz"
-  for f in summary.txt kernels.md e2e.md; do [ -f "$RES/$f" ] && cp "$RES/$f" "$OUT/$f"; done
+  for f in summary.txt kernels.md e2e.md profile.md; do [ -f "$RES/$f" ] && cp "$RES/$f" "$OUT/$f"; done
   return 0
 }
 
@@ -136,9 +137,20 @@ COLLECT=""
 [ "$DRY" = 1 ] && COLLECT="--collect-only"
 # HETLORA_TRITON_AUTOTUNE=0: one config per Triton kernel (the tests check results; timing
 # every config at every new shape would eat the stage), the kernels stage below tunes as usual
-want tests && stage tests "$(cap 120 200)" env HETLORA_TRITON_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider \
-  --continue-on-collection-errors \
+# pytest-xdist where installed (the lent image has it): 4 workers compile Triton kernels in
+# parallel, and a test that kills its process (the first lend's libstdc++ crash) costs one
+# worker, not the stage
+XDIST=""
+if [ "$DRY" != 1 ] && "$PY" -c "import xdist" >/dev/null 2>&1; then XDIST="-n 4"; fi
+want tests && stage tests "$(cap 120 220)" env HETLORA_TRITON_AUTOTUNE=0 "$PY" -m pytest -q -p no:cacheprovider \
+  --continue-on-collection-errors -rfE $XDIST \
   $COLLECT --junitxml="$RES/pytest-backends.xml" $GPU_FILES
+
+# 2b. where one LoRA call's time goes (host vs device), at one mid shape: the first lend found
+# the triton calls host-bound (bench/profile.py says why this stage exists)
+PSHAPE="--T 4096 --d 4096 --K 64 --dtype bf16"
+[ "$DRY" = 1 ] && PSHAPE="--T 64 --d 32 --K 4 --dtype fp32 --calls 2"
+want profile && stage profile "$(cap 40 190)" "$PY" -m bench profile --device $DEV $PSHAPE --out "$RES"
 
 # 3. kernels (the sweep stops itself 30 s before the stage's timeout and writes what it has)
 KS=$(cap 180 90)

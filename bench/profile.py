@@ -1,0 +1,173 @@
+"""Where one LoRA call's time goes: host (Python, checks, launches) against device (kernels).
+
+The first GPU sweep (bench/results/nvidia-h200/) measured the triton ``lora_delta`` forward at
+~0.2 ms and forward+backward at ~1.1-1.5 ms whatever T and K, while the kernels move a few MB:
+the calls look host-bound.  ``python -m bench profile`` splits each method's time three ways at
+one shape, so that the next GPU session knows what to cut:
+
+* ``synced ms``: one call between two CUDA events, then a sync (what ``bench kernels`` reports);
+* ``host ms``: the host's time per call when ``--calls`` calls are queued back to back with no
+  sync (what Python, the checks and the launches cost; a hidden sync shows up here too);
+* ``device ms``: the summed CUDA kernel time of one call, from ``torch.profiler``;
+
+plus, per method, the profiler's table of the top host-side operations (``profile_<op>_<mode>_<method>.txt``).
+On a CPU only the host column means anything (there is no device); it still runs, to check
+the script.  Output: ``profile.json`` and ``profile.md`` under ``--out`` (default
+``bench/results/<device>/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench import common as C
+from bench import kernels as KB
+
+
+def _call(fn, case, mode: str):
+    if mode == "fwd":
+        def call() -> None:
+            with torch.no_grad():
+                fn(case)
+    else:
+        def call() -> None:
+            fn(case).backward(case.dy)
+    return call
+
+
+def _clear(case) -> None:
+    for t in case.leaves():
+        t.grad = None
+
+
+def _host_ms(call, case, mode: str, device: torch.device, n: int) -> float:
+    """Host time per call with ``n`` calls queued and no sync between them."""
+    C.sync(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        if mode != "fwd":
+            _clear(case)
+        call()
+    t1 = time.perf_counter()
+    C.sync(device)
+    return (t1 - t0) / n * 1e3
+
+
+def _profile(call, case, mode: str, device: torch.device, n: int, top: int) -> tuple[float | None, str]:
+    """(device ms per call, the top host-side ops table) from ``n`` profiled calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(n):
+            if mode != "fwd":
+                _clear(case)
+            call()
+        C.sync(device)
+    events = prof.key_averages()
+    dev_ms = None
+    if device.type == "cuda":
+        # self device time of every event: kernels and memcpys/memsets, counted once
+        total_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events)
+        dev_ms = total_us / n / 1e3
+    table = events.table(sort_by="self_cpu_time_total", row_limit=top)
+    return dev_ms, table
+
+
+def run(args: argparse.Namespace) -> Path:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench profile: --device cuda was asked for but this torch sees no CUDA GPU")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    out = C.out_dir(args.out, device)
+    out.mkdir(parents=True, exist_ok=True)
+    import hetlora_kernels as hk
+
+    backends = [b for b in ("triton", "cuda", "torch") if hk.backend_status(b, device)[0]]
+    T, d, K = args.T - args.T % args.K, args.d, args.K
+    ranks = KB.make_ranks(K, "mixed")
+    layout = hk.AdapterLayout(ranks)
+    n_per = T // K
+    r_pad = -(-layout.max_rank // 8) * 8
+    ids, perm = KB.token_ids(K, n_per, "grouped", device)
+    groups = hk.TokenGroups.from_adapter_ids(ids, K)
+    gen = torch.Generator(device=device).manual_seed(0)
+    case = KB.make_case(T, d, d, layout, r_pad, dtype, device, gen)
+    scales = [KB.ALPHA / r for r in ranks]
+    info = C.machine_info(device)
+    res: dict[str, Any] = {"kind": "profile", "machine": info, "T": T, "d": d, "K": K, "dtype": args.dtype,
+                           "calls": args.calls, "rows": []}
+    print(f"[bench profile] {info['device_name']}: T={T} d={d} K={K} {args.dtype}, backends {backends}", flush=True)
+    for op in KB.LORA_OPS:
+        methods = KB.lora_methods(op, layout, groups, n_per, scales, backends, None if hasattr(torch, "_grouped_mm")
+                                  else "no torch._grouped_mm", None, "not profiled", min(64, n_per), device, dtype,
+                                  perm)
+        for mode in ("fwd", "fwd+bwd"):
+            for name, fn in methods.items():
+                if isinstance(fn, str) or name in ("peft", "loop") and K > 64:
+                    continue
+                row: dict[str, Any] = {"op": op, "mode": mode, "method": name}
+                try:
+                    call = _call(fn, case, mode)
+                    for _ in range(3):  # warm-up: compiles, autotunes, caches schedules
+                        _clear(case)
+                        call()
+                    C.sync(device)
+                    r = C.time_fn([call], device, warmup=1, reps=args.calls, before=lambda: _clear(case))
+                    row["synced_ms"] = r["median_s"] * 1e3
+                    row["host_ms"] = _host_ms(call, case, mode, device, args.calls)
+                    row["device_ms"], table = _profile(call, case, mode, device, min(args.calls, 10), args.top)
+                    name_ = f"profile_{op}_{mode.replace('+', '_')}_{name}.txt"
+                    (out / name_).write_text(table)
+                    row["table"] = name_
+                    row["status"] = "ok"
+                except Exception as e:  # noqa: BLE001 - one method's failure is a row, not the end
+                    row.update(status="error", reason=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                res["rows"].append(row)
+                print(f"  {op} {mode} {name}: synced {C.fmt(row.get('synced_ms'))} ms, host "
+                      f"{C.fmt(row.get('host_ms'))} ms, device {C.fmt(row.get('device_ms'))} ms"
+                      f"{' ' + row['reason'] if row.get('reason') else ''}", flush=True)
+    C.finish_info(info)
+    (out / "profile.json").write_text(json.dumps(res, indent=1, default=str))
+    (out / "profile.md").write_text(markdown(res))
+    print(f"[bench profile] wrote {out / 'profile.md'}", flush=True)
+    return out
+
+
+def markdown(res: dict[str, Any]) -> str:
+    m = res["machine"]
+    lines = [
+        "# Where a LoRA call's time goes",
+        "",
+        f"Device: **{m.get('device_name')}** · {m.get('date')} · commit `{m.get('git_commit')}` · "
+        f"T = {res['T']}, d_in = d_out = {res['d']}, K = {res['K']} (mixed ranks, grouped tokens), {res['dtype']}.",
+        "",
+        "`synced` = one call between CUDA events (as `bench kernels`); `host` = host time per call with "
+        f"{res['calls']} calls queued, no sync; `device` = summed kernel time of one call (torch.profiler). "
+        "host ≥ device means the call is host-bound.",
+        "",
+        "| op | mode | method | synced ms | host ms | device ms | host-side ops |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in res["rows"]:
+        lines.append(f"| {r['op']} | {r['mode']} | {r['method']} | {C.fmt(r.get('synced_ms'))} | "
+                     f"{C.fmt(r.get('host_ms'))} | {C.fmt(r.get('device_ms'))} | "
+                     f"{r.get('table') or r.get('reason', '')} |")
+    return "\n".join(lines) + "\n"
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda where torch sees a GPU, else cpu")
+    p.add_argument("--T", type=int, default=4096, help="tokens (rounded down to a multiple of K; default 4096)")
+    p.add_argument("--d", type=int, default=4096, help="d_in = d_out (default 4096)")
+    p.add_argument("--K", type=int, default=64, help="adapters (default 64)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
+    p.add_argument("--calls", type=int, default=20, help="calls per measurement (default 20)")
+    p.add_argument("--top", type=int, default=25, help="rows of each host-side ops table (default 25)")
+    p.add_argument("--out", help="output folder (default bench/results/<device>/)")
