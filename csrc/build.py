@@ -78,7 +78,9 @@ def link_flags() -> list[str]:
     ``hetlora_kernels.cuda`` refuses a module that still carries its own copy.
     """
     rt = cxx_runtime()
-    return [*LINK_FLAGS, *([rt] if rt else [])]
+    # no libstdc++.so in the process (a torch with its own hidden copy): the system one, by
+    # its soname, which the driver's implicit -lstdc++ would not pick while static is the default
+    return [*LINK_FLAGS, rt or "-l:libstdc++.so.6"]
 
 
 def cpu_sources() -> list[Path]:

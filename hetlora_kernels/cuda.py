@@ -153,6 +153,11 @@ def _load() -> None:
         _C, _load_error = _checked(mod), ""
     except RuntimeError as e:
         _load_error = str(e)
+        if _truthy("HETLORA_JIT"):  # the JIT build links the process's runtime (csrc/build.py)
+            try:
+                build_jit()
+            except Exception as e2:  # noqa: BLE001 - reported through available()
+                _load_error += f"; the HETLORA_JIT rebuild failed too: {e2}"
 
 
 _load()

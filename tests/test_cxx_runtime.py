@@ -116,3 +116,13 @@ def test_a_module_with_its_own_runtime_is_refused(tmp_path):
         __file__ = str(ok)
 
     assert isinstance(cuda_backend._checked(Ok()), Ok)
+
+
+def test_without_a_loaded_runtime_the_soname_is_linked(tmp_path, monkeypatch):
+    cfg = _build_config()
+    monkeypatch.setattr(cfg, "cxx_runtime", lambda: None)
+    flags = cfg.link_flags()
+    assert flags[-1] == "-l:libstdc++.so.6"
+    lib = _shared_lib(tmp_path, "soname", ["-static-libstdc++", flags[-1]])
+    assert cuda_backend.carries_own_cxx_runtime(lib) is False
+    assert _fmt(lib, 7) == "n=7"
