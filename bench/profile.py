@@ -80,6 +80,59 @@ def _profile(call, case, mode: str, device: torch.device, n: int, top: int) -> t
     return dev_ms, table
 
 
+def calibrate(device: torch.device, n: int = 200) -> dict[str, float | str]:
+    """Host microseconds per call of the smallest things a LoRA call is made of, on this machine:
+    a trivial torch op, an empty Triton kernel with 12 arguments, and the same behind a
+    two-config autotuner (Triton keeps the tuned config: what a tuned launch costs)."""
+    out: dict[str, float | str] = {}
+    t = torch.zeros(16, device=device)
+
+    def per_call(f) -> float:
+        for _ in range(5):
+            f()
+        C.sync(device)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            f()
+        dt = time.perf_counter() - t0
+        C.sync(device)
+        return dt / n * 1e6
+
+    out["torch_add_us"] = per_call(lambda: t.add_(1.0))
+    if device.type != "cuda":
+        out["triton"] = "not timed: no GPU (the interpreter's launches say nothing about a GPU's)"
+        return out
+    try:
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def _noop(a, b, c, d, e, f, i, j, k, l, m, q, N: tl.constexpr):
+            pass
+
+        tuned = triton.autotune(configs=[triton.Config({}, num_warps=4), triton.Config({}, num_warps=8)],
+                                key=["q"])(_noop)
+        out["triton_launch_us"] = per_call(lambda: _noop[(1,)](t, t, t, t, t, t, 1, 2, 3, 4, 5, 6, N=16))
+        out["triton_autotuned_launch_us"] = per_call(lambda: tuned[(1,)](t, t, t, t, t, t, 1, 2, 3, 4, 5, 6, N=16))
+    except Exception as e:  # noqa: BLE001 - calibration is a side measurement
+        out["triton"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    return out
+
+
+def _forced_fused(fn, value: bool):
+    """``fn`` with the triton forward forced to the fused (one launch) or two-launch kernels."""
+    from hetlora_kernels.triton import fused
+
+    def f(c):
+        old, fused.FORCE_FUSED = fused.FORCE_FUSED, value
+        try:
+            return fn(c)
+        finally:
+            fused.FORCE_FUSED = old
+
+    return f
+
+
 def run(args: argparse.Namespace) -> Path:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -102,12 +155,18 @@ def run(args: argparse.Namespace) -> Path:
     scales = [KB.ALPHA / r for r in ranks]
     info = C.machine_info(device)
     res: dict[str, Any] = {"kind": "profile", "machine": info, "T": T, "d": d, "K": K, "dtype": args.dtype,
-                           "calls": args.calls, "rows": []}
+                           "calls": args.calls, "rows": [], "calibration": calibrate(device)}
     print(f"[bench profile] {info['device_name']}: T={T} d={d} K={K} {args.dtype}, backends {backends}", flush=True)
+    print(f"  calibration (host us per call): {res['calibration']}", flush=True)
     for op in KB.LORA_OPS:
         methods = KB.lora_methods(op, layout, groups, n_per, scales, backends, None if hasattr(torch, "_grouped_mm")
                                   else "no torch._grouped_mm", None, "not profiled", min(64, n_per), device, dtype,
                                   perm)
+        if "triton" in methods and not isinstance(methods["triton"], str):
+            # the forward's two kernels against the fused one-launch kernel (chosen by
+            # fused.use_fused for small batches only; its limits are untuned starting points)
+            methods["triton[fused]"] = _forced_fused(methods["triton"], True)
+            methods["triton[2-launch]"] = _forced_fused(methods["triton"], False)
         for mode in ("fwd", "fwd+bwd"):
             for name, fn in methods.items():
                 if isinstance(fn, str) or name in ("peft", "loop") and K > 64:
@@ -123,7 +182,8 @@ def run(args: argparse.Namespace) -> Path:
                     row["synced_ms"] = r["median_s"] * 1e3
                     row["host_ms"] = _host_ms(call, case, mode, device, args.calls)
                     row["device_ms"], table = _profile(call, case, mode, device, min(args.calls, 10), args.top)
-                    name_ = f"profile_{op}_{mode.replace('+', '_')}_{name}.txt"
+                    tag = name.replace("[", "_").replace("]", "")
+                    name_ = f"profile_{op}_{mode.replace('+', '_')}_{tag}.txt"
                     (out / name_).write_text(table)
                     row["table"] = name_
                     row["status"] = "ok"
@@ -151,6 +211,9 @@ def markdown(res: dict[str, Any]) -> str:
         "`synced` = one call between CUDA events (as `bench kernels`); `host` = host time per call with "
         f"{res['calls']} calls queued, no sync; `device` = summed kernel time of one call (torch.profiler). "
         "host ≥ device means the call is host-bound.",
+        "",
+        "Calibration, host µs per call: " + ", ".join(f"{k} {C.fmt(v) if not isinstance(v, str) else v}"
+                                                      for k, v in res.get("calibration", {}).items()) + ".",
         "",
         "| op | mode | method | synced ms | host ms | device ms | host-side ops |",
         "|---|---|---|---|---|---|---|",
