@@ -119,6 +119,59 @@ def calibrate(device: torch.device, n: int = 200) -> dict[str, float | str]:
     return out
 
 
+def python_overhead(K: int, calls: int = 200) -> dict[str, float]:
+    """Our own host time per triton call with every kernel launch replaced by a no-op.
+
+    Runs anywhere (CPU tensors, no GPU, no interpreter): what ``check_*``, the schedule caches,
+    allocations and the autograd glue cost, apart from Triton's launcher and the kernels.  Tiny
+    widths (d = 16) keep the CPU-side arithmetic of autograd's gradient accumulation out of it.
+    The triton modules' kernels are restored afterwards.
+    """
+    import hetlora_kernels as hk
+    from hetlora_kernels import checks
+    from hetlora_kernels.triton import expand, fused, lora, shrink, wgrad
+
+    class _NoLaunch:
+        def __getitem__(self, grid):
+            return lambda *a, **k: None
+
+    saved = [(m, n, getattr(m, n)) for m in (shrink, expand, fused, wgrad) for n in dir(m) if n.endswith("_kernel")]
+    try:
+        for m, n, _ in saved:
+            setattr(m, n, _NoLaunch())
+        d, n_per = 16, 4
+        ranks = KB.make_ranks(K, "mixed")
+        layout = hk.AdapterLayout(ranks)
+        ids = torch.arange(K).repeat_interleave(n_per)
+        groups = hk.TokenGroups.from_adapter_ids(ids, K)
+        x = torch.randn(len(ids), d, requires_grad=True)
+        A = torch.randn(layout.total_rank, d, requires_grad=True)
+        B = torch.randn(layout.total_rank, d, requires_grad=True)
+        dy = torch.randn(len(ids), d)
+        scales = [KB.ALPHA / r for r in ranks]
+
+        def fwd():
+            s = checks.check_lora_inputs(x, A, B, layout, groups, scales)
+            return lora.lora_delta_impl(x, A, B, layout, groups, s)
+
+        def fwd_bwd():
+            x.grad = A.grad = B.grad = None
+            fwd().backward(dy)
+
+        out = {}
+        for name, f in (("fwd_us", fwd), ("fwd+bwd_us", fwd_bwd)):
+            for _ in range(10):
+                f()
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                f()
+            out[name] = (time.perf_counter() - t0) / calls * 1e6
+        return out
+    finally:
+        for m, n, k in saved:
+            setattr(m, n, k)
+
+
 def _forced_fused(fn, value: bool):
     """``fn`` with the triton forward forced to the fused (one launch) or two-launch kernels."""
     from hetlora_kernels.triton import fused
@@ -133,7 +186,13 @@ def _forced_fused(fn, value: bool):
     return f
 
 
-def run(args: argparse.Namespace) -> Path:
+def run(args: argparse.Namespace) -> Path | None:
+    if args.python_overhead:
+        for K in (8, 64, 256):
+            r = python_overhead(K)
+            print(f"[bench profile] our Python per triton call, launches stubbed out, K={K}: "
+                  f"fwd {r['fwd_us']:.1f} us, fwd+bwd {r['fwd+bwd_us']:.1f} us", flush=True)
+        return None
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench profile: --device cuda was asked for but this torch sees no CUDA GPU")
@@ -234,3 +293,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calls", type=int, default=20, help="calls per measurement (default 20)")
     p.add_argument("--top", type=int, default=25, help="rows of each host-side ops table (default 25)")
     p.add_argument("--out", help="output folder (default bench/results/<device>/)")
+    p.add_argument("--python-overhead", action="store_true",
+                   help="only print our own host time per triton call with the launches stubbed out "
+                        "(runs without a GPU; K = 8, 64, 256)")
