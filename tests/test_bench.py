@@ -135,3 +135,21 @@ def test_report_splices_readme(smoke_out: Path, tmp_path: Path) -> None:
     args.check = False
     assert report.run(args) == 0
     assert readme.read_text() == "# no markers\n"
+
+
+def test_profile_python_overhead_stubs_and_restores_the_launches() -> None:
+    """``bench profile --python-overhead`` times our host code with no-op launches, and leaves
+    the triton modules' kernels as they were (later tests launch them)."""
+    sys.path.insert(0, str(REPO))
+    try:
+        from bench import profile
+        from hetlora_kernels.triton import expand, fused, shrink, wgrad
+    finally:
+        sys.path.remove(str(REPO))
+    before = {(m.__name__, n): getattr(m, n) for m in (shrink, expand, fused, wgrad) for n in dir(m)
+              if n.endswith("_kernel")}
+    r = profile.python_overhead(4, calls=3)
+    assert set(r) == {"fwd_us", "fwd+bwd_us"} and all(v > 0 for v in r.values())
+    after = {(m.__name__, n): getattr(m, n) for m in (shrink, expand, fused, wgrad) for n in dir(m)
+             if n.endswith("_kernel")}
+    assert before and after == before
