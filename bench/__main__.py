@@ -20,7 +20,8 @@ def main(argv: list[str] | None = None) -> int:
 
     kernels.add_args(sub.add_parser("kernels", help="microbenchmarks of every op and backend vs baselines"))
     e2e.add_args(sub.add_parser("e2e", help="concurrent vs sequential (peft) local training, client-steps/s"))
-    profile.add_args(sub.add_parser("profile", help="one shape: host vs device time per LoRA call, per method"))
+    profile.add_args(sub.add_parser("profile", help="one shape: host vs device time per LoRA call, per method",
+                                    description=(profile.__doc__ or "").split("\n\n")[0]))
     report.add_args(sub.add_parser("report", help="regenerate README's Performance section from results"))
     sub.add_parser("env", help="print the machine, versions and backend status (bench/gpu_all.sh's first stage)")
     args = p.parse_args(argv)

@@ -193,6 +193,12 @@ def run(args: argparse.Namespace) -> Path | None:
             print(f"[bench profile] our Python per triton call, launches stubbed out, K={K}: "
                   f"fwd {r['fwd_us']:.1f} us, fwd+bwd {r['fwd+bwd_us']:.1f} us", flush=True)
         return None
+    for name, low in (("K", 1), ("d", 1), ("calls", 1), ("top", 1)):
+        if getattr(args, name) < low:
+            raise SystemExit(f"bench profile: --{name} must be >= {low}, got {getattr(args, name)}")
+    if args.T < args.K:
+        raise SystemExit(f"bench profile: --T must be >= --K (one token per adapter at least), got T={args.T}, "
+                         f"K={args.K}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench profile: --device cuda was asked for but this torch sees no CUDA GPU")
