@@ -131,8 +131,9 @@ fi
 # other test files import flwr/opacus, which a lent GPU's own Python lacks).  The dry run only
 # collects them: on a CPU they take many minutes under the interpreter.  test_cuda_emu.py is
 # left out: it runs the CUDA kernels on the CPU (for machines without a GPU), and needs the
-# simulator's dependencies.
-GPU_FILES=$(ls tests/test_triton*.py tests/test_cuda*.py 2>/dev/null | grep -v test_cuda_emu.py | tr '\n' ' ')
+# simulator's dependencies.  test_cxx_runtime.py checks that the extension built there shares
+# the process's libstdc++ (the first lend's crash).
+GPU_FILES=$(ls tests/test_triton*.py tests/test_cuda*.py tests/test_cxx_runtime.py 2>/dev/null | grep -v test_cuda_emu.py | tr '\n' ' ')
 COLLECT=""
 [ "$DRY" = 1 ] && COLLECT="--collect-only"
 # HETLORA_TRITON_AUTOTUNE=0: one config per Triton kernel (the tests check results; timing

@@ -63,5 +63,6 @@ def test_gpu_all_dry_run_packs_everything_into_out(tmp_path: Path) -> None:
     # the GPU files, not the CPU emulation of the CUDA kernels (no GPU needed for those)
     assert "test_cuda_backend.py" in tests_log and "test_triton_lora.py" in tests_log
     assert "test_cuda_emu.py" not in tests_log
+    assert "test_cxx_runtime.py" in tests_log  # the libstdc++ check runs where the GPU build is
     after = {p: p.stat().st_mtime_ns for p in (REPO / "bench" / "results").rglob("*") if p.is_file()}
     assert after == committed, "the dry run wrote into bench/results"
