@@ -172,16 +172,16 @@ def python_overhead(K: int, calls: int = 200) -> dict[str, float]:
             setattr(m, n, k)
 
 
-def _forced_fused(fn, value: bool):
-    """``fn`` with the triton forward forced to the fused (one launch) or two-launch kernels."""
-    from hetlora_kernels.triton import fused
+def _with(fn, module, attr: str, value):
+    """``fn`` run with ``module.attr = value`` (a triton path switch), restored after each call."""
 
     def f(c):
-        old, fused.FORCE_FUSED = fused.FORCE_FUSED, value
+        old = getattr(module, attr)
+        setattr(module, attr, value)
         try:
             return fn(c)
         finally:
-            fused.FORCE_FUSED = old
+            setattr(module, attr, old)
 
     return f
 
@@ -228,10 +228,14 @@ def run(args: argparse.Namespace) -> Path | None:
                                   else "no torch._grouped_mm", None, "not profiled", min(64, n_per), device, dtype,
                                   perm)
         if "triton" in methods and not isinstance(methods["triton"], str):
+            from hetlora_kernels.triton import fused, lora
+
             # the forward's two kernels against the fused one-launch kernel (chosen by
-            # fused.use_fused for small batches only; its limits are untuned starting points)
-            methods["triton[fused]"] = _forced_fused(methods["triton"], True)
-            methods["triton[2-launch]"] = _forced_fused(methods["triton"], False)
+            # fused.use_fused for small batches only; its limits are untuned starting points),
+            # and the backward's weight gradients in one launch (lora.PAIR_WGRAD, opt-in)
+            methods["triton[fused]"] = _with(methods["triton"], fused, "FORCE_FUSED", True)
+            methods["triton[2-launch]"] = _with(methods["triton"], fused, "FORCE_FUSED", False)
+            methods["triton[pair-wgrad]"] = _with(methods["triton"], lora, "PAIR_WGRAD", True)
         for mode in ("fwd", "fwd+bwd"):
             for name, fn in methods.items():
                 if isinstance(fn, str) or name in ("peft", "loop") and K > 64:

@@ -13,7 +13,7 @@ import hetlora_kernels as hk
 from hetlora_kernels import AdapterLayout, TokenGroups
 
 triton_pkg = pytest.importorskip("hetlora_kernels.triton")
-from hetlora_kernels.triton import fused, schedule, wgrad  # noqa: E402
+from hetlora_kernels.triton import fused, lora, schedule, wgrad  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 # relative Frobenius error vs float64 (DESIGN.md section 5; fp16 sits between fp32 and bf16)
@@ -136,9 +136,22 @@ def forward_path(request, monkeypatch):
         assert spy.launches == 0, "the fused kernel ran on the split path"
 
 
+@pytest.fixture(params=["separate", "pair"])
+def wgrad_path(request, monkeypatch):
+    """Run the test with dA and dB in two launches, then in one (``lora.PAIR_WGRAD``)."""
+    monkeypatch.setattr(lora, "PAIR_WGRAD", request.param == "pair")
+    spy = LaunchSpy(wgrad._wgrad_pair_kernel)
+    monkeypatch.setattr(wgrad, "_wgrad_pair_kernel", spy)
+    yield request.param
+    if request.param == "pair":
+        assert spy.launches >= 1, "the paired weight-gradient kernel never ran"
+    else:
+        assert spy.launches == 0, "the paired kernel ran on the separate path"
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("scale_kind", ["tensor", "float"])
-def test_lora_delta_mixed_ranks(dtype, scale_kind, forward_path):
+def test_lora_delta_mixed_ranks(dtype, scale_kind, forward_path, wgrad_path):
     ranks = [1, 3, 7, 16]
     layout = AdapterLayout(ranks)
     ids = mixed_ids(48, len(ranks), seed=11)
@@ -149,7 +162,7 @@ def test_lora_delta_mixed_ranks(dtype, scale_kind, forward_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_several_rank_tiles(dtype, forward_path):
+def test_several_rank_tiles(dtype, forward_path, wgrad_path):
     """Ranks above the 16-wide rank tile (2 and 3 tiles) mixed with rank 1 and 64."""
     ranks = [33, 1, 20, 64]
     layout = AdapterLayout(ranks)
@@ -172,7 +185,7 @@ def test_sorted_groups_from_lengths():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_lora_linear(dtype, forward_path):
+def test_lora_linear(dtype, forward_path, wgrad_path):
     ranks = [3, 16, 1]
     layout = AdapterLayout(ranks)
     ids = mixed_ids(36, len(ranks), seed=4, empty=None)
@@ -337,6 +350,35 @@ def test_wgrad_chunk_heuristic(monkeypatch):
     assert wgrad._pick_chunk(many, AdapterLayout([16] * 64), 4096, dev) is None
 
 
+@pytest.mark.parametrize("chunk", [None, 5], ids=["one-pass", "two-stage"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("d_in, d_out", [(24, 40), (40, 17)])
+def test_wgrad_pair_equals_the_two_calls(chunk, dtype, d_in, d_out):
+    """One launch for dA and dB gives what two launches give: bitwise where both run the same
+    block sizes (the interpreter, or one autotune config), else within the dtype's tolerance."""
+    ranks = [7, 16, 1, 3]
+    layout = AdapterLayout(ranks)
+    ids = mixed_ids(50, 4, seed=41)
+    groups = TokenGroups.from_adapter_ids(ids, 4).to(DEV)
+    gen = torch.Generator().manual_seed(43)
+    T = len(ids)
+    g, h = (torch.randn(T, layout.max_rank, generator=gen).to(DEV) for _ in range(2))
+    x = torch.randn(T, d_in, generator=gen).to(dtype).to(DEV)
+    dy = torch.randn(T, d_out, generator=gen).to(dtype).to(DEV)
+    s = (torch.rand(4, generator=gen) + 0.5).to(DEV)
+    want = (wgrad.wgrad(g, x, layout, groups, 1.0, chunk), wgrad.wgrad(h, dy, layout, groups, s, chunk))
+    got = wgrad.wgrad_pair(g, x, h, dy, layout, groups, s, chunk)
+    one_config = schedule.INTERPRET or len(schedule.tuning(wgrad._CONFIGS, {})[0]) == 1
+    for name, a, b in zip(("dA", "dB"), got, want):
+        assert a.dtype == dtype and a.shape == b.shape, name
+        assert torch.isfinite(a).all(), name
+        if one_config:
+            assert torch.equal(a, b), name
+        else:
+            assert rel(a.float().cpu(), b.float().cpu()) < TOL[dtype], name
+    assert (got[0][layout.rows(2)] == 0).all() and (got[1][layout.rows(2)] == 0).all()  # adapter 2 idle
+
+
 def test_float64_falls_back_to_reference():
     ranks = [2, 5]
     layout = AdapterLayout(ranks)
@@ -352,7 +394,7 @@ def test_float64_falls_back_to_reference():
 # ---------------------------------------------------------------------------------------------
 # poisoned buffers, determinism, schedule
 # ---------------------------------------------------------------------------------------------
-def test_poisoned_buffers_never_leak(monkeypatch, forward_path):
+def test_poisoned_buffers_never_leak(monkeypatch, forward_path, wgrad_path):
     """Every torch.empty the kernels allocate starts as NaN: an element that a kernel reads
     without writing it first (or forgets to write) would surface as NaN or a wrong value."""
     real_empty = torch.empty
@@ -373,7 +415,7 @@ def test_poisoned_buffers_never_leak(monkeypatch, forward_path):
     spy = LaunchSpy(wgrad._wgrad_reduce_kernel)
     monkeypatch.setattr(wgrad, "_wgrad_reduce_kernel", spy)
     got = run_triton(x, A, B, dy, layout, groups, s)
-    monkeypatch.undo()
+    monkeypatch.setattr(torch, "empty", real_empty)
     assert spy.launches == 2, "two-stage path not exercised for dA and dB"
     check_all(got, run_dense(x, A, B, dy, ranks, ids, scales), torch.float32, ids, ranks)
 

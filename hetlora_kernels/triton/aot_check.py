@@ -60,6 +60,14 @@ def _variants(full: bool, dtypes: tuple[str, ...] | None):
                      BLOCK_N=128),
                 dict(num_warps=4, num_stages=3),
             )  # fmt: skip
+            yield (
+                "wgrad_pair",
+                {**common, "G": "*fp32", "Xa": p, "OutA": p if direct else "*fp32", "H": "*fp32", "Xb": p,
+                 "OutB": p if direct else "*fp32", "chunks": "*i32"},
+                dict(HAS_SCALE_PTR=direct, DIRECT=direct, DOT_F32=f32, DOT_PREC=prec, BLOCK_R=16, BLOCK_T=bt,
+                     BLOCK_N=128),
+                dict(num_warps=4, num_stages=3),
+            )  # fmt: skip
     yield (
         "wgrad_reduce",
         {"P": "*fp32", "Out": "*bf16", "chunk_starts": "*i32", "offsets": "*i64", "scale_ptr": "*fp32",
@@ -88,6 +96,7 @@ def compile_all(caps: tuple[int, ...] = (90,), full: bool = False, dtypes: tuple
         "expand": expand._expand_kernel,
         "fused": fused._fused_fwd_kernel,
         "wgrad": wgrad._wgrad_kernel,
+        "wgrad_pair": wgrad._wgrad_pair_kernel,
         "wgrad_reduce": wgrad._wgrad_reduce_kernel,
     }
     rows = []

@@ -4,7 +4,8 @@ Forward (2 launches): ``h = shrink(x, A)`` (fp32, kept for the backward), ``y = 
 for small batches (``fused.use_fused``: launch latency dominates) one fused launch that
 also writes ``h``.
 Backward (4 launches, +2 on the two-stage weight-gradient path):
-``g = shrink(dy, B, s)``, ``dx = expand(g, A)``, ``dA = wgrad(g, x)``, ``dB = wgrad(h, dy, s)``.
+``g = shrink(dy, B, s)``, ``dx = expand(g, A)``, ``dA = wgrad(g, x)``, ``dB = wgrad(h, dy, s)``
+(with ``PAIR_WGRAD``, dA and dB in one launch: 3).
 ``lora_linear`` runs the base GEMM with torch (``F.linear``) and lets the expand kernels
 add the LoRA terms into its output (forward) and into ``dy W`` (backward) in place, which
 saves one pass over ``[T, d_out]`` and one over ``[T, d_in]``.
@@ -27,7 +28,12 @@ from ..layout import AdapterLayout, TokenGroups
 from .expand import expand
 from .fused import fused_forward, use_fused
 from .shrink import shrink
-from .wgrad import wgrad
+from .wgrad import wgrad, wgrad_pair
+
+# Opt-in: both weight gradients in one launch (`wgrad.wgrad_pair`; same bits). The first GPU
+# sweep found the triton calls host-bound at ~100 us of host time per launch on that machine;
+# `python -m bench profile` times this both ways, and the next measurement decides the default.
+PAIR_WGRAD = False
 
 
 def _on(device: torch.device):
@@ -58,6 +64,9 @@ def _backward(ctx, dy, x, A, B, h, dx_out):
         g = shrink(dy, B, layout, groups, scaling)
         if need_x:
             dx = expand(g, A, layout, groups, 1.0, out=dx_out)
+        if need_A and need_B and PAIR_WGRAD:
+            dA, dB = wgrad_pair(g, x, h, dy, layout, groups, scaling)
+            return dx, dA, dB
         if need_A:
             dA = wgrad(g, x, layout, groups)
     if need_B:

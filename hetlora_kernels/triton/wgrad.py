@@ -42,6 +42,40 @@ _CONFIGS = [
 ]
 
 
+@triton.jit
+def _wgrad_tile(
+    Hm, stride_h, X, stride_x, Out, stride_oc, stride_or, order, chunks, offsets, scale_ptr, scale_val, d, c,
+    pid_r, pid_n,
+    HAS_SCALE_PTR: tl.constexpr, DIRECT: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """One program's work: rank tile ``pid_r`` and column block ``pid_n`` of chunk ``c``."""
+    a, p0, p1 = tile_of(chunks, c)
+    row0, rank = adapter_rows(offsets, a)
+    r0 = pid_r * BLOCK_R
+    if r0 < rank and pid_n * BLOCK_N < d:
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < rank
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < d
+        acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+        for q in range(p0, p1, BLOCK_T):
+            offs_p, mask_t, tok = tile_tokens(order, q, p1, BLOCK_T)
+            mask_x = mask_n[:, None] & mask_t[None, :]
+            xt = tl.load(X + tok[None, :] * stride_x + offs_n[:, None], mask=mask_x, other=0.0)
+            mask_h = mask_t[:, None] & mask_r[None, :]
+            ht = tl.load(Hm + offs_p[:, None] * stride_h + offs_r[None, :], mask=mask_h, other=0.0)
+            acc = dot_acc(xt, ht, acc, DOT_F32, DOT_PREC, X.dtype.element_ty)
+        mask = mask_n[:, None] & mask_r[None, :]
+        if DIRECT:
+            acc = scaled(acc, a, scale_ptr, scale_val, HAS_SCALE_PTR)
+            o_ptrs = Out + (row0 + offs_r)[None, :] * stride_or + offs_n[:, None]
+            tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=mask)
+        else:
+            o_ptrs = Out + c * stride_oc + offs_r[None, :] * stride_or + offs_n[:, None]
+            tl.store(o_ptrs, acc, mask=mask)
+
+
 @autotune(_CONFIGS, key=["d", "DIRECT"], prune_configs_by={"early_config_prune": prune_wide_blocks("BLOCK_N", "d")})
 @triton.jit
 def _wgrad_kernel(
@@ -66,33 +100,64 @@ def _wgrad_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    pid_r = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    _wgrad_tile(
+        Hm, stride_h, X, stride_x, Out, stride_oc, stride_or, order, chunks, offsets, scale_ptr, scale_val, d,
+        tl.program_id(2), tl.program_id(0), tl.program_id(1),
+        HAS_SCALE_PTR, DIRECT, DOT_F32, DOT_PREC, BLOCK_R, BLOCK_T, BLOCK_N,
+    )  # fmt: skip
+
+
+@autotune(
+    _CONFIGS, key=["d_max", "DIRECT"], prune_configs_by={"early_config_prune": prune_wide_blocks("BLOCK_N", "d_max")}
+)
+@triton.jit
+def _wgrad_pair_kernel(
+    G,  # [T, r_max] fp32 by position: g (unscaled: dA takes no scale)
+    stride_g,
+    Xa,  # [T, d_in] by token: x
+    stride_xa,
+    OutA,  # DIRECT: dA [R, d_in]; else [n_chunks, r_pad, d_in] fp32 partials
+    stride_ac,
+    stride_ar,
+    d_in,
+    H,  # [T, r_max] fp32 by position: h
+    stride_hh,
+    Xb,  # [T, d_out] by token: dy
+    stride_xb,
+    OutB,  # DIRECT: dB [R, d_out]; else partials
+    stride_bc,
+    stride_br,
+    d_out,
+    order,
+    chunks,
+    n_chunks,
+    offsets,
+    scale_ptr,
+    scale_val,
+    d_max,
+    HAS_SCALE_PTR: tl.constexpr,
+    DIRECT: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """dA and dB in one launch: programs ``[0, n_chunks)`` of axis 2 compute dA's tiles, the
+    rest dB's, each exactly as `_wgrad_kernel` would (same summation order, same bits)."""
     c = tl.program_id(2)
-    a, p0, p1 = tile_of(chunks, c)
-    row0, rank = adapter_rows(offsets, a)
-    r0 = pid_r * BLOCK_R
-    if r0 < rank:
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        mask_r = offs_r < rank
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < d
-        acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
-        for q in range(p0, p1, BLOCK_T):
-            offs_p, mask_t, tok = tile_tokens(order, q, p1, BLOCK_T)
-            mask_x = mask_n[:, None] & mask_t[None, :]
-            xt = tl.load(X + tok[None, :] * stride_x + offs_n[:, None], mask=mask_x, other=0.0)
-            mask_h = mask_t[:, None] & mask_r[None, :]
-            ht = tl.load(Hm + offs_p[:, None] * stride_h + offs_r[None, :], mask=mask_h, other=0.0)
-            acc = dot_acc(xt, ht, acc, DOT_F32, DOT_PREC, X.dtype.element_ty)
-        mask = mask_n[:, None] & mask_r[None, :]
-        if DIRECT:
-            acc = scaled(acc, a, scale_ptr, scale_val, HAS_SCALE_PTR)
-            o_ptrs = Out + (row0 + offs_r)[None, :] * stride_or + offs_n[:, None]
-            tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=mask)
-        else:
-            o_ptrs = Out + c * stride_oc + offs_r[None, :] * stride_or + offs_n[:, None]
-            tl.store(o_ptrs, acc, mask=mask)
+    if c < n_chunks:
+        _wgrad_tile(
+            G, stride_g, Xa, stride_xa, OutA, stride_ac, stride_ar, order, chunks, offsets, scale_ptr, 1.0, d_in,
+            c, tl.program_id(0), tl.program_id(1),
+            False, DIRECT, DOT_F32, DOT_PREC, BLOCK_R, BLOCK_T, BLOCK_N,
+        )  # fmt: skip
+    else:
+        _wgrad_tile(
+            H, stride_hh, Xb, stride_xb, OutB, stride_bc, stride_br, order, chunks, offsets, scale_ptr, scale_val,
+            d_out, c - n_chunks, tl.program_id(0), tl.program_id(1),
+            HAS_SCALE_PTR and DIRECT, DIRECT, DOT_F32, DOT_PREC, BLOCK_R, BLOCK_T, BLOCK_N,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -214,3 +279,68 @@ def wgrad(
             HAS_SCALE_PTR=has_ptr, BLOCK_R=BLOCK_R, BLOCK_N=block_n,
         )  # fmt: skip
     return out
+
+
+def wgrad_pair(
+    g: torch.Tensor,
+    x: torch.Tensor,
+    h: torch.Tensor,
+    dy: torch.Tensor,
+    layout: AdapterLayout,
+    groups: TokenGroups,
+    scaling: float | torch.Tensor,
+    chunk_t: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dA, dB) = (wgrad(g, x), wgrad(h, dy, scaling))`` in one launch (two more on the
+    two-stage path), bitwise equal to the two calls at the same ``chunk_t``.
+
+    Args:
+        g, h: fp32 ``[T, r_max]`` by position.  x: ``[T, d_in]``, dy: ``[T, d_out]`` by token,
+            one dtype, unit column stride.  scaling: float or fp32 ``[K]`` tensor on x's device.
+        chunk_t: as in `wgrad` (``None``: picked for the pair's combined width).
+    Returns ``dA [R, d_in]``, ``dB [R, d_out]`` in x's dtype.
+    """
+    d_in, d_out = x.shape[1], dy.shape[1]
+    dev = x.device
+    if d_in == 0 or d_out == 0 or groups.num_routed == 0:
+        return wgrad(g, x, layout, groups, 1.0, chunk_t), wgrad(h, dy, layout, groups, scaling, chunk_t)
+    if chunk_t is None:
+        chunk_t = _pick_chunk(groups, layout, d_in + d_out, dev)
+    dA = torch.empty(layout.total_rank, d_in, dtype=x.dtype, device=dev)
+    dB = torch.empty(layout.total_rank, d_out, dtype=dy.dtype, device=dev)
+    chunks, chunk_starts, _ = token_chunks(groups, chunk_t)
+    n_chunks = chunks.shape[0]
+    direct = n_chunks == layout.num_adapters
+    offsets = layout.offsets_tensor(dev)
+    scale_ptr, scale_val, has_ptr = torch_to_tl_scale(scaling, dev, offsets)
+    dot_f32, prec = dot_mode(x.dtype)
+    r_tiles = cdiv(layout.max_rank, BLOCK_R)
+    d_max = max(d_in, d_out)
+    meta = interpret_meta(BLOCK_T=64, BLOCK_N=min(256, max(16, next_pow2(d_max))))
+    if direct:
+        dest_a, dest_b = dA, dB
+        sa, sb = (0, dA.stride(0)), (0, dB.stride(0))
+    else:
+        r_pad = r_tiles * BLOCK_R
+        dest_a = torch.empty(n_chunks, r_pad, d_in, dtype=torch.float32, device=dev)
+        dest_b = torch.empty(n_chunks, r_pad, d_out, dtype=torch.float32, device=dev)
+        sa, sb = (dest_a.stride(0), dest_a.stride(1)), (dest_b.stride(0), dest_b.stride(1))
+
+    def grid(meta):
+        return (r_tiles, cdiv(d_max, meta["BLOCK_N"]), 2 * n_chunks)
+
+    _wgrad_pair_kernel[grid](
+        g, g.stride(0), x, x.stride(0), dest_a, sa[0], sa[1], d_in,
+        h, h.stride(0), dy, dy.stride(0), dest_b, sb[0], sb[1], d_out,
+        groups.order, chunks, n_chunks, offsets, scale_ptr, scale_val, d_max,
+        HAS_SCALE_PTR=has_ptr, DIRECT=direct, DOT_F32=dot_f32, DOT_PREC=prec, BLOCK_R=BLOCK_R, **meta,
+    )  # fmt: skip
+    if not direct:
+        block_n = 128 if not INTERPRET else min(256, max(16, next_pow2(d_max)))
+        for dest, out, d, s_ptr, s_val, has in ((dest_a, dA, d_in, offsets, 1.0, False),
+                                                 (dest_b, dB, d_out, scale_ptr, scale_val, has_ptr)):
+            _wgrad_reduce_kernel[(r_tiles, cdiv(d, block_n), layout.num_adapters)](
+                dest, dest.stride(0), dest.stride(1), out, out.stride(0), chunk_starts, offsets, s_ptr, s_val, d,
+                HAS_SCALE_PTR=has, BLOCK_R=BLOCK_R, BLOCK_N=block_n,
+            )  # fmt: skip
+    return dA, dB
