@@ -172,16 +172,19 @@ def python_overhead(K: int, calls: int = 200) -> dict[str, float]:
             setattr(m, n, k)
 
 
-def _with(fn, module, attr: str, value):
-    """``fn`` run with ``module.attr = value`` (a triton path switch), restored after each call."""
+def _with(fn, *switches: tuple[Any, str, Any]):
+    """``fn`` run with each ``(module, attr, value)`` switch set (triton path choices), restored
+    after each call."""
 
     def f(c):
-        old = getattr(module, attr)
-        setattr(module, attr, value)
+        old = [getattr(m, a) for m, a, _ in switches]
+        for m, a, v in switches:
+            setattr(m, a, v)
         try:
             return fn(c)
         finally:
-            setattr(module, attr, old)
+            for (m, a, _), o in zip(switches, old):
+                setattr(m, a, o)
 
     return f
 
@@ -230,12 +233,18 @@ def run(args: argparse.Namespace) -> Path | None:
         if "triton" in methods and not isinstance(methods["triton"], str):
             from hetlora_kernels.triton import fused, lora
 
-            # the forward's two kernels against the fused one-launch kernel (chosen by
-            # fused.use_fused for small batches only; its limits are untuned starting points),
-            # and the backward's weight gradients in one launch (lora.PAIR_WGRAD, opt-in)
-            methods["triton[fused]"] = _with(methods["triton"], fused, "FORCE_FUSED", True)
-            methods["triton[2-launch]"] = _with(methods["triton"], fused, "FORCE_FUSED", False)
-            methods["triton[pair-wgrad]"] = _with(methods["triton"], lora, "PAIR_WGRAD", True)
+            # the launch-count choices, each alone and all together: the forward's two kernels
+            # or the fused one (fused.use_fused picks it for small batches only; its limits are
+            # untuned starting points); the opt-in backward switches lora.PAIR_WGRAD (dA and dB
+            # in one launch) and lora.FUSED_BACKWARD (g and dx in one launch)
+            t = methods["triton"]
+            fwd1, fwd2 = (fused, "FORCE_FUSED", True), (fused, "FORCE_FUSED", False)
+            pair, fbwd = (lora, "PAIR_WGRAD", True), (lora, "FUSED_BACKWARD", True)
+            methods["triton[fused]"] = _with(t, fwd1)
+            methods["triton[2-launch]"] = _with(t, fwd2)
+            methods["triton[pair-wgrad]"] = _with(t, pair)
+            methods["triton[fused-bwd]"] = _with(t, fbwd)
+            methods["triton[fewest]"] = _with(t, fwd1, pair, fbwd)
         for mode in ("fwd", "fwd+bwd"):
             for name, fn in methods.items():
                 if isinstance(fn, str) or name in ("peft", "loop") and K > 64:
@@ -259,14 +268,20 @@ def run(args: argparse.Namespace) -> Path | None:
                 except Exception as e:  # noqa: BLE001 - one method's failure is a row, not the end
                     row.update(status="error", reason=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
                 res["rows"].append(row)
+                _save(res, out)  # after every row: a stage killed by its timeout keeps what it measured
                 print(f"  {op} {mode} {name}: synced {C.fmt(row.get('synced_ms'))} ms, host "
                       f"{C.fmt(row.get('host_ms'))} ms, device {C.fmt(row.get('device_ms'))} ms"
                       f"{' ' + row['reason'] if row.get('reason') else ''}", flush=True)
     C.finish_info(info)
-    (out / "profile.json").write_text(json.dumps(res, indent=1, default=str))
-    (out / "profile.md").write_text(markdown(res))
+    res["complete"] = True
+    _save(res, out)
     print(f"[bench profile] wrote {out / 'profile.md'}", flush=True)
     return out
+
+
+def _save(res: dict[str, Any], out: Path) -> None:
+    (out / "profile.json").write_text(json.dumps(res, indent=1, default=str))
+    (out / "profile.md").write_text(markdown(res))
 
 
 def markdown(res: dict[str, Any]) -> str:
@@ -279,7 +294,8 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         "`synced` = one call between CUDA events (as `bench kernels`); `host` = host time per call with "
         f"{res['calls']} calls queued, no sync; `device` = summed kernel time of one call (torch.profiler). "
-        "host ≥ device means the call is host-bound.",
+        "host ≥ device means the call is host-bound."
+        + ("" if res.get("complete") else " **Partial: the run was cut short.**"),
         "",
         "Calibration, host µs per call: " + ", ".join(f"{k} {C.fmt(v) if not isinstance(v, str) else v}"
                                                       for k, v in res.get("calibration", {}).items()) + ".",

@@ -133,20 +133,30 @@ def forward_path(request, monkeypatch):
     monkeypatch.setattr(fused, "_fused_fwd_kernel", spy)
     yield request.param
     if request.param == "split":
-        assert spy.launches == 0, "the fused kernel ran on the split path"
+        # a fused backward (the wgrad_path fixture) launches the same kernel once per call
+        backward = len(getattr(request.node, "fused_backward_calls", []))
+        assert spy.launches == backward, "the fused kernel ran on the split forward path"
 
 
-@pytest.fixture(params=["separate", "pair"])
+@pytest.fixture(params=["split", "pair", "fused", "fused+pair"])
 def wgrad_path(request, monkeypatch):
-    """Run the test with dA and dB in two launches, then in one (``lora.PAIR_WGRAD``)."""
-    monkeypatch.setattr(lora, "PAIR_WGRAD", request.param == "pair")
+    """Run the test through each backward: g and dx by shrink + expand, or in one fused launch
+    (``lora.FUSED_BACKWARD``); dA and dB in two launches, or in one (``lora.PAIR_WGRAD``)."""
+    pair, fused_bwd = "pair" in request.param, "fused" in request.param
+    monkeypatch.setattr(lora, "PAIR_WGRAD", pair)
+    monkeypatch.setattr(lora, "FUSED_BACKWARD", fused_bwd)
     spy = LaunchSpy(wgrad._wgrad_pair_kernel)
     monkeypatch.setattr(wgrad, "_wgrad_pair_kernel", spy)
+    fwd_calls = request.node.fused_backward_calls = []
+    real_fused = lora.fused_forward
+    monkeypatch.setattr(lora, "fused_forward", lambda *a, **k: fwd_calls.append(a[0].shape) or real_fused(*a, **k))
     yield request.param
-    if request.param == "pair":
+    if pair:
         assert spy.launches >= 1, "the paired weight-gradient kernel never ran"
     else:
         assert spy.launches == 0, "the paired kernel ran on the separate path"
+    if fused_bwd:
+        assert fwd_calls, "the fused kernel never ran in the backward"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -353,7 +363,8 @@ def test_wgrad_chunk_heuristic(monkeypatch):
 @pytest.mark.parametrize("chunk", [None, 5], ids=["one-pass", "two-stage"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("d_in, d_out", [(24, 40), (40, 17)])
-def test_wgrad_pair_equals_the_two_calls(chunk, dtype, d_in, d_out):
+@pytest.mark.parametrize("scale_a", [False, True], ids=["dA-unscaled", "dA-scaled"])
+def test_wgrad_pair_equals_the_two_calls(chunk, dtype, d_in, d_out, scale_a):
     """One launch for dA and dB gives what two launches give: bitwise where both run the same
     block sizes (the interpreter, or one autotune config), else within the dtype's tolerance."""
     ranks = [7, 16, 1, 3]
@@ -366,8 +377,9 @@ def test_wgrad_pair_equals_the_two_calls(chunk, dtype, d_in, d_out):
     x = torch.randn(T, d_in, generator=gen).to(dtype).to(DEV)
     dy = torch.randn(T, d_out, generator=gen).to(dtype).to(DEV)
     s = (torch.rand(4, generator=gen) + 0.5).to(DEV)
-    want = (wgrad.wgrad(g, x, layout, groups, 1.0, chunk), wgrad.wgrad(h, dy, layout, groups, s, chunk))
-    got = wgrad.wgrad_pair(g, x, h, dy, layout, groups, s, chunk)
+    dA = wgrad.wgrad(g, x, layout, groups, s if scale_a else 1.0, chunk)
+    want = (dA, wgrad.wgrad(h, dy, layout, groups, s, chunk))
+    got = wgrad.wgrad_pair(g, x, h, dy, layout, groups, s, chunk, scale_a=scale_a)
     one_config = schedule.INTERPRET or len(schedule.tuning(wgrad._CONFIGS, {})[0]) == 1
     for name, a, b in zip(("dA", "dB"), got, want):
         assert a.dtype == dtype and a.shape == b.shape, name
@@ -531,7 +543,8 @@ def test_kernels_compile_for_hopper():
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("sm_90")]
-    assert len(lines) == 5, res.stdout
+    names = sorted(ln.split()[1] for ln in lines)
+    assert names == ["expand", "fused", "shrink", "wgrad", "wgrad_pair", "wgrad_reduce"], res.stdout
     for ln in lines:
         if "wgrad_reduce" not in ln:
             assert "mma=wgmma" in ln, ln

@@ -64,8 +64,8 @@ def _variants(full: bool, dtypes: tuple[str, ...] | None):
                 "wgrad_pair",
                 {**common, "G": "*fp32", "Xa": p, "OutA": p if direct else "*fp32", "H": "*fp32", "Xb": p,
                  "OutB": p if direct else "*fp32", "chunks": "*i32"},
-                dict(HAS_SCALE_PTR=direct, DIRECT=direct, DOT_F32=f32, DOT_PREC=prec, BLOCK_R=16, BLOCK_T=bt,
-                     BLOCK_N=128),
+                dict(HAS_SCALE_PTR=direct, SCALE_A=direct, DIRECT=direct, DOT_F32=f32, DOT_PREC=prec, BLOCK_R=16,
+                     BLOCK_T=bt, BLOCK_N=128),
                 dict(num_warps=4, num_stages=3),
             )  # fmt: skip
     yield (

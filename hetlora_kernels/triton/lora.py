@@ -5,7 +5,8 @@ for small batches (``fused.use_fused``: launch latency dominates) one fused laun
 also writes ``h``.
 Backward (4 launches, +2 on the two-stage weight-gradient path):
 ``g = shrink(dy, B, s)``, ``dx = expand(g, A)``, ``dA = wgrad(g, x)``, ``dB = wgrad(h, dy, s)``
-(with ``PAIR_WGRAD``, dA and dB in one launch: 3).
+(with ``PAIR_WGRAD``, dA and dB in one launch; with ``FUSED_BACKWARD``, g and dx in one
+launch through the fused kernel with A and B swapped: 2 launches with both).
 ``lora_linear`` runs the base GEMM with torch (``F.linear``) and lets the expand kernels
 add the LoRA terms into its output (forward) and into ``dy W`` (backward) in place, which
 saves one pass over ``[T, d_out]`` and one over ``[T, d_in]``.
@@ -34,6 +35,11 @@ from .wgrad import wgrad, wgrad_pair
 # sweep found the triton calls host-bound at ~100 us of host time per launch on that machine;
 # `python -m bench profile` times this both ways, and the next measurement decides the default.
 PAIR_WGRAD = False
+# Opt-in: the backward's dx path through the fused forward kernel with A and B swapped
+# (``dx = s (dy B^T) A`` has the forward's shape): one launch instead of shrink + expand, at
+# the price of recomputing ``dy B^T`` once per output column block, as the fused forward
+# does. Measured both ways by `python -m bench profile`; off until a GPU says otherwise.
+FUSED_BACKWARD = False
 
 
 def _on(device: torch.device):
@@ -61,14 +67,20 @@ def _backward(ctx, dy, x, A, B, h, dx_out):
     dy = _rowmajor(dy)
     dx = dA = dB = None
     if need_x or need_A:
-        g = shrink(dy, B, layout, groups, scaling)
-        if need_x:
-            dx = expand(g, A, layout, groups, 1.0, out=dx_out)
+        if need_x and FUSED_BACKWARD:
+            # g = dy B^T unscaled (by position); dx = s g A, into dx_out when given
+            dx, g = fused_forward(dy, B, A, layout, groups, scaling, dx_out)
+            g_scaled = False
+        else:
+            g = shrink(dy, B, layout, groups, scaling)  # s dy B^T
+            g_scaled = True
+            if need_x:
+                dx = expand(g, A, layout, groups, 1.0, out=dx_out)
         if need_A and need_B and PAIR_WGRAD:
-            dA, dB = wgrad_pair(g, x, h, dy, layout, groups, scaling)
+            dA, dB = wgrad_pair(g, x, h, dy, layout, groups, scaling, scale_a=not g_scaled)
             return dx, dA, dB
         if need_A:
-            dA = wgrad(g, x, layout, groups)
+            dA = wgrad(g, x, layout, groups, 1.0 if g_scaled else scaling)
     if need_B:
         dB = wgrad(h, dy, layout, groups, scaling)
     return dx, dA, dB

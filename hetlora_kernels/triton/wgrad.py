@@ -136,6 +136,7 @@ def _wgrad_pair_kernel(
     scale_val,
     d_max,
     HAS_SCALE_PTR: tl.constexpr,
+    SCALE_A: tl.constexpr,
     DIRECT: tl.constexpr,
     DOT_F32: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -144,14 +145,22 @@ def _wgrad_pair_kernel(
     BLOCK_N: tl.constexpr,
 ):
     """dA and dB in one launch: programs ``[0, n_chunks)`` of axis 2 compute dA's tiles, the
-    rest dB's, each exactly as `_wgrad_kernel` would (same summation order, same bits)."""
+    rest dB's, each exactly as `_wgrad_kernel` would (same summation order, same bits).
+    dB is scaled; dA only with SCALE_A (when G is the unscaled ``dy B^T``)."""
     c = tl.program_id(2)
     if c < n_chunks:
-        _wgrad_tile(
-            G, stride_g, Xa, stride_xa, OutA, stride_ac, stride_ar, order, chunks, offsets, scale_ptr, 1.0, d_in,
-            c, tl.program_id(0), tl.program_id(1),
-            False, DIRECT, DOT_F32, DOT_PREC, BLOCK_R, BLOCK_T, BLOCK_N,
-        )  # fmt: skip
+        if SCALE_A:
+            _wgrad_tile(
+                G, stride_g, Xa, stride_xa, OutA, stride_ac, stride_ar, order, chunks, offsets, scale_ptr,
+                scale_val, d_in, c, tl.program_id(0), tl.program_id(1),
+                HAS_SCALE_PTR and DIRECT, DIRECT, DOT_F32, DOT_PREC, BLOCK_R, BLOCK_T, BLOCK_N,
+            )  # fmt: skip
+        else:
+            _wgrad_tile(
+                G, stride_g, Xa, stride_xa, OutA, stride_ac, stride_ar, order, chunks, offsets, scale_ptr, 1.0,
+                d_in, c, tl.program_id(0), tl.program_id(1),
+                False, DIRECT, DOT_F32, DOT_PREC, BLOCK_R, BLOCK_T, BLOCK_N,
+            )  # fmt: skip
     else:
         _wgrad_tile(
             H, stride_hh, Xb, stride_xb, OutB, stride_bc, stride_br, order, chunks, offsets, scale_ptr, scale_val,
@@ -290,9 +299,12 @@ def wgrad_pair(
     groups: TokenGroups,
     scaling: float | torch.Tensor,
     chunk_t: int | None = None,
+    scale_a: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dA, dB) = (wgrad(g, x), wgrad(h, dy, scaling))`` in one launch (two more on the
-    two-stage path), bitwise equal to the two calls at the same ``chunk_t``.
+    two-stage path), bitwise equal to the two calls at the same ``chunk_t`` and block sizes.
+    With ``scale_a``, dA is ``wgrad(g, x, scaling)`` (``g`` unscaled, as the fused backward
+    leaves it).
 
     Args:
         g, h: fp32 ``[T, r_max]`` by position.  x: ``[T, d_in]``, dy: ``[T, d_out]`` by token,
@@ -303,7 +315,8 @@ def wgrad_pair(
     d_in, d_out = x.shape[1], dy.shape[1]
     dev = x.device
     if d_in == 0 or d_out == 0 or groups.num_routed == 0:
-        return wgrad(g, x, layout, groups, 1.0, chunk_t), wgrad(h, dy, layout, groups, scaling, chunk_t)
+        return (wgrad(g, x, layout, groups, scaling if scale_a else 1.0, chunk_t),
+                wgrad(h, dy, layout, groups, scaling, chunk_t))
     if chunk_t is None:
         chunk_t = _pick_chunk(groups, layout, d_in + d_out, dev)
     dA = torch.empty(layout.total_rank, d_in, dtype=x.dtype, device=dev)
@@ -333,11 +346,13 @@ def wgrad_pair(
         g, g.stride(0), x, x.stride(0), dest_a, sa[0], sa[1], d_in,
         h, h.stride(0), dy, dy.stride(0), dest_b, sb[0], sb[1], d_out,
         groups.order, chunks, n_chunks, offsets, scale_ptr, scale_val, d_max,
-        HAS_SCALE_PTR=has_ptr, DIRECT=direct, DOT_F32=dot_f32, DOT_PREC=prec, BLOCK_R=BLOCK_R, **meta,
+        HAS_SCALE_PTR=has_ptr, SCALE_A=scale_a, DIRECT=direct, DOT_F32=dot_f32, DOT_PREC=prec, BLOCK_R=BLOCK_R,
+        **meta,
     )  # fmt: skip
     if not direct:
         block_n = 128 if not INTERPRET else min(256, max(16, next_pow2(d_max)))
-        for dest, out, d, s_ptr, s_val, has in ((dest_a, dA, d_in, offsets, 1.0, False),
+        a_scale = (scale_ptr, scale_val, has_ptr) if scale_a else (offsets, 1.0, False)
+        for dest, out, d, s_ptr, s_val, has in ((dest_a, dA, d_in, *a_scale),
                                                  (dest_b, dB, d_out, scale_ptr, scale_val, has_ptr)):
             _wgrad_reduce_kernel[(r_tiles, cdiv(d, block_n), layout.num_adapters)](
                 dest, dest.stride(0), dest.stride(1), out, out.stride(0), chunk_starts, offsets, s_ptr, s_val, d,
