@@ -42,7 +42,9 @@ def _params(fn) -> dict[str, inspect.Parameter]:
 
 
 def test_every_lora_kernel_is_autotuned():
-    assert {p.values[1] for p in KERNELS} == {"_shrink_kernel", "_expand_kernel", "_fused_fwd_kernel", "_wgrad_kernel"}
+    assert {p.values[1] for p in KERNELS} == {
+        "_shrink_kernel", "_expand_kernel", "_fused_fwd_kernel", "_wgrad_kernel", "_wgrad_pair_kernel"
+    }
 
 
 @pytest.mark.parametrize("mod, name, fn, spec", KERNELS)
