@@ -525,6 +525,12 @@ def test_cuda_auto_order_follows_the_gpu_sweep(monkeypatch):
     assert order("lora_delta") == order("lora_linear") == order("delta_fro_norms") == ("triton", "cuda", "torch")
     assert order("component_norms") == order("weighted_aggregate") == ("cuda", "triton", "torch")
     assert order("truncate") == ("torch",)
+    W, bf16 = dispatch.LoraWork, torch.bfloat16
+    # one adapter over grouped tokens: torch (measured faster); interleaved, -1 tokens or more adapters: triton
+    assert order("lora_linear", W(4096, 1, True, bf16)) == order("lora_delta", W(64, 0, True, bf16)) == ("torch",)
+    assert order("lora_delta", W(4096, 1, False, bf16))[0] == "triton"
+    assert order("lora_delta", W(4096, 2, True, bf16))[0] == "triton"
+    assert order("component_norms", W(4096, 1, True, bf16))[0] == "cuda"  # only the LoRA ops look at the work
     up = {"triton": True, "cuda": True}
 
     def fake(name):
@@ -536,6 +542,8 @@ def test_cuda_auto_order_follows_the_gpu_sweep(monkeypatch):
     cuda = torch.device("cuda")
     with hk.use_backend("auto"):
         assert dispatch.resolve("lora_linear", cuda)[0] == "triton"
+        assert dispatch.resolve("lora_linear", cuda, W(256, 1, True, bf16))[0] == "torch"
+        assert dispatch.resolve("lora_linear", cuda, W(256, 8, True, bf16))[0] == "triton"
         assert dispatch.resolve("component_norms", cuda)[0] == "cuda"
         assert dispatch.resolve("weighted_aggregate", cuda)[0] == "cuda"
         assert dispatch.resolve("truncate", cuda)[0] == "torch"
