@@ -118,7 +118,7 @@ _I64 = ctypes.c_int64
 _SIGNATURES = {
     "shrink": [ctypes.c_int, _VP, _VP, _VP, _I64P, _I64P, _I64P, _VP, ctypes.c_double, *[_I64] * 5],
     "expand": [ctypes.c_int, _VP, _VP, _VP, _I64P, _I64P, _I64P, _VP, ctypes.c_double, *[_I64] * 5],
-    "wgrad": [ctypes.c_int, _VP, _VP, _VP, _I64P, _I64P, _I64P, _VP, ctypes.c_double, *[_I64] * 4],
+    "wgrad": [ctypes.c_int, _VP, _VP, _VP, _VP, _I64P, _I64P, _I64P, _VP, ctypes.c_double, *[_I64] * 4],
     "component_norms": [ctypes.c_int, _I64P, _I64, _VP, _VP, _VP, _I64P, _I64, _I64, _I64],
     "weighted_aggregate": [ctypes.c_int, _I64P, _I64, _I64, _VP, _I64P, _I64, _I64],
     "delta_fro_sq": [ctypes.c_int, _I64P, _I64, _VP, _I64P, _I64],
@@ -134,6 +134,8 @@ class Emulator:
         for op, args in _SIGNATURES.items():
             fn = getattr(self.lib, f"hetlora_emu_{op}")
             fn.argtypes, fn.restype = args, ctypes.c_int
+        for fn in ("hetlora_emu_wgrad_workspace", "hetlora_emu_wgrad_chunks"):
+            getattr(self.lib, fn).argtypes, getattr(self.lib, fn).restype = [_I64] * 4, _I64
         self.lib.hetlora_emu_message.restype = ctypes.c_char_p
         self.lib.hetlora_emu_set_schedule.argtypes = [ctypes.c_int, ctypes.c_uint64]
         self.lib.hetlora_emu_counters.argtypes = [ctypes.POINTER(ctypes.c_uint64)]
@@ -269,11 +271,18 @@ class EmulatedC:
         order, starts, offsets = map(self._index, (order, starts, offsets))
         K = offsets.numel() - 1
         out = mem.alloc((total_rank, x.shape[1]), x.dtype, zero=False)
+        # as bindings_cuda.cpp: the two-pass path's partial sums, where cuda::wgrad_chunks asks for them
+        ws = self.emu.lib.hetlora_emu_wgrad_workspace(x.shape[0], K, x.shape[1], h.shape[1])
+        work = mem.alloc((ws,), _acc(x.dtype), zero=False) if ws > 0 else None
         self._launch(
-            "wgrad", mem, DTYPE_CODE[x.dtype], _p(h), _p(x), _p(out), _idx(order), _idx(starts), _idx(offsets),
-            _p(s), scale, x.shape[0], K, x.shape[1], h.shape[1],
+            "wgrad", mem, DTYPE_CODE[x.dtype], _p(h), _p(x), _p(out), _p(work), _idx(order), _idx(starts),
+            _idx(offsets), _p(s), scale, x.shape[0], K, x.shape[1], h.shape[1],
         )  # fmt: skip
         return out
+
+    def wgrad_chunks(self, T: int, K: int, d: int, r_max: int) -> int:
+        """cuda::wgrad_chunks: token slices per group of the two-pass weight gradient."""
+        return self.emu.lib.hetlora_emu_wgrad_chunks(T, K, d, r_max)
 
     @staticmethod
     def _table(rows: list[list[int]]) -> torch.Tensor:

@@ -69,8 +69,12 @@ at::Tensor wgrad_cuda(const at::Tensor& h, const at::Tensor& x, const at::Tensor
   const int64_t K = offsets.size(0) - 1;
   TORCH_CHECK_VALUE(K <= 65535, "wgrad: at most 65535 adapters per launch, got K=", K);
   at::Tensor out = at::empty({total_rank, x.size(1)}, x.options());
-  check_launch(cuda::wgrad(dtype_of(x), h.const_data_ptr(), x.const_data_ptr(), out.mutable_data_ptr(), idx(order),
-                           idx(starts), idx(offsets), scales_ptr(scales), scale, x.size(0), K, x.size(1), h.size(1),
+  // the two-pass path's partial sums (long groups, small grid): see cuda::wgrad_chunks
+  const int64_t ws = cuda::wgrad_workspace(x.size(0), K, x.size(1), h.size(1));
+  at::Tensor work = ws > 0 ? at::empty({ws}, x.options().dtype(acc_type(x.scalar_type()))) : at::Tensor();
+  check_launch(cuda::wgrad(dtype_of(x), h.const_data_ptr(), x.const_data_ptr(), out.mutable_data_ptr(),
+                           ws > 0 ? work.mutable_data_ptr() : nullptr, idx(order), idx(starts), idx(offsets),
+                           scales_ptr(scales), scale, x.size(0), K, x.size(1), h.size(1),
                            c10::cuda::getCurrentCUDAStream()),
                "wgrad");
   return out;

@@ -96,11 +96,14 @@ expand_kernel(const typename Acc<T>::type* __restrict__ h, const T* __restrict__
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 wgrad_kernel(const typename Acc<T>::type* __restrict__ h, const T* __restrict__ x, T* __restrict__ out,
-             const int64_t* __restrict__ order, const int64_t* __restrict__ starts,
-             const int64_t* __restrict__ offsets, const typename Acc<T>::type* __restrict__ scales,
-             typename Acc<T>::type scale, int64_t d, int64_t r_max) {
+             typename Acc<T>::type* __restrict__ work, int chunks, const int64_t* __restrict__ order,
+             const int64_t* __restrict__ starts, const int64_t* __restrict__ offsets,
+             const typename Acc<T>::type* __restrict__ scales, typename Acc<T>::type scale, int64_t d,
+             int64_t r_max) {
   using A = typename Acc<T>::type;
-  const int k = blockIdx.y;
+  // grid.y = K * chunks: slice `ch` of adapter k's group (the whole group when chunks == 1)
+  const int k = blockIdx.y / chunks;
+  const int ch = blockIdx.y % chunks;
   const int j0 = blockIdx.z * kRows;
   const int64_t r0 = offsets[k];
   const int rk = static_cast<int>(offsets[k + 1] - r0);
@@ -110,8 +113,9 @@ wgrad_kernel(const typename Acc<T>::type* __restrict__ h, const T* __restrict__ 
   A acc[kRows];
 #pragma unroll
   for (int u = 0; u < kRows; ++u) acc[u] = A(0);
-  const int64_t p1 = starts[k + 1];
-  for (int64_t p = starts[k]; p < p1; ++p) {
+  const int64_t s0 = starts[k], n = starts[k + 1] - s0;
+  const int64_t p0 = s0 + n * ch / chunks, p1 = s0 + n * (ch + 1) / chunks;
+  for (int64_t p = p0; p < p1; ++p) {
     const int64_t tok = order[p];
     const A xv = to_acc(x[tok * d + c]);
     const A* hr = h + tok * r_max + j0;
@@ -119,10 +123,34 @@ wgrad_kernel(const typename Acc<T>::type* __restrict__ h, const T* __restrict__ 
     for (int u = 0; u < kRows; ++u)
       if (u < nu) acc[u] += hr[u] * xv;
   }
+  if (chunks > 1) {  // partial sums, added in slice order by wgrad_reduce_kernel
+    A* wr = work + (static_cast<int64_t>(blockIdx.y) * r_max + j0) * d + c;
+#pragma unroll
+    for (int u = 0; u < kRows; ++u)
+      if (u < nu) wr[u * d] = acc[u];
+    return;
+  }
   const A s = scale_of(scales, scale, k);
 #pragma unroll
   for (int u = 0; u < kRows; ++u)
     if (u < nu) out[(r0 + j0 + u) * d + c] = from_acc<T>(acc[u] * s);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+wgrad_reduce_kernel(const typename Acc<T>::type* __restrict__ work, T* __restrict__ out, int chunks,
+                    const int64_t* __restrict__ offsets, const typename Acc<T>::type* __restrict__ scales,
+                    typename Acc<T>::type scale, int64_t d, int64_t r_max) {
+  using A = typename Acc<T>::type;
+  const int k = blockIdx.y;
+  const int j = blockIdx.z;
+  const int64_t r0 = offsets[k];
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (j >= offsets[k + 1] - r0 || c >= d) return;
+  A acc = A(0);
+  const A* wr = work + (static_cast<int64_t>(k) * chunks * r_max + j) * d + c;
+  for (int ch = 0; ch < chunks; ++ch) acc += wr[static_cast<int64_t>(ch) * r_max * d];
+  out[(r0 + j) * d + c] = from_acc<T>(acc * scale_of(scales, scale, k));
 }
 
 }  // namespace
@@ -158,18 +186,26 @@ cudaError_t expand(DType dt, const void* h, const void* w, void* y, const int64_
   });
 }
 
-cudaError_t wgrad(DType dt, const void* h, const void* x, void* out, const int64_t* order, const int64_t* starts,
-                  const int64_t* offsets, const void* scales, double scale, int64_t T, int64_t K, int64_t d,
-                  int64_t r_max, cudaStream_t stream) {
-  (void)T;
+cudaError_t wgrad(DType dt, const void* h, const void* x, void* out, void* workspace, const int64_t* order,
+                  const int64_t* starts, const int64_t* offsets, const void* scales, double scale, int64_t T,
+                  int64_t K, int64_t d, int64_t r_max, cudaStream_t stream) {
   if (K == 0 || d == 0 || r_max == 0) return cudaSuccess;
-  if (K > 65535 || ceil_div(r_max, kRows) > 65535u) return cudaErrorInvalidConfiguration;
-  const dim3 grid(ceil_div(d, kThreads), static_cast<unsigned>(K), ceil_div(r_max, kRows));
+  const int64_t chunks = wgrad_chunks(T, K, d, r_max);
+  if (chunks > 1 && workspace == nullptr) return cudaErrorInvalidValue;
+  if (K * chunks > 65535 || ceil_div(r_max, kRows) > 65535u || r_max > 65535) return cudaErrorInvalidConfiguration;
+  const dim3 grid(ceil_div(d, kThreads), static_cast<unsigned>(K * chunks), ceil_div(r_max, kRows));
   return HETLORA_DISPATCH_DT(dt, [&] {
     using A = typename Acc<scalar_t>::type;
     wgrad_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
-        static_cast<const A*>(h), static_cast<const scalar_t*>(x), static_cast<scalar_t*>(out), order, starts,
-        offsets, static_cast<const A*>(scales), static_cast<A>(scale), d, r_max);
+        static_cast<const A*>(h), static_cast<const scalar_t*>(x), static_cast<scalar_t*>(out),
+        static_cast<A*>(workspace), static_cast<int>(chunks), order, starts, offsets, static_cast<const A*>(scales),
+        static_cast<A>(scale), d, r_max);
+    cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess || chunks == 1) return err;
+    const dim3 rgrid(ceil_div(d, kThreads), static_cast<unsigned>(K), static_cast<unsigned>(r_max));
+    wgrad_reduce_kernel<scalar_t><<<rgrid, kThreads, 0, stream>>>(
+        static_cast<const A*>(workspace), static_cast<scalar_t*>(out), static_cast<int>(chunks), offsets,
+        static_cast<const A*>(scales), static_cast<A>(scale), d, r_max);
     return cudaGetLastError();
   });
 }

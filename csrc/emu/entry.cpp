@@ -20,11 +20,19 @@ int hetlora_emu_expand(int dt, const void* h, const void* w, void* y, const int6
                                r_max, nullptr);
 }
 
-int hetlora_emu_wgrad(int dt, const void* h, const void* x, void* out, const int64_t* order, const int64_t* starts,
-                      const int64_t* offsets, const void* scales, double scale, int64_t T, int64_t K, int64_t d,
-                      int64_t r_max) {
-  return hetlora::cuda::wgrad(static_cast<DType>(dt), h, x, out, order, starts, offsets, scales, scale, T, K, d, r_max,
-                              nullptr);
+int hetlora_emu_wgrad(int dt, const void* h, const void* x, void* out, void* workspace, const int64_t* order,
+                      const int64_t* starts, const int64_t* offsets, const void* scales, double scale, int64_t T,
+                      int64_t K, int64_t d, int64_t r_max) {
+  return hetlora::cuda::wgrad(static_cast<DType>(dt), h, x, out, workspace, order, starts, offsets, scales, scale, T,
+                              K, d, r_max, nullptr);
+}
+
+int64_t hetlora_emu_wgrad_workspace(int64_t T, int64_t K, int64_t d, int64_t r_max) {
+  return hetlora::cuda::wgrad_workspace(T, K, d, r_max);
+}
+
+int64_t hetlora_emu_wgrad_chunks(int64_t T, int64_t K, int64_t d, int64_t r_max) {
+  return hetlora::cuda::wgrad_chunks(T, K, d, r_max);
 }
 
 int hetlora_emu_component_norms(int dt, const int64_t* table, int64_t L, void* out, void* na, void* nb,
