@@ -153,3 +153,28 @@ def test_profile_python_overhead_stubs_and_restores_the_launches() -> None:
     after = {(m.__name__, n): getattr(m, n) for m in (shrink, expand, fused, wgrad) for n in dir(m)
              if n.endswith("_kernel")}
     assert before and after == before
+
+
+def test_e2e_sequential_trains_a_rotating_16_of_many_clients(monkeypatch) -> None:
+    """Sequential peft with K > 16 clients: each step trains 16 of them, every adapter loaded,
+    the next step the next 16 (wrapping), and the row counts 16 client-steps per step."""
+    sys.path.insert(0, str(REPO))
+    try:
+        import peft
+
+        from bench import e2e
+    finally:
+        sys.path.remove(str(REPO))
+    import torch
+
+    dev = torch.device("cpu")
+    run = e2e.Run("tiny-bert", 20, 1, 8)
+    base, family, vocab = e2e.load_base(run.model, dev, torch.float32)
+    seen: list[str] = []
+    real = peft.PeftModel.set_adapter
+    monkeypatch.setattr(peft.PeftModel, "set_adapter", lambda self, name: seen.append(name) or real(self, name))
+    step, meta = e2e.sequential_step_fn(base, family, run, e2e.make_data(run, vocab, dev), dev)
+    assert meta["clients_per_step"] == e2e.SEQ_TIMED_CLIENTS == 16
+    step()
+    step()
+    assert seen == [f"c{k % 20}" for k in range(32)]
