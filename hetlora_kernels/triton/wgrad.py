@@ -112,7 +112,7 @@ def _wgrad_kernel(
 )
 @triton.jit
 def _wgrad_pair_kernel(
-    G,  # [T, r_max] fp32 by position: g (unscaled: dA takes no scale)
+    G,  # [T, r_max] fp32 by position: g = s dy B^T (or dy B^T with SCALE_A: dA then takes s)
     stride_g,
     Xa,  # [T, d_in] by token: x
     stride_xa,
