@@ -86,11 +86,26 @@ class Routing:
         self.num_adapters = 0
         self.expand = False
         self._groups: dict = {}
+        # the last routing's (ids tensor, its version, K, expand, groups): a training loop that
+        # passes the same unmodified ids tensor every step reuses its TokenGroups, whose build
+        # reads the ids back to the host (a device synchronisation on a GPU)
+        self._memo: tuple | None = None
 
     def set(self, adapter_ids: torch.Tensor | None, num_adapters: int, expand: bool = False) -> None:
         """``expand``: a layer input may hold each sequence's row ``m`` times in a row (what
-        ``generate`` does for beams and ``num_return_sequences``); each copy keeps the adapter."""
-        self.adapter_ids, self.num_adapters, self.expand, self._groups = adapter_ids, num_adapters, expand, {}
+        ``generate`` does for beams and ``num_return_sequences``); each copy keeps the adapter.
+
+        The same ids tensor object, unmodified since (its in-place version counter unchanged),
+        with the same K and ``expand`` reuses the previous call's groups."""
+        groups: dict = {}
+        if adapter_ids is not None:
+            m = self._memo
+            if (m is not None and m[0] is adapter_ids and m[1] == adapter_ids._version
+                    and m[2:4] == (num_adapters, expand)):
+                groups = m[4]
+            else:
+                self._memo = (adapter_ids, adapter_ids._version, num_adapters, expand, groups)
+        self.adapter_ids, self.num_adapters, self.expand, self._groups = adapter_ids, num_adapters, expand, groups
 
     def single(self, num_tokens: int, device: torch.device) -> TokenGroups:
         """All ``num_tokens`` tokens on adapter 0 (one-adapter models), built once per forward."""

@@ -106,3 +106,29 @@ def test_sampler_is_a_function_of_seed_round_client():
     assert np.array_equal(a, b) and not np.array_equal(a, c)
     s = ClientSampler(np.arange(3), 8, 0, 1, 1)
     assert len(s.next()) == 3  # batch capped at the client's size
+
+
+def test_concurrent_steps_reuse_the_token_groups(monkeypatch):
+    """Steps with the same clients and batch sizes pass one ids tensor, so the model's routing
+    builds TokenGroups once per (clients, batch sizes, trimmed length), not once per step;
+    the round's result is the one test_concurrent_equals_sequential_after_one_round checks."""
+    import hetlora.layer as layer_mod
+
+    keys = []
+    real = layer_mod.TokenGroups.from_adapter_ids
+
+    def counted(ids, K):
+        keys.append((K, ids.numel()))
+        return real(ids, K)
+
+    monkeypatch.setattr(layer_mod.TokenGroups, "from_adapter_ids", staticmethod(counted))
+    data = _data()
+    cfg = _cfg("concurrent", local_steps=6, local_epochs=None)
+    sim = Simulation(cfg, data=data, encoder=tiny_bert(0, dtype=torch.float64), verbose=False)
+    sim.setup()
+    keys.clear()
+    sim.run_round(1)
+    # 6 training steps, every client active with batch 4, every sequence of the synthetic data
+    # 12 tokens long: one build for all of them (it was one per step), then evaluation's
+    assert keys[0] == (4, 4 * 4 * 12) and keys.count(keys[0]) == 1, keys
+    assert len(keys) <= 3, keys  # + the local evaluation's and the global evaluation's batches

@@ -256,3 +256,40 @@ def test_deepcopy_and_torch_save_of_a_model(tmp_path):
         ref = m(input_ids=ids, adapter_ids=aid).last_hidden_state
         for other in (copy.deepcopy(m), torch.load(tmp_path / "m.pt", weights_only=False)):
             assert torch.equal(other(input_ids=ids, adapter_ids=aid).last_hidden_state, ref)
+
+
+def test_the_same_adapter_ids_tensor_reuses_its_token_groups(monkeypatch):
+    """A loop passing one unmodified ids tensor builds its TokenGroups once (the build reads the
+    ids back to the host: a device sync per forward on a GPU); an in-place change, a new tensor,
+    or a new input shape builds again, and every forward gives the uncached model's output."""
+    import hetlora.layer as layer_mod
+
+    base = tiny_bert()
+    mlm = MultiLoraModel(copy.deepcopy(base), ["query", "value"], [1, 3, 7], alpha=2.0, modules_to_save=None)
+    _randomise_lora(mlm)
+    builds = []
+    real = layer_mod.TokenGroups.from_adapter_ids
+    def counted(ids, K):
+        builds.append(ids.clone())
+        return real(ids, K)
+
+    monkeypatch.setattr(layer_mod.TokenGroups, "from_adapter_ids", staticmethod(counted))
+    ids = torch.randint(0, 101, (5, 6))
+    aid = torch.tensor([2, 0, 1, -1, 2])
+    with torch.no_grad():
+        y1 = mlm(input_ids=ids, adapter_ids=aid).logits
+        y2 = mlm(input_ids=ids, adapter_ids=aid).logits
+        assert len(builds) == 1 and torch.equal(y1, y2)  # one build for every layer and both calls
+        aid[1] = 2  # in place: the version counter moves
+        y3 = mlm(input_ids=ids, adapter_ids=aid).logits
+        assert len(builds) == 2 and torch.equal(builds[-1], aid.repeat_interleave(6))
+        m2 = copy.deepcopy(mlm)
+        m2.routing._memo = None
+        assert torch.equal(y3, m2(input_ids=ids, adapter_ids=aid.clone()).logits) and not torch.equal(y3, y1)
+        assert len(builds) == 3
+        mlm(input_ids=ids, adapter_ids=aid.clone())  # equal values, another tensor: built again
+        assert len(builds) == 4
+        shorter = ids[:, :4]
+        mlm(input_ids=shorter, adapter_ids=aid)
+        mlm(input_ids=shorter, adapter_ids=aid)
+        assert len(builds) == 5 and torch.equal(builds[-1], aid.repeat_interleave(4))

@@ -317,6 +317,9 @@ def _train_group(fm: FedModel, strategy: Strategy, state: GlobalState, tasks: li
     samplers = [ClientSampler(t.train_idx, cfg.batch_size, cfg.seed, round_idx, t.client_id) for t in tasks]
     steps = [t.steps for t in tasks]
     loss_sum = torch.zeros(K, dtype=torch.float64)
+    # one ids tensor per (active clients, batch sizes): the model's routing then reuses its
+    # TokenGroups across steps (per trimmed length) instead of rebuilding them every step
+    aid_of: dict[tuple, torch.Tensor] = {}
     fm.lora_train(True)
     try:
         for step in range(max(steps)):
@@ -325,7 +328,11 @@ def _train_group(fm: FedModel, strategy: Strategy, state: GlobalState, tasks: li
             active[active_list] = True
             batches = [samplers[k].next() for k in active_list]
             rows = torch.as_tensor(np.concatenate(batches), dtype=torch.int64)
-            aid = torch.as_tensor(np.repeat(active_list, [len(b) for b in batches]), dtype=torch.int64, device=dev)
+            lens = tuple(len(b) for b in batches)
+            aid = aid_of.get((tuple(active_list), lens))
+            if aid is None:
+                aid = torch.as_tensor(np.repeat(active_list, lens), dtype=torch.int64, device=dev)
+                aid_of[(tuple(active_list), lens)] = aid
             mask = data.attention_mask[rows]
             L = max(int(mask.sum(1).max()), 1)  # trim shared padding: the masked tail changes nothing
             input_ids = data.input_ids[rows, :L].to(dev)
