@@ -87,10 +87,11 @@ def _cached_scaling(scaling: Sequence, device: torch.device) -> torch.Tensor | N
     values = tuple(scaling)
     if not all(type(v) is float for v in values):
         return None
+    key = (values, str(device))
     with _SEQ_LOCK:
-        t = _SEQ_CACHE.get((values, str(device)))
+        t = _SEQ_CACHE.get(key)
         if t is not None:
-            _SEQ_CACHE.move_to_end((values, str(device)))
+            _SEQ_CACHE.move_to_end(key)
         return t
 
 
@@ -141,8 +142,6 @@ def check_scaling(scaling: object, num_adapters: int, device: torch.device) -> f
             hit = _cached_scaling(scaling, torch.device(device))
             if hit is not None:
                 return hit
-            if len(scaling) != num_adapters:
-                raise ValueError(f"scaling must be a float or hold K={num_adapters} values, got {len(scaling)}")
             for i, v in enumerate(scaling):
                 if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
                     raise ValueError(f"scaling[{i}] must be a finite number, got {v!r}")

@@ -6,8 +6,9 @@ a dict from op name to an implementation that takes *validated* arguments (the
 load lazily on first use so that importing hetlora_kernels never compiles anything.
 An explicitly chosen backend that lacks an op raises; ``auto`` falls back per op.
 
-``auto`` on CUDA tensors tries triton, then cuda, then torch, except for the server ops where the
-GPU sweep measured another order (`cuda_auto_order`).  On CPU tensors it picks, per op,
+``auto`` on CUDA tensors tries triton, then cuda, then torch, except where the GPU sweep measured
+another order: some server ops, and a LoRA call with one adapter over grouped tokens
+(`cuda_auto_order`).  On CPU tensors it picks, per op,
 between the C++ ops of the ``cuda`` extension and the torch path by the table `cpu_auto_choice`
 measured with ``python -m bench kernels`` (``bench/results/cpu-2core/``).
 """
@@ -36,7 +37,8 @@ _AUTO_ORDER_CUDA = ("triton", "cuda", "torch")
 # - truncate (a row gather): torch's index_select at parity or faster where it matters
 #   (L=12, d=4096: 0.49-1.35 ms against triton's 0.74-2.38);
 # - delta_fro_norms: triton fastest everywhere (3-14x the CUDA kernel), the default order.
-# The LoRA ops stay triton-first: the CUDA kernels are the simple versions (2-20x slower).
+# The LoRA ops stay triton-first (but see `cuda_auto_order` for one adapter): the CUDA kernels
+# are the simple versions (a median 3.4x, up to 15x, triton's time).
 _AUTO_ORDER_CUDA_BY_OP = {
     "component_norms": ("cuda", "triton", "torch"),
     "weighted_aggregate": ("cuda", "triton", "torch"),
