@@ -87,7 +87,11 @@ def _cached_scaling(scaling: Sequence, device: torch.device) -> torch.Tensor | N
     values = tuple(scaling)
     if not all(type(v) is float for v in values):
         return None
-    key = (values, str(device))
+    return _cache_get((values, str(device)))
+
+
+def _cache_get(key: tuple) -> torch.Tensor | None:
+    """The cached scaling tensor under ``key = (values, device)``, marked recently used; or None."""
     with _SEQ_LOCK:
         t = _SEQ_CACHE.get(key)
         if t is not None:
@@ -97,11 +101,9 @@ def _cached_scaling(scaling: Sequence, device: torch.device) -> torch.Tensor | N
 
 def _scaling_tensor(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
     key = (values, str(device))
-    with _SEQ_LOCK:
-        t = _SEQ_CACHE.get(key)
-        if t is not None:
-            _SEQ_CACHE.move_to_end(key)
-            return t
+    t = _cache_get(key)
+    if t is not None:
+        return t
     t = torch.tensor(values, dtype=torch.float64, device=device)
     with _SEQ_LOCK:
         _SEQ_CACHE[key] = t
