@@ -46,17 +46,28 @@ def _clear(case) -> None:
         t.grad = None
 
 
-def _host_ms(call, case, mode: str, device: torch.device, n: int) -> float:
-    """Host time per call with ``n`` calls queued and no sync between them."""
+def _host_us(f, device: torch.device, n: int, warmup: int = 0) -> float:
+    """Host microseconds per call of ``f`` with ``n`` calls queued back to back (no sync between)."""
+    for _ in range(warmup):
+        f()
     C.sync(device)
     t0 = time.perf_counter()
     for _ in range(n):
+        f()
+    dt = time.perf_counter() - t0
+    C.sync(device)
+    return dt / n * 1e6
+
+
+def _host_ms(call, case, mode: str, device: torch.device, n: int) -> float:
+    """Host time per call with ``n`` calls queued and no sync between them."""
+
+    def step() -> None:
         if mode != "fwd":
             _clear(case)
         call()
-    t1 = time.perf_counter()
-    C.sync(device)
-    return (t1 - t0) / n * 1e3
+
+    return _host_us(step, device, n) / 1e3
 
 
 def _profile(call, case, mode: str, device: torch.device, n: int, top: int) -> tuple[float | None, str]:
@@ -88,15 +99,7 @@ def calibrate(device: torch.device, n: int = 200) -> dict[str, float | str]:
     t = torch.zeros(16, device=device)
 
     def per_call(f) -> float:
-        for _ in range(5):
-            f()
-        C.sync(device)
-        t0 = time.perf_counter()
-        for _ in range(n):
-            f()
-        dt = time.perf_counter() - t0
-        C.sync(device)
-        return dt / n * 1e6
+        return _host_us(f, device, n, warmup=5)
 
     out["torch_add_us"] = per_call(lambda: t.add_(1.0))
     if device.type != "cuda":
@@ -158,15 +161,8 @@ def python_overhead(K: int, calls: int = 200) -> dict[str, float]:
             x.grad = A.grad = B.grad = None
             fwd().backward(dy)
 
-        out = {}
-        for name, f in (("fwd_us", fwd), ("fwd+bwd_us", fwd_bwd)):
-            for _ in range(10):
-                f()
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                f()
-            out[name] = (time.perf_counter() - t0) / calls * 1e6
-        return out
+        cpu = torch.device("cpu")
+        return {name: _host_us(f, cpu, calls, warmup=10) for name, f in (("fwd_us", fwd), ("fwd+bwd_us", fwd_bwd))}
     finally:
         for m, n, k in saved:
             setattr(m, n, k)
