@@ -189,6 +189,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+SLOW_REPS = 2  # samples of a slow call (`time_fn`'s ``slow_s``): its probe and one more
+
+
 def time_fn(
     calls: Sequence[Callable[[], Any]],
     device: torch.device,
@@ -199,37 +202,31 @@ def time_fn(
     budget_s: float | None = None,
     before: Callable[[], Any] | None = None,
     slow_s: float | None = None,
+    peak: bool = False,
 ) -> dict[str, Any]:
     """Median time of one call; ``calls`` are the same work on different input sets (rotated).
 
     ``before`` runs before each call outside the timed region (e.g. clearing grads).
     With ``budget_s``, stops after at least ``min_reps`` reps once the budget is spent.
     With ``slow_s``: a call whose second warm-up run (the first may compile) takes longer than
-    that is warmed up no further and timed at most 3 times (a baseline 100x slower than the
-    rest needs no more to be ranked, and would otherwise eat a sweep's budget).
+    that is warmed up no further, and that run counts as the first of `SLOW_REPS` samples
+    (a baseline 100x slower than the rest needs no more to be ranked, and would otherwise
+    eat a sweep's budget).
+    With ``peak`` on a GPU: ``peak_bytes``, the caching allocator's peak above what was
+    allocated before the first timed call (`peak_memory` without a call of its own; None
+    where no call was timed, or off the GPU).
     """
     gpu = device.type == "cuda"
     n = len(calls)
-    for i in range(warmup):
-        if before:
-            before()
-        probe = slow_s is not None and i == 1
-        if probe:
-            sync(device)  # the first call's work out of the way
-        t0 = time.perf_counter()
-        calls[i % n]()
-        if probe:
-            sync(device)
-            if time.perf_counter() - t0 > slow_s:
-                min_reps, reps = min(min_reps, 3), min(reps, 3)
-                break
-    sync(device)
     times: list[float] = []
-    t_start = time.perf_counter()
-    for i in range(reps):
+
+    def timed(f: Callable[[], Any], measure_peak: bool = False) -> int | None:
         if before:
             before()
-        f = calls[i % n]
+        base = None
+        if measure_peak:  # host-side bookkeeping of the allocator: no sync needed here
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
         if gpu:
             e0 = torch.cuda.Event(enable_timing=True)
             e1 = torch.cuda.Event(enable_timing=True)
@@ -242,12 +239,34 @@ def time_fn(
             t0 = time.perf_counter()
             f()
             times.append(time.perf_counter() - t0)
+        return None if base is None else int(torch.cuda.max_memory_allocated(device) - base)
+
+    for i in range(warmup):
+        if slow_s is not None and i == 1:
+            sync(device)  # the first call's work out of the way
+            timed(calls[i % n])
+            if times[-1] > slow_s:
+                min_reps, reps = min(min_reps, SLOW_REPS), min(reps, SLOW_REPS)
+                break
+            times.clear()
+            continue
+        if before:
+            before()
+        calls[i % n]()
+    sync(device)
+    peak_bytes = None
+    t_start = time.perf_counter()
+    first = len(times)  # 1 where the slow probe already counts
+    for i in range(first, reps):
+        pb = timed(calls[i % n], measure_peak=peak and gpu and peak_bytes is None)
+        if pb is not None:
+            peak_bytes = pb
         if budget_s is not None and len(times) >= min_reps and time.perf_counter() - t_start > budget_s:
             break
     times.sort()
     q = statistics.quantiles(times, n=5) if len(times) >= 2 else [times[0]] * 4
     return {"median_s": statistics.median(times), "min_s": times[0], "p20_s": q[0], "p80_s": q[3],
-            "reps": len(times)}
+            "reps": len(times), "peak_bytes": peak_bytes}
 
 
 def peak_memory(fn: Callable[[], Any], device: torch.device) -> int | None:

@@ -90,13 +90,16 @@ class Preset:
     min_reps: int = 3
     method_budget_s: float = 0.5
     budget_s: float = 600.0
-    # a call slower than this (its second warm-up) is timed 3 times at most: see `common.time_fn`
+    # a call slower than this at its second warm-up gets `common.SLOW_REPS` samples: see `common.time_fn`
     slow_call_s: float | None = None
     modes: list[str] = field(default_factory=lambda: ["fwd", "fwd+bwd"])
     # token arrangements of the main grid at the largest d (K > 1): "grouped" (each adapter's
     # tokens contiguous, as a simulation's concatenated mini-batches) and "interleaved" (tokens
     # in random adapter order, as a server mixing requests)
     arrangements: list[str] = field(default_factory=lambda: ["grouped", "interleaved"])
+    # the points of every block that `sweep` runs in its first pass (the main block runs whole)
+    cover_Ts: list[int] = field(default_factory=list)
+    cover_Ks: list[int] = field(default_factory=list)
 
 
 PRESETS: dict[str, Preset] = {
@@ -116,7 +119,8 @@ PRESETS: dict[str, Preset] = {
                   extra_Ts=[1024, 16384], extra_ds=[4096], extra_Ks=[8, 64, 256],
                   server=[(K, d, L) for K in (8, 64, 256) for d in (1024, 4096) for L in (1, 12)],
                   server_dtypes=["fp32", "bf16"],
-                  warmup=3, reps=30, min_reps=5, method_budget_s=0.1, budget_s=200.0, slow_call_s=0.02),
+                  warmup=3, reps=30, min_reps=5, method_budget_s=0.1, budget_s=200.0, slow_call_s=0.02,
+                  cover_Ts=[1024, 16384], cover_Ks=[8, 256]),
 }
 
 
@@ -250,6 +254,33 @@ def build_peft(W: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor, B: t
     model.eval()  # peft refuses adapter_names= in training mode
     for n, p in model.named_parameters():
         p.requires_grad_("lora_" in n)
+    return model
+
+
+# the last peft model built, by (d_in, d_out, bias, ranks, dtype, device): building one with
+# 256 adapters takes seconds of host time, and the sweep times the same adapters at every T
+_PEFT_CACHE: dict[tuple, nn.Module] = {}
+
+
+def peft_for(W: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor,
+             layout: hk.AdapterLayout) -> nn.Module:
+    """`build_peft`, or the last model built for the same shapes with these weights copied in."""
+    key = (tuple(W.shape), bias is not None, tuple(layout.ranks), W.dtype, str(W.device))
+    model = _PEFT_CACHE.get(key)
+    if model is None:
+        _PEFT_CACHE.clear()  # one model at a time: the sweep runs each key's Ts back to back
+        model = _PEFT_CACHE[key] = build_peft(W, bias, A, B, layout)
+        return model
+    layer = model.base_model.model.lin
+    with torch.no_grad():
+        layer.base_layer.weight.copy_(W)
+        if bias is not None:
+            layer.base_layer.bias.copy_(bias)
+        for k in range(layout.num_adapters):
+            rows = layout.rows(k)
+            layer.lora_A[f"a{k}"].weight.copy_(A[rows])
+            layer.lora_B[f"a{k}"].weight.copy_(B[rows].t())
+    model.zero_grad(set_to_none=True)
     return model
 
 
@@ -452,7 +483,7 @@ def bench_lora_config(T: int, d: int, K: int, mix: str, dtype: torch.dtype, devi
     peft_model, peft_reason = None, no_peft
     if no_peft is None:
         try:
-            peft_model = build_peft(case0.W, case0.bias, case0.A, case0.B, layout)
+            peft_model = peft_for(case0.W, case0.bias, case0.A, case0.B, layout)
         except Exception as e:
             peft_reason = f"peft model build failed: {_err_reason(e)}"
     common = {"T": T, "d_in": d_in, "d_out": d_out, "K": K, "mix": mix, "arrangement": arrangement,
@@ -532,12 +563,13 @@ def _time_method(fn: Callable[[LoraCase], torch.Tensor], cases: list[LoraCase], 
                 peft_model.zero_grad(set_to_none=True)
     calls = [mk(c) for c in cases]
     r = C.time_fn(calls, device, warmup=pre.warmup, reps=pre.reps, min_reps=pre.min_reps,
-                  budget_s=pre.method_budget_s, before=before, slow_s=pre.slow_call_s)
+                  budget_s=pre.method_budget_s, before=before, slow_s=pre.slow_call_s, peak=True)
     out = {"median_ms": r["median_s"] * 1e3, "min_ms": r["min_s"] * 1e3, "p20_ms": r["p20_s"] * 1e3,
-           "p80_ms": r["p80_s"] * 1e3, "reps": r["reps"]}
-    if before:
-        before()
-    out["peak_bytes"] = C.peak_memory(calls[0], device)
+           "p80_ms": r["p80_s"] * 1e3, "reps": r["reps"], "peak_bytes": r["peak_bytes"]}
+    if out["peak_bytes"] is None:  # off the GPU (or no timed call): one call of its own
+        if before:
+            before()
+        out["peak_bytes"] = C.peak_memory(calls[0], device)
     return out
 
 
@@ -658,10 +690,10 @@ def bench_server_config(K: int, d: int, L: int, mix: str, dtype: torch.dtype, de
                         with torch.no_grad():
                             fn(s)
                     r = C.time_fn([call], device, warmup=pre.warmup, reps=pre.reps, min_reps=pre.min_reps,
-                                  budget_s=pre.method_budget_s, slow_s=pre.slow_call_s)
+                                  budget_s=pre.method_budget_s, slow_s=pre.slow_call_s, peak=True)
+                    peak = r["peak_bytes"] if r["peak_bytes"] is not None else C.peak_memory(call, device)
                     row.update(median_ms=r["median_s"] * 1e3, min_ms=r["min_s"] * 1e3, p20_ms=r["p20_s"] * 1e3,
-                               p80_ms=r["p80_s"] * 1e3,
-                               reps=r["reps"], peak_bytes=C.peak_memory(call, device), status="ok")
+                               p80_ms=r["p80_s"] * 1e3, reps=r["reps"], peak_bytes=peak, status="ok")
                 except NotImplementedError as e:
                     row.update(status="n/a", reason=_err_reason(e))
                 except Exception as e:
@@ -677,45 +709,49 @@ def bench_server_config(K: int, d: int, L: int, mix: str, dtype: torch.dtype, de
 # driver
 # ------------------------------------------------------------------------------------------
 def sweep(pre: Preset) -> list[tuple]:
-    """Jobs in priority order, so that a run cut short by its budget still covers the ranges:
+    """Jobs in priority order, so that a run cut short by its budget still covers every axis.
 
-    1. the server ops (first dtype; seconds); 2. the main grid (first mix and dtype) at the
-    largest d; 3. the main grid at the other d; 4. the extra grid over every mix and dtype; 5. the
-    server ops in the other dtypes; the other token arrangements come right after step 2.  LoRA
-    jobs are ``("lora", T, d, K, mix, dtype, arrangement)`` with ``T >= K``; server jobs
+    The blocks, in order: the server ops (first dtype); the main grid (first mix and dtype,
+    grouped tokens) at the largest d; the other token arrangements there; the main grid at the
+    other d; the extra grid over every mix and dtype; the server ops in the other dtypes.
+    Two passes over them: the first runs the main block whole, the server ops at the largest
+    d, and of every other block only its cover points (T in ``cover_Ts`` and K in ``cover_Ks``);
+    the second runs what is left, block by block.  Within a block K is the outer loop, so the
+    configs that share adapters (and a peft model, see `peft_for`) run back to back.
+    LoRA jobs are ``("lora", T, d, K, mix, dtype, arrangement)`` with ``T >= K``; server jobs
     ``("server", K, d, L, dtype)``.
     """
-    out: list[tuple] = []
-    seen = set()
-
-    def push(c: tuple) -> None:
-        if c in seen:
-            return
-        if c[0] == "lora" and (c[1] < c[3] or (c[3] == 1 and (c[4] != pre.mixes[0] or c[6] != "grouped"))):
-            return  # fewer tokens than adapters; or K = 1, where every mix and arrangement is the same
-        seen.add(c)
-        out.append(c)
+    def lora_ok(c: tuple) -> bool:
+        # fewer tokens than adapters; or K = 1, where every mix and arrangement is the same
+        return not (c[1] < c[3] or (c[3] == 1 and (c[4] != pre.mixes[0] or c[6] != "grouped")))
 
     ds = sorted(pre.ds, reverse=True)
-    for K, d, L in pre.server:  # cheap: seconds in all
-        push(("server", K, d, L, pre.server_dtypes[0]))
-    for arr in pre.arrangements:
-        for T in pre.Ts:
-            for K in pre.Ks:
-                push(("lora", T, ds[0], K, pre.mixes[0], pre.dtypes[0], arr))
-    for d in ds[1:]:
-        for T in pre.Ts:
-            for K in pre.Ks:
-                push(("lora", T, d, K, pre.mixes[0], pre.dtypes[0], "grouped"))
-    for dt in pre.dtypes:
-        for mix in pre.mixes:
-            for T in pre.extra_Ts:
-                for d in pre.extra_ds:
-                    for K in pre.extra_Ks:
-                        push(("lora", T, d, K, mix, dt, "grouped"))
-    for dt in pre.server_dtypes[1:]:
-        for K, d, L in pre.server:
-            push(("server", K, d, L, dt))
+    m0, dt0 = pre.mixes[0], pre.dtypes[0]
+    main = [("lora", T, ds[0], K, m0, dt0, "grouped") for K in pre.Ks for T in pre.Ts]
+    blocks = [[("lora", T, ds[0], K, m0, dt0, arr) for K in pre.Ks for T in pre.Ts] for arr in pre.arrangements[1:]]
+    blocks += [[("lora", T, d, K, m0, dt0, "grouped") for K in pre.Ks for T in pre.Ts] for d in ds[1:]]
+    blocks += [[("lora", T, d, K, mix, dt, "grouped") for d in pre.extra_ds for K in pre.extra_Ks
+                for T in pre.extra_Ts] for dt in pre.dtypes for mix in pre.mixes]
+    server = [("server", K, d, L, pre.server_dtypes[0]) for K, d, L in pre.server]
+    server_rest = [("server", K, d, L, dt) for dt in pre.server_dtypes[1:] for K, d, L in pre.server]
+    d_server = max((d for _, d, _ in pre.server), default=0)
+
+    def cover(c: tuple) -> bool:
+        if c[0] == "server":
+            return c[2] == d_server
+        return c[1] in pre.cover_Ts and c[3] in pre.cover_Ks
+
+    first = [c for c in server if cover(c)] + main
+    first += [c for b in blocks + [server_rest] for c in b if cover(c)]
+    second = [c for c in server if not cover(c)]
+    second += [c for b in blocks + [server_rest] for c in b if not cover(c)]
+    out: list[tuple] = []
+    seen = set()
+    for c in first + second:
+        if c in seen or (c[0] == "lora" and not lora_ok(c)):
+            continue
+        seen.add(c)
+        out.append(c)
     return out
 
 

@@ -178,3 +178,100 @@ def test_e2e_sequential_trains_a_rotating_16_of_many_clients(monkeypatch) -> Non
     step()
     step()
     assert seen == [f"c{k % 20}" for k in range(32)]
+
+
+def _bench_modules():
+    sys.path.insert(0, str(REPO))
+    try:
+        from bench import common, kernels
+    finally:
+        sys.path.remove(str(REPO))
+    return common, kernels
+
+
+def test_gpu_sweep_covers_every_axis_before_filling_in() -> None:
+    """The GPU sweep holds every job of its grids once, and its first pass (what a budget-cut
+    run surely measures) already reaches every d, dtype, rank mix, token arrangement and
+    server dtype: the first lend's sweep was cut after d = 4096 bf16 mixed alone."""
+    _, kernels = _bench_modules()
+    pre = kernels.PRESETS["gpu"]
+    jobs = kernels.sweep(pre)
+    assert len(jobs) == len(set(jobs))
+    # the grids spelled out independently of sweep()'s ordering
+    want = {("server", K, d, L, dt) for dt in pre.server_dtypes for K, d, L in pre.server}
+    d0, m0, dt0 = max(pre.ds), pre.mixes[0], pre.dtypes[0]
+    grid = [(T, d, K, m0, dt0, arr) for arr in pre.arrangements for d in pre.ds for T in pre.Ts for K in pre.Ks
+            if arr == "grouped" or d == d0]
+    grid += [(T, d, K, mix, dt, "grouped") for dt in pre.dtypes for mix in pre.mixes for T in pre.extra_Ts
+             for d in pre.extra_ds for K in pre.extra_Ks]
+    want |= {("lora", *g) for g in grid
+             if g[0] >= g[2] and not (g[2] == 1 and (g[3] != m0 or g[5] != "grouped"))}
+    assert set(jobs) == want
+    # the first pass: everything up to the last cover point
+    n_first = max(i for i, j in enumerate(jobs) if (j[0] == "lora" and j[1] in pre.cover_Ts and j[3] in pre.cover_Ks)
+                  or (j[0] == "server" and j[2] == max(d for _, d, _ in pre.server))) + 1
+    first = jobs[:n_first]
+    lora = [j for j in first if j[0] == "lora"]
+    assert {j[2] for j in lora} == set(pre.ds)
+    assert {j[5] for j in lora} == set(pre.dtypes) and {j[4] for j in lora} == set(pre.mixes)
+    assert {j[6] for j in lora} == set(pre.arrangements)
+    assert {j[4] for j in first if j[0] == "server"} == set(pre.server_dtypes)
+    # the main block (largest d, first mix and dtype, grouped) runs whole, and first
+    main = [j for j in jobs if j[0] == "lora" and j[2] == d0 and j[4] == m0 and j[5] == dt0 and j[6] == "grouped"]
+    assert main == lora[:len(main)] and len(main) == len(pre.Ts) * len(pre.Ks)
+    assert n_first < len(jobs)  # and the first pass is a fraction of the whole
+    # configs sharing adapters run back to back (K outer, T inner)
+    ks = [j[3] for j in main]
+    assert ks == sorted(ks)
+
+
+def test_time_fn_counts_a_slow_calls_probe_as_a_sample() -> None:
+    """A call slower than ``slow_s`` at its second warm-up is called 3 times in all (2 warm-ups,
+    the second of them timed, and one more rep), not warm-up + reps; a fast call gets its reps."""
+    import time
+
+    import torch
+
+    common, _ = _bench_modules()
+    cpu = torch.device("cpu")
+    n = [0]
+
+    def slow() -> None:
+        n[0] += 1
+        time.sleep(0.03)
+
+    r = common.time_fn([slow], cpu, warmup=3, reps=10, min_reps=5, slow_s=0.01, peak=True)
+    assert n[0] == 3 and r["reps"] == common.SLOW_REPS == 2
+    assert 0.03 <= r["min_s"] <= r["median_s"] < 1.0
+    assert r["peak_bytes"] is None  # a CPU has no allocator peak: the caller measures it itself
+    n[0] = 0
+    r = common.time_fn([lambda: n.__setitem__(0, n[0] + 1)], cpu, warmup=3, reps=10, slow_s=0.01)
+    assert n[0] == 13 and r["reps"] == 10
+
+
+def test_peft_for_reuses_the_model_with_new_weights() -> None:
+    """The sweep's peft model cache: the same shapes and ranks give back the same model with
+    the new weights in it (its mixed batch matches the new adapters' loop), other ranks a new one."""
+    import torch
+
+    import hetlora_kernels as hk
+
+    _, kernels = _bench_modules()
+    layout = hk.AdapterLayout([3, 1, 5])
+    g = torch.Generator().manual_seed(3)
+
+    def weights():
+        return (torch.randn(7, 6, generator=g), torch.randn(7, generator=g), torch.randn(9, 6, generator=g),
+                torch.randn(9, 7, generator=g))
+
+    m1 = kernels.peft_for(*weights(), layout)
+    W, b, A, B = weights()
+    m2 = kernels.peft_for(W, b, A, B, layout)
+    assert m2 is m1
+    x = torch.randn(3, 2, 6, generator=g, dtype=torch.float32)
+    with torch.no_grad():
+        y = m2(x, adapter_names=["a0", "a1", "a2"])
+    ref = torch.stack([x[k] @ W.t() + b + (kernels.ALPHA / r) * (x[k] @ A[layout.rows(k)].t()) @ B[layout.rows(k)]
+                       for k, r in enumerate(layout.ranks)])
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    assert kernels.peft_for(W, b, A, B, hk.AdapterLayout([3, 1, 4, 1])) is not m1
