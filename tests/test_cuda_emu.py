@@ -290,9 +290,19 @@ def _lora_checks(emu) -> None:
     [
         ("for (int64_t j = rk + lane; j < r_max; j += 32) hr[j] = A(0);", "", "no zero fill past r_k"),
         (
-            "if (c >= d) return;\n  const int k = find_segment(starts, K, p);",
-            "const int k = find_segment(starts, K, p);",
+            "if (c >= d) return;\n  const int64_t p_begin",
+            "const int64_t p_begin",
             "expand writes past the last column",
+        ),
+        (
+            "const int64_t q = starts[k + 1] < p_end ? starts[k + 1] : p_end;",
+            "const int64_t q = p_end;",
+            "expand runs a tile's next adapter's tokens with the adapter before",
+        ),
+        (
+            "const int64_t p_end = p_begin + kTokens < T_total ? p_begin + kTokens : T_total;",
+            "const int64_t p_end = p_begin + kTokens - 1 < T_total ? p_begin + kTokens - 1 : T_total;",
+            "expand leaves each tile's last token out",
         ),
         (
             _SHRINK_SEGMENT,
@@ -305,7 +315,7 @@ def _lora_checks(emu) -> None:
             "wgrad writes rows past an adapter's rank",
         ),
     ],
-    ids=["zero-fill", "expand-bounds", "segment", "wgrad-rows"],
+    ids=["zero-fill", "expand-bounds", "expand-runs", "expand-short", "segment", "wgrad-rows"],
 )
 def test_a_broken_lora_kernel_is_caught(old, new, what):
     emu = _mutated("lora_kernels.cu", old, new)

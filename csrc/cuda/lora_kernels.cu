@@ -24,6 +24,7 @@ using detail::warp_sum;
 constexpr int kWarps = 8;       // warps per block in the warp-per-row kernels
 constexpr int kThreads = 256;   // threads per block in the column-parallel kernels
 constexpr int kRows = 8;        // rank components handled together (register accumulators)
+constexpr int kTokens = 16;     // routed positions per block in expand (w rows read once per run)
 
 // One warp per routed token: the warp reads x[t] once per group of kRows components and
 // keeps kRows partial dot products per lane, then reduces them across the warp.
@@ -67,27 +68,47 @@ shrink_kernel(const T* __restrict__ x, const T* __restrict__ w, typename Acc<T>:
   for (int64_t j = rk + lane; j < r_max; j += 32) hr[j] = A(0);
 }
 
-// grid.x: routed token, grid.y: tile of kThreads output columns.  Each thread walks the
-// token's r_k components; h[t, j] is a warp-wide broadcast load, w rows are coalesced.
+// grid.x: tile of kTokens consecutive routed positions, grid.y: tile of kThreads output
+// columns.  The tile is cut into runs of one adapter (one run where groups are longer than a
+// tile); each thread reads a run's w rows once for all its tokens, where one block per token
+// read them once per token.  h[t, j] is a warp-wide broadcast load, w rows are coalesced.
+// Each output is the same j-ordered sum as with one token per block: bitwise the same.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 expand_kernel(const typename Acc<T>::type* __restrict__ h, const T* __restrict__ w, T* __restrict__ y,
               const int64_t* __restrict__ order, const int64_t* __restrict__ starts,
               const int64_t* __restrict__ offsets, const typename Acc<T>::type* __restrict__ scales,
-              typename Acc<T>::type scale, int64_t base, int K, int64_t d, int64_t r_max) {
+              typename Acc<T>::type scale, int64_t base, int64_t T_total, int K, int64_t d, int64_t r_max) {
   using A = typename Acc<T>::type;
-  const int64_t p = base + blockIdx.x;
   const int64_t c = static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x;
   if (c >= d) return;
-  const int k = find_segment(starts, K, p);
-  const int64_t tok = order[p];
-  const A s = scale_of(scales, scale, k);
-  const int64_t r0 = offsets[k];
-  const int rk = static_cast<int>(offsets[k + 1] - r0);
-  const A* hr = h + tok * r_max;
-  A acc = A(0);
-  for (int j = 0; j < rk; ++j) acc += hr[j] * to_acc(w[(r0 + j) * d + c]);
-  y[tok * d + c] = from_acc<T>(acc * s);
+  const int64_t p_begin = base + static_cast<int64_t>(blockIdx.x) * kTokens;
+  const int64_t p_end = p_begin + kTokens < T_total ? p_begin + kTokens : T_total;
+  for (int64_t p = p_begin; p < p_end;) {
+    const int k = find_segment(starts, K, p);  // the adapter whose group holds p (never an empty one)
+    const int64_t q = starts[k + 1] < p_end ? starts[k + 1] : p_end;
+    const int n = static_cast<int>(q - p);
+    const A s = scale_of(scales, scale, k);
+    const int64_t r0 = offsets[k];
+    const int rk = static_cast<int>(offsets[k + 1] - r0);
+    int64_t tok[kTokens];
+    A acc[kTokens];
+#pragma unroll
+    for (int u = 0; u < kTokens; ++u) {
+      acc[u] = A(0);
+      tok[u] = u < n ? order[p + u] : 0;
+    }
+    for (int j = 0; j < rk; ++j) {
+      const A wv = to_acc(w[(r0 + j) * d + c]);
+#pragma unroll
+      for (int u = 0; u < kTokens; ++u)
+        if (u < n) acc[u] += h[tok[u] * r_max + j] * wv;
+    }
+#pragma unroll
+    for (int u = 0; u < kTokens; ++u)
+      if (u < n) y[tok[u] * d + c] = from_acc<T>(acc[u] * s);
+    p = q;
+  }
 }
 
 // grid.x: tile of kThreads columns, grid.y: adapter k, grid.z: group of kRows components.
@@ -160,7 +181,7 @@ cudaError_t shrink(DType dt, const void* x, const void* w, void* h, const int64_
                    int64_t d, int64_t r_max, cudaStream_t stream) {
   const int64_t n = T - base;
   if (n <= 0) return cudaSuccess;
-  if (ceil_div(n, kWarps) > 0x7fffffffu) return cudaErrorInvalidConfiguration;
+  if ((n + kWarps - 1) / kWarps > 0x7fffffff) return cudaErrorInvalidConfiguration;
   return HETLORA_DISPATCH_DT(dt, [&] {
     using A = typename Acc<scalar_t>::type;
     shrink_kernel<scalar_t><<<ceil_div(n, kWarps), kWarps * 32, 0, stream>>>(
@@ -175,13 +196,14 @@ cudaError_t expand(DType dt, const void* h, const void* w, void* y, const int64_
                    int64_t d, int64_t r_max, cudaStream_t stream) {
   const int64_t n = T - base;
   if (n <= 0 || d == 0) return cudaSuccess;
-  if (n > 0x7fffffff || ceil_div(d, kThreads) > 65535u) return cudaErrorInvalidConfiguration;
-  const dim3 grid(static_cast<unsigned>(n), ceil_div(d, kThreads));
+  if ((n + kTokens - 1) / kTokens > 0x7fffffff || (d + kThreads - 1) / kThreads > 65535)
+    return cudaErrorInvalidConfiguration;
+  const dim3 grid(ceil_div(n, kTokens), ceil_div(d, kThreads));
   return HETLORA_DISPATCH_DT(dt, [&] {
     using A = typename Acc<scalar_t>::type;
     expand_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
         static_cast<const A*>(h), static_cast<const scalar_t*>(w), static_cast<scalar_t*>(y), order, starts,
-        offsets, static_cast<const A*>(scales), static_cast<A>(scale), base, static_cast<int>(K), d, r_max);
+        offsets, static_cast<const A*>(scales), static_cast<A>(scale), base, T, static_cast<int>(K), d, r_max);
     return cudaGetLastError();
   });
 }
