@@ -272,10 +272,8 @@ def _mutated(file: str, old: str, new: str) -> cuda_emu.Emulator:
     return cuda_emu.load(cuda_emu.build(mutate))
 
 
-_SHRINK_SEGMENT = (
-    "const int k = find_segment(starts, K, p);\n  const int64_t tok = order[p];\n  const A s = scale_of(scales, scale, "
-    "k);\n  const int64_t r0 = offsets[k];\n  const int rk = static_cast<int>(offsets[k + 1] - r0);\n  const T* xr"
-)
+# shrink's run start (expand's carries a comment after find_segment, so this text is shrink's alone)
+_SHRINK_SEGMENT = "const int k = find_segment(starts, K, p);\n    const int64_t q"
 
 
 def _lora_checks(emu) -> None:
@@ -288,16 +286,22 @@ def _lora_checks(emu) -> None:
 @pytest.mark.parametrize(
     "old, new, what",
     [
-        ("for (int64_t j = rk + lane; j < r_max; j += 32) hr[j] = A(0);", "", "no zero fill past r_k"),
+        ("for (int64_t j = rk + lane; j < r_max; j += 32) h[tok[i] * r_max + j] = A(0);", ";",
+         "no zero fill past r_k"),
         (
             "if (c >= d) return;\n  const int64_t p_begin",
             "const int64_t p_begin",
             "expand writes past the last column",
         ),
         (
-            "const int64_t q = starts[k + 1] < p_end ? starts[k + 1] : p_end;",
-            "const int64_t q = p_end;",
+            "holds p (never an empty one)\n    const int64_t q = starts[k + 1] < p_end ? starts[k + 1] : p_end;",
+            "holds p (never an empty one)\n    const int64_t q = p_end;",
             "expand runs a tile's next adapter's tokens with the adapter before",
+        ),
+        (
+            _SHRINK_SEGMENT + " = starts[k + 1] < p_end ? starts[k + 1] : p_end;",
+            _SHRINK_SEGMENT + " = p_end;",
+            "shrink runs a warp's next adapter's tokens with the adapter before",
         ),
         (
             "const int64_t p_end = p_begin + kTokens < T_total ? p_begin + kTokens : T_total;",
@@ -315,7 +319,7 @@ def _lora_checks(emu) -> None:
             "wgrad writes rows past an adapter's rank",
         ),
     ],
-    ids=["zero-fill", "expand-bounds", "expand-runs", "expand-short", "segment", "wgrad-rows"],
+    ids=["zero-fill", "expand-bounds", "expand-runs", "shrink-runs", "expand-short", "segment", "wgrad-rows"],
 )
 def test_a_broken_lora_kernel_is_caught(old, new, what):
     emu = _mutated("lora_kernels.cu", old, new)
@@ -324,7 +328,7 @@ def test_a_broken_lora_kernel_is_caught(old, new, what):
 
 
 def test_a_lane_left_out_of_a_shuffle_is_reported():
-    emu = _mutated("lora_kernels.cu", "if (p >= T_total) return;", "if (p >= T_total || lane == 7) return;")
+    emu = _mutated("lora_kernels.cu", "if (p_begin >= T_total) return;", "if (p_begin >= T_total || lane == 7) return;")
     with pytest.raises(
         RuntimeError, match=r"lane 7\]: exits while \d+ lane\(s\) of its warp wait in a full-mask shuffle"
     ):

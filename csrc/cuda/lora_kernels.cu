@@ -25,9 +25,13 @@ constexpr int kWarps = 8;       // warps per block in the warp-per-row kernels
 constexpr int kThreads = 256;   // threads per block in the column-parallel kernels
 constexpr int kRows = 8;        // rank components handled together (register accumulators)
 constexpr int kTokens = 16;     // routed positions per block in expand (w rows read once per run)
+constexpr int kWarpTokens = 4;  // routed positions per warp in shrink (w rows read once per run)
 
-// One warp per routed token: the warp reads x[t] once per group of kRows components and
-// keeps kRows partial dot products per lane, then reduces them across the warp.
+// One warp per kWarpTokens consecutive routed positions, cut into runs of one adapter: per
+// group of kRows components each lane reads the w rows once for the run's tokens (one warp
+// per token read them once per token), keeps kRows partial dot products per token, and the
+// warp reduces them.  Each h value is the same lane-strided sum, reduced the same way, as
+// with one token per warp: bitwise the same.
 template <typename T>
 __global__ void __launch_bounds__(kWarps * 32)
 shrink_kernel(const T* __restrict__ x, const T* __restrict__ w, typename Acc<T>::type* __restrict__ h,
@@ -36,36 +40,61 @@ shrink_kernel(const T* __restrict__ x, const T* __restrict__ w, typename Acc<T>:
               typename Acc<T>::type scale, int64_t base, int64_t T_total, int K, int64_t d, int64_t r_max) {
   using A = typename Acc<T>::type;
   const int lane = threadIdx.x & 31;
-  const int64_t p = base + static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
-  if (p >= T_total) return;  // whole warps leave together: no shuffle sees a missing lane
-  const int k = find_segment(starts, K, p);
-  const int64_t tok = order[p];
-  const A s = scale_of(scales, scale, k);
-  const int64_t r0 = offsets[k];
-  const int rk = static_cast<int>(offsets[k + 1] - r0);
-  const T* xr = x + tok * d;
-  A* hr = h + tok * r_max;
-  for (int j0 = 0; j0 < rk; j0 += kRows) {
-    A acc[kRows];
+  const int64_t p_begin =
+      base + (static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5)) * kWarpTokens;
+  if (p_begin >= T_total) return;  // whole warps leave together: no shuffle sees a missing lane
+  const int64_t p_end = p_begin + kWarpTokens < T_total ? p_begin + kWarpTokens : T_total;
+  for (int64_t p = p_begin; p < p_end;) {
+    const int k = find_segment(starts, K, p);
+    const int64_t q = starts[k + 1] < p_end ? starts[k + 1] : p_end;
+    if (q <= p) break;  // only with corrupt starts: leave the rest unwritten rather than spin
+    const int n = static_cast<int>(q - p);
+    const A s = scale_of(scales, scale, k);
+    const int64_t r0 = offsets[k];
+    const int rk = static_cast<int>(offsets[k + 1] - r0);
+    int64_t tok[kWarpTokens];
 #pragma unroll
-    for (int u = 0; u < kRows; ++u) acc[u] = A(0);
-    const int nu = rk - j0 < kRows ? rk - j0 : kRows;
-    const T* wr = w + (r0 + j0) * d;
-    for (int64_t c = lane; c < d; c += 32) {
-      const A xv = to_acc(xr[c]);
+    for (int i = 0; i < kWarpTokens; ++i) tok[i] = i < n ? order[p + i] : 0;
+    for (int j0 = 0; j0 < rk; j0 += kRows) {
+      A acc[kWarpTokens][kRows];
 #pragma unroll
-      for (int u = 0; u < kRows; ++u)
-        if (u < nu) acc[u] += xv * to_acc(wr[u * d + c]);
+      for (int i = 0; i < kWarpTokens; ++i)
+#pragma unroll
+        for (int u = 0; u < kRows; ++u) acc[i][u] = A(0);
+      const int nu = rk - j0 < kRows ? rk - j0 : kRows;
+      const T* wr = w + (r0 + j0) * d;
+      for (int64_t c = lane; c < d; c += 32) {
+        A wv[kRows];
+#pragma unroll
+        for (int u = 0; u < kRows; ++u) wv[u] = u < nu ? to_acc(wr[u * d + c]) : A(0);
+#pragma unroll
+        for (int i = 0; i < kWarpTokens; ++i) {
+          if (i < n) {
+            const A xv = to_acc(x[tok[i] * d + c]);
+#pragma unroll
+            for (int u = 0; u < kRows; ++u) acc[i][u] += xv * wv[u];
+          }
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < kWarpTokens; ++i) {
+        if (i < n) {  // n is the same on every lane: the whole warp shuffles or none of it
+#pragma unroll
+          for (int u = 0; u < kRows; ++u) acc[i][u] = warp_sum(acc[i][u]);
+          if (lane == 0) {
+#pragma unroll
+            for (int u = 0; u < kRows; ++u)
+              if (u < nu) h[tok[i] * r_max + j0 + u] = acc[i][u] * s;
+          }
+        }
+      }
     }
 #pragma unroll
-    for (int u = 0; u < kRows; ++u) acc[u] = warp_sum(acc[u]);
-    if (lane == 0) {
-#pragma unroll
-      for (int u = 0; u < kRows; ++u)
-        if (u < nu) hr[j0 + u] = acc[u] * s;
-    }
+    for (int i = 0; i < kWarpTokens; ++i)  // unrolled: tok[] stays in registers
+      if (i < n)
+        for (int64_t j = rk + lane; j < r_max; j += 32) h[tok[i] * r_max + j] = A(0);
+    p = q;
   }
-  for (int64_t j = rk + lane; j < r_max; j += 32) hr[j] = A(0);
 }
 
 // grid.x: tile of kTokens consecutive routed positions, grid.y: tile of kThreads output
@@ -87,6 +116,7 @@ expand_kernel(const typename Acc<T>::type* __restrict__ h, const T* __restrict__
   for (int64_t p = p_begin; p < p_end;) {
     const int k = find_segment(starts, K, p);  // the adapter whose group holds p (never an empty one)
     const int64_t q = starts[k + 1] < p_end ? starts[k + 1] : p_end;
+    if (q <= p) break;  // only with corrupt starts: leave the rest unwritten rather than spin
     const int n = static_cast<int>(q - p);
     const A s = scale_of(scales, scale, k);
     const int64_t r0 = offsets[k];
@@ -181,10 +211,11 @@ cudaError_t shrink(DType dt, const void* x, const void* w, void* h, const int64_
                    int64_t d, int64_t r_max, cudaStream_t stream) {
   const int64_t n = T - base;
   if (n <= 0) return cudaSuccess;
-  if ((n + kWarps - 1) / kWarps > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  constexpr int64_t per_block = static_cast<int64_t>(kWarps) * kWarpTokens;
+  if ((n + per_block - 1) / per_block > 0x7fffffff) return cudaErrorInvalidConfiguration;
   return HETLORA_DISPATCH_DT(dt, [&] {
     using A = typename Acc<scalar_t>::type;
-    shrink_kernel<scalar_t><<<ceil_div(n, kWarps), kWarps * 32, 0, stream>>>(
+    shrink_kernel<scalar_t><<<ceil_div(n, per_block), kWarps * 32, 0, stream>>>(
         static_cast<const scalar_t*>(x), static_cast<const scalar_t*>(w), static_cast<A*>(h), order, starts,
         offsets, static_cast<const A*>(scales), static_cast<A>(scale), base, T, static_cast<int>(K), d, r_max);
     return cudaGetLastError();
