@@ -272,8 +272,8 @@ def _mutated(file: str, old: str, new: str) -> cuda_emu.Emulator:
     return cuda_emu.load(cuda_emu.build(mutate))
 
 
-# shrink's run start (expand's carries a comment after find_segment, so this text is shrink's alone)
-_SHRINK_SEGMENT = "const int k = find_segment(starts, K, p);\n    const int64_t q"
+# the run search shared by shrink and expand (`run_at`)
+_RUN_SEGMENT = "const int k = find_segment(starts, K, p);  // the adapter whose group holds p"
 
 
 def _lora_checks(emu) -> None:
@@ -294,14 +294,9 @@ def _lora_checks(emu) -> None:
             "expand writes past the last column",
         ),
         (
-            "holds p (never an empty one)\n    const int64_t q = starts[k + 1] < p_end ? starts[k + 1] : p_end;",
-            "holds p (never an empty one)\n    const int64_t q = p_end;",
-            "expand runs a tile's next adapter's tokens with the adapter before",
-        ),
-        (
-            _SHRINK_SEGMENT + " = starts[k + 1] < p_end ? starts[k + 1] : p_end;",
-            _SHRINK_SEGMENT + " = p_end;",
-            "shrink runs a warp's next adapter's tokens with the adapter before",
+            "const int64_t end = starts[k + 1] < p_end ? starts[k + 1] : p_end;",
+            "const int64_t end = p_end;",
+            "shrink and expand run a tile's next adapter's tokens with the adapter before",
         ),
         (
             "const int64_t p_end = p_begin + kTokens < T_total ? p_begin + kTokens : T_total;",
@@ -309,9 +304,9 @@ def _lora_checks(emu) -> None:
             "expand leaves each tile's last token out",
         ),
         (
-            _SHRINK_SEGMENT,
-            _SHRINK_SEGMENT.replace("(starts, K, p)", "(starts, K - 1, p)"),
-            "shrink takes the last adapter's tokens for the one before",
+            _RUN_SEGMENT,
+            _RUN_SEGMENT.replace("(starts, K, p)", "(starts, K - 1, p)"),
+            "shrink and expand take the last adapter's tokens for the one before",
         ),
         (
             "if (j0 >= rk || c >= d) return;\n  const int nu = rk - j0 < kRows ? rk - j0 : kRows;",
@@ -319,7 +314,7 @@ def _lora_checks(emu) -> None:
             "wgrad writes rows past an adapter's rank",
         ),
     ],
-    ids=["zero-fill", "expand-bounds", "expand-runs", "shrink-runs", "expand-short", "segment", "wgrad-rows"],
+    ids=["zero-fill", "expand-bounds", "runs", "expand-short", "segment", "wgrad-rows"],
 )
 def test_a_broken_lora_kernel_is_caught(old, new, what):
     emu = _mutated("lora_kernels.cu", old, new)

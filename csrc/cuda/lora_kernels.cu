@@ -27,6 +27,26 @@ constexpr int kRows = 8;        // rank components handled together (register ac
 constexpr int kTokens = 16;     // routed positions per block in expand (w rows read once per run)
 constexpr int kWarpTokens = 4;  // routed positions per warp in shrink (w rows read once per run)
 
+// The run of a tile that starts at position p: positions [p, end) of the tile [.., p_end)
+// that one adapter's group holds, with that adapter's scale, first packed row and rank.
+// end <= p only with corrupt starts.
+template <typename A>
+struct Run {
+  int64_t end;
+  A s;
+  int64_t r0;
+  int rk;
+};
+
+template <typename A>
+__device__ __forceinline__ Run<A> run_at(int64_t p, int64_t p_end, const int64_t* __restrict__ starts, int K,
+                                         const int64_t* __restrict__ offsets, const A* __restrict__ scales, A scale) {
+  const int k = find_segment(starts, K, p);  // the adapter whose group holds p (never an empty one)
+  const int64_t end = starts[k + 1] < p_end ? starts[k + 1] : p_end;
+  const int64_t r0 = offsets[k];
+  return {end, scale_of(scales, scale, k), r0, static_cast<int>(offsets[k + 1] - r0)};
+}
+
 // One warp per kWarpTokens consecutive routed positions, cut into runs of one adapter: per
 // group of kRows components each lane reads the w rows once for the run's tokens (one warp
 // per token read them once per token), keeps kRows partial dot products per token, and the
@@ -45,13 +65,9 @@ shrink_kernel(const T* __restrict__ x, const T* __restrict__ w, typename Acc<T>:
   if (p_begin >= T_total) return;  // whole warps leave together: no shuffle sees a missing lane
   const int64_t p_end = p_begin + kWarpTokens < T_total ? p_begin + kWarpTokens : T_total;
   for (int64_t p = p_begin; p < p_end;) {
-    const int k = find_segment(starts, K, p);
-    const int64_t q = starts[k + 1] < p_end ? starts[k + 1] : p_end;
+    const auto [q, s, r0, rk] = run_at(p, p_end, starts, K, offsets, scales, scale);
     if (q <= p) break;  // only with corrupt starts: leave the rest unwritten rather than spin
     const int n = static_cast<int>(q - p);
-    const A s = scale_of(scales, scale, k);
-    const int64_t r0 = offsets[k];
-    const int rk = static_cast<int>(offsets[k + 1] - r0);
     int64_t tok[kWarpTokens];
 #pragma unroll
     for (int i = 0; i < kWarpTokens; ++i) tok[i] = i < n ? order[p + i] : 0;
@@ -114,13 +130,9 @@ expand_kernel(const typename Acc<T>::type* __restrict__ h, const T* __restrict__
   const int64_t p_begin = base + static_cast<int64_t>(blockIdx.x) * kTokens;
   const int64_t p_end = p_begin + kTokens < T_total ? p_begin + kTokens : T_total;
   for (int64_t p = p_begin; p < p_end;) {
-    const int k = find_segment(starts, K, p);  // the adapter whose group holds p (never an empty one)
-    const int64_t q = starts[k + 1] < p_end ? starts[k + 1] : p_end;
+    const auto [q, s, r0, rk] = run_at(p, p_end, starts, K, offsets, scales, scale);
     if (q <= p) break;  // only with corrupt starts: leave the rest unwritten rather than spin
     const int n = static_cast<int>(q - p);
-    const A s = scale_of(scales, scale, k);
-    const int64_t r0 = offsets[k];
-    const int rk = static_cast<int>(offsets[k + 1] - r0);
     int64_t tok[kTokens];
     A acc[kTokens];
 #pragma unroll
