@@ -238,12 +238,13 @@ std::vector<at::Tensor> weighted_aggregate(const std::vector<at::Tensor>& ts, co
 }
 
 at::Tensor delta_fro_sq(const std::vector<at::Tensor>& As, const std::vector<at::Tensor>& Bs,
-                        const at::Tensor& offsets) {
+                        const at::Tensor& offsets, int64_t r_max) {
   check_pairs(As, Bs);
-  check_offsets(offsets, As[0].size(0), As[0].size(0));
+  TORCH_CHECK_VALUE(r_max >= 1, "r_max must be >= 1, got ", r_max);
+  check_offsets(offsets, As[0].size(0), r_max);
   check_index(offsets, "offsets", offsets.size(0), As[0]);
   const auto A = contiguous(As), B = contiguous(Bs);
-  return HETLORA_ON_DEVICE(A[0], delta_fro_sq, A, B, offsets.contiguous());
+  return HETLORA_ON_DEVICE(A[0], delta_fro_sq, A, B, offsets.contiguous(), r_max);
 }
 
 bool with_cuda() {
@@ -275,7 +276,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("B"), py::arg("offsets"), py::arg("r_max"));
   m.def("weighted_aggregate", &weighted_aggregate, "list of t [R, d_i] -> list of [out_rank, d_i]: sum_k w_k pad(t_k)",
         py::arg("t"), py::arg("offsets"), py::arg("weights"), py::arg("out_rank"));
-  m.def("delta_fro_sq", &delta_fro_sq, "per-layer lists A, B -> [L, K]: ||B_k^T A_k||_F^2 (Gram identity)",
-        py::arg("A"), py::arg("B"), py::arg("offsets"));
+  m.def("delta_fro_sq", &delta_fro_sq,
+        "per-layer lists A, B -> [L, K]: ||B_k^T A_k||_F^2 (Gram identity); r_max >= every rank",
+        py::arg("A"), py::arg("B"), py::arg("offsets"), py::arg("r_max"));
   m.def("with_cuda", &with_cuda, "whether this build has the CUDA kernels");
 }

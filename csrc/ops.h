@@ -36,7 +36,7 @@ std::vector<at::Tensor> weighted_aggregate_cpu(const std::vector<at::Tensor>& ts
                                                const at::Tensor& weights, int64_t out_rank);
 // [L, K] acc: ||B_k^T A_k||_F^2 per layer
 at::Tensor delta_fro_sq_cpu(const std::vector<at::Tensor>& As, const std::vector<at::Tensor>& Bs,
-                            const at::Tensor& offsets);
+                            const at::Tensor& offsets, int64_t r_max);
 
 #ifdef WITH_CUDA
 at::Tensor shrink_cuda(const at::Tensor& x, const at::Tensor& w, const at::Tensor& order, const at::Tensor& starts,
@@ -54,7 +54,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> component_norms_cuda(const std::v
 std::vector<at::Tensor> weighted_aggregate_cuda(const std::vector<at::Tensor>& ts, const at::Tensor& offsets,
                                                 const at::Tensor& weights, int64_t out_rank);
 at::Tensor delta_fro_sq_cuda(const std::vector<at::Tensor>& As, const std::vector<at::Tensor>& Bs,
-                             const at::Tensor& offsets);
+                             const at::Tensor& offsets, int64_t r_max);
 #endif
 
 // acc dtype of an element dtype

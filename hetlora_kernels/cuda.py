@@ -287,7 +287,9 @@ def component_norms_impl(As: list, Bs: list, layout: AdapterLayout) -> torch.Ten
 
 def delta_fro_norms_impl(As: list, Bs: list, layout: AdapterLayout, scaling) -> torch.Tensor:
     """``[L, K]`` ``|s_k| ||B_k^T A_k||_F`` from the Gram identity (not differentiable)."""
-    parts = [_C.delta_fro_sq(a, b, layout.offsets_tensor(a[0].device)) for a, b in _same_dtype_runs(As, Bs)]
+    parts = [
+        _C.delta_fro_sq(a, b, layout.offsets_tensor(a[0].device), layout.max_rank) for a, b in _same_dtype_runs(As, Bs)
+    ]
     sq = parts[0] if len(parts) == 1 else torch.cat(parts)  # [L, K] fp32/fp64
     if isinstance(scaling, torch.Tensor):
         s = scaling.to(device=sq.device, dtype=sq.dtype).abs()

@@ -121,7 +121,7 @@ _SIGNATURES = {
     "wgrad": [ctypes.c_int, _VP, _VP, _VP, _VP, _I64P, _I64P, _I64P, _VP, ctypes.c_double, *[_I64] * 4],
     "component_norms": [ctypes.c_int, _I64P, _I64, _VP, _VP, _VP, _I64P, _I64, _I64, _I64],
     "weighted_aggregate": [ctypes.c_int, _I64P, _I64, _I64, _VP, _I64P, _I64, _I64],
-    "delta_fro_sq": [ctypes.c_int, _I64P, _I64, _VP, _I64P, _I64],
+    "delta_fro_sq": [ctypes.c_int, _I64P, _I64, _VP, _VP, _I64P, _I64, _I64, _I64],
 }
 
 
@@ -134,7 +134,12 @@ class Emulator:
         for op, args in _SIGNATURES.items():
             fn = getattr(self.lib, f"hetlora_emu_{op}")
             fn.argtypes, fn.restype = args, ctypes.c_int
-        for fn in ("hetlora_emu_wgrad_workspace", "hetlora_emu_wgrad_chunks"):
+        for fn in (
+            "hetlora_emu_wgrad_workspace",
+            "hetlora_emu_wgrad_chunks",
+            "hetlora_emu_delta_fro_workspace",
+            "hetlora_emu_delta_fro_splits",
+        ):
             getattr(self.lib, fn).argtypes, getattr(self.lib, fn).restype = [_I64] * 4, _I64
         self.lib.hetlora_emu_message.restype = ctypes.c_char_p
         self.lib.hetlora_emu_set_schedule.argtypes = [ctypes.c_int, ctypes.c_uint64]
@@ -322,14 +327,24 @@ class EmulatedC:
         )  # fmt: skip
         return outs
 
-    def delta_fro_sq(self, As, Bs, offsets):
+    def delta_fro_splits(self, L: int, K: int, r_max: int, max_d: int) -> int:
+        """cuda::delta_fro_splits: column ranges per Gram tile pair."""
+        return self.emu.lib.hetlora_emu_delta_fro_splits(L, K, r_max, max_d)
+
+    def delta_fro_sq(self, As, Bs, offsets, r_max):
         mem = _Guarded()
         A, B = [mem.copy(a) for a in As], [mem.copy(b) for b in Bs]
         offsets = self._index(offsets)
         L, K = len(A), offsets.numel() - 1
-        out = mem.alloc((L, K), _acc(A[0].dtype), zero=False)
+        max_d = max(max(a.shape[1], b.shape[1]) for a, b in zip(A, B))
+        acc = _acc(A[0].dtype)
+        out = mem.alloc((L, K), acc, zero=False)
+        work = mem.alloc((self.emu.lib.hetlora_emu_delta_fro_workspace(L, K, r_max, max_d),), acc, zero=False)
         table = self._factor_table(A, B)
-        self._launch("delta_fro_sq", mem, DTYPE_CODE[A[0].dtype], _idx(table), L, _p(out), _idx(offsets), K)
+        self._launch(
+            "delta_fro_sq", mem, DTYPE_CODE[A[0].dtype], _idx(table), L, _p(out), _p(work), _idx(offsets), K, r_max,
+            max_d,
+        )  # fmt: skip
         return out
 
 

@@ -642,13 +642,13 @@ def test_C_other_ops_check_arguments():
     with pytest.raises(ValueError, match=r"B\[0\] has 3 rows but A\[0\] has 4"):
         _C().component_norms([w], [w[:3]], offsets, 3)
     with pytest.raises(ValueError, match=r"A\[1\] has 3 rows"):
-        _C().delta_fro_sq([w, w[:3]], [w, w], offsets)
+        _C().delta_fro_sq([w, w[:3]], [w, w], offsets, 3)
     with pytest.raises(TypeError, match=r"A\[1\] dtype torch.float64 differs from A\[0\]"):
         _C().component_norms([w, w.double()], [w, w], offsets, 3)
     with pytest.raises(ValueError, match="A has 2 layers but B has 1"):
         _C().component_norms([w, w], [w], offsets, 3)
     with pytest.raises(ValueError, match="A must hold at least one layer"):
-        _C().delta_fro_sq([], [], offsets)
+        _C().delta_fro_sq([], [], offsets, 3)
     with pytest.raises(ValueError, match="weights must be"):
         _C().weighted_aggregate([w], offsets, torch.ones(3), 3)
     with pytest.raises(ValueError, match="offsets give adapter 1 rank 3"):

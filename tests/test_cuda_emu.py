@@ -44,7 +44,8 @@ def emulated(emu):
 
 
 def test_every_launch_is_translated():
-    launches = {"lora_kernels.cu": 4, "server_kernels.cu": 3}  # shrink, expand, wgrad (+ its reduce); 3 server ops
+    # shrink, expand, wgrad (+ its reduce); component norms, aggregate, delta_fro_sq's tiles and sums
+    launches = {"lora_kernels.cu": 4, "server_kernels.cu": 4}
     assert set(cuda_emu.KERNEL_FILES) == set(launches)
     for name in cuda_emu.KERNEL_FILES:
         text, n = cuda_emu.translate((cuda_emu.CUDA_DIR / name).read_text())
@@ -97,6 +98,95 @@ def test_wgrad_two_pass_matches_the_reference(emu, dtype, order):
     assert (got[layout.rows(1)] == 0).all()
     err = ((got.double() - ref).norm() / ref.norm()).item()
     assert err < cb.TOL[dtype], err
+
+
+def test_delta_fro_splits_fill_a_small_grid_only(emu):
+    """cuda::delta_fro_splits: column ranges only where one pass would leave the GPU idle."""
+    c = cuda_emu.EmulatedC(emu).delta_fro_splits
+    assert c(1, 8, 64, 4096) == 13  # the H200's 4.5 ms case: 80 tile pairs -> 1040 blocks
+    assert c(12, 256, 64, 4096) == 1  # 30720 blocks already
+    assert c(1, 8, 64, 100) == 2  # at least one 64-column step per range
+    assert c(0, 8, 64, 4096) == c(1, 0, 64, 4096) == c(1, 8, 0, 4096) == c(1, 8, 64, 0) == 1
+
+
+# (ranks, layer widths (d_in, d_out), whether the columns are cut into ranges)
+_FRO_CASES = {
+    "one-pass": ([33, 2, 1, 17], [(24, 40), (9, 64)], False),
+    "ranges": ([1, 3, 40, 7, 16], [(300, 130), (77, 5)], True),
+}
+
+
+def _fro_sq_ref(As, Bs, layout) -> torch.Tensor:
+    return torch.stack([
+        torch.stack([(B[layout.rows(k)].double().t() @ A[layout.rows(k)].double()).norm() ** 2
+                     for k in range(layout.num_adapters)])
+        for A, B in zip(As, Bs)
+    ])  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "ranks, dims, ranges",
+    [
+        _FRO_CASES["one-pass"],  # 3 x 3 tiles: off-diagonal pairs
+        _FRO_CASES["ranges"],  # column ranges, layers of unequal widths
+    ],
+    ids=["one-pass", "ranges"],
+)
+def test_delta_fro_sq_tiles_match_the_reference(emu, dtype, ranks, dims, ranges):
+    """||B_k^T A_k||_F^2 from 16 x 16 Gram tiles (workspace NaN-filled before the launch): the
+    float64 reference of the rounded inputs, bitwise the same under another thread order, and
+    the same with r_max overstated (tiles past every rank exit)."""
+    _delta_fro_checks(emu, dtype, ranks, dims, ranges)
+
+
+@pytest.mark.parametrize(
+    "old, new, case",
+    [
+        ("  if (ti < tj) return A(2);", "  if (ti < tj) return A(1);", "one-pass"),  # off-diagonal counted once
+        ("for (int s = 0; s < S; ++s) {", "for (int s = 0; s + 1 < S; ++s) {", "ranges"),  # last range dropped
+        ("if (static_cast<int64_t>(tj) * kGram >= rk) return;", "if (tj > 0) return;", "one-pass"),  # tiles skipped
+    ],
+    ids=["weight", "range", "tiles"],
+)
+def test_a_broken_delta_fro_kernel_is_caught(old, new, case):
+    emu = _mutated("server_kernels.cu", old, new)
+    with pytest.raises(AssertionError):
+        _delta_fro_checks(emu, torch.float64, *_FRO_CASES[case])
+
+
+def _delta_fro_checks(emu, dtype, ranks, dims, ranges) -> None:
+    fake = cuda_emu.EmulatedC(emu)
+    layout = hk.AdapterLayout(ranks)
+    gen = torch.Generator().manual_seed(len(ranks))
+    As = [torch.randn(layout.total_rank, di, generator=gen).to(dtype) for di, _ in dims]
+    Bs = [torch.randn(layout.total_rank, do, generator=gen).to(dtype) for _, do in dims]
+    max_d = max(max(d) for d in dims)
+    assert (fake.delta_fro_splits(len(dims), len(ranks), layout.max_rank, max_d) > 1) == ranges
+    offsets = layout.offsets_tensor(torch.device("cpu"))
+    emu.schedule("ascending")
+    got = fake.delta_fro_sq(As, Bs, offsets, layout.max_rank)
+    emu.schedule("random", seed=3)
+    again = fake.delta_fro_sq(As, Bs, offsets, layout.max_rank)
+    emu.schedule("ascending")
+    assert torch.equal(got, again)
+    ref = _fro_sq_ref(As, Bs, layout)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5  # rounded inputs: only the sums' rounding is left
+    assert cb.rel_err(got, ref) < tol
+    wide = fake.delta_fro_sq(As, Bs, offsets, layout.max_rank + 20)
+    assert cb.rel_err(wide, ref) < tol
+
+
+def test_delta_fro_sq_refuses_an_understated_r_max(emu):
+    """An adapter ranked past r_max gets NaN (its tiles past r_max never ran), not a partial sum."""
+    fake = cuda_emu.EmulatedC(emu)
+    layout = hk.AdapterLayout([3, 20, 5])
+    gen = torch.Generator().manual_seed(0)
+    A, B = torch.randn(layout.total_rank, 30, generator=gen), torch.randn(layout.total_rank, 11, generator=gen)
+    got = fake.delta_fro_sq([A], [B], layout.offsets_tensor(torch.device("cpu")), 16)
+    ref = _fro_sq_ref([A], [B], layout)
+    assert torch.isnan(got[0, 1])
+    assert cb.rel_err(got[0, [0, 2]], ref[0, [0, 2]]) < 1e-5
 
 
 # ------------------------------------------------------------------------------------------
@@ -332,7 +422,7 @@ def test_a_lane_left_out_of_a_shuffle_is_reported():
 
 def test_a_missing_barrier_is_caught():
     """Without __syncthreads, thread 0 sums the warps' partial results before all are written."""
-    emu = _mutated("server_kernels.cu", "  __syncthreads();\n", "")
+    emu = _mutated("server_kernels.cu", "  __syncthreads();\n  A total = A(0);", "  A total = A(0);")
     layout, As, Bs = cb._layers(torch.float64)
     with cuda_emu.emulated(emu), hk.use_backend("cuda"):
         results = []

@@ -86,7 +86,7 @@ std::vector<at::Tensor> weighted_aggregate_cpu(const std::vector<at::Tensor>& ts
 }
 
 at::Tensor delta_fro_sq_cpu(const std::vector<at::Tensor>& As, const std::vector<at::Tensor>& Bs,
-                            const at::Tensor& offsets) {
+                            const at::Tensor& offsets, int64_t /*r_max: the offsets were checked against it*/) {
   const int64_t L = static_cast<int64_t>(As.size()), K = offsets.numel() - 1;
   at::Tensor out = at::empty({L, K}, As[0].options().dtype(acc_type(As[0].scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, As[0].scalar_type(), "hetlora_delta_fro_sq_cpu", [&] {

@@ -144,14 +144,18 @@ std::vector<at::Tensor> weighted_aggregate_cuda(const std::vector<at::Tensor>& t
 }
 
 at::Tensor delta_fro_sq_cuda(const std::vector<at::Tensor>& As, const std::vector<at::Tensor>& Bs,
-                             const at::Tensor& offsets) {
+                             const at::Tensor& offsets, int64_t r_max) {
   const c10::cuda::CUDAGuard guard(As[0].device());
   const int64_t L = static_cast<int64_t>(As.size()), K = offsets.size(0) - 1;
   TORCH_CHECK_VALUE(L <= 65535, "delta_fro_sq: at most 65535 layers per call, got ", L);
-  at::Tensor out = at::empty({L, K}, As[0].options().dtype(acc_type(As[0].scalar_type())));
+  int64_t max_d = 0;
+  for (int64_t l = 0; l < L; ++l) max_d = std::max<int64_t>(max_d, std::max(As[l].size(1), Bs[l].size(1)));
+  const auto acc = As[0].options().dtype(acc_type(As[0].scalar_type()));
+  at::Tensor out = at::empty({L, K}, acc);
+  at::Tensor work = at::empty({cuda::delta_fro_workspace(L, K, r_max, max_d)}, acc);
   const at::Tensor table = factor_table(As, Bs);
-  check_launch(cuda::delta_fro_sq(dtype_of(As[0]), idx(table), L, out.mutable_data_ptr(), idx(offsets), K,
-                                  c10::cuda::getCurrentCUDAStream()),
+  check_launch(cuda::delta_fro_sq(dtype_of(As[0]), idx(table), L, out.mutable_data_ptr(), work.mutable_data_ptr(),
+                                  idx(offsets), K, r_max, max_d, c10::cuda::getCurrentCUDAStream()),
                "delta_fro_sq");
   return out;
 }

@@ -90,9 +90,41 @@ cudaError_t weighted_aggregate(DType dt, const int64_t* table, int64_t n, int64_
                                const int64_t* offsets, int64_t K, int64_t out_rank, cudaStream_t stream);
 
 // out[l, k] = sum_{i,j < r_k} (a_i . a_j)(b_i . b_j) = ||B_k^T A_k||_F^2 of layer l (Gram identity).
-//   out [L, K] acc.
-cudaError_t delta_fro_sq(DType dt, const int64_t* table, int64_t L, void* out, const int64_t* offsets, int64_t K,
-                         cudaStream_t stream);
+// Each adapter's two Gram matrices are cut into 16 x 16 tiles; a block computes one tile pair
+// (ti <= tj: the Grams are symmetric) of A_k A_k^T and B_k B_k^T over all columns, or over one
+// of `delta_fro_splits` column ranges when there are too few tiles to fill the GPU, into
+// `workspace`; a second kernel adds each adapter's tiles (and splits) in a fixed order.
+// r_max must be >= every rank: an adapter of a larger rank gets NaN, not a partial sum.
+//   out [L, K] acc, workspace [delta_fro_workspace(...)] acc, max_d = max_l max(d_in_l, d_out_l).
+cudaError_t delta_fro_sq(DType dt, const int64_t* table, int64_t L, void* out, void* workspace,
+                         const int64_t* offsets, int64_t K, int64_t r_max, int64_t max_d, cudaStream_t stream);
+
+// Tile pairs (ti <= tj) of one adapter's r_max x r_max Gram matrix, 16 x 16 tiles.
+inline int64_t gram_tile_pairs(int64_t r_max) {
+  const int64_t nt = (r_max + 15) / 16;
+  return nt * (nt + 1) / 2;
+}
+
+// Column ranges per tile pair: 1 unless the L * K * pairs blocks of one pass are under 512 (a
+// few layers, few adapters: most of an H200's 132 SMs would idle while each block walks
+// d = 4096 columns); then enough ranges for ~1024 blocks, each at least one 64-column step.
+inline int64_t delta_fro_splits(int64_t L, int64_t K, int64_t r_max, int64_t max_d) {
+  if (L <= 0 || K <= 0 || r_max <= 0 || max_d <= 0) return 1;
+  const int64_t blocks = L * K * gram_tile_pairs(r_max);
+  if (blocks >= 512) return 1;
+  int64_t s = (1024 + blocks - 1) / blocks;
+  const int64_t steps = (max_d + 63) / 64;
+  if (s > steps) s = steps;
+  return s < 1 ? 1 : s;
+}
+
+// Elements (acc) of delta_fro_sq's workspace: one partial sum per tile pair in one pass; with
+// S > 1 column ranges, both 16 x 16 Gram tiles of every pair and range.
+inline int64_t delta_fro_workspace(int64_t L, int64_t K, int64_t r_max, int64_t max_d) {
+  const int64_t cells = L * K * gram_tile_pairs(r_max);
+  const int64_t s = delta_fro_splits(L, K, r_max, max_d);
+  return s > 1 ? cells * s * 2 * 256 : cells;
+}
 
 }  // namespace cuda
 }  // namespace hetlora

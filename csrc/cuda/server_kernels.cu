@@ -76,42 +76,148 @@ aggregate_kernel(const int64_t* __restrict__ table, const typename Acc<T>::type*
   out[j * d + c] = from_acc<T>(acc);
 }
 
-// grid.x: adapter k, grid.y: layer.  Warp q takes every kWarps-th pair (i <= j) of
-// components, computes (a_i . a_j)(b_i . b_j) and keeps a running sum; thread 0 adds the
-// warps' sums in warp order.
-template <typename T>
-__global__ void __launch_bounds__(kWarps * 32)
-delta_fro_sq_kernel(const int64_t* __restrict__ table, typename Acc<T>::type* __restrict__ out,
-                    const int64_t* __restrict__ offsets, int K) {
-  using A = typename Acc<T>::type;
-  __shared__ A part[kWarps];
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  const int k = blockIdx.x;
-  const int64_t l = blockIdx.y;
-  const T* Am = ptr_at<T>(table, 4 * l);
-  const T* Bm = ptr_at<T>(table, 4 * l + 1);
-  const int64_t d_in = table[4 * l + 2], d_out = table[4 * l + 3];
-  const int64_t r0 = offsets[k];
-  const int rk = static_cast<int>(offsets[k + 1] - r0);
-  A sum = A(0);
-  int idx = 0;
-  for (int i = 0; i < rk; ++i) {
-    for (int j = i; j < rk; ++j, ++idx) {
-      if (idx % kWarps != warp) continue;
-      const A ga = warp_dot<T, A>(Am + (r0 + i) * d_in, Am + (r0 + j) * d_in, d_in, lane);
-      const A gb = warp_dot<T, A>(Bm + (r0 + i) * d_out, Bm + (r0 + j) * d_out, d_out, lane);
-      sum += (i == j ? A(1) : A(2)) * ga * gb;  // the Gram product is symmetric
-    }
-  }
-  if (lane == 0) part[warp] = sum;
+// Gram tiles of delta_fro_sq: 16 x 16 entries per block, one per thread; columns staged
+// through shared memory 64 at a time (coalesced rows in, 64 FMAs per thread out).
+constexpr int kGram = 16;
+constexpr int kGramCols = 64;
+static_assert(kGram * kGram == kThreads, "one thread per Gram tile entry");
+
+// Tile pair p (row-major over the upper triangle of an nt x nt tile grid) -> (ti, tj), ti <= tj.
+__device__ __forceinline__ void tile_pair(int p, int nt, int& ti, int& tj) {
+  ti = 0;
+  while (p >= nt - ti) p -= nt - ti++;
+  tj = ti + p;
+}
+
+// 2 for an entry above the diagonal of the symmetric Gram product, 1 on it, 0 below: the
+// upper triangle, doubled, is the whole sum.
+template <typename A> __device__ __forceinline__ A gram_weight(int ti, int tj, int i, int j) {
+  if (ti < tj) return A(2);
+  return i < j ? A(2) : (i == j ? A(1) : A(0));
+}
+
+// Block sum of one value per thread, in a fixed order (warp butterflies, then the warps in
+// order); the result is valid in thread 0.
+template <typename A> __device__ __forceinline__ A block_sum(A v, A* part) {
+  v = warp_sum(v);
+  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = v;
   __syncthreads();
+  A total = A(0);
   if (threadIdx.x == 0) {
-    A total = A(0);
 #pragma unroll
     for (int q = 0; q < kWarps; ++q) total += part[q];
-    out[l * K + k] = total;
   }
+  return total;
+}
+
+// sum_c m[r0 + row_i, c] * m[r0 + row_j, c] over columns [c_begin, c_end) for this thread's
+// entry (i, j) of tile (ti, tj); rows at or past rk read as zero.
+template <typename T, typename A>
+__device__ __forceinline__ A gram_entry(const T* __restrict__ m, int64_t d, int64_t r0, int64_t rk, int ti, int tj,
+                                        int64_t c_begin, int64_t c_end, A (*si)[kGramCols + 1],
+                                        A (*sj)[kGramCols + 1]) {
+  const int i = threadIdx.x / kGram, j = threadIdx.x % kGram;
+  A acc = A(0);
+  for (int64_t c0 = c_begin; c0 < c_end; c0 += kGramCols) {
+#pragma unroll
+    for (int q = 0; q < 2 * kGram * kGramCols / kThreads; ++q) {
+      const int e = threadIdx.x + q * kThreads;
+      const int half = e / (kGram * kGramCols), rr = (e / kGramCols) % kGram, cc = e % kGramCols;
+      const int64_t row = (half ? tj : ti) * kGram + rr, col = c0 + cc;
+      const A v = (row < rk && col < c_end) ? to_acc(m[(r0 + row) * d + col]) : A(0);
+      (half ? sj : si)[rr][cc] = v;
+    }
+    __syncthreads();
+#pragma unroll 16
+    for (int cc = 0; cc < kGramCols; ++cc) acc += si[i][cc] * sj[j][cc];
+    __syncthreads();
+  }
+  return acc;
+}
+
+// grid.x: adapter k x tile pair p, grid.y: column range s of S, grid.z: layer.  Tile pairs
+// outside r_k x r_k exit at once (the sum kernel never reads their cells).  With S == 1 the
+// block adds its weighted products (a_i . a_j)(b_i . b_j) into one partial sum; with S > 1 it
+// stores its range's two Gram tiles and the sum kernel adds the ranges first.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+gram_tiles_kernel(const int64_t* __restrict__ table, typename Acc<T>::type* __restrict__ ws,
+                  const int64_t* __restrict__ offsets, int K, int nt, int npairs) {
+  using A = typename Acc<T>::type;
+  __shared__ A si[kGram][kGramCols + 1];  // +1: the 16 rows of sj read by one warp hit 16 banks
+  __shared__ A sj[kGram][kGramCols + 1];
+  __shared__ A part[kWarps];
+  const int k = static_cast<int>(blockIdx.x / npairs), p = static_cast<int>(blockIdx.x % npairs);
+  const int s = blockIdx.y, S = gridDim.y;
+  const int64_t l = blockIdx.z;
+  int ti, tj;
+  tile_pair(p, nt, ti, tj);
+  const int64_t r0 = offsets[k], rk = offsets[k + 1] - r0;
+  if (static_cast<int64_t>(tj) * kGram >= rk) return;  // the whole block: no barrier skipped
+  A g[2];
+#pragma unroll
+  for (int m = 0; m < 2; ++m) {
+    const int64_t d = table[4 * l + 2 + m];
+    const int64_t steps = (d + kGramCols - 1) / kGramCols, per = (steps + S - 1) / S;
+    const int64_t c_begin = s * per * kGramCols;
+    const int64_t c_end = c_begin + per * kGramCols < d ? c_begin + per * kGramCols : d;
+    g[m] = gram_entry<T, A>(ptr_at<T>(table, 4 * l + m), d, r0, rk, ti, tj, c_begin, c_end, si, sj);
+  }
+  const int64_t cell = (l * K + k) * npairs + p;
+  if (S > 1) {
+    A* out = ws + (cell * S + s) * 2 * kThreads;
+    out[threadIdx.x] = g[0];
+    out[kThreads + threadIdx.x] = g[1];
+    return;
+  }
+  const A v = gram_weight<A>(ti, tj, threadIdx.x / kGram, threadIdx.x % kGram) * g[0] * g[1];
+  const A total = block_sum(v, part);
+  if (threadIdx.x == 0) ws[cell] = total;
+}
+
+// grid.x: adapter k, grid.y: layer.  Adds the adapter's tile pairs in pair order (and, with
+// S > 1, each entry's S column ranges in range order before multiplying the two Grams).
+template <typename A>
+__global__ void __launch_bounds__(kThreads)
+gram_sum_kernel(const A* __restrict__ ws, A* __restrict__ out, const int64_t* __restrict__ offsets, int K, int nt,
+                int npairs, int S) {
+  __shared__ A part[kWarps];
+  const int k = blockIdx.x;
+  const int64_t l = blockIdx.y;
+  const int64_t rk = offsets[k + 1] - offsets[k];
+  const int64_t cell0 = (l * K + k) * npairs;
+  if (rk > static_cast<int64_t>(nt) * kGram) {  // r_max understated: refuse loudly
+    if (threadIdx.x == 0) out[l * K + k] = sqrt(A(-1));
+    return;
+  }
+  if (S == 1) {
+    if (threadIdx.x == 0) {
+      A total = A(0);
+      int p = 0;
+      for (int ti = 0; ti < nt; ++ti)
+        for (int tj = ti; tj < nt; ++tj, ++p)
+          if (static_cast<int64_t>(tj) * kGram < rk) total += ws[cell0 + p];
+      out[l * K + k] = total;
+    }
+    return;
+  }
+  const int i = threadIdx.x / kGram, j = threadIdx.x % kGram;
+  A acc = A(0);
+  int p = 0;
+  for (int ti = 0; ti < nt; ++ti) {
+    for (int tj = ti; tj < nt; ++tj, ++p) {
+      if (static_cast<int64_t>(tj) * kGram >= rk) continue;
+      const A* g = ws + (cell0 + p) * S * 2 * kThreads + threadIdx.x;
+      A ga = A(0), gb = A(0);
+      for (int s = 0; s < S; ++s) {
+        ga += g[s * 2 * kThreads];
+        gb += g[s * 2 * kThreads + kThreads];
+      }
+      acc += gram_weight<A>(ti, tj, i, j) * ga * gb;
+    }
+  }
+  const A total = block_sum(acc, part);
+  if (threadIdx.x == 0) out[l * K + k] = total;
 }
 
 }  // namespace
@@ -143,15 +249,25 @@ cudaError_t weighted_aggregate(DType dt, const int64_t* table, int64_t n, int64_
   });
 }
 
-cudaError_t delta_fro_sq(DType dt, const int64_t* table, int64_t L, void* out, const int64_t* offsets, int64_t K,
-                         cudaStream_t stream) {
+cudaError_t delta_fro_sq(DType dt, const int64_t* table, int64_t L, void* out, void* workspace,
+                         const int64_t* offsets, int64_t K, int64_t r_max, int64_t max_d, cudaStream_t stream) {
   if (K == 0 || L == 0) return cudaSuccess;
-  if (L > 65535) return cudaErrorInvalidConfiguration;
-  const dim3 grid(static_cast<unsigned>(K), static_cast<unsigned>(L));
+  if (r_max < 1 || max_d < 0 || L > 65535) return cudaErrorInvalidConfiguration;
+  const int64_t nt = (r_max + kGram - 1) / kGram, npairs = gram_tile_pairs(r_max);
+  const int64_t S = delta_fro_splits(L, K, r_max, max_d);
+  if (K * npairs > INT32_MAX || K > INT32_MAX || S > 65535) return cudaErrorInvalidConfiguration;
+  const dim3 tiles(static_cast<unsigned>(K * npairs), static_cast<unsigned>(S), static_cast<unsigned>(L));
+  const dim3 sums(static_cast<unsigned>(K), static_cast<unsigned>(L));
   return HETLORA_DISPATCH_DT(dt, [&] {
     using A = typename Acc<scalar_t>::type;
-    delta_fro_sq_kernel<scalar_t><<<grid, kWarps * 32, 0, stream>>>(table, static_cast<A*>(out), offsets,
-                                                                     static_cast<int>(K));
+    gram_tiles_kernel<scalar_t><<<tiles, kThreads, 0, stream>>>(table, static_cast<A*>(workspace), offsets,
+                                                                static_cast<int>(K), static_cast<int>(nt),
+                                                                static_cast<int>(npairs));
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+    gram_sum_kernel<A><<<sums, kThreads, 0, stream>>>(static_cast<const A*>(workspace), static_cast<A*>(out),
+                                                      offsets, static_cast<int>(K), static_cast<int>(nt),
+                                                      static_cast<int>(npairs), static_cast<int>(S));
     return cudaGetLastError();
   });
 }

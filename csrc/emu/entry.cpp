@@ -46,8 +46,18 @@ int hetlora_emu_weighted_aggregate(int dt, const int64_t* table, int64_t n, int6
                                            nullptr);
 }
 
-int hetlora_emu_delta_fro_sq(int dt, const int64_t* table, int64_t L, void* out, const int64_t* offsets, int64_t K) {
-  return hetlora::cuda::delta_fro_sq(static_cast<DType>(dt), table, L, out, offsets, K, nullptr);
+int hetlora_emu_delta_fro_sq(int dt, const int64_t* table, int64_t L, void* out, void* workspace,
+                             const int64_t* offsets, int64_t K, int64_t r_max, int64_t max_d) {
+  return hetlora::cuda::delta_fro_sq(static_cast<DType>(dt), table, L, out, workspace, offsets, K, r_max, max_d,
+                                     nullptr);
+}
+
+int64_t hetlora_emu_delta_fro_workspace(int64_t L, int64_t K, int64_t r_max, int64_t max_d) {
+  return hetlora::cuda::delta_fro_workspace(L, K, r_max, max_d);
+}
+
+int64_t hetlora_emu_delta_fro_splits(int64_t L, int64_t K, int64_t r_max, int64_t max_d) {
+  return hetlora::cuda::delta_fro_splits(L, K, r_max, max_d);
 }
 
 }  // extern "C"
