@@ -119,6 +119,28 @@ class AdapterLayout:
 
         return self._cached("row_component", device, build)
 
+    def rank_classes(self, device=None) -> tuple[tuple[int, torch.Tensor, torch.Tensor], ...]:
+        """Per distinct rank ``r`` (ascending): ``(r, adapters [n] int64, rows [n * r] int64)``, the
+        packed rows of those ``n`` adapters in adapter order, so that ``A[rows].view(n, r, -1)`` is
+        their factors as one batch.  Cached per device."""
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        key = ("rank_classes", dev)
+        out = self._cache.get(key)
+        if out is None:
+            by_rank: dict[int, list[int]] = {}
+            for k, r in enumerate(self.ranks):
+                by_rank.setdefault(r, []).append(k)
+            out = tuple(
+                (
+                    r,
+                    torch.tensor(ks, dtype=torch.int64).to(dev),
+                    torch.tensor([self.offsets[k] + j for k in ks for j in range(r)], dtype=torch.int64).to(dev),
+                )
+                for r, ks in sorted(by_rank.items())
+            )
+            self._cache[key] = out
+        return out
+
     def rows(self, k: int) -> slice:
         """Packed rows of adapter ``k``."""
         if not -self.num_adapters <= k < self.num_adapters:

