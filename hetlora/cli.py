@@ -103,12 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "the seed table's HetLoRA numbers (37.34 / 61.57 / 68.12 %). Re-running the same command "
                     "skips finished runs and resumes unfinished ones.")
     r.add_argument("task", choices=["20ng"], help="the experiment (20ng: 20 Newsgroups, the seed table's row)")
-    r.add_argument("--scale", choices=["reduced", "full", "smoke"], default="reduced",
-                   help="reduced: ~1 h on a 2-core CPU with --jobs 2; full: for a GPU (device cuda); smoke: a "
+    r.add_argument("--scale", choices=["reduced", "long", "full", "smoke"], default="reduced",
+                   help="reduced: the whole grid in ~1 h on a 2-core CPU with --jobs 2; long: the default job's "
+                        "clients and steps for 40 rounds, scored on the whole test set (~25 min a run on one CPU "
+                        "thread: pick a few --strategies and --seeds); full: for a GPU (device cuda); smoke: a "
                         "tiny random model for checking the pipeline (default: reduced)")
     r.add_argument("--out", metavar="DIR", help="output directory (default: results/20ng/reproduce-<scale>)")
     r.add_argument("--jobs", type=int, metavar="N", default=None,
-                   help="simulations run at once, each with cores/N threads (default: 2 on CPU, 1 on GPU)")
+                   help="simulations run at once, each with cores/N threads unless --set threads=N says "
+                        "otherwise (default: 2 on CPU, 1 on GPU)")
     r.add_argument("--seeds", type=int, nargs="+", metavar="S", default=[0, 1, 2], help="(default: 0 1 2)")
     r.add_argument("--alphas", type=float, nargs="+", metavar="A", default=[0.01, 0.1, 0.5],
                    help="Dirichlet α values (default: 0.01 0.1 0.5)")

@@ -69,6 +69,10 @@ def test_command_line_carries_overrides_and_resolves_hom_ranks(tmp_path):
     assert one[one.index("--strategy") + 1] == "homlora" and one[one.index("--hom-rank") + 1] == "8"
     assert one[one.index("--run-name") + 1] == "homlora_r8" and one[one.index("--out-dir") + 1].endswith("dir0.5-s1")
     assert "--compare" not in one and "--threads" not in one
+    pinned = Grid(out=tmp_path, scale="long", strategies=["hetlora"], overrides={"threads": 1})
+    cmd = grid_command(pinned, 0.5, 0, threads=2, strategy="hetlora")
+    assert cmd.count("--threads") == 1 and cmd[cmd.index("--threads") + 1] == "1"  # --set threads=1 wins
+    assert cmd[cmd.index("--rounds") + 1] == "40" and cmd[cmd.index("--eval-samples") + 1] == "0"
 
 
 @pytest.mark.parametrize("kw,field", [

@@ -42,13 +42,17 @@ SEED_TABLE: dict[float, float] = {0.01: 37.34, 0.1: 61.57, 0.5: 68.12}
 STRATEGY_ORDER = ["hetlora", "homlora@min", "homlora@max", "zeropad", "flexlora", "flora", "fullft"]
 
 #: FedConfig overrides per scale.  ``reduced`` is sized so the whole grid (7 strategies x 3 α x
-#: 3 seeds = 63 runs) takes about an hour on a 2-core CPU with --jobs 2; ``full`` is for a GPU.
+#: 3 seeds = 63 runs) takes about an hour on a 2-core CPU with --jobs 2; ``long`` is the default
+#: job's clients and steps for 40 rounds, scored on the whole test set (about 25 min a run on one
+#: CPU thread: meant for a few strategies and one seed); ``full`` is for a GPU.
 SCALES: dict[str, dict] = {
     "smoke": dict(model="tiny-random-bert", dataset="synthetic", num_clients=6, clients_per_round=3, rounds=2,
                   local_steps=2, batch_size=4, r_min=1, r_max=4, max_length=16, eval_samples=24,
                   client_eval_samples=4, tiers=[[0.5, "min"], [0.5, "max"]], export_clients=0, plots=False),
     "reduced": dict(num_clients=20, clients_per_round=5, rounds=12, local_steps=5, batch_size=8, max_length=48,
                     eval_every=3, eval_samples=512, export_clients=0),
+    "long": dict(num_clients=20, clients_per_round=8, rounds=40, local_steps=8, batch_size=8, max_length=64,
+                 eval_every=10, eval_samples=0, export_clients=0),
     "full": dict(num_clients=100, clients_per_round=10, rounds=50, local_steps=20, batch_size=16, max_length=128,
                  eval_every=5, eval_samples=0, export_clients=0, device="cuda"),
 }
@@ -144,11 +148,12 @@ def grid_command(grid: Grid, alpha: float, seed: int, threads: int | None, strat
     cmd = [sys.executable, "-m", "hetlora", "simulate", "--strategy", name, *(["--hom-rank", rank] if rank else []),
            "--out-dir", str(run_dir.parent), "--run-name", run_dir.name,
            "--resume", "--quiet", "--dirichlet-alpha", f"{alpha:g}", "--seed", str(seed)]
-    for k, v in grid.config().items():
+    cfg = grid.config()
+    for k, v in cfg.items():
         if k in ("dirichlet_alpha", "seed", "out_dir", "run_name", "progress", "strategy", "hom_rank"):
             continue
         cmd += _flag(k, v)
-    if threads:
+    if threads and cfg.get("threads") is None:  # `--set threads=N` wins over cores / jobs
         cmd += ["--threads", str(threads)]
     return cmd
 
