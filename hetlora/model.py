@@ -197,6 +197,15 @@ class MultiLoraModel(nn.Module):
             return gen(*args, **kwargs)
 
     # -- peft interop -----------------------------------------------------------------------------
+    @classmethod
+    def from_peft(cls, model: nn.Module, paths: Sequence[str | Path], **kwargs) -> MultiLoraModel:
+        """Serve several peft LoRA adapter directories at once: adapter ``k`` is ``paths[k]``
+        (rank, alpha, rsLoRA flag from its files); the adapted layers are the union of theirs
+        (`hetlora.peft_io.from_peft`)."""
+        from .peft_io import from_peft
+
+        return from_peft(model, paths, **kwargs)
+
     def export_peft(self, k: int, path: str | Path, base_model_name_or_path: str | None = None) -> Path:
         """Write adapter k as a peft adapter directory (adapter_config.json + safetensors)."""
         from .peft_io import export_peft

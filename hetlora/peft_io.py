@@ -119,15 +119,9 @@ def read_peft_adapter(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return cfg, stripped
 
 
-def import_peft(mlm: MultiLoraModel, k: int, path: str | Path, strict: bool = True) -> None:
-    """Load a peft LoRA adapter (weights, rank, alpha, rsLoRA flag) into slot ``k``.
-
-    With ``strict`` (default), every adapted layer of ``mlm`` must be in the file and
-    every LoRA module of the file must be adapted here; otherwise missing layers get a
-    zero adapter and unknown ones are ignored.
-    """
-    k = _check_slot(mlm, k)
-    cfg, tensors = read_peft_adapter(path)
+def _adapter_config(cfg: dict, path: str | Path) -> tuple[int, float, str]:
+    """``(rank, alpha, scaling rule)`` of a peft adapter_config.json, or a ValueError naming what
+    hetlora cannot hold."""
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{path}: peft_type is {cfg.get('peft_type')!r}, only LORA adapters can be imported")
     if cfg.get("use_dora"):
@@ -143,7 +137,19 @@ def import_peft(mlm: MultiLoraModel, k: int, path: str | Path, strict: bool = Tr
             raise ValueError(
                 f"{path}: {key} gives layers different values; hetlora holds one rank and alpha per adapter"
             )
-    rule = "rslora" if cfg.get("use_rslora") else "alpha/r"
+    return r, alpha, "rslora" if cfg.get("use_rslora") else "alpha/r"
+
+
+def import_peft(mlm: MultiLoraModel, k: int, path: str | Path, strict: bool = True) -> None:
+    """Load a peft LoRA adapter (weights, rank, alpha, rsLoRA flag) into slot ``k``.
+
+    With ``strict`` (default), every adapted layer of ``mlm`` must be in the file and
+    every LoRA module of the file must be adapted here; otherwise missing layers get a
+    zero adapter and unknown ones are ignored.
+    """
+    k = _check_slot(mlm, k)
+    cfg, tensors = read_peft_adapter(path)
+    r, alpha, rule = _adapter_config(cfg, path)
 
     lora: dict[str, dict[str, torch.Tensor]] = {}
     other: dict[str, torch.Tensor] = {}
@@ -191,3 +197,92 @@ def import_peft(mlm: MultiLoraModel, k: int, path: str | Path, strict: bool = Tr
         ours[name].load_adapter(k, A_k, B_k, alpha=alpha, scaling_rule=rule)
     for owner, sd in saved_mods.items():
         mlm.model.get_submodule(owner).load_state_dict(sd, strict=strict)
+
+
+def _lora_modules(tensors: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    """``(modules with a LoRA pair, keys of every other tensor)`` of a stripped peft state dict."""
+    modules, other = [], []
+    for key in tensors:
+        for tail in (".lora_A.weight", ".lora_B.weight"):
+            if key.endswith(tail):
+                name = key[: -len(tail)]
+                if name not in modules:
+                    modules.append(name)
+                break
+        else:
+            other.append(key)
+    return modules, other
+
+
+def _linear_dims(mod: torch.nn.Module, name: str, path) -> tuple[int, int]:
+    """``(d_in, d_out)`` of an nn.Linear or a transformers Conv1D (weight ``[d_in, d_out]``)."""
+    from .layer import _is_conv1d
+
+    if isinstance(mod, torch.nn.Linear):
+        return mod.in_features, mod.out_features
+    if _is_conv1d(mod):
+        return tuple(mod.weight.shape)
+    raise ValueError(f"{path}: adapts {name!r}, a {type(mod).__name__} here, not a linear layer")
+
+
+def from_peft(model: torch.nn.Module, paths, **kwargs) -> MultiLoraModel:
+    """A `MultiLoraModel` over ``model`` serving the peft LoRA adapters in ``paths``: adapter
+    ``k`` is ``paths[k]``, with its rank, alpha and rsLoRA flag.
+
+    The adapted layers are the union of the adapters' LoRA modules; where an adapter leaves a
+    layer alone, its slot there holds zeros of its rank, so each adapter's outputs are
+    peft's.  Adapters that carry ``modules_to_save`` (a trained classifier head, ...) are
+    refused: one shared module cannot hold each adapter's copy (use `import_peft` into a
+    model built with ``modules_to_save`` for a single such adapter).  ``kwargs`` go to
+    `MultiLoraModel` (``dropout``); nothing is loaded unless every adapter checks out.
+    """
+    from .model import MultiLoraModel
+
+    if isinstance(paths, (str, Path)) or not hasattr(paths, "__iter__"):
+        raise TypeError(f"paths must be a list of peft adapter directories, got {type(paths).__name__}")
+    paths = list(paths)
+    if not paths:
+        raise ValueError("paths must name at least one peft adapter directory")
+    for key in ("target_modules", "ranks", "alpha", "scaling_rule", "modules_to_save"):
+        if key in kwargs:
+            raise TypeError(f"from_peft() sets {key} from the adapters' files; it cannot be passed")
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    names = dict(model.named_modules())
+    targets: list[str] = []
+    ranks, alphas = [], []
+    for path in paths:
+        cfg, tensors = read_peft_adapter(path)
+        modules, other = _lora_modules(tensors)
+        if other:
+            raise ValueError(
+                f"{path}: carries non-LoRA tensors {other[:3]} (peft modules_to_save), which every adapter "
+                "here would share; load such an adapter alone with import_peft"
+            )
+        if not modules:
+            raise ValueError(f"{path}: holds no lora_A/lora_B weights")
+        absent = [m for m in modules if m not in names]
+        if absent:
+            raise ValueError(
+                f"{path}: adapts modules this model lacks ({absent[:3]}); was it trained on another base model?"
+            )
+        r, alpha, _ = _adapter_config(cfg, path)
+        for m in modules:
+            want = _linear_dims(names[m], m, path)
+            A, B = tensors.get(m + ".lora_A.weight"), tensors.get(m + ".lora_B.weight")
+            if A is None or B is None:
+                raise ValueError(f"{path}: module {m!r} lacks lora_A or lora_B")
+            if A.shape != (r, want[0]) or B.shape != (want[1], r):
+                got = (tuple(A.shape), tuple(B.shape))
+                raise ValueError(
+                    f"{path}: module {m!r} has lora_A/lora_B {got}; expected ({r}, {want[0]}) and ({want[1]}, {r})"
+                )
+        ranks.append(r)
+        alphas.append(alpha)
+        targets += [m for m in modules if m not in targets]
+    order = {n: i for i, n in enumerate(names)}
+    targets.sort(key=order.__getitem__)  # model order, as peft injects
+    mlm = MultiLoraModel(model, targets, ranks, alpha=alphas, init_lora_weights=False, **kwargs)
+    for k, path in enumerate(paths):
+        import_peft(mlm, k, path, strict=False)
+    return mlm

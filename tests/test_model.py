@@ -293,3 +293,72 @@ def test_the_same_adapter_ids_tensor_reuses_its_token_groups(monkeypatch):
         mlm(input_ids=shorter, adapter_ids=aid)
         mlm(input_ids=shorter, adapter_ids=aid)
         assert len(builds) == 5 and torch.equal(builds[-1], aid.repeat_interleave(4))
+
+
+def _saved_peft(base, path, seed, **cfg):
+    """A peft adapter over a copy of ``base`` with random (non-zero) A and B, saved to ``path``."""
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(**cfg))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    peft_model.save_pretrained(path)
+    return path
+
+
+def test_from_peft_serves_adapters_of_other_ranks_alphas_and_layers(tmp_path):
+    """Three peft adapters (ranks 2/5/3, one rsLoRA, each adapting other layers) in one model:
+    every row of a mixed batch matches peft with that adapter loaded; -1 rows the base model."""
+    base = tiny_bert()
+    paths = [
+        _saved_peft(base, tmp_path / "a", 1, r=2, lora_alpha=4, target_modules=["query", "value"]),
+        _saved_peft(base, tmp_path / "b", 2, r=5, lora_alpha=10, use_rslora=True,
+                    target_modules=["query", "key", "value", "dense"]),
+        _saved_peft(base, tmp_path / "c", 3, r=3, lora_alpha=3, target_modules=["value"]),
+    ]  # fmt: skip
+    mlm = MultiLoraModel.from_peft(copy.deepcopy(base), paths)
+    assert mlm.ranks == (2, 5, 3) and mlm.alphas == [4, 10, 3]
+    peft_b = PeftModel.from_pretrained(copy.deepcopy(base), paths[1])
+    want_names = sorted(n for n, m in peft_b.base_model.model.named_modules() if hasattr(m, "lora_A"))
+    assert sorted(mlm.lora_module_names) == want_names  # the union: adapter b adapts every layer the others do
+    ids = torch.randint(0, 101, (8, 7), generator=torch.Generator().manual_seed(0))
+    adapter_ids = torch.tensor([2, 0, -1, 1, 1, 0, 2, -1])
+    got = mlm(input_ids=ids, adapter_ids=adapter_ids).logits
+    for k, path in enumerate(paths):
+        ref_model = PeftModel.from_pretrained(copy.deepcopy(base), path).eval()
+        rows = adapter_ids == k
+        ref = ref_model(input_ids=ids[rows]).logits
+        assert rel_err(got[rows], ref) < 1e-5, k
+        assert rel_err(ref, base(input_ids=ids[rows]).logits) > 1e-3  # the adapter changes the output
+    rows = adapter_ids == -1
+    assert rel_err(got[rows], base(input_ids=ids[rows]).logits) < 1e-6
+
+
+def test_from_peft_refuses_what_it_cannot_serve_before_touching_the_model(tmp_path):
+    base = tiny_bert()
+    good = _saved_peft(base, tmp_path / "good", 1, r=2, target_modules=["query"])
+    head = _saved_peft(base, tmp_path / "head", 2, r=2, target_modules=["query"], modules_to_save=["classifier"])
+    gpt = _saved_peft(tiny_gpt2(), tmp_path / "gpt", 3, r=2, target_modules=["c_attn"])
+    model = copy.deepcopy(base)
+    before = {n: type(m) for n, m in model.named_modules()}
+    with pytest.raises(TypeError, match="paths must be a list"):
+        MultiLoraModel.from_peft(model, str(good))
+    with pytest.raises(ValueError, match="at least one"):
+        MultiLoraModel.from_peft(model, [])
+    with pytest.raises(ValueError, match="modules_to_save"):
+        MultiLoraModel.from_peft(model, [good, head])
+    with pytest.raises(ValueError, match="lacks .*another base model"):
+        MultiLoraModel.from_peft(model, [good, gpt])
+    with pytest.raises(FileNotFoundError, match="not a peft adapter directory"):
+        MultiLoraModel.from_peft(model, [good, tmp_path / "nowhere"])
+    with pytest.raises(TypeError, match="sets ranks"):
+        MultiLoraModel.from_peft(model, [good], ranks=[4])
+    cfg = json.loads((good / "adapter_config.json").read_text())
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "adapter_model.safetensors").write_bytes((good / "adapter_model.safetensors").read_bytes())
+    (bad / "adapter_config.json").write_text(json.dumps({**cfg, "r": 3}))
+    with pytest.raises(ValueError, match=r"expected \(3, 32\)"):
+        MultiLoraModel.from_peft(model, [good, bad])
+    assert {n: type(m) for n, m in model.named_modules()} == before  # nothing injected
