@@ -18,5 +18,12 @@ for p in model.lora_parameters():  # pretend the adapters were trained
 batch = tok(["federated learning", "low-rank adapters", "one base model"], return_tensors="pt", padding=True)
 out = model(**batch, adapter_ids=torch.tensor([0, 2, 1]))  # one adapter per sequence, one forward
 print("hidden states:", tuple(out.last_hidden_state.shape), "ranks:", model.ranks)
-model.export_peft(2, "runs/demo_adapter_rank8")
-print("adapter 2 written in peft format to runs/demo_adapter_rank8")
+for k in range(model.num_adapters):
+    model.export_peft(k, f"runs/demo_adapter_{k}")
+print("adapters written in peft format to runs/demo_adapter_{0,1,2}")
+
+# peft adapters trained apart, served together: the directories above, loaded into a fresh base
+served = MultiLoraModel.from_peft(AutoModel.from_pretrained(path), [f"runs/demo_adapter_{k}" for k in (2, 0)])
+again = served(**batch, adapter_ids=torch.tensor([1, 0, -1]))  # adapter 0, adapter 2, base model only
+same = torch.allclose(again.last_hidden_state[:2], out.last_hidden_state[:2], atol=1e-5)
+print("from_peft ranks:", served.ranks, "| same outputs as before:", same)
