@@ -124,6 +124,23 @@ def test_delta_fro_norms_matches_dense(dtype, scaling):
         assert rel_err(out[i].cpu(), ref_delta_fro(a, b, RANKS, scaling)) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_delta_fro_norms_gpu_tiles(monkeypatch, dtype):
+    """The GPU's 16 x 16 Gram tiles, run here: ranks up to 40 give 3 x 3 tiles per adapter, of
+    which those past r_k or below the diagonal must add nothing and those above it count twice."""
+    assert server_ops.gram_block_t(64, interpret=False) == 16
+    monkeypatch.setattr(server_ops, "gram_block_t", lambda max_rank: 16)
+    ranks = [1, 40, 16, 17, 33]
+    layout = hk.AdapterLayout(ranks)
+    As, Bs = make_layers(ranks, [(24, 16), (9, 40)], dtype, seed=4)
+    with hk.use_backend("triton"):
+        _triton_impl("delta_fro_norms")
+        out = hk.delta_fro_norms(As, Bs, layout, 0.5)
+    tol = 1e-12 if dtype == torch.float64 else 1e-4  # rounded inputs: only the sums' rounding is left
+    for i, (a, b) in enumerate(zip(As, Bs)):
+        assert rel_err(out[i].cpu(), ref_delta_fro(a, b, ranks, 0.5)) < tol
+
+
 def test_delta_fro_norms_large_rank_tiles():
     """r_max > 64: the Gram is tiled (off-diagonal tiles counted twice, lower ones skipped)."""
     ranks = [70, 2, 33]

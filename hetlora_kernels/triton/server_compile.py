@@ -42,7 +42,7 @@ def variants() -> list[tuple[object, dict[str, str], dict[str, object], str]]:
         # the backward reads the output's gradient where the forward writes the output
         bwd_sig = {("gout_ptr" if k == "out_ptr" else k): v for k, v in norms_sig.items()}
         out.append((so._comp_norms_bwd_kernel, bwd_sig, norms_c, ty))
-        for max_rank in (8, 64):  # the smallest and the largest Gram tile
+        for max_rank in (8, 64):  # the GPU's Gram tile, and the largest there has been
             fro_sig = {
                 "tab_ptr": "*i64",
                 "off_ptr": "*i64",
@@ -52,7 +52,8 @@ def variants() -> list[tuple[object, dict[str, str], dict[str, object], str]]:
             }
             fro_c = {
                 "NF": so._NF_NORMS, "ACC": acc, "DOT_UPCAST": dtype in (torch.float32, torch.float64),
-                "BLOCK_T": so.gram_block_t(max_rank), "BLOCK_D": so.gpu_gram_block_d(dtype),
+                "BLOCK_T": so.gram_block_t(max_rank, interpret=False) if max_rank == 8 else 64,
+                "BLOCK_D": so.gpu_gram_block_d(dtype),
             }  # fmt: skip
             out.append((so._delta_fro_kernel, fro_sig, fro_c, ty))
         agg_sig = {

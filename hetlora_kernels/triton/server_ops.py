@@ -389,9 +389,13 @@ def gpu_gram_block_d(dtype: torch.dtype) -> int:
     return 32 if dtype == torch.float64 else 64
 
 
-def gram_block_t(max_rank: int) -> int:
-    """Gram tile edge: tl.dot needs >= 16; two 64x64 fp32 accumulators fit in registers."""
-    return min(_pow2(max_rank, 16), 64)
+def gram_block_t(max_rank: int, interpret: bool = INTERPRET) -> int:
+    """Gram tile edge.  On a GPU 16, tl.dot's least: a tile pair per program, ``ceil(r_k/16)``
+    tiles a side, so an adapter of rank 4 computes a 16 x 16 tile, not r_max x r_max (the H200
+    sweep, 64 x 64 tiles: 8.6 ms at 12 layers x 256 mixed ranks 4-64, d = 4096, slower than a
+    zero-padded bmm's 6.0; with 16 x 16 tiles the products come to a fifth of those flops).
+    The interpreter pays per program, so there one tile of up to 64 covers an adapter."""
+    return min(_pow2(max_rank, 16), 64) if interpret else 16
 
 
 def _block_d(max_d: int) -> int:
