@@ -262,13 +262,51 @@ class HetLoraLinear(nn.Module):
             alphas = self.alphas
         if scaling_rules is None:
             scaling_rules = self.scaling_rules if K == self.num_adapters else self.scaling_rules[0]
+        # every check before the first write: a refused call leaves the layer as it was
+        alphas = per_adapter(alphas, K, "alphas")
+        scaling_rules = per_adapter(scaling_rules, K, "scaling_rules", kind=str)
+        for i, rule in enumerate(scaling_rules):
+            if rule not in SCALING_RULES:
+                raise ValueError(f"scaling_rules[{i}] must be one of {SCALING_RULES}, got {rule!r}")
         dev, dt = self.lora_A.device, self.lora_A.dtype
         self.lora_A = nn.Parameter(A.detach().to(device=dev, dtype=dt).clone())
         self.lora_B = nn.Parameter(B.detach().to(device=dev, dtype=dt).clone())
         self.layout = layout
-        self.alphas = per_adapter(alphas, K, "alphas")
-        self.scaling_rules = per_adapter(scaling_rules, K, "scaling_rules", kind=str)
+        self.alphas = alphas
+        self.scaling_rules = scaling_rules
         self._refresh_scaling()
+
+    @torch.no_grad()
+    def add_adapter(self, rank: int, alpha: float, scaling_rule: str, init_lora_weights: bool = True) -> int:
+        """Append adapter slot ``K`` of ``rank`` (peft's init, or zeros); returns ``K``.
+
+        The parameters are new tensors: optimisers holding the old ones must be rebuilt."""
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+            raise ValueError(f"rank must be a positive int, got {rank!r}")
+        if scaling_rule not in SCALING_RULES:
+            raise ValueError(f"scaling_rule must be one of {SCALING_RULES}, got {scaling_rule!r}")
+        k = self.num_adapters
+        A = torch.cat([self.lora_A.detach(), self.lora_A.new_zeros(rank, self.in_features)])
+        B = torch.cat([self.lora_B.detach(), self.lora_B.new_zeros(rank, self.out_features)])
+        self.set_adapters(A, B, [*self.layout.ranks, rank], [*self.alphas, alpha], [*self.scaling_rules, scaling_rule])
+        if init_lora_weights:
+            self.reset_adapter(k)
+        return k
+
+    @torch.no_grad()
+    def remove_adapter(self, k: int) -> None:
+        """Drop adapter slot ``k``; the slots after it move down by one.  New parameter tensors,
+        as `add_adapter`."""
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < self.num_adapters:
+            raise ValueError(f"k must be an adapter index in [0, {self.num_adapters - 1}], got {k!r}")
+        if self.num_adapters == 1:
+            raise ValueError("cannot remove the only adapter of a layer")
+        rows = self.layout.rows(k)
+        keep = [i for i in range(self.layout.total_rank) if not rows.start <= i < rows.stop]
+        idx = torch.tensor(keep, dtype=torch.int64, device=self.lora_A.device)
+        drop = lambda xs: [x for i, x in enumerate(xs) if i != k]  # noqa: E731
+        self.set_adapters(self.lora_A.detach()[idx], self.lora_B.detach()[idx], drop(self.layout.ranks),
+                          drop(self.alphas), drop(self.scaling_rules))
 
     @torch.no_grad()
     def resize(self, ranks: Sequence[int]) -> None:

@@ -146,6 +146,40 @@ class MultiLoraModel(nn.Module):
         for _, layer in self.lora_layers():
             layer.resize(ranks)
 
+    def add_adapter(self, rank: int, alpha: float = 8.0, scaling_rule: str | None = None) -> int:
+        """Append a new adapter of ``rank`` to every adapted layer (peft's init: A Kaiming-uniform,
+        B zero, so it starts as the base model); returns its index ``K``.  ``scaling_rule``
+        defaults to the model's.  LoRA parameters are new tensors: rebuild optimisers."""
+        rule = self.scaling_rule if scaling_rule is None else scaling_rule
+        ks = {layer.add_adapter(rank, alpha, rule) for _, layer in self.lora_layers()}
+        return ks.pop()
+
+    def remove_adapter(self, k: int) -> None:
+        """Drop adapter ``k`` from every adapted layer; adapters after it move down by one (so
+        ``adapter_ids`` that name them must too).  LoRA parameters are new tensors."""
+        from .peft_io import _check_slot
+
+        k = _check_slot(self, k)
+        if self.num_adapters == 1:
+            raise ValueError("cannot remove the model's only adapter")
+        for _, layer in self.lora_layers():
+            layer.remove_adapter(k)
+
+    def add_peft(self, path: str | Path, strict: bool = True) -> int:
+        """Load a peft LoRA adapter directory into a new slot (`add_adapter` + `import_peft`);
+        returns its index.  A file `import_peft` refuses leaves the model as it was."""
+        from .peft_io import _adapter_config, read_peft_adapter
+
+        cfg, _ = read_peft_adapter(path)
+        r, alpha, rule = _adapter_config(cfg, path)
+        k = self.add_adapter(r, alpha, rule)
+        try:
+            self.import_peft(k, path, strict)
+        except Exception:
+            self.remove_adapter(k)
+            raise
+        return k
+
     def adapter_state(self, k: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Adapter k: module name -> ``(A_k [r_k, d_in], B_k [r_k, d_out])`` clones."""
         return {name: layer.get_adapter(k) for name, layer in self.lora_layers()}

@@ -362,3 +362,54 @@ def test_from_peft_refuses_what_it_cannot_serve_before_touching_the_model(tmp_pa
     with pytest.raises(ValueError, match=r"expected \(3, 32\)"):
         MultiLoraModel.from_peft(model, [good, bad])
     assert {n: type(m) for n, m in model.named_modules()} == before  # nothing injected
+
+
+def test_adding_and_removing_adapters_keeps_the_others_bitwise(tmp_path):
+    base = tiny_bert()
+    mlm = MultiLoraModel(copy.deepcopy(base), ["query", "value"], [2, 5, 3], alpha=[4.0, 2.0, 6.0])
+    _randomise_lora(mlm)
+    ids = torch.randint(0, 101, (6, 7), generator=torch.Generator().manual_seed(2))
+    before = mlm(input_ids=ids, adapter_ids=torch.tensor([0, 1, 2, 0, 1, 2])).logits
+    k = mlm.add_adapter(4, alpha=8.0, scaling_rule="rslora")
+    assert k == 3 and mlm.ranks == (2, 5, 3, 4) and mlm.alphas == [4.0, 2.0, 6.0, 8.0]
+    assert all(layer.scaling_rules[3] == "rslora" for _, layer in mlm.lora_layers())
+    after = mlm(input_ids=ids, adapter_ids=torch.tensor([0, 1, 2, 0, 1, 2])).logits
+    assert torch.equal(after, before)
+    fresh = mlm(input_ids=ids, adapter_ids=3).logits  # B starts at zero: the base model
+    assert rel_err(fresh, base(input_ids=ids).logits) < 1e-6
+    assert all(p.requires_grad for p in mlm.lora_parameters())
+    mlm.remove_adapter(1)  # slot 2 becomes slot 1
+    assert mlm.ranks == (2, 3, 4) and mlm.alphas == [4.0, 6.0, 8.0]
+    moved = mlm(input_ids=ids, adapter_ids=torch.tensor([0, -1, 1, 0, -1, 1])).logits
+    keep = torch.tensor([0, 2, 3, 5])
+    assert torch.equal(moved[keep], before[keep])
+    with pytest.raises(ValueError, match="k must lie in"):
+        mlm.remove_adapter(3)
+    with pytest.raises(ValueError, match="rank must be a positive int"):
+        mlm.add_adapter(0)
+    with pytest.raises(ValueError, match=r"alphas\[3\] must be a finite number"):
+        mlm.add_adapter(2, alpha=float("nan"))
+    with pytest.raises(ValueError, match="scaling_rule must be one of"):
+        mlm.add_adapter(2, scaling_rule="sqrt")
+    assert mlm.ranks == (2, 3, 4)  # the refused calls changed nothing
+    one = MultiLoraModel(copy.deepcopy(base), ["query"], [2])
+    with pytest.raises(ValueError, match="only adapter"):
+        one.remove_adapter(0)
+
+
+def test_add_peft_appends_a_slot_that_matches_peft_or_leaves_the_model_alone(tmp_path):
+    base = tiny_bert()
+    path = _saved_peft(base, tmp_path / "p", 5, r=3, lora_alpha=6, target_modules=["query", "value"])
+    other = _saved_peft(base, tmp_path / "q", 6, r=2, target_modules=["query", "key"])
+    mlm = MultiLoraModel(copy.deepcopy(base), ["query", "value"], [2], alpha=1.0)
+    _randomise_lora(mlm)
+    k = mlm.add_peft(path)
+    assert k == 1 and mlm.ranks == (2, 3) and mlm.alphas == [1.0, 6]
+    ids = torch.randint(0, 101, (3, 5), generator=torch.Generator().manual_seed(3))
+    ref = PeftModel.from_pretrained(copy.deepcopy(base), path).eval()(input_ids=ids).logits
+    assert rel_err(mlm(input_ids=ids, adapter_ids=1).logits, ref) < 1e-5
+    state = {n: p.detach().clone() for n, p in mlm.named_parameters() if "lora_" in n}
+    with pytest.raises(ValueError, match="do not match the model"):
+        mlm.add_peft(other)  # adapts key, which this model does not
+    assert mlm.ranks == (2, 3)
+    assert all(torch.equal(p, state[n]) for n, p in mlm.named_parameters() if "lora_" in n)
