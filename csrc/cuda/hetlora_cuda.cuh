@@ -105,14 +105,15 @@ inline int64_t gram_tile_pairs(int64_t r_max) {
   return nt * (nt + 1) / 2;
 }
 
-// Column ranges per tile pair: 1 unless the L * K * pairs blocks of one pass are under 512 (a
-// few layers, few adapters: most of an H200's 132 SMs would idle while each block walks
-// d = 4096 columns); then enough ranges for ~1024 blocks, each at least one 64-column step.
+// Column ranges per tile pair: 1 unless the L * K * pairs blocks (of 64 threads) of one pass
+// are under 1024 (a few layers, few adapters: most of an H200's 132 SMs would idle while each
+// block walks d = 4096 columns); then enough ranges for ~2048 blocks, each at least one
+// 64-column step.
 inline int64_t delta_fro_splits(int64_t L, int64_t K, int64_t r_max, int64_t max_d) {
   if (L <= 0 || K <= 0 || r_max <= 0 || max_d <= 0) return 1;
   const int64_t blocks = L * K * gram_tile_pairs(r_max);
-  if (blocks >= 512) return 1;
-  int64_t s = (1024 + blocks - 1) / blocks;
+  if (blocks >= 1024) return 1;
+  int64_t s = (2048 + blocks - 1) / blocks;
   const int64_t steps = (max_d + 63) / 64;
   if (s > steps) s = steps;
   return s < 1 ? 1 : s;

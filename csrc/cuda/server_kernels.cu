@@ -76,11 +76,14 @@ aggregate_kernel(const int64_t* __restrict__ table, const typename Acc<T>::type*
   out[j * d + c] = from_acc<T>(acc);
 }
 
-// Gram tiles of delta_fro_sq: 16 x 16 entries per block, one per thread; columns staged
-// through shared memory 64 at a time (coalesced rows in, 64 FMAs per thread out).
+// Gram tiles of delta_fro_sq: 16 x 16 entries per block of 64 threads, a 2 x 2 block of entries
+// per thread (4 shared-memory loads feed 4 FMAs; one entry per thread needed 2 loads per FMA);
+// columns staged through shared memory 64 at a time (coalesced rows in).
 constexpr int kGram = 16;
 constexpr int kGramCols = 64;
-static_assert(kGram * kGram == kThreads, "one thread per Gram tile entry");
+constexpr int kGramThreads = 64;
+static_assert((kGram / 2) * (kGram / 2) == kGramThreads, "a 2 x 2 block of tile entries per thread");
+static_assert(kGram * kGram == kThreads, "the sum kernel: one thread per Gram tile entry");
 
 // Tile pair p (row-major over the upper triangle of an nt x nt tile grid) -> (ti, tj), ti <= tj.
 __device__ __forceinline__ void tile_pair(int p, int nt, int& ti, int& tj) {
@@ -96,57 +99,64 @@ template <typename A> __device__ __forceinline__ A gram_weight(int ti, int tj, i
   return i < j ? A(2) : (i == j ? A(1) : A(0));
 }
 
-// Block sum of one value per thread, in a fixed order (warp butterflies, then the warps in
-// order); the result is valid in thread 0.
-template <typename A> __device__ __forceinline__ A block_sum(A v, A* part) {
+// Block sum of one value per thread over kW warps, in a fixed order (warp butterflies, then
+// the warps in order); the result is valid in thread 0.
+template <int kW, typename A> __device__ __forceinline__ A block_sum(A v, A* part) {
   v = warp_sum(v);
   if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = v;
   __syncthreads();
   A total = A(0);
   if (threadIdx.x == 0) {
 #pragma unroll
-    for (int q = 0; q < kWarps; ++q) total += part[q];
+    for (int q = 0; q < kW; ++q) total += part[q];
   }
   return total;
 }
 
-// sum_c m[r0 + row_i, c] * m[r0 + row_j, c] over columns [c_begin, c_end) for this thread's
-// entry (i, j) of tile (ti, tj); rows at or past rk read as zero.
+// g[u][v] = sum_c m[r0 + 16 ti + 2a + u, c] * m[r0 + 16 tj + 2b + v, c] over columns
+// [c_begin, c_end), for this thread's (a, b) = (tx / 8, tx % 8); rows at or past rk read as zero.
 template <typename T, typename A>
-__device__ __forceinline__ A gram_entry(const T* __restrict__ m, int64_t d, int64_t r0, int64_t rk, int ti, int tj,
-                                        int64_t c_begin, int64_t c_end, A (*si)[kGramCols + 1],
-                                        A (*sj)[kGramCols + 1]) {
-  const int i = threadIdx.x / kGram, j = threadIdx.x % kGram;
-  A acc = A(0);
-  for (int64_t c0 = c_begin; c0 < c_end; c0 += kGramCols) {
+__device__ __forceinline__ void gram_block(const T* __restrict__ m, int64_t d, int64_t r0, int64_t rk, int ti,
+                                           int tj, int64_t c_begin, int64_t c_end, A (*si)[kGramCols + 1],
+                                           A (*sj)[kGramCols + 1], A (&g)[2][2]) {
+  const int a = threadIdx.x / (kGram / 2), b = threadIdx.x % (kGram / 2);
 #pragma unroll
-    for (int q = 0; q < 2 * kGram * kGramCols / kThreads; ++q) {
-      const int e = threadIdx.x + q * kThreads;
+  for (int u = 0; u < 2; ++u) g[u][0] = g[u][1] = A(0);
+  for (int64_t c0 = c_begin; c0 < c_end; c0 += kGramCols) {
+#pragma unroll 8
+    for (int q = 0; q < 2 * kGram * kGramCols / kGramThreads; ++q) {
+      const int e = threadIdx.x + q * kGramThreads;
       const int half = e / (kGram * kGramCols), rr = (e / kGramCols) % kGram, cc = e % kGramCols;
       const int64_t row = (half ? tj : ti) * kGram + rr, col = c0 + cc;
       const A v = (row < rk && col < c_end) ? to_acc(m[(r0 + row) * d + col]) : A(0);
       (half ? sj : si)[rr][cc] = v;
     }
     __syncthreads();
-#pragma unroll 16
-    for (int cc = 0; cc < kGramCols; ++cc) acc += si[i][cc] * sj[j][cc];
+#pragma unroll 8
+    for (int cc = 0; cc < kGramCols; ++cc) {
+      const A x0 = si[2 * a][cc], x1 = si[2 * a + 1][cc], y0 = sj[2 * b][cc], y1 = sj[2 * b + 1][cc];
+      g[0][0] += x0 * y0;
+      g[0][1] += x0 * y1;
+      g[1][0] += x1 * y0;
+      g[1][1] += x1 * y1;
+    }
     __syncthreads();
   }
-  return acc;
 }
 
 // grid.x: adapter k x tile pair p, grid.y: column range s of S, grid.z: layer.  Tile pairs
 // outside r_k x r_k exit at once (the sum kernel never reads their cells).  With S == 1 the
 // block adds its weighted products (a_i . a_j)(b_i . b_j) into one partial sum; with S > 1 it
-// stores its range's two Gram tiles and the sum kernel adds the ranges first.
+// stores its range's two Gram tiles (entry i * 16 + j) and the sum kernel adds the ranges first.
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kGramThreads)
 gram_tiles_kernel(const int64_t* __restrict__ table, typename Acc<T>::type* __restrict__ ws,
                   const int64_t* __restrict__ offsets, int K, int nt, int npairs) {
   using A = typename Acc<T>::type;
-  __shared__ A si[kGram][kGramCols + 1];  // +1: the 16 rows of sj read by one warp hit 16 banks
+  // +1: the rows one warp reads (4 of si, 8 of sj, 65 words apart) fall in distinct banks
+  __shared__ A si[kGram][kGramCols + 1];
   __shared__ A sj[kGram][kGramCols + 1];
-  __shared__ A part[kWarps];
+  __shared__ A part[kGramThreads / 32];
   const int k = static_cast<int>(blockIdx.x / npairs), p = static_cast<int>(blockIdx.x % npairs);
   const int s = blockIdx.y, S = gridDim.y;
   const int64_t l = blockIdx.z;
@@ -154,24 +164,36 @@ gram_tiles_kernel(const int64_t* __restrict__ table, typename Acc<T>::type* __re
   tile_pair(p, nt, ti, tj);
   const int64_t r0 = offsets[k], rk = offsets[k + 1] - r0;
   if (static_cast<int64_t>(tj) * kGram >= rk) return;  // the whole block: no barrier skipped
-  A g[2];
+  A g[2][2][2];  // [A or B][u][v]
 #pragma unroll
   for (int m = 0; m < 2; ++m) {
     const int64_t d = table[4 * l + 2 + m];
     const int64_t steps = (d + kGramCols - 1) / kGramCols, per = (steps + S - 1) / S;
     const int64_t c_begin = s * per * kGramCols;
     const int64_t c_end = c_begin + per * kGramCols < d ? c_begin + per * kGramCols : d;
-    g[m] = gram_entry<T, A>(ptr_at<T>(table, 4 * l + m), d, r0, rk, ti, tj, c_begin, c_end, si, sj);
+    gram_block<T, A>(ptr_at<T>(table, 4 * l + m), d, r0, rk, ti, tj, c_begin, c_end, si, sj, g[m]);
   }
+  const int i0 = 2 * (threadIdx.x / (kGram / 2)), j0 = 2 * (threadIdx.x % (kGram / 2));
   const int64_t cell = (l * K + k) * npairs + p;
   if (S > 1) {
     A* out = ws + (cell * S + s) * 2 * kThreads;
-    out[threadIdx.x] = g[0];
-    out[kThreads + threadIdx.x] = g[1];
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+#pragma unroll
+      for (int v = 0; v < 2; ++v) {
+        out[(i0 + u) * kGram + j0 + v] = g[0][u][v];
+        out[kThreads + (i0 + u) * kGram + j0 + v] = g[1][u][v];
+      }
+    }
     return;
   }
-  const A v = gram_weight<A>(ti, tj, threadIdx.x / kGram, threadIdx.x % kGram) * g[0] * g[1];
-  const A total = block_sum(v, part);
+  A v = A(0);
+#pragma unroll
+  for (int u = 0; u < 2; ++u) {
+#pragma unroll
+    for (int w = 0; w < 2; ++w) v += gram_weight<A>(ti, tj, i0 + u, j0 + w) * g[0][u][w] * g[1][u][w];
+  }
+  const A total = block_sum<kGramThreads / 32>(v, part);
   if (threadIdx.x == 0) ws[cell] = total;
 }
 
@@ -216,7 +238,7 @@ gram_sum_kernel(const A* __restrict__ ws, A* __restrict__ out, const int64_t* __
       acc += gram_weight<A>(ti, tj, i, j) * ga * gb;
     }
   }
-  const A total = block_sum(acc, part);
+  const A total = block_sum<kWarps>(acc, part);
   if (threadIdx.x == 0) out[l * K + k] = total;
 }
 
@@ -260,7 +282,7 @@ cudaError_t delta_fro_sq(DType dt, const int64_t* table, int64_t L, void* out, v
   const dim3 sums(static_cast<unsigned>(K), static_cast<unsigned>(L));
   return HETLORA_DISPATCH_DT(dt, [&] {
     using A = typename Acc<scalar_t>::type;
-    gram_tiles_kernel<scalar_t><<<tiles, kThreads, 0, stream>>>(table, static_cast<A*>(workspace), offsets,
+    gram_tiles_kernel<scalar_t><<<tiles, kGramThreads, 0, stream>>>(table, static_cast<A*>(workspace), offsets,
                                                                 static_cast<int>(K), static_cast<int>(nt),
                                                                 static_cast<int>(npairs));
     const cudaError_t err = cudaGetLastError();
