@@ -134,8 +134,14 @@ class Routing:
         g = self._groups.get(key)
         if g is None:
             rep = m * per_row  # built once per shape, not on every layer call
-            tok = ids.to(x.device).repeat_interleave(rep) if rep != 1 else ids.to(x.device)
-            g = TokenGroups.from_adapter_ids(tok, self.num_adapters)
+            if ids.device.type == "cpu" and x.device.type != "cpu":
+                # host ids for a GPU batch: build on the host (no read of device memory), then
+                # copy without waiting for the GPU
+                tok = ids.repeat_interleave(rep) if rep != 1 else ids
+                g = TokenGroups.from_adapter_ids(tok, self.num_adapters).to(x.device)
+            else:
+                tok = ids.to(x.device).repeat_interleave(rep) if rep != 1 else ids.to(x.device)
+                g = TokenGroups.from_adapter_ids(tok, self.num_adapters)
             self._groups[key] = g
         return g
 

@@ -161,6 +161,19 @@ class AdapterLayout:
         return f"AdapterLayout(ranks={list(self.ranks)})"
 
 
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``t`` on ``device``.  A host tensor bound for a GPU goes through pinned memory with
+    ``non_blocking``: a plain copy from pageable memory makes the host wait until the GPU has
+    finished everything queued before it (the caching host allocator keeps the pinned block
+    until the copy is done)."""
+    device = torch.device(device)
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 @dataclass(eq=False, frozen=True)
 class TokenGroups:
     """Token -> adapter mapping of one batch, sorted once and shared by every layer.
@@ -305,15 +318,16 @@ class TokenGroups:
         return t
 
     def to(self, device: torch.device | str) -> TokenGroups:
+        """The same groups on ``device`` (host to GPU without waiting for the GPU: `to_device`)."""
         device = torch.device(device)
         if device == self.device:
             return self
         return TokenGroups(
-            self.adapter_ids.to(device),
+            to_device(self.adapter_ids, device),
             self.num_adapters,
-            self.order.to(device),
-            self.starts.to(device),
-            self.counts.to(device),
+            to_device(self.order, device),
+            to_device(self.starts, device),
+            to_device(self.counts, device),
             self.counts_list,
             self.starts_list,
             self.is_sorted,

@@ -10,6 +10,7 @@ as ``bench e2e``'s ``concurrent+graph`` method does.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -107,3 +108,49 @@ def test_a_captured_step_replays_like_eager_steps(backend):
         torch.testing.assert_close(pg, pe, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
         moved += int(not torch.equal(pe, p0))
     assert moved > 0  # the steps trained something
+
+
+def test_the_simulators_local_steps_do_not_synchronise(tmp_path, monkeypatch):
+    """`hetlora simulate` on a GPU, steps 2 onwards of each round's concurrent local training,
+    under ``set_sync_debug_mode("warn")``: no synchronising call but transformers' own check of
+    a padded batch's attention mask (``tests/test_host_reads.py`` watches the same on a CPU)."""
+    import warnings
+
+    from hetlora.fl import FedConfig, Simulation
+    from hetlora.fl import sim as sim_mod
+
+    cfg = FedConfig(model="tiny-random-bert", dataset="synthetic", num_clients=6, clients_per_round=3, rounds=2,
+                    local_steps=4, batch_size=4, r_min=1, r_max=4, max_length=16, eval_samples=24, progress=False,
+                    client_eval_samples=0, out_dir=str(tmp_path), run_name="run", export_clients=0, plots=False,
+                    tiers=[[0.5, "min"], [0.5, "max"]], target_modules=["query", "value"], device="cuda")
+    syncs: list[str] = []
+    real = sim_mod.train_round
+
+    def watched(*args, on_step=None, **kwargs):
+        steps, calls = max(t.steps for t in args[3]), [0]
+        stack = contextlib.ExitStack()
+
+        def hook(n: int) -> None:
+            calls[0] += 1
+            if calls[0] == 1:
+                hook.caught = stack.enter_context(warnings.catch_warnings(record=True))
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+            if calls[0] == steps:
+                torch.cuda.set_sync_debug_mode("default")
+                stack.close()
+                syncs.extend(f"{w.filename}:{w.lineno}: {w.message}" for w in hook.caught
+                             if "synchroniz" in str(w.message))
+            if on_step is not None:
+                on_step(n)
+
+        try:
+            return real(*args, on_step=hook, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            stack.close()
+
+    monkeypatch.setattr(sim_mod, "train_round", watched)
+    Simulation(cfg, verbose=False).run()
+    ours = [s for s in syncs if "/transformers/" not in s]
+    assert ours == [], "synchronising calls in the simulator's local steps:\n" + "\n".join(ours)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import traceback
+from pathlib import Path
 
 import pytest
 import torch
@@ -129,3 +130,68 @@ def test_a_routed_training_step_reads_nothing_back(backend, family):
     assert seen == [], f"{backend}: host reads in a routed step: {seen}"
     # and the step did train
     assert any(not torch.equal(a, p) for a, p in zip(before, model.lora_parameters()))
+
+
+@pytest.mark.parametrize("strategy", ["hetlora", "flora"])
+def test_the_simulators_local_steps_read_nothing_back(tmp_path, monkeypatch, strategy):
+    """`hetlora simulate`'s concurrent local training, steps 2 onwards of every round: no read of
+    a tensor's values (the losses add up on the device, the optimiser keeps its step counts
+    there, the trimmed length comes from host-side lengths).  The one read left is transformers'
+    own ``padding_mask.all()`` when it builds the attention mask of a padded batch."""
+    from hetlora.fl import FedConfig, Simulation
+    from hetlora.fl import sim as sim_mod
+
+    cfg = FedConfig(model="tiny-random-bert", dataset="synthetic", num_clients=6, clients_per_round=3, rounds=2,
+                    local_steps=4, batch_size=4, r_min=1, r_max=4, max_length=16, eval_samples=24, progress=False,
+                    client_eval_samples=0, out_dir=str(tmp_path), run_name="run", export_clients=0, plots=False,
+                    tiers=[[0.5, "min"], [0.5, "max"]], target_modules=["query", "value"], strategy=strategy)
+    reads: list[tuple[str, str]] = []
+    real = sim_mod.train_round
+
+    def watched(*args, on_step=None, **kwargs):
+        tasks = args[3]
+        steps = max(t.steps for t in tasks)  # concurrent mode: one on_step call per step
+        stack = contextlib.ExitStack()
+        calls = [0]
+
+        def hook(n: int) -> None:  # runs after each step: watch steps 2..last only
+            calls[0] += 1
+            if calls[0] == 1:
+                hook.seen = stack.enter_context(host_reads())
+            if calls[0] == steps:
+                stack.close()
+                reads.extend(hook.seen)
+            if on_step is not None:
+                on_step(n)
+
+        try:
+            out = real(*args, on_step=hook, **kwargs)
+        finally:
+            stack.close()
+        assert calls[0] == steps >= 3
+        return out
+
+    monkeypatch.setattr(sim_mod, "train_round", watched)
+    Simulation(cfg, verbose=False).run()
+    # allowed: transformers' mask check, and token groups built from the host copy of the
+    # client ids for a new trimmed length (host memory on a GPU: see the meta-device test below)
+    build = f"{Path(hk.__file__).parent / 'layout.py'}:"
+    ours = [r for r in reads if "/transformers/" not in r[1] and not r[1].startswith(build)]
+    assert ours == [], f"host reads in the simulator's local steps: {ours}"
+
+
+def test_routing_builds_groups_for_a_device_batch_from_host_ids_without_reading_the_device():
+    """Host ids routing a batch on another device: the token groups are built on the host and
+    copied.  The batch lives on the meta device here, where any read of device memory raises."""
+    from hetlora.layer import Routing
+
+    routing = Routing()
+    ids = torch.tensor([2, 0, -1, 2])
+    x = torch.empty(4, 3, 8, device="meta")  # [batch, tokens, d]
+    routing.set(ids, 3)
+    g = routing.groups_for(x)
+    assert g.device.type == "meta" and g.counts_list == (3, 0, 6) and g.starts_list == (3, 6, 6, 12)
+    assert routing.groups_for(x) is g  # every layer of the forward shares it
+    routing.set(ids.to("meta"), 3)  # ids already on the device: the build must read them
+    with pytest.raises(NotImplementedError):
+        routing.groups_for(x)

@@ -36,6 +36,7 @@ from torch import nn
 
 from hetlora.model import MultiLoraModel
 from hetlora_kernels import AdapterLayout, use_backend
+from hetlora_kernels.layout import to_device
 
 from .strategies import ClientUpdate, Distribution, GlobalState, Strategy
 
@@ -184,32 +185,37 @@ class ClientAdamW:
     Same formula as ``torch.optim.AdamW`` (decoupled weight decay, bias-corrected moments,
     ``eps`` added to ``sqrt(v_hat)``), with the bias correction of each row from its client's
     own step count.
+
+    Everything stays on the parameters' device (step counts included) and nothing is read
+    back: on a GPU the host queues the update without waiting for the backward to finish.
+    ``active`` may be a host tensor (one copy per step).
     """
 
     def __init__(self, params: Sequence[torch.Tensor], owners: Sequence[torch.Tensor], lrs: Sequence[float],
                  num_clients: int, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0) -> None:
-        self.params, self.owners, self.lrs = list(params), list(owners), list(lrs)
+        self.params, self.lrs = list(params), list(lrs)
+        dev = self.params[0].device if self.params else torch.device("cpu")
+        self.owners = [o.to(device=p.device, dtype=torch.int64) for o, p in zip(owners, self.params)]
         self.m = [torch.zeros_like(p) for p in self.params]
         self.v = [torch.zeros_like(p) for p in self.params]
-        self.steps = torch.zeros(num_clients, dtype=torch.int64)
+        self.steps = torch.zeros(num_clients, dtype=torch.int64, device=dev)
         self.betas, self.eps, self.wd = betas, eps, weight_decay
 
     @torch.no_grad()
     def step(self, grads: Sequence[torch.Tensor], active: torch.Tensor) -> None:
         b1, b2 = self.betas
-        active = active.to(torch.bool).cpu()
+        active = to_device(active.to(torch.bool), self.steps.device)
         self.steps += active.to(torch.int64)
         t_all = self.steps.clamp_min(1).to(torch.float64)
-        bc1_all, bc2_all = 1 - b1 ** t_all, 1 - b2 ** t_all
-        for p, g, m, v, owner, lr in zip(self.params, grads, self.m, self.v, self.owners, self.lrs):
+        bc1_all, bc2_all = 1 - torch.pow(b1, t_all), 1 - torch.pow(b2, t_all)
+        for p, g, m, v, own, lr in zip(self.params, grads, self.m, self.v, self.owners, self.lrs):
             if g is None:
                 continue
             shape = (-1,) + (1,) * (p.dim() - 1)
-            own = owner.cpu()
-            act = active[own].to(p.device).view(shape)
-            bc1 = bc1_all[own].to(device=p.device, dtype=p.dtype).view(shape)
-            bc2 = bc2_all[own].to(device=p.device, dtype=p.dtype).view(shape)
+            act = active.to(p.device)[own].view(shape)
+            bc1 = bc1_all.to(p.device)[own].to(p.dtype).view(shape)
+            bc2 = bc2_all.to(p.device)[own].to(p.dtype).view(shape)
             m_new = m * b1 + g * (1 - b1)
             v_new = v * b2 + g * g * (1 - b2)
             denom = v_new.sqrt() / bc2.sqrt() + self.eps
@@ -316,43 +322,54 @@ def _train_group(fm: FedModel, strategy: Strategy, state: GlobalState, tasks: li
 
     samplers = [ClientSampler(t.train_idx, cfg.batch_size, cfg.seed, round_idx, t.client_id) for t in tasks]
     steps = [t.steps for t in tasks]
-    loss_sum = torch.zeros(K, dtype=torch.float64)
-    # one ids tensor per (active clients, batch sizes): the model's routing then reuses its
-    # TokenGroups across steps (per trimmed length) instead of rebuilding them every step
-    aid_of: dict[tuple, torch.Tensor] = {}
+    # On a GPU nothing in a step waits for the device (transformers' own check of a padding
+    # mask aside): the per-client losses add up on the device, the batch's trimmed length
+    # comes from host-side lengths, host tensors go through pinned memory, and the ids, the
+    # client mask and the sequence counts of each (active clients, batch sizes) are made once.
+    loss_sum = torch.zeros(K, dtype=torch.float64, device=dev)
+    lengths = data.attention_mask.sum(1).cpu().numpy()
+    # per (active clients, batch sizes): the sequences' client ids on the host (for the model:
+    # its routing builds each trimmed length's token groups from them without reading the
+    # device, and reuses them while this tensor is passed) and on the device (for indexing),
+    # the client mask and the sequences per client
+    per_pattern: dict[tuple, tuple[torch.Tensor, ...]] = {}
     fm.lora_train(True)
     try:
         for step in range(max(steps)):
             active_list = [k for k in range(K) if step < steps[k]]
-            active = torch.zeros(K, dtype=torch.bool)
-            active[active_list] = True
             batches = [samplers[k].next() for k in active_list]
-            rows = torch.as_tensor(np.concatenate(batches), dtype=torch.int64)
+            rows_np = np.concatenate(batches)
             lens = tuple(len(b) for b in batches)
-            aid = aid_of.get((tuple(active_list), lens))
-            if aid is None:
-                aid = torch.as_tensor(np.repeat(active_list, lens), dtype=torch.int64, device=dev)
-                aid_of[(tuple(active_list), lens)] = aid
-            mask = data.attention_mask[rows]
-            L = max(int(mask.sum(1).max()), 1)  # trim shared padding: the masked tail changes nothing
-            input_ids = data.input_ids[rows, :L].to(dev)
-            mask = mask[:, :L].to(dev)
-            y = data.labels[rows].to(dev)
+            pattern = per_pattern.get((tuple(active_list), lens))
+            if pattern is None:
+                active_h = torch.zeros(K, dtype=torch.bool)
+                active_h[active_list] = True
+                seqs = torch.zeros(K, dtype=torch.int64)
+                seqs[active_list] = torch.tensor(lens, dtype=torch.int64)
+                aid_h = torch.as_tensor(np.repeat(active_list, lens), dtype=torch.int64)
+                pattern = (aid_h, to_device(aid_h, dev), to_device(active_h, dev), to_device(seqs, dev))
+                per_pattern[(tuple(active_list), lens)] = pattern
+            aid_h, aid, active, seqs = pattern
+            L = max(int(lengths[rows_np].max()), 1)  # trim shared padding: the masked tail changes nothing
+            rows = torch.as_tensor(rows_np, dtype=torch.int64)
+            input_ids = to_device(data.input_ids[rows, :L], dev)
+            mask = to_device(data.attention_mask[rows, :L], dev)
+            y = to_device(data.labels[rows], dev)
 
             if fm.causal:  # mean next-token loss over each client's own tokens
-                ce, ntok, _ = fm.token_losses(input_ids, mask, aid)
+                ce, ntok, _ = fm.token_losses(input_ids, mask, aid_h)
                 counts = torch.zeros(K, dtype=ce.dtype, device=dev).index_add(0, aid, ntok.to(ce.dtype))
             else:  # mean loss over each client's own sequences
-                feats = fm.features(input_ids, mask, aid)
+                feats = fm.features(input_ids, mask, aid_h)
                 logits = torch.einsum("nd,ncd->nc", feats, head_W[aid]) + head_b[aid]
                 ce = F.cross_entropy(logits, y, reduction="none")
-                counts = torch.bincount(aid, minlength=K).to(ce.dtype)
+                counts = seqs.to(ce.dtype)
             per_client = torch.zeros(K, dtype=ce.dtype, device=dev).index_add(0, aid, ce) / counts.clamp_min(1)
             loss = per_client.sum()
             if not full:
                 pen = strategy.local_penalty(As, Bs, layout)
                 if pen is not None:
-                    loss = loss + (pen * active.to(device=dev, dtype=pen.dtype)).sum()
+                    loss = loss + (pen * active.to(pen.dtype)).sum()
             grads = list(torch.autograd.grad(loss, params, allow_unused=True))
             grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
             if cfg.max_grad_norm > 0:
@@ -362,13 +379,14 @@ def _train_group(fm: FedModel, strategy: Strategy, state: GlobalState, tasks: li
                 coef = (cfg.max_grad_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
                 grads = [g * coef[own].to(g.dtype).view((-1,) + (1,) * (g.dim() - 1)) for g, own in zip(grads, owners)]
             opt.step(grads, active)
-            loss_sum += per_client.detach().to(torch.float64).cpu()
+            loss_sum += per_client.detach().to(torch.float64)
             if on_step is not None:
                 on_step(len(active_list))
     finally:
         fm.lora_train(False)
         for p in base_params:
             p.requires_grad_(False)
+    loss_sum = loss_sum.cpu()  # the round's one read of the losses
 
     local_acc: list[float | None] = [None] * K
     local_n = [0] * K

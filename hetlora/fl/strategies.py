@@ -20,6 +20,7 @@ local training of ``loss + local_penalty`` -> ``post_local`` (new ranks) -> upda
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -191,6 +192,15 @@ def tail_start(rank: int, gamma: float) -> int:
     return int(math.floor(gamma * rank))
 
 
+@functools.lru_cache(maxsize=64)
+def _tail_rows(layout: AdapterLayout, gamma: float, device: torch.device) -> torch.Tensor:
+    """``[R]`` bool: the packed rows in their adapter's tail.  Built once per (layout, γ, device):
+    local training calls the penalty every step, and a tensor made from a list on a GPU is a
+    host-to-device copy that waits for the queue."""
+    starts = torch.tensor([tail_start(r, gamma) for r in layout.ranks])
+    return (layout.row_component() >= starts[layout.row_adapter()]).to(device)
+
+
 def tail_norm_products(
     As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor], layout: AdapterLayout, gamma: float
 ) -> torch.Tensor:
@@ -201,9 +211,7 @@ def tail_norm_products(
     """
     dev = As[0].device
     owner = layout.row_adapter(dev)
-    comp = layout.row_component(dev)
-    starts = torch.tensor([tail_start(r, gamma) for r in layout.ranks], device=dev)
-    in_tail = comp >= starts[owner]
+    in_tail = _tail_rows(layout, gamma, dev)
     K = layout.num_adapters
     total = None
     for A, B in zip(As, Bs):
