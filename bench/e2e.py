@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -85,6 +86,8 @@ TARGETS = {"bert": ["query", "value"], "llama": ["q_proj", "v_proj"]}
 # sequential training times this many clients per step (rotating through all K; see
 # `sequential_step_fn`): client-steps/s is a per-client-step rate either way
 SEQ_TIMED_CLIENTS = 16
+# local steps per simulator round (`simulator_step_fn`): the round's server work is spread over them
+SIM_LOCAL_STEPS = 4
 
 
 def _llama_config(name: str):
@@ -286,6 +289,46 @@ def sequential_step_fn(base: nn.Module, family: str, run: Run, data, device: tor
     return round_, {"backend": "peft", "clients_per_step": m}
 
 
+def simulator_step_fn(base: nn.Module, family: str, run: Run, data, device: torch.device
+                      ) -> tuple[Callable[[], None], dict[str, Any]]:
+    """The simulator's own local training, what ``hetlora simulate`` runs (`hetlora.fl`): each
+    call is one HetLoRA round over all K clients, ``SIM_LOCAL_STEPS`` concurrent steps of the
+    same rows as the other methods, then the server's screening and aggregation; its time is
+    reported per local step (``steps_per_call``).  Unlike ``concurrent`` it passes the attention
+    mask (real batches are padded), so transformers' mask check waits for the GPU once a step."""
+    import tempfile
+
+    from hetlora.fl import FedConfig, Simulation
+    from hetlora.fl.local import TokenData
+    from hetlora.fl.sim import FedData
+
+    K, b = run.clients, run.batch
+    ids, mask, labels = (t.cpu() for t in data)  # the simulator keeps its data on the host
+    train = TokenData(ids, mask, labels)
+    clients = [(np.arange(k * b, (k + 1) * b), np.arange(0)) for k in range(K)]
+    ranks = client_ranks(K)
+    tmp = tempfile.TemporaryDirectory(prefix="hetlora-e2e-sim-")  # removed with the step function
+    cfg = FedConfig(model="e2e", strategy="hetlora", target_modules=TARGETS[family], rank_rule="list", ranks=ranks,
+                    r_min=min(ranks), r_max=max(ranks), lora_alpha=ALPHA, num_clients=K, clients_per_round=K,
+                    local_steps=SIM_LOCAL_STEPS, batch_size=b, max_length=run.seq, rounds=10**6, eval_every=10**6,
+                    client_eval_samples=0, lr=1e-4, head_lr=1e-4, device=str(device),
+                    dtype={torch.bfloat16: "bfloat16", torch.float64: "float64"}.get(
+                        next(base.parameters()).dtype, "float32"),
+                    out_dir=tmp.name, checkpoint_every=0, export_clients=0, plots=False, progress=False)
+    sim = Simulation(cfg, data=FedData(train, train, NUM_CLASSES, clients), encoder=base, verbose=False)
+    sim.setup()
+    rounds = iter(range(1, 10**6))
+
+    def round_() -> None:
+        sim.run_round(next(rounds))
+
+    round_.tmp, round_.sim = tmp, sim  # type: ignore[attr-defined]  (kept alive with the step; tests read sim)
+
+    dtype = next(base.parameters()).dtype
+    return round_, {"backend": auto_backend(run, device, dtype), "clients_per_step": K,
+                    "steps_per_call": SIM_LOCAL_STEPS}
+
+
 def time_steps(fn: Callable[[], None], device: torch.device, warmup: int, steps: int) -> dict[str, Any]:
     for _ in range(warmup):
         fn()
@@ -335,6 +378,7 @@ def bench_run(run: Run, device: torch.device, dtype: torch.dtype, warmup: int, s
     methods = [("concurrent", "auto")]
     if device.type == "cuda":
         methods.append(("concurrent+graph", "auto"))
+    methods.append(("simulator", "auto"))
     if auto_backend(run, device, dtype) != "torch":
         methods.append(("concurrent", "torch"))
     methods.append(("sequential", "peft"))
@@ -356,13 +400,20 @@ def bench_run(run: Run, device: torch.device, dtype: torch.dtype, warmup: int, s
             with hk.use_backend(backend if method.startswith("concurrent") else "auto"):
                 if method.startswith("concurrent"):
                     fn, meta = concurrent_step_fn(base, family, run, data, device, graph=method.endswith("+graph"))
+                elif method == "simulator":
+                    fn, meta = simulator_step_fn(base, family, run, data, device)
                 else:
                     fn, meta = sequential_step_fn(base, family, run, data, device)
                 row.update(meta)
                 row["loadavg_1min"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
                 if method == "concurrent" and backend != "auto":
                     row["backend"] = backend
-                row.update(time_steps(fn, device, warmup, steps))
+                timed = time_steps(fn, device, warmup, steps)
+                per = meta.get("steps_per_call", 1)  # a simulator round: report per local step
+                for key in ("step_s", "min_step_s"):
+                    timed[key] /= per
+                timed["step_times_s"] = [t / per for t in timed["step_times_s"]]
+                row.update(timed)
             row["client_steps_per_s"] = row.get("clients_per_step", run.clients) / row["step_s"]
             row["status"] = "ok"
         except torch.cuda.OutOfMemoryError as e:
@@ -379,7 +430,7 @@ def bench_run(run: Run, device: torch.device, dtype: torch.dtype, warmup: int, s
               f"(step {C.fmt(row.get('step_s'))} s){' ' + row['reason'] if row.get('reason') else ''}", flush=True)
     seq = next((r for r in rows if r["method"] == "sequential" and r.get("status") == "ok"), None)
     for r in rows:
-        if r["method"].startswith("concurrent") and r.get("status") == "ok" and seq:
+        if r["method"] != "sequential" and r.get("status") == "ok" and seq:
             r["speedup_vs_sequential"] = r["client_steps_per_s"] / seq["client_steps_per_s"]
             if r.get("peak_bytes") and seq.get("peak_bytes"):
                 r["mem_vs_sequential"] = r["peak_bytes"] / seq["peak_bytes"]
@@ -407,12 +458,14 @@ def run(args: argparse.Namespace) -> Path:
     res: dict[str, Any] = {
         "kind": "e2e", "preset": preset_name, "machine": info, "rows": [], "truncated": False,
         "backends": {n: list(hk.backend_status(n, device)) for n in ("torch", "triton", "cuda")},
-        "hetlora_fl_local": "present, not timed (its trainer API is not part of the benchmark contract)"
-        if local else "absent",
+        "hetlora_fl_local": "timed as `simulator`" if local else "absent",
         "memory_note": None if device.type == "cuda" else
         "peak MiB on CPU: what torch allocates during one step above what was live before it (activations, "
         "gradients, optimizer state created in the step; the model itself not counted)",
         "method_note": "concurrent: one MultiLoraModel over all clients' rows, one backward, one AdamW; "
+                       f"simulator: hetlora.fl's own round (what `hetlora simulate` runs: {SIM_LOCAL_STEPS} "
+                       "concurrent local steps with the attention mask passed, per-client AdamW, then the "
+                       "server's screening and aggregation), timed per local step; "
                        "sequential: peft, one client at a time (set_adapter), own AdamW per client; a step "
                        f"trains {SEQ_TIMED_CLIENTS} of the K clients (rotating, all K adapters loaded) when "
                        "K is larger, and client-steps/s counts the clients it trained",

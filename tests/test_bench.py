@@ -100,11 +100,13 @@ def test_e2e_smoke_outputs(smoke_out: Path) -> None:
     d = smoke_out / "e2e"
     res = _load(d / "e2e.json")
     rows = res["rows"]
-    assert {r["method"] for r in rows} == {"concurrent", "sequential"}
+    assert {r["method"] for r in rows} == {"concurrent", "simulator", "sequential"}
     assert all(r["status"] == "ok" for r in rows), [r.get("reason") for r in rows]
     for r in rows:
         assert r["client_steps_per_s"] > 0 and r["step_s"] > 0
-    assert all("speedup_vs_sequential" in r for r in rows if r["method"] == "concurrent")
+    assert all("speedup_vs_sequential" in r for r in rows if r["method"] != "sequential")
+    sim_rows = [r for r in rows if r["method"] == "simulator"]
+    assert sim_rows and all(r["steps_per_call"] == 4 and len(r["step_times_s"]) >= 1 for r in sim_rows)
     md = (d / "e2e.md").read_text()
     assert "client-steps/s" in md and "| model |" in md
     assert (d / "e2e.png").read_bytes()[:8] == PNG
@@ -275,3 +277,22 @@ def test_peft_for_reuses_the_model_with_new_weights() -> None:
                        for k, r in enumerate(layout.ranks)])
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     assert kernels.peft_for(W, b, A, B, hk.AdapterLayout([3, 1, 4, 1])) is not m1
+
+
+def test_e2e_simulator_method_runs_the_simulators_rounds() -> None:
+    """`simulator` times hetlora.fl's own rounds: each call trains all K clients for
+    SIM_LOCAL_STEPS local steps and aggregates (the global adapter moves)."""
+    import torch
+
+    from bench import e2e
+
+    dev = torch.device("cpu")
+    run = e2e.Run("tiny-bert", 5, 2, 8)
+    base, family, vocab = e2e.load_base(run.model, dev, torch.float32)
+    step, meta = e2e.simulator_step_fn(base, family, run, e2e.make_data(run, vocab, dev), dev)
+    assert meta["clients_per_step"] == 5 and meta["steps_per_call"] == e2e.SIM_LOCAL_STEPS
+    sim = step.sim
+    before = [a.clone() for a in sim.state.A]
+    step()
+    assert any(not torch.equal(a, b) for a, b in zip(sim.state.A, before))
+    assert sim.strategy.name == "hetlora" and list(sim.client_ranks) == e2e.client_ranks(5)
