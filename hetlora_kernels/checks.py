@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .layout import AdapterLayout, TokenGroups
+from .layout import AdapterLayout, TokenGroups, to_device
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -104,7 +104,7 @@ def _scaling_tensor(values: tuple[float, ...], device: torch.device) -> torch.Te
     t = _cache_get(key)
     if t is not None:
         return t
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+    t = to_device(torch.tensor(values, dtype=torch.float64), torch.device(device))
     with _SEQ_LOCK:
         _SEQ_CACHE[key] = t
         _HOST_VALUES[id(t)] = (t, values)

@@ -90,7 +90,7 @@ class AdapterLayout:
         k = (key, dev)
         t = self._cache.get(k)
         if t is None:
-            t = build().to(dev)
+            t = to_device(build(), dev)
             self._cache[k] = t
         return t
 
@@ -130,12 +130,12 @@ class AdapterLayout:
             by_rank: dict[int, list[int]] = {}
             for k, r in enumerate(self.ranks):
                 by_rank.setdefault(r, []).append(k)
+
+            def ints(v: list[int]) -> torch.Tensor:
+                return to_device(torch.tensor(v, dtype=torch.int64), dev)
+
             out = tuple(
-                (
-                    r,
-                    torch.tensor(ks, dtype=torch.int64).to(dev),
-                    torch.tensor([self.offsets[k] + j for k in ks for j in range(r)], dtype=torch.int64).to(dev),
-                )
+                (r, ints(ks), ints([self.offsets[k] + j for k in ks for j in range(r)]))
                 for r, ks in sorted(by_rank.items())
             )
             self._cache[key] = out

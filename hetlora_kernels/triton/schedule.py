@@ -15,7 +15,7 @@ import os
 import torch
 
 from ..checks import as_float32
-from ..layout import TokenGroups
+from ..layout import TokenGroups, to_device
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -53,7 +53,7 @@ def token_tiles(groups: TokenGroups, block_t: int) -> tuple[torch.Tensor, int]:
     for k in range(groups.num_adapters):
         for p in range(starts[k], starts[k + 1], block_t):
             rows += (k, p, starts[k + 1])
-    tiles = torch.tensor(rows, dtype=torch.int32).reshape(-1, 3).to(groups.device)
+    tiles = to_device(torch.tensor(rows, dtype=torch.int32).reshape(-1, 3), groups.device)
     groups._cache[key] = (tiles, n_unrouted)
     return tiles, n_unrouted
 
@@ -88,8 +88,8 @@ def token_chunks(groups: TokenGroups, chunk_t: int | None) -> tuple[torch.Tensor
                 break
         cstarts.append(len(rows) // 3)
     dev = groups.device
-    chunks = torch.tensor(rows, dtype=torch.int32).reshape(-1, 3).to(dev)
-    cst = torch.tensor(cstarts, dtype=torch.int32).to(dev)
+    chunks = to_device(torch.tensor(rows, dtype=torch.int32).reshape(-1, 3), dev)
+    cst = to_device(torch.tensor(cstarts, dtype=torch.int32), dev)
     max_chunks = max(b - a for a, b in zip(cstarts[:-1], cstarts[1:]))
     res = (chunks, cst, max_chunks)
     groups._cache[key] = res

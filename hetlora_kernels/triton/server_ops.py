@@ -55,7 +55,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from ..layout import AdapterLayout
+from ..layout import AdapterLayout, to_device
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -408,7 +408,7 @@ def _acc(dtype: torch.dtype) -> tuple[torch.dtype, tl.dtype]:
 
 def _table(rows: list[list[int]], device: torch.device) -> torch.Tensor:
     """The int64 ``[n, F]`` pointer/size table of one launch, on the launch's device (one copy)."""
-    return torch.tensor(rows, dtype=torch.int64).to(device)
+    return to_device(torch.tensor(rows, dtype=torch.int64), device)
 
 
 def _dtype_groups(tensors: list[torch.Tensor]) -> dict[torch.dtype, list[int]]:
@@ -439,7 +439,7 @@ def _index_tables(ranks: tuple[int, ...], out_rank: int, device: torch.device) -
     max_sources = max(rowptr[j + 1] - rowptr[j] for j in range(out_rank)) if out_rank else 0
 
     def t(v):
-        return torch.tensor(v, dtype=torch.int64).to(device)
+        return to_device(torch.tensor(v, dtype=torch.int64), device)
 
     return {
         "offsets": t(offsets),
