@@ -209,13 +209,18 @@ class ClientAdamW:
         self.steps += active.to(torch.int64)
         t_all = self.steps.clamp_min(1).to(torch.float64)
         bc1_all, bc2_all = 1 - torch.pow(b1, t_all), 1 - torch.pow(b2, t_all)
+        # every LoRA factor of a round shares one owner index: gather the per-row mask and bias
+        # corrections once per (owner, dtype), not once per parameter (5 launches each)
+        rows: dict[tuple[int, torch.dtype], tuple[torch.Tensor, ...]] = {}
         for p, g, m, v, own, lr in zip(self.params, grads, self.m, self.v, self.owners, self.lrs):
             if g is None:
                 continue
             shape = (-1,) + (1,) * (p.dim() - 1)
-            act = active.to(p.device)[own].view(shape)
-            bc1 = bc1_all.to(p.device)[own].to(p.dtype).view(shape)
-            bc2 = bc2_all.to(p.device)[own].to(p.dtype).view(shape)
+            key = (id(own), p.dtype)
+            if key not in rows:
+                rows[key] = (active.to(p.device)[own], bc1_all.to(p.device)[own].to(p.dtype),
+                             bc2_all.to(p.device)[own].to(p.dtype))
+            act, bc1, bc2 = (t.view(shape) for t in rows[key])
             m_new = m * b1 + g * (1 - b1)
             v_new = v * b2 + g * g * (1 - b2)
             denom = v_new.sqrt() / bc2.sqrt() + self.eps
