@@ -209,25 +209,29 @@ class ClientAdamW:
         self.steps += active.to(torch.int64)
         t_all = self.steps.clamp_min(1).to(torch.float64)
         bc1_all, bc2_all = 1 - torch.pow(b1, t_all), 1 - torch.pow(b2, t_all)
-        # every LoRA factor of a round shares one owner index: gather the per-row mask and bias
-        # corrections once per (owner, dtype), not once per parameter (5 launches each)
-        rows: dict[tuple[int, torch.dtype], tuple[torch.Tensor, ...]] = {}
+        # Every LoRA factor of a round shares one owner index: the per-row mask and bias-correction
+        # terms are gathered once per (owner, dtype, lr), not per parameter, and the masked
+        # results are written in place (torch.where with out=).  On a GPU host where a torch op
+        # costs tens of microseconds, launches are the step's cost; the arithmetic is unchanged.
+        rows: dict[tuple, tuple[torch.Tensor, ...]] = {}
         for p, g, m, v, own, lr in zip(self.params, grads, self.m, self.v, self.owners, self.lrs):
             if g is None:
                 continue
             shape = (-1,) + (1,) * (p.dim() - 1)
-            key = (id(own), p.dtype)
+            key = (id(own), p.dtype, lr)
             if key not in rows:
-                rows[key] = (active.to(p.device)[own], bc1_all.to(p.device)[own].to(p.dtype),
-                             bc2_all.to(p.device)[own].to(p.dtype))
-            act, bc1, bc2 = (t.view(shape) for t in rows[key])
+                bc1 = bc1_all.to(p.device)[own].to(p.dtype)
+                bc2 = bc2_all.to(p.device)[own].to(p.dtype)
+                rows[key] = (active.to(p.device)[own], lr / bc1, bc2.sqrt())
+            act, step_size, bc2_sqrt = (t.view(shape) for t in rows[key])
             m_new = m * b1 + g * (1 - b1)
             v_new = v * b2 + g * g * (1 - b2)
-            denom = v_new.sqrt() / bc2.sqrt() + self.eps
-            p_new = p * (1 - lr * self.wd) - (lr / bc1) * m_new / denom
-            p.copy_(torch.where(act, p_new, p))
-            m.copy_(torch.where(act, m_new, m))
-            v.copy_(torch.where(act, v_new, v))
+            denom = v_new.sqrt() / bc2_sqrt + self.eps
+            decayed = p * (1 - lr * self.wd) if self.wd else p  # p * 1.0 is p: skip the launch
+            p_new = decayed - step_size * m_new / denom
+            torch.where(act, p_new, p, out=p)
+            torch.where(act, m_new, m, out=m)
+            torch.where(act, v_new, v, out=v)
 
 
 class ClientSampler:
