@@ -195,3 +195,23 @@ def test_routing_builds_groups_for_a_device_batch_from_host_ids_without_reading_
     routing.set(ids.to("meta"), 3)  # ids already on the device: the build must read them
     with pytest.raises(NotImplementedError):
         routing.groups_for(x)
+
+
+def test_evaluation_reads_its_sums_once_at_the_end():
+    """`hetlora.fl.local.evaluate`: the batches' losses and counts add up on the device and are
+    read once, after the last batch (3 reads on one line); the model is routed by host ids."""
+    from hetlora.fl import FedConfig, Simulation
+    from hetlora.fl.local import evaluate
+
+    cfg = FedConfig(model="tiny-random-bert", dataset="synthetic", num_clients=4, clients_per_round=2, rounds=1,
+                    r_min=1, r_max=4, progress=False, plots=False, tiers=[[0.5, "min"], [0.5, "max"]],
+                    target_modules=["query", "value"])
+    sim = Simulation(cfg, verbose=False)
+    sim.setup()
+    sim.data.test.lengths()  # host-side lengths, computed once per data set
+    with host_reads() as seen:
+        acc, loss = evaluate(sim.fm, sim.state, sim.data.test, batch_size=16)  # 100 examples: 7 batches
+    build = f"{Path(hk.__file__).parent / 'layout.py'}:"
+    ours = [r for r in seen if "/transformers/" not in r[1] and not r[1].startswith(build)]
+    assert len(ours) == 3 and len({line for _, line in ours}) == 1, ours
+    assert 0.0 <= acc <= 1.0 and loss > 0

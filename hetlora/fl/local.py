@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -51,9 +51,17 @@ class TokenData:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
+    _lengths: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    def lengths(self) -> np.ndarray:
+        """``[N]`` real tokens per example, on the host (computed once): batches are trimmed to
+        their longest row from these, not from a read of the mask."""
+        if self._lengths is None:
+            self._lengths = self.attention_mask.sum(1).cpu().numpy()
+        return self._lengths
 
     def subset(self, idx) -> TokenData:
         idx = torch.as_tensor(np.asarray(idx), dtype=torch.int64)
@@ -336,7 +344,7 @@ def _train_group(fm: FedModel, strategy: Strategy, state: GlobalState, tasks: li
     # comes from host-side lengths, host tensors go through pinned memory, and the ids, the
     # client mask and the sequence counts of each (active clients, batch sizes) are made once.
     loss_sum = torch.zeros(K, dtype=torch.float64, device=dev)
-    lengths = data.attention_mask.sum(1).cpu().numpy()
+    lengths = data.lengths()
     # per (active clients, batch sizes): the sequences' client ids on the host (for the model:
     # its routing builds each trimmed length's token groups from them without reading the
     # device, and reuses them while this tensor is passed) and on the device (for indexing),
@@ -432,26 +440,29 @@ def _local_eval(fm: FedModel, tasks, data: TokenData, head_W, head_b, cfg):
         rows.append(h)
         aid.append(np.full(len(h), k, dtype=np.int64))
     rows_np, aid_np = np.concatenate(rows), np.concatenate(aid)
-    correct = np.zeros(K)
-    tokens = np.zeros(K)
+    dev = fm.device
+    # counts (integers, exact in float64 in any order) add up on the device: one read at the end
+    correct = torch.zeros(K, dtype=torch.float64, device=dev)
+    tokens = torch.zeros(K, dtype=torch.float64, device=dev)
     n = np.bincount(aid_np, minlength=K)
+    lengths = data.lengths()
     bs = cfg.eval_batch_size
     for s in range(0, len(rows_np), bs):
         r = torch.as_tensor(rows_np[s:s + bs])
-        a = torch.as_tensor(aid_np[s:s + bs], device=fm.device)
-        mask = data.attention_mask[r]
-        L = max(int(mask.sum(1).max()), 1)
-        ids, m = data.input_ids[r, :L].to(fm.device), mask[:, :L].to(fm.device)
+        a_h = torch.as_tensor(aid_np[s:s + bs])  # host ids route the batch without a device read
+        a = to_device(a_h, dev)
+        L = max(int(lengths[rows_np[s:s + bs]].max()), 1)
+        ids, m = to_device(data.input_ids[r, :L], dev), to_device(data.attention_mask[r, :L], dev)
         if fm.causal:  # next-token accuracy over each client's held-out tokens
-            _, ntok, ok = fm.token_losses(ids, m, a)
-            correct += np.bincount(aid_np[s:s + bs], weights=ok.cpu().double().numpy(), minlength=K)
-            tokens += np.bincount(aid_np[s:s + bs], weights=ntok.cpu().double().numpy(), minlength=K)
+            _, ntok, ok = fm.token_losses(ids, m, a_h)
+            correct.index_add_(0, a, ok.double())
+            tokens.index_add_(0, a, ntok.double())
             continue
-        feats = fm.features(ids, m, a)
+        feats = fm.features(ids, m, a_h)
         logits = torch.einsum("nd,ncd->nc", feats, head_W[a]) + head_b[a]
-        ok = (logits.argmax(1).cpu() == data.labels[r]).to(torch.float64)
-        correct += np.bincount(aid_np[s:s + bs], weights=ok.numpy(), minlength=K)
-    denom = tokens if fm.causal else n
+        correct.index_add_(0, a, (logits.argmax(1) == to_device(data.labels[r], dev)).double())
+    correct = correct.cpu().numpy()
+    denom = tokens.cpu().numpy() if fm.causal else n
     acc = [float(c / d) if d else None for c, d in zip(correct, denom)]
     return acc, [int(m) for m in n]
 
@@ -465,24 +476,28 @@ def evaluate(fm: FedModel, state: GlobalState, data: TokenData, batch_size: int 
     W = state.head_W.to(device=fm.device, dtype=fm.dtype)
     b = state.head_b.to(device=fm.device, dtype=fm.dtype)
     n = len(data)
-    correct, loss, tokens = 0.0, 0.0, 0.0
+    dev = fm.device
+    # the sums stay on the device (float64: the same additions in the same order as on the
+    # host), read once at the end; a GPU never waits between batches
+    correct_t, loss_t, tokens_t = (torch.zeros((), dtype=torch.float64, device=dev) for _ in range(3))
+    lengths = data.lengths()
     for s in range(0, n, batch_size):
-        mask = data.attention_mask[s:s + batch_size]
-        L = max(int(mask.sum(1).max()), 1)
-        ids = data.input_ids[s:s + batch_size, :L].to(fm.device)
-        m = mask[:, :L].to(fm.device)
-        zeros = torch.zeros(ids.shape[0], dtype=torch.int64, device=fm.device)
+        L = max(int(lengths[s:s + batch_size].max()), 1)
+        ids = to_device(data.input_ids[s:s + batch_size, :L], dev)
+        m = to_device(data.attention_mask[s:s + batch_size, :L], dev)
+        zeros = torch.zeros(ids.shape[0], dtype=torch.int64)  # host ids: routed without a device read
         if fm.causal:
             ce, ntok, ok = fm.token_losses(ids, m, zeros)
-            loss += float(ce.double().sum())
-            correct += float(ok.sum())
-            tokens += float(ntok.sum())
+            loss_t += ce.double().sum()
+            correct_t += ok.sum()
+            tokens_t += ntok.sum()
             continue
-        y = data.labels[s:s + batch_size].to(fm.device)
+        y = to_device(data.labels[s:s + batch_size], dev)
         feats = fm.features(ids, m, zeros)
         logits = feats @ W.t() + b
-        loss += float(F.cross_entropy(logits.double(), y, reduction="sum"))
-        correct += float((logits.argmax(1) == y).sum())
+        loss_t += F.cross_entropy(logits.double(), y, reduction="sum")
+        correct_t += (logits.argmax(1) == y).sum()
+    correct, loss, tokens = float(correct_t), float(loss_t), float(tokens_t)
     if fm.causal:
         return (correct / tokens, loss / tokens) if tokens else (math.nan, math.nan)
     return (correct / n, loss / n) if n else (math.nan, math.nan)
