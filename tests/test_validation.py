@@ -104,3 +104,24 @@ def test_screening_defaults_are_independent():
     a, b = Screening(), Screening()
     a.accepted.append(1)
     assert b.accepted == []
+
+
+def test_finite_flags_match_isfinite_on_every_kind_of_tensor():
+    """The batched check: NaN and +-inf anywhere, huge finite values whose absolute sum overflows
+    (still finite: must pass), empty and integer tensors, several dtypes in one call."""
+    from hetlora.fl.validation import finite_flags
+
+    g = torch.Generator().manual_seed(0)
+    ts = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        for bad in (None, float("nan"), float("inf"), float("-inf")):
+            t = torch.randn(7, 33, generator=g).to(dtype)
+            if bad is not None:
+                t.view(-1)[int(torch.randint(0, t.numel(), (1,), generator=g))] = bad
+            ts.append(t)
+    ts.append(torch.full((1000,), 3e38))  # sum of |x| is inf, every value finite
+    ts.append(torch.full((1000,), 6e4, dtype=torch.float16))  # the same in half precision
+    ts += [torch.zeros(0, 5), torch.arange(6), torch.tensor([float("nan"), float("inf")])]
+    flags = finite_flags(ts)
+    assert [flags[id(t)] for t in ts] == [bool(torch.isfinite(t).all()) for t in ts]
+    assert sum(not f for f in flags.values()) == 13  # 12 planted + the last one

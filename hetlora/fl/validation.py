@@ -12,26 +12,58 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from .strategies import ClientUpdate
 
-__all__ = ["validate_update", "Screening", "screen_updates"]
+__all__ = ["validate_update", "finite_flags", "Screening", "screen_updates"]
 
 log = logging.getLogger("hetlora.fl")
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    return bool(torch.isfinite(t).all())
+
+
+def finite_flags(tensors: Sequence[torch.Tensor]) -> dict[int, bool]:
+    """``id(t) -> every value of t is finite`` for many tensors at once, with one read per device
+    (a GPU round of 128 clients x 12 layers would otherwise wait for the GPU 3,000 times).
+
+    Per (device, dtype) group two multi-tensor norms do it: the max-abs norm is inf or NaN
+    where a tensor holds an inf (max never overflows), and the sum of absolute values is NaN
+    where it holds a NaN (a NaN always reaches a sum; finite or infinite terms never make one).
+    Empty tensors are finite; other dtypes fall back to ``isfinite(t).all()``."""
+    out: dict[int, bool] = {}
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        if t.numel() == 0 or not t.is_floating_point():
+            out[id(t)] = _all_finite(t)
+        else:
+            groups.setdefault((t.device, t.dtype), []).append(t)
+    for ts in groups.values():
+        try:
+            inf = torch.stack(torch._foreach_norm(ts, float("inf")))
+            l1 = torch.stack(torch._foreach_norm(ts, 1))
+            flags = (torch.isfinite(inf) & ~torch.isnan(l1)).tolist()
+        except (RuntimeError, NotImplementedError):  # a build without the foreach norm for this dtype
+            flags = [_all_finite(t) for t in ts]
+        out.update(zip(map(id, ts), flags))
+    return out
+
+
 def validate_update(
-    u: ClientUpdate, dims: Sequence[tuple[int, int]], r_max: int, head_shape: tuple[int, int], full: bool = False
+    u: ClientUpdate, dims: Sequence[tuple[int, int]], r_max: int, head_shape: tuple[int, int], full: bool = False,
+    finite: Callable[[torch.Tensor], bool] = _all_finite,
 ) -> str | None:
     """Reason why update ``u`` must be rejected (DESIGN.md section 7), or None if it is sound.
 
     Checks: rank in ``[1, r_max]`` and not above the rank it was given; one ``A``/``B`` per
     layer of shapes ``[rank, d_in]`` / ``[rank, d_out]``; head ``[C, d]`` / ``[C]``; FullFT
-    weights ``[d_out, d_in]``; every tensor finite; ``num_examples >= 1``.
+    weights ``[d_out, d_in]``; every tensor finite (by ``finite``: `screen_updates` passes the
+    flags of `finite_flags`); ``num_examples >= 1``.
     """
     if isinstance(u.rank, bool) or not isinstance(u.rank, int) or not 1 <= u.rank <= r_max:
         return f"rank {u.rank!r} outside [1, {r_max}]"
@@ -44,11 +76,11 @@ def validate_update(
             return f"layer {i}: A has shape {tuple(a.shape)}, expected {(u.rank, d_in)}"
         if tuple(b.shape) != (u.rank, d_out):
             return f"layer {i}: B has shape {tuple(b.shape)}, expected {(u.rank, d_out)}"
-        if not bool(torch.isfinite(a).all()) or not bool(torch.isfinite(b).all()):
+        if not finite(a) or not finite(b):
             return f"layer {i}: non-finite values (NaN/Inf) in the adapter"
     if tuple(u.head_W.shape) != tuple(head_shape) or tuple(u.head_b.shape) != (head_shape[0],):
         return f"head has shapes {tuple(u.head_W.shape)}/{tuple(u.head_b.shape)}, expected {tuple(head_shape)}"
-    if not bool(torch.isfinite(u.head_W).all()) or not bool(torch.isfinite(u.head_b).all()):
+    if not finite(u.head_W) or not finite(u.head_b):
         return "non-finite values (NaN/Inf) in the classifier head"
     if full:
         if u.weights is None or len(u.weights) != len(dims):
@@ -56,10 +88,10 @@ def validate_update(
         for i, ((d_in, d_out), w) in enumerate(zip(dims, u.weights)):
             if tuple(w.shape) != (d_out, d_in):
                 return f"layer {i}: weight has shape {tuple(w.shape)}, expected {(d_out, d_in)}"
-            if not bool(torch.isfinite(w).all()):
+            if not finite(w):
                 return f"layer {i}: non-finite values (NaN/Inf) in the weight"
         for i, bvec in enumerate(u.biases or []):
-            if bvec is not None and not bool(torch.isfinite(bvec).all()):
+            if bvec is not None and not finite(bvec):
                 return f"layer {i}: non-finite values (NaN/Inf) in the bias"
     if not isinstance(u.num_examples, int) or u.num_examples < 1:
         return f"num_examples {u.num_examples!r} must be a positive int"
@@ -86,6 +118,16 @@ class Screening:
         """The fields every round record carries: num_accepted, num_rejected, rejected, failed."""
         return {"num_accepted": len(self.accepted), "num_rejected": len(self.rejected),
                 "rejected": list(self.rejected), "failed": self.failed}
+
+
+def _tensors(u: ClientUpdate) -> list[torch.Tensor]:
+    """Every tensor an update carries; none for one that cannot be read (`validate_update`
+    then says why), and anything that is not a tensor is skipped."""
+    try:
+        parts = (u.A, u.B, [u.head_W], [u.head_b], u.weights, u.biases)
+        return [t for part in parts if isinstance(part, (list, tuple)) for t in part if isinstance(t, torch.Tensor)]
+    except Exception:
+        return []
 
 
 def _client_id(u: object) -> int | str:
@@ -122,12 +164,18 @@ def screen_updates(
     for cid, reason in errors:
         out.rejected.append({"client": cid, "reason": reason})
         log.warning("%sclient %s sent no update: %s", where, cid, reason)
+    flags = finite_flags([t for u in updates if isinstance(u, ClientUpdate) for t in _tensors(u)])
+
+    def finite(t: torch.Tensor) -> bool:
+        hit = flags.get(id(t))
+        return _all_finite(t) if hit is None else hit
+
     for u in updates:
         if not isinstance(u, ClientUpdate):
             reason = f"not a ClientUpdate ({type(u).__name__})"
         else:
             try:
-                reason = validate_update(u, dims, r_max, head_shape, full=full)
+                reason = validate_update(u, dims, r_max, head_shape, full=full, finite=finite)
             except Exception as e:  # a malformed object must not end the round either
                 reason = f"malformed update: {type(e).__name__}: {e}"
         if reason is None:
