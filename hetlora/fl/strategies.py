@@ -407,9 +407,10 @@ class HetLoRA(Strategy):
         if not self.config.prune:
             return list(layout.ranks)
         after = tail_norm_products([a.detach() for a in As], [b.detach() for b in Bs], layout, self.config.gamma)
+        shrank = (after < ctx).tolist()  # one read for all clients
         out = []
         for k, r in enumerate(layout.ranks):
-            if bool(after[k] < ctx[k]):
+            if shrank[k]:
                 out.append(max(self.config.r_min, tail_start(r, self.config.gamma)))
             else:
                 out.append(r)
