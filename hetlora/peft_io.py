@@ -140,6 +140,19 @@ def _adapter_config(cfg: dict, path: str | Path) -> tuple[int, float, str]:
     return r, alpha, "rslora" if cfg.get("use_rslora") else "alpha/r"
 
 
+def _checked_pair(path, name: str, A: torch.Tensor | None, Bt: torch.Tensor | None, r: int, d_in: int,
+                  d_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lora_A [r, d_in], lora_B [d_out, r])`` of module ``name``, or a ValueError saying what is wrong."""
+    if A is None or Bt is None:
+        raise ValueError(f"{path}: module {name!r} lacks lora_A or lora_B")
+    if A.shape != (r, d_in) or Bt.shape != (d_out, r):
+        raise ValueError(
+            f"{path}: module {name!r} has lora_A {tuple(A.shape)} and lora_B {tuple(Bt.shape)}; "
+            f"expected ({r}, {d_in}) and ({d_out}, {r})"
+        )
+    return A, Bt
+
+
 def import_peft(mlm: MultiLoraModel, k: int, path: str | Path, strict: bool = True) -> None:
     """Load a peft LoRA adapter (weights, rank, alpha, rsLoRA flag) into slot ``k``.
 
@@ -173,14 +186,8 @@ def import_peft(mlm: MultiLoraModel, k: int, path: str | Path, strict: bool = Tr
     for name, layer in ours.items():
         if name in lora:
             parts = lora[name]
-            if set(parts) != {"lora_A", "lora_B"}:
-                raise ValueError(f"{path}: module {name!r} lacks lora_A or lora_B")
-            A_k, Bt = parts["lora_A"], parts["lora_B"]
-            if A_k.shape != (r, layer.in_features) or Bt.shape != (layer.out_features, r):
-                raise ValueError(
-                    f"{path}: module {name!r} has lora_A {tuple(A_k.shape)} and lora_B {tuple(Bt.shape)}; "
-                    f"expected ({r}, {layer.in_features}) and ({layer.out_features}, {r})"
-                )
+            A_k, Bt = _checked_pair(path, name, parts.get("lora_A"), parts.get("lora_B"), r,
+                                    layer.in_features, layer.out_features)
             staged[name] = (A_k, Bt.t())
         else:
             staged[name] = (torch.zeros(r, layer.in_features), torch.zeros(r, layer.out_features))
@@ -267,16 +274,9 @@ def from_peft(model: torch.nn.Module, paths, **kwargs) -> MultiLoraModel:
                 f"{path}: adapts modules this model lacks ({absent[:3]}); was it trained on another base model?"
             )
         r, alpha, _ = _adapter_config(cfg, path)
-        for m in modules:
-            want = _linear_dims(names[m], m, path)
-            A, B = tensors.get(m + ".lora_A.weight"), tensors.get(m + ".lora_B.weight")
-            if A is None or B is None:
-                raise ValueError(f"{path}: module {m!r} lacks lora_A or lora_B")
-            if A.shape != (r, want[0]) or B.shape != (want[1], r):
-                got = (tuple(A.shape), tuple(B.shape))
-                raise ValueError(
-                    f"{path}: module {m!r} has lora_A/lora_B {got}; expected ({r}, {want[0]}) and ({want[1]}, {r})"
-                )
+        for m in modules:  # checked against the base layers now: nothing is injected before all pass
+            _checked_pair(path, m, tensors.get(m + ".lora_A.weight"), tensors.get(m + ".lora_B.weight"), r,
+                          *_linear_dims(names[m], m, path))
         ranks.append(r)
         alphas.append(alpha)
         targets += [m for m in modules if m not in targets]
