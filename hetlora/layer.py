@@ -244,6 +244,31 @@ class HetLoraLinear(nn.Module):
         return self.lora_A.detach()[rows].clone(), self.lora_B.detach()[rows].clone()
 
     @torch.no_grad()
+    def delta_weight(self, k: int) -> torch.Tensor:
+        """Adapter k's whole update ``ΔW_k = s_k · B_kᵀ A_k``: ``[d_out, d_in]`` (``nn.Linear``'s
+        orientation, also over a ``Conv1D``), detached, in float32 (float64 for float64 factors)
+        whatever the factors' dtype, so that merging rounds once, into the weight's dtype."""
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < self.num_adapters:
+            raise ValueError(f"k must be an adapter index in [0, {self.num_adapters - 1}], got {k!r}")
+        acc = torch.float64 if self.lora_A.dtype == torch.float64 else torch.float32
+        rows = self.layout.rows(k)
+        A, B = self.lora_A.detach()[rows].to(acc), self.lora_B.detach()[rows].to(acc)
+        return (B.t() @ A) * self._scaling_host[k]
+
+    @torch.no_grad()
+    def merge_into_base(self, k: int) -> nn.Module:
+        """Add ``ΔW_k`` (`delta_weight`) to the base layer's weight in place and return the base
+        layer.  The sum is taken in float32 (float64 for a float64 weight) and rounded once to
+        the weight's dtype.  This layer's own outputs change with it (its base now holds ΔW_k):
+        it is meant for `MultiLoraModel.merge_and_unload`, which then drops this layer."""
+        delta = self.delta_weight(k)
+        w = self.base_layer.weight
+        acc = torch.float64 if w.dtype == torch.float64 else torch.float32
+        delta = delta.t() if self.fan_in_fan_out else delta
+        w.copy_((w.to(acc) + delta.to(device=w.device, dtype=acc)).to(w.dtype))
+        return self.base_layer
+
+    @torch.no_grad()
     def set_adapters(
         self,
         A: torch.Tensor,

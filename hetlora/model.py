@@ -114,10 +114,17 @@ class MultiLoraModel(nn.Module):
     # -- structure ------------------------------------------------------------------------------
     def lora_layers(self) -> Iterator[tuple[str, HetLoraLinear]]:
         """``(module name, layer)`` of every adapted layer, in model order."""
+        self._check_live()
         for name in self.lora_module_names:
             yield name, self.model.get_submodule(name)
 
+    def _check_live(self) -> None:
+        if getattr(self, "_unloaded", False):
+            raise RuntimeError("this MultiLoraModel was unloaded (merge_and_unload / unload): its adapters are gone; "
+                               "use the model those calls returned")
+
     def _first(self) -> HetLoraLinear:
+        self._check_live()
         return self.model.get_submodule(self.lora_module_names[0])
 
     @property
@@ -184,6 +191,48 @@ class MultiLoraModel(nn.Module):
         """Adapter k: module name -> ``(A_k [r_k, d_in], B_k [r_k, d_out])`` clones."""
         return {name: layer.get_adapter(k) for name, layer in self.lora_layers()}
 
+    # -- back to a plain model ------------------------------------------------------------------------
+    def merge_and_unload(self, k: int | None) -> nn.Module:
+        """The wrapped model with every adapted layer replaced by its base layer, adapter ``k``'s
+        ``ΔW_k = s_k B_kᵀ A_k`` added to each base weight (in float32, rounded once to the
+        weight's dtype); ``k=None`` puts the base layers back untouched (`unload`).
+
+        In place, as peft's ``merge_and_unload``: the returned module is ``self.model``, and this
+        MultiLoraModel refuses any further use.  The base parameters stay frozen (as the
+        constructor left them); ``modules_to_save`` stay as trained.  A weight tied to another
+        parameter (e.g. an LM head sharing the embeddings) is refused before anything is
+        written: merging into it would change the other module too.
+        """
+        from .peft_io import _check_slot
+
+        self._check_live()
+        if k is not None:
+            k = _check_slot(self, k)
+            owners: dict[int, list[str]] = {}
+            for pname, p in self.model.named_parameters(remove_duplicate=False):
+                if p.device.type != "meta" and p.numel():
+                    owners.setdefault(p.untyped_storage().data_ptr(), []).append(pname)
+            for name, layer in self.lora_layers():
+                w = layer.base_layer.weight
+                shared = [n for n in owners.get(w.untyped_storage().data_ptr(), [])
+                          if n != f"{name}.base_layer.weight"] if w.device.type != "meta" else []
+                if shared:
+                    raise ValueError(f"cannot merge adapter {k} into {name}: its weight is tied to {shared}, which "
+                                     f"would change too; merge by hand into an untied copy, or serve the adapter "
+                                     f"unmerged")
+        for name, layer in list(self.lora_layers()):
+            base = layer.merge_into_base(k) if k is not None else layer.base_layer
+            parent_name, _, child = name.rpartition(".")
+            setattr(self.model.get_submodule(parent_name) if parent_name else self.model, child, base)
+        self.lora_module_names = []
+        self._unloaded = True
+        return self.model
+
+    def unload(self) -> nn.Module:
+        """The wrapped model with its original layers back, adapters dropped
+        (``merge_and_unload(None)``; in place, see there)."""
+        return self.merge_and_unload(None)
+
     # -- forward --------------------------------------------------------------------------------
     def _normalise_ids(self, adapter_ids, batch_hint: int | None) -> torch.Tensor | None:
         K = self.num_adapters
@@ -207,6 +256,7 @@ class MultiLoraModel(nn.Module):
     @contextlib.contextmanager
     def _routed(self, adapter_ids, args: tuple, kwargs: dict, expand: bool = False) -> Iterator[None]:
         """Route this call's sequences to their adapters (the batch sized by its first tensor)."""
+        self._check_live()
         first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
         batch = first.shape[0] if first is not None and first.dim() > 0 else None
         self.routing.set(self._normalise_ids(adapter_ids, batch), self.num_adapters, expand)

@@ -10,6 +10,7 @@ read: a pickled ``adapter_model.bin`` is refused, never unpickled.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,8 +28,13 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
 
-def _task_type(model: torch.nn.Module) -> str | None:
+def _task_type(model: torch.nn.Module, modules_to_save: Sequence[str]) -> str | None:
     name = type(model).__name__
+    # peft's classification wrappers add the head to modules_to_save and then require its
+    # weights in the file: with the head frozen and left out (no modules_to_save), only the
+    # task-free PeftModel loads the directory, and it computes the same thing
+    if name.endswith(("ForSequenceClassification", "ForTokenClassification")) and not modules_to_save:
+        return None
     if name.endswith("ForSequenceClassification"):
         return "SEQ_CLS"
     if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
@@ -70,7 +76,7 @@ def export_peft(mlm: MultiLoraModel, k: int, path: str | Path, base_model_name_o
         use_rslora=(rule == "rslora"),
         fan_in_fan_out=any(layer.fan_in_fan_out for _, layer in layers),
         modules_to_save=list(mlm.modules_to_save) or None,
-        task_type=_task_type(mlm.model),
+        task_type=_task_type(mlm.model, mlm.modules_to_save),
         base_model_name_or_path=base_model_name_or_path,
     )
     cfg_dict = cfg.to_dict()

@@ -119,6 +119,19 @@ def test_export_peft_loads_in_peft_with_same_logits(tmp_path):
         assert rel_err(loaded(input_ids=ids).logits, out) < 1e-5
 
 
+def test_export_of_a_classifier_without_modules_to_save_loads_in_peft(tmp_path):
+    # peft's SEQ_CLS wrapper would demand the (frozen, unsaved) head's weights from the file
+    base = tiny_bert()
+    mlm = MultiLoraModel(copy.deepcopy(base), ["query", "value"], [3, 2], alpha=5.0)
+    _randomise_lora(mlm)
+    ids = torch.randint(0, 101, (3, 8))
+    for k in range(2):
+        path = mlm.export_peft(k, tmp_path / f"a{k}")
+        assert json.loads((path / "adapter_config.json").read_text())["task_type"] is None
+        loaded = PeftModel.from_pretrained(copy.deepcopy(base), str(path)).eval()
+        assert rel_err(loaded(input_ids=ids).logits, mlm(input_ids=ids, adapter_ids=k).logits) < 1e-5
+
+
 @pytest.mark.parametrize("rule", ["fixed", "rslora"])
 def test_export_scaling_rules_roundtrip_through_peft(tmp_path, rule):
     base = tiny_gpt2()
