@@ -1,4 +1,4 @@
-"""The ``hetlora`` command line: ``simulate``, ``reproduce``, ``export``, ``plot``, ``bench``.
+"""The ``hetlora`` command line: ``simulate``, ``reproduce``, ``export``, ``predict``, ``plot``, ``bench``.
 
 ``hetlora simulate`` with no flags runs the default simulation (real 20 Newsgroups,
 all-MiniLM-L6-v2, 20 clients with mixed ranks, HetLoRA); every `FedConfig` field is a
@@ -135,6 +135,22 @@ def build_parser() -> argparse.ArgumentParser:
     who = e.add_mutually_exclusive_group(required=True)
     who.add_argument("--client", type=int, metavar="K", help="client K's adapter (its current rank)")
     who.add_argument("--global", dest="glob", action="store_true", help="the global adapter (rank r_max)")
+    e.add_argument("--merged", action="store_true",
+                   help="write a standalone model instead: the adapter (and, for flora/fullft, the trained target "
+                        "weights) merged into a copy of the base model, saved with save_pretrained, plus the "
+                        "tokenizer and, for classification, head.safetensors and hetlora_head.json; "
+                        "`hetlora predict OUT` labels text with it")
+
+    pr = sub.add_parser("predict", help="label text with a classifier exported by `hetlora export --merged`",
+                        description="Label each text with a merged classification export (hetlora export --merged): "
+                                    "the model's last hidden states averaged over the attention mask, then the "
+                                    "federated head, as in training. Prints one line per text: the label, its "
+                                    "probability, and the text's start.")
+    pr.add_argument("model_dir", metavar="DIR", help="a directory written by `hetlora export --merged`")
+    pr.add_argument("texts", nargs="*", metavar="TEXT", help="texts to label")
+    pr.add_argument("--file", metavar="F", help="also label every non-empty line of F ('-': standard input)")
+    pr.add_argument("--top", type=int, default=1, metavar="K", help="print the K most likely labels (default 1)")
+    pr.add_argument("--device", default="cpu", help="torch device (default cpu)")
 
     pl = sub.add_parser("plot", help="plot one or more runs (accuracy, ranks, communication)",
                         description="Write accuracy.png, comm_vs_accuracy.png, ranks_<run>.png (and comparison.md "
@@ -249,8 +265,35 @@ def _export(ns: argparse.Namespace) -> int:
     from hetlora.fl.sim import Simulation
 
     sim = Simulation.from_run_dir(ns.run_dir)
-    path = sim.export_global(ns.out) if ns.glob else sim.export_client(ns.client, ns.out)
+    client = None if ns.glob else ns.client
+    if ns.merged:
+        path = sim.export_merged(ns.out, client)
+    else:
+        path = sim.export_global(ns.out) if ns.glob else sim.export_client(ns.client, ns.out)
     print(f"wrote {path}")
+    return 0
+
+
+def _predict(ns: argparse.Namespace) -> int:
+    from hetlora.fl.merged import MergedClassifier
+
+    if isinstance(ns.top, bool) or ns.top < 1:
+        raise ValueError(f"--top must be >= 1, got {ns.top}")
+    texts = list(ns.texts)
+    if ns.file:
+        f = sys.stdin if ns.file == "-" else open(ns.file, encoding="utf-8")
+        with f:
+            texts += [line.rstrip("\n") for line in f if line.strip()]
+    if not texts:
+        raise ValueError("no text to label: give TEXT arguments or --file")
+    clf = MergedClassifier.from_dir(ns.model_dir, device=ns.device)
+    probs = clf.logits(texts).float().softmax(1)
+    k = min(ns.top, probs.shape[1])
+    p, idx = probs.topk(k, dim=1)
+    for text, pi, ii in zip(texts, p.tolist(), idx.tolist()):
+        labels = "  ".join(f"{clf.label_names[i]} {q:.3f}" for i, q in zip(ii, pi))
+        short = " ".join(text.split())
+        print(f"{labels}\t{short[:60] + ('...' if len(short) > 60 else '')}")
     return 0
 
 
@@ -292,6 +335,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _export(ns)
         if ns.command == "plot":
             return _plot(ns)
+        if ns.command == "predict":
+            return _predict(ns)
         return _bench(ns)
     except (ValueError, FileNotFoundError) as e:
         print(f"hetlora {ns.command}: error: {e}", file=sys.stderr)

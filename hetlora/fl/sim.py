@@ -4,6 +4,7 @@
 
     <out_dir>/<run_name>/
         config.json, config.yaml     the resolved configuration
+        labels.json                  class names (classification), for `hetlora export --merged`
         metrics.jsonl                one JSON record per round (see `Simulation.run_round`)
         checkpoints/                 atomic safetensors + JSON (`hetlora.fl.checkpoint`)
         adapters/global, client_<k>  peft adapter directories (+ head.safetensors)
@@ -452,6 +453,10 @@ class Simulation:
         d.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(d / "config.json", (self.config.to_json() + "\n").encode())
         atomic_write_bytes(d / "config.yaml", self.config.to_yaml().encode())
+        if self.data is not None and not self.fm.causal and len(self.data.label_names) == self.data.num_classes:
+            from .merged import LABELS_FILE
+
+            atomic_write_bytes(d / LABELS_FILE, (json.dumps(list(self.data.label_names)) + "\n").encode())
 
     # FedConfig fields a resumed run may change: how long it runs and where and how it is
     # executed or reported, never what is trained on what
@@ -636,6 +641,27 @@ class Simulation:
             save_file(t, str(Path(p) / "target_weights.safetensors"))
         return Path(p)
 
+    def adapter_of(self, client: int | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor], int, float]:
+        """``(A per layer, B per layer, rank, scaling)``: the global adapter (``client=None``, rank
+        ``state.rank``) or what the server would send client ``client`` now (its current rank)."""
+        if client is None:
+            return self.state.A, self.state.B, self.state.rank, self.state.scaling
+        if isinstance(client, bool) or not isinstance(client, (int, np.integer)) \
+                or not 0 <= client < self.config.num_clients:
+            raise ValueError(f"client must lie in [0, {self.config.num_clients - 1}], got {client!r}")
+        client = int(client)
+        r = min(self.strategy.client_rank(int(self.client_ranks[client])), max(self.strategy.global_rank, 1))
+        dist = self.strategy.distribute(self.state, [client], [r], self.config.rounds + 1)
+        return dist.A, dist.B, r, dist.scalings[0]
+
+    def export_merged(self, path: str | Path, client: int | None = None) -> Path:
+        """The global adapter (or client ``client``'s) merged into a copy of the base model: a
+        standalone transformers directory with the tokenizer and the classifier head
+        (`hetlora.fl.merged.write_merged`)."""
+        from .merged import write_merged
+
+        return write_merged(self, path, client)
+
     def export_global(self, path: str | Path) -> Path:
         """The global adapter (rank ``state.rank``) as a peft directory, with the classifier head
         in ``head.safetensors`` and, for strategies that change the base (FLoRA, FullFT), the
@@ -647,11 +673,8 @@ class Simulation:
     def export_client(self, client: int, path: str | Path) -> Path:
         """Client ``client``'s adapter: what the server would send it now (its current rank); the
         same files as `export_global`."""
-        if not 0 <= client < self.config.num_clients:
-            raise ValueError(f"client must lie in [0, {self.config.num_clients - 1}], got {client}")
-        r = min(self.strategy.client_rank(int(self.client_ranks[client])), max(self.strategy.global_rank, 1))
-        dist = self.strategy.distribute(self.state, [client], [r], self.config.rounds + 1)
-        return self._export_slot(dist.A, dist.B, r, dist.scalings[0], Path(path))
+        A, B, r, s = self.adapter_of(client)
+        return self._export_slot(A, B, r, s, Path(path))
 
     @classmethod
     def from_run_dir(cls, run_dir: str | Path, verbose: bool = False) -> Simulation:
