@@ -67,6 +67,21 @@ def test_exported_global_adapter_loads_in_peft(tmp_path, strategy):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
+def test_a_rebuilt_run_keeps_its_state_through_setup_and_scores_as_reported(tmp_path):
+    from hetlora.fl.local import evaluate
+
+    hist = Simulation(_cfg(tmp_path, rounds=2, lam=5.0, gamma=0.5), verbose=False).run()
+    sim = Simulation.from_run_dir(tmp_path / "run")
+    A, ranks = [a.clone() for a in sim.state.A], sim.client_ranks.copy()
+    assert list(ranks) == hist.records[-1]["client_ranks"]
+    sim.setup()  # loads the data; must not re-initialise what the checkpoint restored
+    assert all(torch.equal(a, b) for a, b in zip(sim.state.A, A))
+    assert list(sim.client_ranks) == list(ranks)
+    acc, loss = evaluate(sim.fm, sim.state, sim.data.test)
+    assert acc == hist.records[-1]["eval_acc"]
+    assert loss == pytest.approx(hist.records[-1]["eval_loss"], rel=1e-6)
+
+
 def test_bad_updates_are_rejected_and_the_round_goes_on(tmp_path):
     sim = Simulation(_cfg(tmp_path, rounds=1, clients_per_round=5), verbose=False)
 

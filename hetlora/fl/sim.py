@@ -309,6 +309,9 @@ class Simulation:
         return self.state
 
     def setup(self) -> None:
+        """Load the model and data, assign client ranks and initialise the global state; ranks and
+        a state already present (`from_run_dir`, `restore`) are kept, so a finished run can be
+        rebuilt and evaluated: ``sim = Simulation.from_run_dir(d); sim.setup()``."""
         cfg = self.config
         dev = torch.device(cfg.device)
         if dev.type == "cuda" and not torch.cuda.is_available():
@@ -331,9 +334,12 @@ class Simulation:
         if len(self.data.clients) != cfg.num_clients:
             raise ValueError(f"FedConfig.num_clients: the data has {len(self.data.clients)} clients, "
                              f"got {cfg.num_clients}")
-        self.client_ranks = assign_ranks(cfg)
-        # a causal LM keeps its own (frozen) LM head: the federated head is empty, [0, d]
-        self.init_state(0 if self.fm.causal else self.data.num_classes)
+        # a state already here (from_run_dir, restore) is the run's: kept, with its clients' ranks
+        if self.client_ranks is None:
+            self.client_ranks = assign_ranks(cfg)
+        if self.state is None:
+            # a causal LM keeps its own (frozen) LM head: the federated head is empty, [0, d]
+            self.init_state(0 if self.fm.causal else self.data.num_classes)
 
     # -- one round ---------------------------------------------------------------------------------
     def sample_clients(self, round_idx: int) -> np.ndarray:
