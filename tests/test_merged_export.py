@@ -125,6 +125,19 @@ def test_merged_classifier_refuses_bad_input(tmp_path):
         clf.logits(["some text"])
     with pytest.raises(ValueError, match="label_names"):
         MergedClassifier(AutoModel.from_pretrained(out), clf.head_W, clf.head_b, label_names=["a"])
+    from safetensors.torch import save_file
+
+    save_file({"weight": torch.zeros(3, 32), "bias": torch.zeros(4)}, str(out / HEAD_FILE))
+    with pytest.raises(ValueError, match="malformed head"):
+        MergedClassifier.from_dir(out)
+    (out / HEAD_META).write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        MergedClassifier.from_dir(out)
+    (out / "model.safetensors").rename(out / "pytorch_model.bin")  # never unpickled
+    (out / HEAD_META).write_text("{}")
+    save_file({"weight": torch.zeros(3, 32), "bias": torch.zeros(3)}, str(out / HEAD_FILE))
+    with pytest.raises(ValueError, match="cannot load the merged model"):
+        MergedClassifier.from_dir(out)
 
 
 @needs_minilm

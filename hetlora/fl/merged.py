@@ -183,15 +183,25 @@ class MergedClassifier:
             what = "a causal-LM export (load it with AutoModelForCausalLM)" if (path / EXPORT_META).is_file() \
                 else "not a merged export (hetlora export --merged)"
             raise ValueError(f"path: {str(path)!r} holds no classifier head ({HEAD_FILE}, {HEAD_META}): {what}")
-        meta = json.loads((path / HEAD_META).read_text())
+        try:
+            meta = json.loads((path / HEAD_META).read_text())
+        except ValueError as e:
+            raise ValueError(f"path: {str(path / HEAD_META)!r} is not valid JSON ({e})") from None
         head = load_file(str(path / HEAD_FILE))
+        W, b = head.get("weight"), head.get("bias")
+        if not isinstance(meta, dict) or W is None or b is None or W.dim() != 2 or b.shape != W.shape[:1]:
+            raise ValueError(f"path: {str(path)!r} holds a malformed head ({HEAD_META} must be a JSON object; "
+                             f"{HEAD_FILE} must hold weight [C, d] and bias [C])")
         with _quiet_transformers():
-            try:
-                model = AutoModel.from_pretrained(path, add_pooling_layer=False)
-            except TypeError:
-                model = AutoModel.from_pretrained(path)
-            tok = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
-        return cls(model.to(device), head["weight"], head["bias"], tok, meta.get("label_names"),
+            try:  # safetensors only: nothing is unpickled
+                try:
+                    model = AutoModel.from_pretrained(path, add_pooling_layer=False, use_safetensors=True)
+                except TypeError:
+                    model = AutoModel.from_pretrained(path, use_safetensors=True)
+                tok = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").is_file() else None
+            except OSError as e:
+                raise ValueError(f"path: {str(path)!r}: cannot load the merged model ({e})") from None
+        return cls(model.to(device), W, b, tok, meta.get("label_names"),
                    meta.get("max_length", 128))
 
     @torch.no_grad()
