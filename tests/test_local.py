@@ -70,11 +70,14 @@ def test_adamw_masks_finished_clients():
     p = torch.randn(5, 3, dtype=torch.float64)
     opt = ClientAdamW([p], [owner], [0.1], 2, weight_decay=0.1)
     opt.step([torch.randn(5, 3, dtype=torch.float64)], torch.tensor([True, True]))
-    snap = (p[2:].clone(), opt.m[0][2:].clone(), opt.v[0][2:].clone())
-    before0 = p[:2].clone()
+    m, v = opt.moments(0)
+    assert m.shape == v.shape == p.shape and m.abs().min() > 0
+    snap = (p[2:].clone(), m[2:].clone(), v[2:].clone())
+    before0 = (p[:2].clone(), m[:2].clone())
     opt.step([torch.randn(5, 3, dtype=torch.float64)], torch.tensor([True, False]))
-    assert torch.equal(p[2:], snap[0]) and torch.equal(opt.m[0][2:], snap[1]) and torch.equal(opt.v[0][2:], snap[2])
-    assert not torch.equal(p[:2], before0)
+    m, v = opt.moments(0)
+    assert torch.equal(p[2:], snap[0]) and torch.equal(m[2:], snap[1]) and torch.equal(v[2:], snap[2])
+    assert not torch.equal(p[:2], before0[0]) and not torch.equal(m[:2], before0[1])
     assert opt.steps.tolist() == [2, 1]
 
 
@@ -96,6 +99,99 @@ def test_adamw_matches_torch_adamw_per_client():
                 topt[k].step()
     torch.testing.assert_close(p[0:1], refs[0].detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(p[1:3], refs[1].detach(), rtol=1e-12, atol=1e-12)
+
+
+def _clip_f64(gs, owners, K, max_norm):
+    sq = torch.zeros(K, dtype=torch.float64)
+    for g, own in zip(gs, owners):
+        sq.index_add_(0, own, g.double().pow(2).reshape(g.shape[0], -1).sum(1))
+    coef = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+    return [g * coef[own].view((-1,) + (1,) * (g.dim() - 1)) for g, own in zip(gs, owners)]
+
+
+@pytest.mark.parametrize("max_norm", [0.0, 0.3])
+def test_grouped_adamw_matches_torch_adamw_per_tensor_and_client(max_norm):
+    """Tensors of one shape, dtype, lr and owner are updated stacked; every (tensor, client) slice
+    still follows its own torch.optim.AdamW, with per-client clipping over all its rows."""
+    g0 = torch.Generator().manual_seed(3)
+    own_a = torch.tensor([0, 0, 1, 2, 2])  # shared by four tensors, two lrs
+    own_h = torch.tensor([0, 1, 2])
+    shapes = [(5, 4), (5, 4), (5, 4), (3, 2, 4), (5, 4)]
+    owners = [own_a, own_a, own_a, own_h, own_a]
+    lrs = [0.05, 0.05, 0.01, 0.02, 0.05]
+    params = [torch.randn(s, generator=g0, dtype=torch.float64) for s in shapes]
+    opt = ClientAdamW(params, owners, lrs, 3, weight_decay=0.03)
+    assert opt.groups == [[0, 1, 4], [2], [3]]
+    refs, topts = {}, {}
+    for j, (p, own, lr) in enumerate(zip(params, owners, lrs)):
+        for k in range(3):
+            rows = [i for i in range(p.shape[0]) if int(own[i]) == k]
+            refs[j, k] = torch.nn.Parameter(p[rows].clone())
+            topts[j, k] = torch.optim.AdamW([refs[j, k]], lr=lr, weight_decay=0.03)
+    for act in [[True, True, True], [True, False, True], [False, True, True], [True, True, False]]:
+        gs = [torch.randn(p.shape, generator=g0, dtype=torch.float64) for p in params]
+        opt.step(gs, torch.tensor(act), max_grad_norm=max_norm)
+        ref_gs = _clip_f64(gs, owners, 3, max_norm) if max_norm else gs
+        for (j, k), r in refs.items():
+            if act[k]:
+                rows = [i for i in range(params[j].shape[0]) if int(owners[j][i]) == k]
+                r.grad = ref_gs[j][rows].clone()
+                topts[j, k].step()
+    for (j, k), r in refs.items():
+        rows = [i for i in range(params[j].shape[0]) if int(owners[j][i]) == k]
+        torch.testing.assert_close(params[j][rows], r.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_adamw_skips_a_tensor_without_gradient_even_inside_a_group():
+    torch.manual_seed(4)
+    own = torch.tensor([0, 1])
+    ps = [torch.randn(2, 3, dtype=torch.float64) for _ in range(3)]
+    opt = ClientAdamW(ps, [own] * 3, [0.1] * 3, 2)
+    assert opt.groups == [[0, 1, 2]]
+    opt.step([torch.randn(2, 3, dtype=torch.float64) for _ in range(3)], torch.tensor([True, True]))
+    snap = [(p.clone(), *(t.clone() for t in opt.moments(j))) for j, p in enumerate(ps)]
+    opt.step([torch.randn(2, 3, dtype=torch.float64), None, torch.randn(2, 3, dtype=torch.float64)],
+             torch.tensor([True, True]), max_grad_norm=0.5)
+    after = [(p, *opt.moments(j)) for j, p in enumerate(ps)]
+    assert all(torch.equal(a, b) for a, b in zip(after[1], snap[1]))
+    for j in (0, 2):
+        assert all(not torch.equal(a, b) for a, b in zip(after[j], snap[j]))
+
+
+def _ops_of_a_step(n_tensors: int) -> int:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    own = torch.tensor([0, 0, 1])
+    ps = [torch.randn(3, 8) for _ in range(n_tensors)]
+    opt = ClientAdamW(ps, [own] * n_tensors, [0.1] * n_tensors, 2, weight_decay=0.01)
+    gs = [torch.randn(3, 8) for _ in range(n_tensors)]
+    with Count():
+        opt.step(gs, torch.tensor([True, False]), max_grad_norm=1.0)
+    return Count.n
+
+
+def test_adamw_step_costs_the_same_ops_for_any_number_of_alike_tensors():
+    # on a GPU each op is a launch that costs the host tens of microseconds: a step over every
+    # layer's A and B must not cost one pass per tensor
+    assert _ops_of_a_step(24) == _ops_of_a_step(2) < 64
+
+
+def test_adamw_refuses_mismatched_arguments():
+    p = torch.zeros(3, 2)
+    with pytest.raises(ValueError, match="one entry per tensor"):
+        ClientAdamW([p], [torch.zeros(3, dtype=torch.int64)], [0.1, 0.2], 2)
+    with pytest.raises(ValueError, match=r"owners\[0\] must be \[rows\] = \[3\]"):
+        ClientAdamW([p], [torch.zeros(2, dtype=torch.int64)], [0.1], 2)
+    opt = ClientAdamW([p], [torch.zeros(3, dtype=torch.int64)], [0.1], 2)
+    with pytest.raises(ValueError, match="grads must have one entry per parameter"):
+        opt.step([], torch.tensor([True, True]))
 
 
 def test_sampler_is_a_function_of_seed_round_client():

@@ -14,7 +14,9 @@ Concurrent mode, one step:
 5. per-client gradient clipping (norm over the client's LoRA rows in every layer plus
    its head, summed with ``index_add`` over ``layout.row_adapter``) and a functional
    per-client AdamW over the packed tensors (per-client step counts and bias correction;
-   a client whose local steps are done is masked: parameters and state untouched).
+   a client whose local steps are done is masked: parameters and state untouched), both in
+   `ClientAdamW`, which updates alike tensors (every layer's A and B) stacked, in a fixed
+   number of ops whatever the number of layers.
 
 Sequential mode runs the same function with one client at a time (K = 1): same data,
 same initialisation, same math, so both modes give the same updates up to float
@@ -179,7 +181,7 @@ class FedModel:
 
 class ClientAdamW:
     """AdamW (Loshchilov & Hutter) over packed tensors shared by K clients, one optimiser
-    state per client.
+    state per client, with optional per-client gradient clipping.
 
     Args:
         params: tensors updated in place; row ``i`` of ``params[j]`` belongs to client
@@ -188,58 +190,110 @@ class ClientAdamW:
         lrs: per tensor learning rate.
         num_clients: K.
 
-    ``step(grads, active)``: clients with ``active[k] = False`` are masked: their rows of
-    the parameters and of both moments, and their step count, are left exactly as they were.
-    Same formula as ``torch.optim.AdamW`` (decoupled weight decay, bias-corrected moments,
-    ``eps`` added to ``sqrt(v_hat)``), with the bias correction of each row from its client's
-    own step count.
+    ``step(grads, active, max_grad_norm=0.0)``: clients with ``active[k] = False`` are masked:
+    their rows of the parameters and of both moments, and their step count, are left exactly as
+    they were.  A ``None`` gradient leaves its tensor and its state alone (as torch's
+    optimisers do).  Same formula as ``torch.optim.AdamW`` (decoupled weight decay,
+    bias-corrected moments, ``eps`` added to ``sqrt(v_hat)``), with the bias correction of each
+    row from its client's own step count.  With ``max_grad_norm > 0`` each client's gradient is
+    first scaled by ``min(1, max_grad_norm / (||g_k|| + 1e-6))``, ``||g_k||`` the norm of its
+    rows in every tensor (summed in float64).
 
-    Everything stays on the parameters' device (step counts included) and nothing is read
-    back: on a GPU the host queues the update without waiting for the backward to finish.
-    ``active`` may be a host tensor (one copy per step).
+    Tensors of one shape, dtype, learning rate and owner index (every layer's A and B of a
+    round, when the layers are alike) form a group: its moments are stored stacked, and a step
+    stacks its gradients and parameters, so the update is one pass of ~20 ops per group instead
+    of per tensor, and one copy back into the parameters (``torch._foreach_copy_``).  On a GPU,
+    where a small op costs the host more than the device, launches are a step's cost; the
+    arithmetic of each element is unchanged.  Everything stays on the parameters' device (step
+    counts included) and nothing is read back.  ``active`` may be a host tensor.
     """
 
     def __init__(self, params: Sequence[torch.Tensor], owners: Sequence[torch.Tensor], lrs: Sequence[float],
                  num_clients: int, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0) -> None:
-        self.params, self.lrs = list(params), list(lrs)
+        self.params, self.lrs = list(params), [float(lr) for lr in lrs]
+        if not (len(self.params) == len(owners) == len(self.lrs)):
+            raise ValueError(f"params, owners and lrs must have one entry per tensor: {len(self.params)}, "
+                             f"{len(owners)}, {len(self.lrs)}")
         dev = self.params[0].device if self.params else torch.device("cpu")
         self.owners = [o.to(device=p.device, dtype=torch.int64) for o, p in zip(owners, self.params)]
-        self.m = [torch.zeros_like(p) for p in self.params]
-        self.v = [torch.zeros_like(p) for p in self.params]
+        for j, (p, o) in enumerate(zip(self.params, self.owners)):
+            if o.dim() != 1 or p.dim() == 0 or o.shape[0] != p.shape[0]:
+                raise ValueError(f"owners[{j}] must be [rows] = [{p.shape[0] if p.dim() else 0}], got {tuple(o.shape)}")
+        # groups in order of first appearance, members in parameter order: the clipping sums
+        # then add in the same order as one tensor at a time would
+        keys: dict[tuple, list[int]] = {}
+        for j, (p, o, lr) in enumerate(zip(self.params, owners, self.lrs)):
+            keys.setdefault((tuple(p.shape), p.dtype, p.device, lr, id(o)), []).append(j)
+        self.groups = list(keys.values())
+        self.m = [torch.zeros((len(g), *self.params[g[0]].shape), dtype=self.params[g[0]].dtype,
+                              device=self.params[g[0]].device) for g in self.groups]
+        self.v = [torch.zeros_like(m) for m in self.m]
+        # owner index of the rows of a group's stacked tensors, flattened member-major
+        self._flat_owner = [self.owners[g[0]].repeat(len(g)) for g in self.groups]
         self.steps = torch.zeros(num_clients, dtype=torch.int64, device=dev)
         self.betas, self.eps, self.wd = betas, eps, weight_decay
 
+    def moments(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(m, v)`` of ``params[j]``: views into its group's stacked state, shaped like it."""
+        for gi, g in enumerate(self.groups):
+            if j in g:
+                i = g.index(j)
+                return self.m[gi][i], self.v[gi][i]
+        raise IndexError(f"j must lie in [0, {len(self.params) - 1}], got {j}")
+
     @torch.no_grad()
-    def step(self, grads: Sequence[torch.Tensor], active: torch.Tensor) -> None:
+    def step(self, grads: Sequence[torch.Tensor | None], active: torch.Tensor, max_grad_norm: float = 0.0) -> None:
+        if len(grads) != len(self.params):
+            raise ValueError(f"grads must have one entry per parameter ({len(self.params)}), got {len(grads)}")
         b1, b2 = self.betas
         active = to_device(active.to(torch.bool), self.steps.device)
         self.steps += active.to(torch.int64)
         t_all = self.steps.clamp_min(1).to(torch.float64)
         bc1_all, bc2_all = 1 - torch.pow(b1, t_all), 1 - torch.pow(b2, t_all)
-        # Every LoRA factor of a round shares one owner index: the per-row mask and bias-correction
-        # terms are gathered once per (owner, dtype, lr), not per parameter, and the masked
-        # results are written in place (torch.where with out=).  On a GPU host where a torch op
-        # costs tens of microseconds, launches are the step's cost; the arithmetic is unchanged.
-        rows: dict[tuple, tuple[torch.Tensor, ...]] = {}
-        for p, g, m, v, own, lr in zip(self.params, grads, self.m, self.v, self.owners, self.lrs):
-            if g is None:
-                continue
-            shape = (-1,) + (1,) * (p.dim() - 1)
-            key = (id(own), p.dtype, lr)
-            if key not in rows:
-                bc1 = bc1_all.to(p.device)[own].to(p.dtype)
-                bc2 = bc2_all.to(p.device)[own].to(p.dtype)
-                rows[key] = (active.to(p.device)[own], lr / bc1, bc2.sqrt())
-            act, step_size, bc2_sqrt = (t.view(shape) for t in rows[key])
-            m_new = m * b1 + g * (1 - b1)
-            v_new = v * b2 + g * g * (1 - b2)
+        work = []  # (group index, members with a gradient, stacked gradients)
+        for gi, g in enumerate(self.groups):
+            have = [j for j, i in enumerate(g) if grads[i] is not None]
+            if have:
+                work.append((gi, have, torch.stack([grads[g[j]] for j in have])))
+        if max_grad_norm > 0 and work:
+            sq = torch.zeros(self.steps.shape[0], dtype=torch.float64, device=self.steps.device)
+            for gi, have, G in work:
+                rows = G.shape[1]
+                own = self._flat_owner[gi] if len(have) == len(self.groups[gi]) else \
+                    self.owners[self.groups[gi][0]].repeat(len(have))
+                sq.index_add_(0, own, G.pow(2).reshape(len(have) * rows, -1).sum(1).to(torch.float64))
+            coef = (max_grad_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+        rows_terms: dict[tuple, tuple[torch.Tensor, ...]] = {}
+        for gi, have, G in work:
+            g = self.groups[gi]
+            p0, own, lr = self.params[g[0]], self.owners[g[0]], self.lrs[g[0]]
+            shape = (1, -1) + (1,) * (p0.dim() - 1)
+            key = (id(own), p0.dtype, lr)
+            if key not in rows_terms:
+                bc1 = bc1_all.to(p0.device)[own].to(p0.dtype)
+                bc2 = bc2_all.to(p0.device)[own].to(p0.dtype)
+                rows_terms[key] = (active.to(p0.device)[own], lr / bc1, bc2.sqrt())
+            act, step_size, bc2_sqrt = (t.view(shape) for t in rows_terms[key])
+            if max_grad_norm > 0:
+                G = G * coef[own].to(G.dtype).view(shape)
+            whole = len(have) == len(g)
+            sel = None if whole else torch.tensor(have, dtype=torch.int64, device=p0.device)
+            P = torch.stack([self.params[g[j]] for j in have])
+            M = self.m[gi] if whole else self.m[gi].index_select(0, sel)
+            V = self.v[gi] if whole else self.v[gi].index_select(0, sel)
+            m_new = M * b1 + G * (1 - b1)
+            v_new = V * b2 + G * G * (1 - b2)
             denom = v_new.sqrt() / bc2_sqrt + self.eps
-            decayed = p * (1 - lr * self.wd) if self.wd else p  # p * 1.0 is p: skip the launch
+            decayed = P * (1 - lr * self.wd) if self.wd else P  # P * 1.0 is P: skip the launch
             p_new = decayed - step_size * m_new / denom
-            torch.where(act, p_new, p, out=p)
-            torch.where(act, m_new, m, out=m)
-            torch.where(act, v_new, v, out=v)
+            torch.where(act, p_new, P, out=P)
+            torch.where(act, m_new, M, out=M)
+            torch.where(act, v_new, V, out=V)
+            if not whole:
+                self.m[gi].index_copy_(0, sel, M)
+                self.v[gi].index_copy_(0, sel, V)
+            torch._foreach_copy_([self.params[g[j]] for j in have], list(P.unbind(0)))
 
 
 class ClientSampler:
@@ -389,13 +443,7 @@ def _train_group(fm: FedModel, strategy: Strategy, state: GlobalState, tasks: li
                     loss = loss + (pen * active.to(pen.dtype)).sum()
             grads = list(torch.autograd.grad(loss, params, allow_unused=True))
             grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-            if cfg.max_grad_norm > 0:
-                sq = torch.zeros(K, dtype=torch.float64, device=dev)
-                for g, own in zip(grads, owners):
-                    sq.index_add_(0, own, g.detach().pow(2).reshape(g.shape[0], -1).sum(1).to(torch.float64))
-                coef = (cfg.max_grad_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
-                grads = [g * coef[own].to(g.dtype).view((-1,) + (1,) * (g.dim() - 1)) for g, own in zip(grads, owners)]
-            opt.step(grads, active)
+            opt.step(grads, active, cfg.max_grad_norm)
             loss_sum += per_client.detach().to(torch.float64)
             if on_step is not None:
                 on_step(len(active_list))
