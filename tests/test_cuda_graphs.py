@@ -161,3 +161,24 @@ def test_the_simulators_local_steps_do_not_synchronise(tmp_path, monkeypatch):
         theirs.append(os.path.dirname(importlib.util.find_spec("triton").origin))
     ours = [s for s in syncs if not any(s.startswith(d + os.sep) for d in theirs)]
     assert ours == [], "synchronising calls in the simulator's local steps:\n" + "\n".join(ours)
+
+
+def test_to_device_copies_host_tensors_without_waiting_and_keeps_their_values():
+    """`hetlora_kernels.layout.to_device` stages a host tensor in pinned memory and copies it
+    without blocking: no synchronising call, and changing the source afterwards does not reach
+    the device copy."""
+    from hetlora_kernels.layout import to_device
+
+    src = torch.arange(1 << 20, dtype=torch.float32)
+    want = src.clone()
+    torch.cuda.synchronize()
+    prev = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = to_device(src, "cuda")
+    finally:
+        torch.cuda.set_sync_debug_mode(prev)
+    src.zero_()
+    torch.cuda.synchronize()
+    assert out.device.type == "cuda" and torch.equal(out.cpu(), want)
+    assert to_device(out, "cuda") is out

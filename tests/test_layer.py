@@ -154,3 +154,29 @@ def test_layer_bad_input():
         lay(torch.randn(2, 4), adapter_ids=[0, 1, 1])
     with pytest.raises(ValueError, match="d_in"):
         lay(torch.randn(2, 5), adapter_ids=[0, 1])
+
+
+def test_set_adapters_checks_everything_before_it_writes():
+    torch.manual_seed(7)
+    lay = HetLoraLinear(nn.Linear(5, 4), [2, 1], [1.0, 2.0])
+    with torch.no_grad():
+        lay.lora_B.normal_()
+    x = torch.randn(3, 5)
+    want = lay(x, adapter_ids=[0, 1, 0])
+    snap = (lay.lora_A.detach().clone(), lay.lora_B.detach().clone(), lay.scaling.clone(), lay.layout.ranks)
+    bad = [
+        (dict(A=torch.zeros(3, 5), B=torch.zeros(3, 5), ranks=[2, 1]), "B must be"),
+        (dict(A=torch.zeros(4, 5), B=torch.zeros(3, 4), ranks=[2, 1]), "A must be"),
+        (dict(A=torch.zeros(3, 6), B=torch.zeros(3, 4), ranks=[2, 1]), "A must be"),
+        (dict(A=torch.zeros(5, 5), B=torch.zeros(5, 4), ranks=[2, 3], alphas=[1.0, math.nan]), "alphas"),
+        (dict(A=torch.zeros(5, 5), B=torch.zeros(5, 4), ranks=[2, 3], alphas=[1.0]), "alphas"),
+        (dict(A=torch.zeros(5, 5), B=torch.zeros(5, 4), ranks=[2, 2, 1]), "alphas must be given"),
+        (dict(A=torch.zeros(3, 5), B=torch.zeros(3, 4), ranks=[2, 1], scaling_rules=["alpha/r", "sqrt"]),
+         "scaling_rules"),
+    ]
+    for kw, msg in bad:
+        with pytest.raises(ValueError, match=msg):
+            lay.set_adapters(**kw)
+        assert torch.equal(lay.lora_A, snap[0]) and torch.equal(lay.lora_B, snap[1])
+        assert torch.equal(lay.scaling, snap[2]) and lay.layout.ranks == snap[3]
+    assert torch.equal(lay(x, adapter_ids=[0, 1, 0]), want)

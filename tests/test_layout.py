@@ -33,6 +33,18 @@ def test_rank_classes_batch_the_adapters_of_each_rank():
         for n, k in enumerate(ks.tolist()):
             assert torch.equal(batch[n], A[lay.rows(k)])
     assert lay.rank_classes() is classes  # cached
+    meta = lay.rank_classes("meta")  # cached per device: never another device's tensors
+    assert meta is not classes and all(t.device.type == "meta" for _, ks, rows in meta for t in (ks, rows))
+    assert lay.rank_classes("cpu") is classes and lay.rank_classes("meta") is meta
+
+
+def test_to_device_returns_the_same_tensor_on_its_own_device_and_copies_elsewhere():
+    from hetlora_kernels.layout import to_device
+
+    t = torch.arange(6)
+    assert to_device(t, "cpu") is t and to_device(t, torch.device("cpu")) is t
+    m = to_device(t, "meta")
+    assert m.device.type == "meta" and m.shape == t.shape and m.dtype == t.dtype
 
 
 @pytest.mark.parametrize(

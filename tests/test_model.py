@@ -410,6 +410,38 @@ def test_adding_and_removing_adapters_keeps_the_others_bitwise(tmp_path):
         one.remove_adapter(0)
 
 
+def test_added_slots_take_the_models_rule_and_peft_init_and_removal_keeps_each_slots_rule():
+    base = tiny_bert()
+    mlm = MultiLoraModel(copy.deepcopy(base), ["query", "value"], [2, 3], alpha=[4.0, 2.0], scaling_rule="rslora")
+    k = mlm.add_adapter(4, alpha=6.0)  # no rule given: the model's
+    for _, layer in mlm.lora_layers():
+        assert layer.scaling_rules[k] == "rslora" and float(layer.scaling[k]) == pytest.approx(6.0 / 4 ** 0.5)
+        A_k, B_k = layer.get_adapter(k)
+        bound = 1.0 / layer.in_features ** 0.5  # peft's Kaiming-uniform(a=sqrt(5)) bound
+        assert torch.equal(B_k, torch.zeros_like(B_k))
+        assert A_k.abs().max() <= bound and A_k.abs().max() > 0.5 * bound and A_k.std() > 0.2 * bound
+    j = mlm.add_adapter(2, alpha=3.0, scaling_rule="fixed")
+    _randomise_lora(mlm, seed=9)
+    ids = torch.randint(0, 101, (4, 6), generator=torch.Generator().manual_seed(3))
+    want = mlm(input_ids=ids, adapter_ids=torch.tensor([j, k, 0, j])).logits
+    mlm.remove_adapter(1)  # k and j move down by one, each with its own rule and scaling
+    for _, layer in mlm.lora_layers():
+        assert layer.scaling_rules == ["rslora", "rslora", "fixed"]
+        assert layer.scaling.tolist() == pytest.approx([4.0 / 2 ** 0.5, 6.0 / 4 ** 0.5, 3.0])
+    got = mlm(input_ids=ids, adapter_ids=torch.tensor([j - 1, k - 1, 0, j - 1])).logits
+    assert torch.equal(got, want)
+
+
+def test_negative_slots_are_refused_everywhere(tmp_path):
+    mlm = MultiLoraModel(tiny_bert(), ["query"], [2, 3])
+    mlm.export_peft(1, tmp_path / "ok")
+    for call in (lambda: mlm.export_peft(-1, tmp_path / "x"), lambda: mlm.import_peft(-1, tmp_path / "ok"),
+                 lambda: mlm.remove_adapter(-1), lambda: mlm.merge_and_unload(-1)):
+        with pytest.raises(ValueError, match=r"k must lie in \[0, 1\], got -1"):
+            call()
+    assert mlm.ranks == (2, 3) and not (tmp_path / "x").exists()
+
+
 def test_add_peft_appends_a_slot_that_matches_peft_or_leaves_the_model_alone(tmp_path):
     base = tiny_bert()
     path = _saved_peft(base, tmp_path / "p", 5, r=3, lora_alpha=6, target_modules=["query", "value"])

@@ -142,22 +142,37 @@ def test_component_norms_gradient_is_finite_at_zero_rows():
     )
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_delta_fro_norms_match_dense(dtype):
-    A, B = _factors(RANKS, 12, 10, dtype)
-    layout = hk.AdapterLayout(RANKS)
-    s = torch.tensor([1.0, 0.5, -2.0, 0.125])
-    n = ref.delta_fro_norms(A, B, layout, s)
-    off, expect = 0, []
-    for k, r in enumerate(RANKS):
-        dW = s[k].double() * B[off : off + r].double().t() @ A[off : off + r].double()
-        expect.append(torch.linalg.matrix_norm(dW))
+def _dense_fro(A, B, ranks, s):
+    off, out = 0, []
+    for k, r in enumerate(ranks):
+        dW = float(s[k]) * B[off : off + r].double().t() @ A[off : off + r].double()
+        out.append(torch.linalg.matrix_norm(dW))
         off += r
-    assert rel_err(n, torch.stack(expect)) < TOL[dtype]
+    return torch.stack(out)
+
+
+# distinct ranks, and repeated ones (the torch path batches adapters of one rank together)
+@pytest.mark.parametrize("ranks", [RANKS, [3, 1, 3, 2, 1, 3]])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_delta_fro_norms_match_dense(dtype, ranks):
+    A, B = _factors(ranks, 12, 10, dtype)
+    layout = hk.AdapterLayout(ranks)
+    s = torch.tensor([1.0, 0.5, -2.0, 0.125, 3.0, -0.75])[: len(ranks)]
+    n = ref.delta_fro_norms(A, B, layout, s)
+    # float32 out for half inputs, accumulated in float32 from the same values: the float64
+    # dense result is met as closely as for float32 inputs
+    assert n.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    expect = _dense_fro(A, B, ranks, s)
+    assert rel_err(n, expect) < TOL[dtype if dtype == torch.float64 else torch.float32]
     n1 = ref.delta_fro_norms(A, B, layout)
-    assert rel_err(n1 * s.abs().double(), torch.stack(expect)) < TOL[dtype]
-    per_layer = ref.delta_fro_norms([A, A[:, :5]], [B, B], layout, 2.0)
-    assert per_layer.shape == (2, 4)
+    assert rel_err(n1 * s.abs().double(), expect) < TOL[dtype if dtype == torch.float64 else torch.float32]
+    # lists: every layer its own factors and its own result
+    A2, B2 = _factors(ranks, 7, 9, dtype, seed=5)
+    per_layer = ref.delta_fro_norms([A, A2], [B, B2], layout, 2.0)
+    assert per_layer.shape == (2, len(ranks))
+    two = [2.0] * len(ranks)
+    for got, (a, b) in zip(per_layer, [(A, B), (A2, B2)]):
+        assert rel_err(got, _dense_fro(a, b, ranks, two)) < TOL[dtype if dtype == torch.float64 else torch.float32]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
