@@ -64,6 +64,23 @@ def test_concurrent_equals_sequential_after_one_round(strategy):
     assert float(a.head_W.sub(sc.init_state(data.num_classes).head_W).abs().max()) > 1e-4
 
 
+@pytest.mark.parametrize("mode", ["concurrent", "sequential"])
+def test_the_head_trains_at_head_lr_and_the_adapter_at_lr(mode):
+    """Adam's first step moves every entry with a gradient by about its lr: one client, one
+    step, the round's global model is that client's, so its moves show which lr each part got."""
+    data = _data()
+    cfg = _cfg(mode, clients_per_round=1, local_steps=1, lr=5e-2, head_lr=1e-3, weight_decay=0.0, max_grad_norm=0.0,
+               lam=0.0)
+    sim = Simulation(cfg, data=data, encoder=tiny_bert(0, dtype=torch.float64), verbose=False)
+    sim.setup()
+    head0, B0 = sim.state.head_W.clone(), [b.clone() for b in sim.state.B]
+    sim.run_round(1)
+    dh = float((sim.state.head_W - head0).abs().max())
+    db = max(float((b - b0).abs().max()) for b, b0 in zip(sim.state.B, B0))
+    assert 0.5e-3 < dh <= 1.001e-3
+    assert 2.5e-2 < db <= 5.001e-2
+
+
 def test_adamw_masks_finished_clients():
     torch.manual_seed(0)
     owner = torch.tensor([0, 0, 1, 1, 1])

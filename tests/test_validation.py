@@ -125,3 +125,49 @@ def test_finite_flags_match_isfinite_on_every_kind_of_tensor():
     flags = finite_flags(ts)
     assert [flags[id(t)] for t in ts] == [bool(torch.isfinite(t).all()) for t in ts]
     assert sum(not f for f in flags.values()) == 13  # 12 planted + the last one
+
+
+@pytest.mark.parametrize("norm", ["real", "nan_blind_max", "raising"])
+def test_finite_flags_hold_whatever_the_multi_tensor_norm_does(monkeypatch, norm):
+    """A NaN must be caught by the sum term where a device's max-norm skips NaN (as a GPU
+    reduction may), and the per-tensor fallback must be right where the foreach norm is missing."""
+    from hetlora.fl import validation
+
+    real = torch._foreach_norm
+    if norm == "nan_blind_max":
+        def fake(ts, ord=2):
+            if ord == float("inf"):
+                return [torch.where(t.isnan(), 0.0, t.abs().float()).amax() for t in ts]
+            return real(ts, ord)
+        monkeypatch.setattr(torch, "_foreach_norm", fake)
+    elif norm == "raising":
+        def fake(ts, ord=2):
+            raise NotImplementedError("no foreach norm for this dtype")
+        monkeypatch.setattr(torch, "_foreach_norm", fake)
+    ts = [torch.randn(4, 5) for _ in range(5)]
+    ts[1][2, 3] = float("nan")
+    ts[3][0, 0] = float("-inf")
+    flags = validation.finite_flags(ts)
+    assert [flags[id(t)] for t in ts] == [True, False, True, False, True]
+
+
+def test_full_fine_tuning_updates_are_checked_weight_by_weight():
+    def full(cid):
+        u = _u(cid)
+        g = torch.Generator().manual_seed(100 + cid)
+        u.weights = [torch.randn(do, di, generator=g) for di, do in DIMS]
+        u.biases = [torch.randn(do, generator=g) for _, do in DIMS]
+        return u
+
+    good, nan_w, inf_b, shape_w, missing = (full(i) for i in range(5))
+    nan_w.weights[1][2, 0] = float("nan")
+    inf_b.biases[0][1] = float("inf")
+    shape_w.weights[0] = torch.zeros(5, 6)
+    missing.weights = missing.weights[:1]
+    s = screen_updates([good, nan_w, inf_b, shape_w, missing], DIMS, 4, HEAD, full=True)
+    assert [u.client_id for u in s.accepted] == [0]
+    reasons = {r["client"]: r["reason"] for r in s.rejected}
+    assert reasons[1] == "layer 1: non-finite values (NaN/Inf) in the weight"
+    assert reasons[2] == "layer 0: non-finite values (NaN/Inf) in the bias"
+    assert reasons[3] == "layer 0: weight has shape (5, 6), expected (6, 5)"
+    assert "one weight per target layer" in reasons[4]
