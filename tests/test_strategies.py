@@ -168,11 +168,14 @@ def test_truncation_distribution():
     torch.testing.assert_close(d.A[0][2:6], st.A[0][:4])
 
 
-def test_tail_norm_products_formula():
+# alike layers (one stack) and layers of different widths (one row sum per layer)
+@pytest.mark.parametrize("widths", [[(5, 6)] * 3, [(5, 6), (7, 6), (5, 4)]])
+def test_tail_norm_products_formula(widths):
     g = torch.Generator().manual_seed(3)
     layout = AdapterLayout([3, 1, 5])
-    As = [torch.randn(9, 5, generator=g, dtype=torch.float64) for _ in range(2)]
-    Bs = [torch.randn(9, 6, generator=g, dtype=torch.float64) for _ in range(2)]
+    As = [torch.randn(9, di, generator=g, dtype=torch.float64) for di, _ in widths]
+    Bs = [torch.randn(9, do, generator=g, dtype=torch.float64) for _, do in widths]
+    Bs[0][:3] = 0  # client 0's B is zero in one layer: its product is 0 there, with a zero gradient
     gamma = 0.7
     got = tail_norm_products(As, Bs, layout, gamma)
     for k, r in enumerate(layout.ranks):
@@ -180,6 +183,42 @@ def test_tail_norm_products_formula():
         t = math.floor(gamma * r)
         exp = sum(torch.linalg.norm(A[rows][t:]) * torch.linalg.norm(B[rows][t:]) for A, B in zip(As, Bs))
         assert abs(float(got[k]) - float(exp)) < 1e-12
+    leaves = [t.clone().requires_grad_() for t in As + Bs]
+    grads = torch.autograd.grad(tail_norm_products(leaves[:3], leaves[3:], layout, gamma).sum(), leaves)
+    assert all(torch.isfinite(gr).all() for gr in grads)
+    assert torch.equal(grads[0][:3], torch.zeros_like(grads[0][:3]))  # ||B|| = 0 there
+    ref = [t.clone().requires_grad_() for t in As + Bs]
+    exp = sum(torch.linalg.norm(A[layout.rows(k)][math.floor(gamma * r):]) * torch.linalg.norm(
+        B[layout.rows(k)][math.floor(gamma * r):]) for k, r in enumerate(layout.ranks) if k != 0
+        for A, B in zip(ref[:3], ref[3:]))
+    exp = exp + sum(torch.linalg.norm(A[2:3]) * torch.linalg.norm(B[2:3]) for A, B in zip(ref[1:3], ref[4:]))
+    want = torch.autograd.grad(exp, ref)
+    for gr, w in zip(grads, want):
+        torch.testing.assert_close(gr, w, rtol=1e-12, atol=1e-12)
+
+
+def test_tail_norm_products_costs_a_fixed_number_of_ops_plus_a_few_per_layer():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    layout = AdapterLayout([2, 6, 16, 2])
+
+    def ops(L):
+        ts = [torch.randn(26, 16, requires_grad=True) for _ in range(2 * L)]
+        tail_norm_products(ts[:L], ts[L:], layout, 0.5)  # the tail mask is cached per layout
+        Count.n = 0
+        with Count():
+            torch.autograd.grad(tail_norm_products(ts[:L], ts[L:], layout, 0.5).sum(), ts)
+        return Count.n
+
+    # per layer: the layer-by-layer sum's add and its views (one layer at a time took ~70 ops)
+    assert ops(12) - ops(2) <= 4 * 10
 
 
 def test_self_pruning_rule_exactly():
