@@ -178,3 +178,18 @@ def test_export_merged_and_predict_from_the_command_line(tmp_path, capsys):
     assert main(["predict", str(tmp_path / "m")]) == 2
     assert "no text to label" in capsys.readouterr().err
     assert main(["predict", str(tmp_path / "m"), "x", "--top", "0"]) == 2
+
+
+def test_a_gpu_run_exports_on_a_machine_without_one(tmp_path):
+    Simulation(_cfg(tmp_path, rounds=1), verbose=False).run()
+    cfg_file = tmp_path / "run" / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["device"] = "cuda"
+    cfg_file.write_text(json.dumps(cfg))
+    sim = Simulation.from_run_dir(tmp_path / "run", device="cpu")  # asked for: wherever torch runs
+    assert sim.fm.device.type == "cpu"
+    if not torch.cuda.is_available():  # not asked for: the run's GPU is missing, so the CPU
+        assert Simulation.from_run_dir(tmp_path / "run").fm.device.type == "cpu"
+        assert main(["export", "--global", "--merged", str(tmp_path / "run"), str(tmp_path / "m")]) == 0
+        with pytest.raises(ValueError, match="sees no CUDA GPU"):
+            Simulation.from_run_dir(tmp_path / "run", device="cuda")

@@ -683,12 +683,21 @@ class Simulation:
         return self._export_slot(A, B, r, s, Path(path))
 
     @classmethod
-    def from_run_dir(cls, run_dir: str | Path, verbose: bool = False) -> Simulation:
+    def from_run_dir(cls, run_dir: str | Path, verbose: bool = False, device: str | None = None) -> Simulation:
         """Rebuild a finished (or interrupted) run's model and latest state from its directory
-        (no data is loaded).  Raises ``FileNotFoundError`` if it has no checkpoint."""
+        (no data is loaded).  Raises ``FileNotFoundError`` if it has no checkpoint.
+
+        ``device``: where to rebuild it (default: the run's own device, or the CPU when the run
+        was made on a CUDA GPU and this torch sees none: a GPU run exports on a laptop)."""
         run_dir = Path(run_dir)
         cfg = FedConfig.from_json(run_dir / "config.json")
         cfg.out_dir, cfg.run_name = str(run_dir.parent), run_dir.name
+        if device is None and torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
+            device = "cpu"
+        if device is not None:
+            if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+                raise ValueError(f"device: {device!r} was asked for but this torch sees no CUDA GPU")
+            cfg.device = str(device)
         sim = cls(cfg, verbose=verbose)
         sim.build_model()
         ck = load_checkpoint(run_dir, restore_rng=False, device=sim.fm.device)
