@@ -27,3 +27,9 @@ served = MultiLoraModel.from_peft(AutoModel.from_pretrained(path), [f"runs/demo_
 again = served(**batch, adapter_ids=torch.tensor([1, 0, -1]))  # adapter 0, adapter 2, base model only
 same = torch.allclose(again.last_hidden_state[:2], out.last_hidden_state[:2], atol=1e-5)
 print("from_peft ranks:", served.ranks, "| same outputs as before:", same)
+
+# deploying one adapter alone: merge it into the base weights, a plain transformers model again
+plain = served.merge_and_unload(0)  # served's slot 0 is adapter 2 (rank 8); `served` is used up
+merged = plain(**{k: v[1:2] for k, v in batch.items()})  # the second text went to adapter 2 above
+print("merged model:", type(plain).__name__, "| same output as adapter 2:",
+      torch.allclose(merged.last_hidden_state, out.last_hidden_state[1:2], atol=1e-4))

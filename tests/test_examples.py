@@ -22,5 +22,6 @@ def test_layer_demo_serves_its_exported_adapters_again(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "ranks: (2, 4, 8)" in proc.stdout
     assert "from_peft ranks: (8, 2) | same outputs as before: True" in proc.stdout
+    assert "merged model: BertModel | same output as adapter 2: True" in proc.stdout
     for k in range(3):
         assert (tmp_path / "runs" / f"demo_adapter_{k}" / "adapter_model.safetensors").is_file()
