@@ -1,4 +1,5 @@
-"""The ``hetlora`` command line: ``simulate``, ``reproduce``, ``export``, ``predict``, ``plot``, ``bench``.
+"""The ``hetlora`` command line: ``simulate``, ``reproduce``, ``export``, ``predict``, ``evaluate``, ``plot``,
+``bench``.
 
 ``hetlora simulate`` with no flags runs the default simulation (real 20 Newsgroups,
 all-MiniLM-L6-v2, 20 clients with mixed ranks, HetLoRA); every `FedConfig` field is a
@@ -152,6 +153,20 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--top", type=int, default=1, metavar="K", help="print the K most likely labels (default 1)")
     pr.add_argument("--device", default="cpu", help="torch device (default cpu)")
 
+    ev = sub.add_parser("evaluate", help="score a run's global (or a client's) model on its test set",
+                        description="Rebuild a run from its latest checkpoint and score the global model (or the "
+                                    "model client K would get now: its adapter and the global head) on the run's "
+                                    "test set: accuracy and mean cross-entropy (causal LM: next-token accuracy, "
+                                    "token cross-entropy and perplexity). By default every test document, whatever "
+                                    "eval_samples the run used while training.")
+    ev.add_argument("run_dir", metavar="RUN_DIR")
+    ev.add_argument("--client", type=int, metavar="K", help="client K's model instead of the global one")
+    ev.add_argument("--eval-samples", type=int, default=0, metavar="N",
+                    help="score N test documents (the run's seeded subset rule); 0 = all (default)")
+    ev.add_argument("--batch-size", type=int, default=64, metavar="B", help="evaluation batch size (default 64)")
+    ev.add_argument("--device", default=None, help="torch device (default: the run's, or cpu without its GPU)")
+    ev.add_argument("--json", metavar="FILE", help="also write the scores to FILE as JSON")
+
     pl = sub.add_parser("plot", help="plot one or more runs (accuracy, ranks, communication)",
                         description="Write accuracy.png, comm_vs_accuracy.png, ranks_<run>.png (and comparison.md "
                                     "for several runs).")
@@ -297,6 +312,36 @@ def _predict(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(ns: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+    import math
+
+    from hetlora.fl.local import evaluate
+    from hetlora.fl.sim import Simulation
+
+    for flag, v, low in (("--eval-samples", ns.eval_samples, 0), ("--batch-size", ns.batch_size, 1)):
+        if v < low:
+            raise ValueError(f"{flag} must be >= {low}, got {v}")
+    sim = Simulation.from_run_dir(ns.run_dir, device=ns.device)
+    sim.config.eval_samples = ns.eval_samples
+    sim.setup()  # the run's data and test set; the restored state is kept
+    state, who = sim.state, "global"
+    if ns.client is not None:
+        A, B, _, scaling = sim.adapter_of(ns.client)
+        state, who = dataclasses.replace(sim.state, A=list(A), B=list(B), scaling=scaling), f"client {ns.client}"
+    n = len(sim.data.test)
+    print(f"scoring the {who} model of {ns.run_dir} on {n} test documents ...", file=sys.stderr, flush=True)
+    acc, loss = evaluate(sim.fm, state, sim.data.test, batch_size=ns.batch_size)
+    out = {"run": str(ns.run_dir), "model": who, "test_documents": n, "accuracy": acc, "loss": loss}
+    if sim.fm.causal:
+        out["perplexity"] = math.exp(loss) if loss < 700 else math.inf
+    print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in out.items()))
+    if ns.json:
+        Path(ns.json).write_text(json.dumps(out, indent=1) + "\n")
+    return 0
+
+
 def _plot(ns: argparse.Namespace) -> int:
     from hetlora.fl.report import plot_runs
 
@@ -337,6 +382,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _plot(ns)
         if ns.command == "predict":
             return _predict(ns)
+        if ns.command == "evaluate":
+            return _evaluate(ns)
         return _bench(ns)
     except (ValueError, FileNotFoundError) as e:
         print(f"hetlora {ns.command}: error: {e}", file=sys.stderr)

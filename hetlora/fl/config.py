@@ -441,9 +441,19 @@ class FedConfig:
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> FedConfig:
-        p = Path(text_or_path)
-        text = p.read_text() if not str(text_or_path).lstrip().startswith("{") and p.exists() else str(text_or_path)
-        return cls.from_dict(json.loads(text))
+        where = "the text"
+        if isinstance(text_or_path, Path) or not str(text_or_path).lstrip().startswith("{"):
+            p = Path(text_or_path)
+            if not p.is_file():
+                raise FileNotFoundError(f"no FedConfig JSON file at {str(p)!r}")
+            text, where = p.read_text(), repr(str(p))
+        else:
+            text = str(text_or_path)
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise ValueError(f"FedConfig JSON: cannot parse {where} ({e})") from None
+        return cls.from_dict(data)
 
     def to_yaml(self, path: str | Path | None = None) -> str:
         import yaml

@@ -690,6 +690,8 @@ class Simulation:
         ``device``: where to rebuild it (default: the run's own device, or the CPU when the run
         was made on a CUDA GPU and this torch sees none: a GPU run exports on a laptop)."""
         run_dir = Path(run_dir)
+        if not (run_dir / "config.json").is_file():
+            raise FileNotFoundError(f"{run_dir} is not a run directory: it has no config.json")
         cfg = FedConfig.from_json(run_dir / "config.json")
         cfg.out_dir, cfg.run_name = str(run_dir.parent), run_dir.name
         if device is None and torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():

@@ -1,0 +1,82 @@
+"""`hetlora evaluate`: a finished run scored again from its checkpoint, as the run scored itself."""
+
+import json
+
+import pytest
+
+from hetlora.cli import main
+from hetlora.fl import FedConfig, Simulation
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _run(tmp_path, **kw):
+    cfg = dict(model="tiny-random-bert", dataset="synthetic", num_clients=6, clients_per_round=3, rounds=2,
+               local_steps=2, batch_size=4, r_min=1, r_max=4, max_length=16, eval_samples=24, progress=False,
+               client_eval_samples=0, lr=2e-2, head_lr=1e-2, out_dir=str(tmp_path), run_name="run",
+               checkpoint_every=1, export_clients=0, plots=False, tiers=[[0.5, "min"], [0.5, "max"]],
+               target_modules=["query", "value"])
+    cfg.update(kw)
+    return Simulation(FedConfig(**cfg), verbose=False).run()
+
+
+def _scores(capsys) -> dict:
+    line = capsys.readouterr().out.strip().splitlines()[-1].split()
+    return {k: v for k, v in zip(line[::2], line[1::2])}
+
+
+def test_evaluate_reproduces_the_runs_own_score_and_scores_more(tmp_path, capsys):
+    hist = _run(tmp_path)
+    last = hist.records[-1]
+    run = str(tmp_path / "run")
+    assert main(["evaluate", run, "--eval-samples", "24", "--json", str(tmp_path / "e.json")]) == 0
+    got = json.loads((tmp_path / "e.json").read_text())
+    assert got["test_documents"] == 24 and got["model"] == "global"
+    assert got["accuracy"] == last["eval_acc"]
+    assert got["loss"] == pytest.approx(last["eval_loss"], rel=1e-9)
+    assert _scores(capsys)["accuracy"] == f"{last['eval_acc']:.4f}"
+    assert main(["evaluate", run]) == 0  # the whole test set by default
+    assert _scores(capsys)["test_documents"] == "100"
+
+
+def test_evaluate_a_client_model(tmp_path, capsys):
+    _run(tmp_path)
+    sim = Simulation.from_run_dir(tmp_path / "run")
+    low = int(sim.client_ranks.argmin())
+    assert main(["evaluate", str(tmp_path / "run"), "--client", str(low), "--json", str(tmp_path / "c.json")]) == 0
+    got = json.loads((tmp_path / "c.json").read_text())
+    import dataclasses
+
+    from hetlora.fl.local import evaluate
+
+    sim.config.eval_samples = 0
+    sim.setup()
+    A, B, r, s = sim.adapter_of(low)
+    assert r < sim.state.rank  # a truncated adapter: not the global model again
+    acc, loss = evaluate(sim.fm, dataclasses.replace(sim.state, A=A, B=B, scaling=s), sim.data.test)
+    assert got["model"] == f"client {low}" and got["accuracy"] == acc and got["loss"] == pytest.approx(loss)
+
+
+def test_causal_lm_runs_report_perplexity(tmp_path, capsys):
+    hist = _run(tmp_path, model="tiny-random-gpt2", task="causal-lm", target_modules=["c_attn"])
+    assert main(["evaluate", str(tmp_path / "run"), "--eval-samples", "24"]) == 0
+    s = _scores(capsys)
+    assert float(s["perplexity"]) == pytest.approx(hist.records[-1]["eval_ppl"], rel=1e-3)
+
+
+@pytest.mark.parametrize("args, msg", [(["--eval-samples", "-1"], "--eval-samples must be >= 0"),
+                                       (["--batch-size", "0"], "--batch-size must be >= 1"),
+                                       (["--client", "9"], "client must lie in")])
+def test_evaluate_refuses_bad_arguments(tmp_path, capsys, args, msg):
+    _run(tmp_path, rounds=1)
+    assert main(["evaluate", str(tmp_path / "run"), *args]) == 2
+    assert msg in capsys.readouterr().err
+
+
+def test_evaluate_without_a_checkpoint_says_so(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["evaluate", str(tmp_path / "empty")]) == 2
+    assert "not a run directory: it has no config.json" in capsys.readouterr().err
+    (tmp_path / "empty" / "config.json").write_text("{broken")
+    assert main(["evaluate", str(tmp_path / "empty")]) == 2
+    assert "FedConfig JSON: cannot parse" in capsys.readouterr().err
