@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export", help="export a run's global or a client's adapter as a peft directory",
                        description="Write a peft adapter directory (adapter_config.json, adapter_model.safetensors, "
-                                   "head.safetensors) from a run's latest checkpoint. For strategies that change the "
+                                   "head.safetensors) from a run's latest checkpoint, or with --merged a standalone "
+                                   "model (see there). For strategies that change the "
                                    "base model (flora merges updates into it, fullft trains it) the adapter alone is "
                                    "not the model: target_weights.safetensors holds the target layers' weights, to "
                                    "load into the base model (load_state_dict(..., strict=False)) before the adapter.")

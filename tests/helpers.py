@@ -57,3 +57,17 @@ def cpu_backend_params() -> list:
         marks = () if ok else (pytest.mark.skip(reason=f"{name} backend cannot run on CPU tensors here: {why}"),)
         params.append(pytest.param(name, marks=marks, id=name))
     return params
+
+
+def tiny_run_config(tmp_path, **kw):
+    """A `FedConfig` for a seconds-long run on the tiny random BERT and synthetic data, written
+    to ``tmp_path/run``; ``kw`` overrides fields."""
+    from hetlora.fl import FedConfig
+
+    base = dict(model="tiny-random-bert", dataset="synthetic", num_clients=6, clients_per_round=3, rounds=2,
+                local_steps=2, batch_size=4, r_min=1, r_max=4, max_length=16, eval_samples=24, progress=False,
+                client_eval_samples=4, lr=2e-2, head_lr=1e-2, out_dir=str(tmp_path), run_name="run",
+                checkpoint_every=1, export_clients=0, plots=False, tiers=[[0.5, "min"], [0.5, "max"]],
+                target_modules=["query", "value"])
+    base.update(kw)
+    return FedConfig(**base)

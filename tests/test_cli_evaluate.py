@@ -5,19 +5,15 @@ import json
 import pytest
 
 from hetlora.cli import main
-from hetlora.fl import FedConfig, Simulation
+from hetlora.fl import Simulation
+
+from .helpers import tiny_run_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(tmp_path, **kw):
-    cfg = dict(model="tiny-random-bert", dataset="synthetic", num_clients=6, clients_per_round=3, rounds=2,
-               local_steps=2, batch_size=4, r_min=1, r_max=4, max_length=16, eval_samples=24, progress=False,
-               client_eval_samples=0, lr=2e-2, head_lr=1e-2, out_dir=str(tmp_path), run_name="run",
-               checkpoint_every=1, export_clients=0, plots=False, tiers=[[0.5, "min"], [0.5, "max"]],
-               target_modules=["query", "value"])
-    cfg.update(kw)
-    return Simulation(FedConfig(**cfg), verbose=False).run()
+    return Simulation(tiny_run_config(tmp_path, **{"client_eval_samples": 0, **kw}), verbose=False).run()
 
 
 def _scores(capsys) -> dict:

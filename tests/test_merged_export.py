@@ -9,23 +9,17 @@ import torch
 from transformers import AutoModel, AutoModelForCausalLM
 
 from hetlora.cli import main
-from hetlora.fl import FedConfig, Simulation
+from hetlora.fl import Simulation
 from hetlora.fl.merged import EXPORT_META, HEAD_FILE, HEAD_META, MergedClassifier
 
-from .helpers import rel_err
+from .helpers import rel_err, tiny_run_config
 from .test_data import needs_minilm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(tmp_path, **kw):
-    base = dict(model="tiny-random-bert", dataset="synthetic", num_clients=6, clients_per_round=3, rounds=2,
-                local_steps=2, batch_size=4, r_min=1, r_max=4, max_length=16, eval_samples=24, progress=False,
-                client_eval_samples=4, lr=2e-2, head_lr=1e-2, out_dir=str(tmp_path), run_name="run",
-                checkpoint_every=1, export_clients=0, plots=False, tiers=[[0.5, "min"], [0.5, "max"]],
-                target_modules=["query", "value"])
-    base.update(kw)
-    return FedConfig(**base)
+    return tiny_run_config(tmp_path, **kw)
 
 
 def _reference_logits(sim, client, ids, mask):
