@@ -284,6 +284,9 @@ def test_fake_grid_run_equals_the_simulator(tmp_path, task_identity, dp):
     if dp:
         assert all(r["dp_epsilon"] > 0 and r["dp_clipped"] >= 1 for r in strat.records)
     assert (tmp_path / "flower" / "adapters" / "global" / "adapter_config.json").exists()
+    for f in ("config.json", "config.yaml", "labels.json"):  # the simulator's run files, so
+        assert (tmp_path / "flower" / f).read_bytes() == (tmp_path / "sim" / f).read_bytes().replace(
+            b'"sim"', b'"flower"').replace(b"run_name: sim", b"run_name: flower"), f
 
 
 def test_causal_lm_on_flower_equals_the_simulator(tmp_path, task_identity, caplog):

@@ -454,7 +454,9 @@ class Simulation:
         return rec
 
     # -- the run -------------------------------------------------------------------------------------
-    def _write_config(self) -> None:
+    def write_run_files(self) -> None:
+        """``config.json``, ``config.yaml`` and (classification) ``labels.json`` into the run
+        directory (also Flower's server strategy writes them so)."""
         d = self.run_dir
         d.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(d / "config.json", (self.config.to_json() + "\n").encode())
@@ -541,7 +543,7 @@ class Simulation:
             start = last + 1
             if last:
                 self._say(f"resuming {cfg.name} after round {last}")
-        self._write_config()
+        self.write_run_files()
         atomic_write_bytes(metrics, "".join(json.dumps(r) + "\n" for r in history.records).encode())
 
         total_steps = sum(self._steps(len(tr)) for tr, _ in self.data.clients) * cfg.clients_per_round \

@@ -103,8 +103,7 @@ class FlowerStrategy(_FlwrStrategy):
             log.info("resuming %s after round %d", config.name, last)
         if write_outputs:
             d = config.run_dir
-            d.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(d / "config.json", (config.to_json() + "\n").encode())
+            sim.write_run_files()
             atomic_write_bytes(d / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.records).encode())
 
     # -- helpers -----------------------------------------------------------------------------------
