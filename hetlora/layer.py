@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from hetlora_kernels import AdapterLayout, TokenGroups, lora_delta, lora_linear
+from hetlora_kernels.layout import to_device
 
 SCALING_RULES = ("alpha/r", "rslora", "fixed")
 
@@ -112,7 +113,7 @@ class Routing:
         key = ("single", num_tokens, device)
         g = self._groups.get(key)
         if g is None:
-            g = TokenGroups.from_lengths(torch.tensor([num_tokens], device=device))
+            g = TokenGroups.from_lengths([num_tokens]).to(device)  # built on the host: no device read
             self._groups[key] = g
         return g
 
@@ -213,7 +214,9 @@ class HetLoraLinear(nn.Module):
 
     def _refresh_scaling(self) -> None:
         vals = [scaling_value(a, r, rule) for a, r, rule in zip(self.alphas, self.layout.ranks, self.scaling_rules)]
-        self.scaling = torch.tensor(vals, dtype=torch.float32, device=self.lora_A.device)
+        # pinned and non-blocking: set_adapters runs for every layer at every round's start, and a
+        # plain copy to a GPU would wait there for all the work queued before it
+        self.scaling = to_device(torch.tensor(vals, dtype=torch.float32), self.lora_A.device)
         self._scaling_host = vals
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
@@ -389,7 +392,7 @@ class HetLoraLinear(nn.Module):
             n = x.numel() // self.in_features if self.in_features else 0
             if self.routing is not None:
                 return self.routing.single(n, x.device)
-            return TokenGroups.from_lengths(torch.tensor([n], device=x.device))
+            return TokenGroups.from_lengths([n]).to(x.device)
         raise ValueError(
             f"adapter_ids is required: this layer holds {self.num_adapters} adapters "
             "(pass adapter_ids= per sequence, or groups=)"

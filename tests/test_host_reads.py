@@ -195,6 +195,9 @@ def test_routing_builds_groups_for_a_device_batch_from_host_ids_without_reading_
     routing.set(ids.to("meta"), 3)  # ids already on the device: the build must read them
     with pytest.raises(NotImplementedError):
         routing.groups_for(x)
+    # one adapter and no ids (a served single-adapter model): built on the host too
+    one = Routing().single(12, torch.device("meta"))
+    assert one.device.type == "meta" and one.counts_list == (12,) and one.starts_list == (0, 12)
 
 
 def test_evaluation_reads_its_sums_once_at_the_end():
