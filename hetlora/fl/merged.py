@@ -51,8 +51,10 @@ def write_merged(sim: Simulation, path: str | Path, client: int | None = None) -
     """Write the global adapter (``client=None``) or client ``client``'s adapter, merged into a
     copy of the run's base model, as a standalone directory (module docstring); returns it.
 
-    The copy leaves ``sim``'s model as it was.  The directory appears whole or not at all: it is
-    written beside ``path`` and renamed into place (an earlier merged export there is replaced).
+    The merge happens on a copy of the model: ``sim``'s own model keeps the adapter unmerged (and
+    loaded, as `Simulation.export_global` leaves it).  The directory appears whole or not at all:
+    it is written beside ``path`` and renamed into place (an earlier merged export there is
+    replaced).
     """
     from safetensors.torch import save_file
 
