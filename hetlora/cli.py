@@ -161,7 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
                                     "token cross-entropy and perplexity). By default every test document, whatever "
                                     "eval_samples the run used while training.")
     ev.add_argument("run_dir", metavar="RUN_DIR")
-    ev.add_argument("--client", type=int, metavar="K", help="client K's model instead of the global one")
+    who_ev = ev.add_mutually_exclusive_group()
+    who_ev.add_argument("--client", type=int, metavar="K", help="client K's model instead of the global one")
+    who_ev.add_argument("--by-rank", action="store_true",
+                        help="also score the model each client rank gets now (one per distinct current rank: "
+                             "every strategy here sends clients of one rank the same model)")
     ev.add_argument("--eval-samples", type=int, default=0, metavar="N",
                     help="score N test documents (the run's seeded subset rule); 0 = all (default)")
     ev.add_argument("--batch-size", type=int, default=64, metavar="B", help="evaluation batch size (default 64)")
@@ -327,19 +331,36 @@ def _evaluate(ns: argparse.Namespace) -> int:
     sim = Simulation.from_run_dir(ns.run_dir, device=ns.device)
     sim.config.eval_samples = ns.eval_samples
     sim.setup()  # the run's data and test set; the restored state is kept
-    state, who = sim.state, "global"
+    models: list[tuple[str, object, dict]] = []  # (name, state, extra fields)
+
+    def client_model(c: int):
+        A, B, r, scaling = sim.adapter_of(c)
+        return dataclasses.replace(sim.state, A=list(A), B=list(B), scaling=scaling), r
+
     if ns.client is not None:
-        A, B, _, scaling = sim.adapter_of(ns.client)
-        state, who = dataclasses.replace(sim.state, A=list(A), B=list(B), scaling=scaling), f"client {ns.client}"
+        st, r = client_model(ns.client)
+        models.append((f"client {ns.client}", st, {"rank": r}))
+    else:
+        models.append(("global", sim.state, {"rank": sim.state.rank}))
+    if ns.by_rank:
+        ranks = [int(x) for x in sim.client_ranks]
+        for r in sorted(set(ranks)):
+            clients = [c for c, x in enumerate(ranks) if x == r]
+            st, r_sent = client_model(clients[0])
+            models.append((f"rank {r}", st, {"rank": r_sent, "clients": clients}))
     n = len(sim.data.test)
-    print(f"scoring the {who} model of {ns.run_dir} on {n} test documents ...", file=sys.stderr, flush=True)
-    acc, loss = evaluate(sim.fm, state, sim.data.test, batch_size=ns.batch_size)
-    out = {"run": str(ns.run_dir), "model": who, "test_documents": n, "accuracy": acc, "loss": loss}
-    if sim.fm.causal:
-        out["perplexity"] = math.exp(loss) if loss < 700 else math.inf
-    print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in out.items()))
+    rows = []
+    for who, st, extra in models:
+        print(f"scoring the {who} model of {ns.run_dir} on {n} test documents ...", file=sys.stderr, flush=True)
+        acc, loss = evaluate(sim.fm, st, sim.data.test, batch_size=ns.batch_size)
+        out = {"run": str(ns.run_dir), "model": who, **extra, "test_documents": n, "accuracy": acc, "loss": loss}
+        if sim.fm.causal:
+            out["perplexity"] = math.exp(loss) if loss < 700 else math.inf
+        rows.append(out)
+        shown = {k: v for k, v in out.items() if k not in ("run", "model", "clients")}
+        print(f"{who}: " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()))
     if ns.json:
-        Path(ns.json).write_text(json.dumps(out, indent=1) + "\n")
+        Path(ns.json).write_text(json.dumps(rows[0] if len(rows) == 1 else rows, indent=1) + "\n")
     return 0
 
 

@@ -17,8 +17,13 @@ def _run(tmp_path, **kw):
 
 
 def _scores(capsys) -> dict:
-    line = capsys.readouterr().out.strip().splitlines()[-1].split()
-    return {k: v for k, v in zip(line[::2], line[1::2])}
+    """``{model: {field: value}}`` of the printed lines (``model: field value  field value ...``)."""
+    out = {}
+    for line in capsys.readouterr().out.strip().splitlines():
+        who, _, rest = line.partition(": ")
+        words = rest.split()
+        out[who] = dict(zip(words[::2], words[1::2]))
+    return out
 
 
 def test_evaluate_reproduces_the_runs_own_score_and_scores_more(tmp_path, capsys):
@@ -30,9 +35,9 @@ def test_evaluate_reproduces_the_runs_own_score_and_scores_more(tmp_path, capsys
     assert got["test_documents"] == 24 and got["model"] == "global"
     assert got["accuracy"] == last["eval_acc"]
     assert got["loss"] == pytest.approx(last["eval_loss"], rel=1e-9)
-    assert _scores(capsys)["accuracy"] == f"{last['eval_acc']:.4f}"
+    assert _scores(capsys)["global"]["accuracy"] == f"{last['eval_acc']:.4f}"
     assert main(["evaluate", run]) == 0  # the whole test set by default
-    assert _scores(capsys)["test_documents"] == "100"
+    assert _scores(capsys)["global"]["test_documents"] == "100"
 
 
 def test_evaluate_a_client_model(tmp_path, capsys):
@@ -56,8 +61,28 @@ def test_evaluate_a_client_model(tmp_path, capsys):
 def test_causal_lm_runs_report_perplexity(tmp_path, capsys):
     hist = _run(tmp_path, model="tiny-random-gpt2", task="causal-lm", target_modules=["c_attn"])
     assert main(["evaluate", str(tmp_path / "run"), "--eval-samples", "24"]) == 0
-    s = _scores(capsys)
+    s = _scores(capsys)["global"]
     assert float(s["perplexity"]) == pytest.approx(hist.records[-1]["eval_ppl"], rel=1e-3)
+
+
+def test_evaluate_by_rank_scores_the_model_each_rank_gets(tmp_path, capsys):
+    _run(tmp_path)
+    run = str(tmp_path / "run")
+    assert main(["evaluate", run, "--by-rank", "--eval-samples", "24", "--json", str(tmp_path / "r.json")]) == 0
+    rows = json.loads((tmp_path / "r.json").read_text())
+    printed = _scores(capsys)
+    sim = Simulation.from_run_dir(tmp_path / "run")
+    ranks = sorted(set(int(r) for r in sim.client_ranks))
+    assert [r["model"] for r in rows] == ["global"] + [f"rank {r}" for r in ranks]
+    assert set(printed) == {r["model"] for r in rows}
+    for row in rows[1:]:
+        assert row["clients"] == [c for c, r in enumerate(sim.client_ranks) if f"rank {r}" == row["model"]]
+        assert main(["evaluate", run, "--client", str(row["clients"][-1]), "--eval-samples", "24",
+                     "--json", str(tmp_path / "one.json")]) == 0
+        one = json.loads((tmp_path / "one.json").read_text())
+        assert (one["accuracy"], one["loss"], one["rank"]) == (row["accuracy"], row["loss"], row["rank"])
+    assert rows[-1]["rank"] == rows[0]["rank"] and rows[-1]["accuracy"] == rows[0]["accuracy"]  # r_max: global
+    assert rows[1]["rank"] < rows[0]["rank"]
 
 
 @pytest.mark.parametrize("args, msg", [(["--eval-samples", "-1"], "--eval-samples must be >= 0"),
