@@ -307,7 +307,7 @@ def _predict(ns: argparse.Namespace) -> int:
     if not texts:
         raise ValueError("no text to label: give TEXT arguments or --file")
     clf = MergedClassifier.from_dir(ns.model_dir, device=ns.device)
-    probs = clf.logits(texts).float().softmax(1)
+    probs = clf.logits(texts, progress=len(texts) > 256).float().softmax(1)
     k = min(ns.top, probs.shape[1])
     p, idx = probs.topk(k, dim=1)
     for text, pi, ii in zip(texts, p.tolist(), idx.tolist()):

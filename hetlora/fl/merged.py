@@ -215,8 +215,9 @@ class MergedClassifier:
         feats = (h * m).sum(1) / m.sum(1).clamp_min(1.0)
         return feats @ self.head_W.t() + self.head_b
 
-    def logits(self, texts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
-        """``N`` texts -> ``[N, C]`` logits, tokenised as training was (truncated to ``max_length``)."""
+    def logits(self, texts: Sequence[str], batch_size: int = 32, progress: bool = False) -> torch.Tensor:
+        """``N`` texts -> ``[N, C]`` logits, tokenised as training was (truncated to ``max_length``);
+        ``progress``: a progress bar over the batches (on standard error)."""
         if self.tokenizer is None:
             raise ValueError("texts: this export has no tokenizer (its model had none); use logits_from_ids")
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
@@ -226,7 +227,12 @@ class MergedClassifier:
         from .data import _clip_words
 
         outs = []
-        for s in range(0, len(texts), batch_size):
+        starts = range(0, len(texts), batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="labelling", unit="batch", leave=False)
+        for s in starts:
             chunk = [_clip_words(t, self.max_length + 1) for t in texts[s:s + batch_size]]
             enc = self.tokenizer(chunk, padding=True, truncation=True, max_length=self.max_length,
                                  return_tensors="pt")
