@@ -112,6 +112,11 @@ def test_export_never_overwrites_other_files_and_leaves_no_temporaries(tmp_path)
 def test_merged_classifier_refuses_bad_input(tmp_path):
     with pytest.raises(ValueError, match="not a merged export"):
         MergedClassifier.from_dir(tmp_path)
+    with pytest.raises(ValueError, match="is not a torch device"):
+        MergedClassifier.from_dir(tmp_path, device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="sees no CUDA GPU"):
+            MergedClassifier.from_dir(tmp_path, device="cuda")
     Simulation(_cfg(tmp_path, rounds=1), verbose=False).run()
     out = Simulation.from_run_dir(tmp_path / "run").export_merged(tmp_path / "m")
     clf = MergedClassifier.from_dir(out)

@@ -181,6 +181,12 @@ class MergedClassifier:
         from transformers import AutoModel, AutoTokenizer
 
         path = Path(path)
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device: {device!r} is not a torch device ({e})") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device: {str(device)!r} was asked for but this torch sees no CUDA GPU")
         if not (path / HEAD_META).is_file() or not (path / HEAD_FILE).is_file():
             what = "a causal-LM export (load it with AutoModelForCausalLM)" if (path / EXPORT_META).is_file() \
                 else "not a merged export (hetlora export --merged)"
