@@ -87,7 +87,8 @@ def test_evaluate_by_rank_scores_the_model_each_rank_gets(tmp_path, capsys):
 
 @pytest.mark.parametrize("args, msg", [(["--eval-samples", "-1"], "--eval-samples must be >= 0"),
                                        (["--batch-size", "0"], "--batch-size must be >= 1"),
-                                       (["--client", "9"], "client must lie in")])
+                                       (["--client", "9"], "client must lie in"),
+                                       (["--device", "gpu0"], "is not a torch device")])
 def test_evaluate_refuses_bad_arguments(tmp_path, capsys, args, msg):
     _run(tmp_path, rounds=1)
     assert main(["evaluate", str(tmp_path / "run"), *args]) == 2

@@ -699,6 +699,10 @@ class Simulation:
         if device is None and torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
             device = "cpu"
         if device is not None:
+            try:
+                torch.device(device)
+            except (RuntimeError, TypeError) as e:
+                raise ValueError(f"device: {device!r} is not a torch device ({e})") from None
             if torch.device(device).type == "cuda" and not torch.cuda.is_available():
                 raise ValueError(f"device: {device!r} was asked for but this torch sees no CUDA GPU")
             cfg.device = str(device)
