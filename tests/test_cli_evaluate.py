@@ -41,7 +41,7 @@ def test_evaluate_reproduces_the_runs_own_score_and_scores_more(tmp_path, capsys
 
 
 def test_evaluate_a_client_model(tmp_path, capsys):
-    _run(tmp_path)
+    _run(tmp_path, scaling_rule="alpha/r", lora_alpha=4.0)  # a client's scaling differs from the global one
     sim = Simulation.from_run_dir(tmp_path / "run")
     low = int(sim.client_ranks.argmin())
     assert main(["evaluate", str(tmp_path / "run"), "--client", str(low), "--json", str(tmp_path / "c.json")]) == 0
@@ -65,8 +65,9 @@ def test_causal_lm_runs_report_perplexity(tmp_path, capsys):
     assert float(s["perplexity"]) == pytest.approx(hist.records[-1]["eval_ppl"], rel=1e-3)
 
 
-def test_evaluate_by_rank_scores_the_model_each_rank_gets(tmp_path, capsys):
-    _run(tmp_path)
+@pytest.mark.parametrize("strategy", ["hetlora", "homlora"])
+def test_evaluate_by_rank_scores_the_model_each_rank_gets(tmp_path, capsys, strategy):
+    _run(tmp_path, strategy=strategy, hom_rank=2)
     run = str(tmp_path / "run")
     assert main(["evaluate", run, "--by-rank", "--eval-samples", "24", "--json", str(tmp_path / "r.json")]) == 0
     rows = json.loads((tmp_path / "r.json").read_text())
@@ -77,12 +78,16 @@ def test_evaluate_by_rank_scores_the_model_each_rank_gets(tmp_path, capsys):
     assert set(printed) == {r["model"] for r in rows}
     for row in rows[1:]:
         assert row["clients"] == [c for c, r in enumerate(sim.client_ranks) if f"rank {r}" == row["model"]]
+        assert row["rank"] == sim.adapter_of(row["clients"][0])[2]  # the rank it is sent, not its device's
         assert main(["evaluate", run, "--client", str(row["clients"][-1]), "--eval-samples", "24",
                      "--json", str(tmp_path / "one.json")]) == 0
         one = json.loads((tmp_path / "one.json").read_text())
         assert (one["accuracy"], one["loss"], one["rank"]) == (row["accuracy"], row["loss"], row["rank"])
-    assert rows[-1]["rank"] == rows[0]["rank"] and rows[-1]["accuracy"] == rows[0]["accuracy"]  # r_max: global
-    assert rows[1]["rank"] < rows[0]["rank"]
+    if strategy == "hetlora":
+        assert rows[-1]["rank"] == rows[0]["rank"] and rows[-1]["accuracy"] == rows[0]["accuracy"]  # r_max: global
+        assert rows[1]["rank"] < rows[0]["rank"]
+    else:  # HomLoRA sends every client the global rank-2 adapter
+        assert {r["rank"] for r in rows} == {2} and len({r["accuracy"] for r in rows}) == 1
 
 
 @pytest.mark.parametrize("args, msg", [(["--eval-samples", "-1"], "--eval-samples must be >= 0"),

@@ -3,6 +3,8 @@ a standalone directory whose model, loaded by transformers alone, computes what 
 unmerged global (or client) model computes."""
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -43,11 +45,18 @@ def test_merged_export_computes_the_global_and_client_models(tmp_path, strategy)
     data = ran.data.test
     ids, mask = data.input_ids, data.attention_mask
     assert data.attention_mask.sum(1).min() < ids.shape[1]  # padded rows are part of the check
-    for client in (None, 2):
+    low = int(sim.client_ranks.argmin())
+    if strategy == "hetlora":  # a client model that is not the global one (flora, fullft: the base holds it)
+        assert sim.adapter_of(low)[2] < sim.state.rank
+    for client in (None, low):
         out = tmp_path / f"merged-{client}"
         assert sim.export_merged(out, client) == out
         meta = json.loads((out / EXPORT_META).read_text())
         assert meta["strategy"] == strategy and meta["round"] == sim.config.rounds
+        assert json.loads((out / HEAD_META).read_text())["max_length"] == sim.config.max_length == 16
+        umask = os.umask(0)
+        os.umask(umask)
+        assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask  # not mkdtemp's 0700
         assert meta["adapter"] == ("global" if client is None else f"client {client}")
         clf = MergedClassifier.from_dir(out)
         assert not any("lora" in n for n, _ in clf.model.named_parameters())
@@ -107,6 +116,21 @@ def test_export_never_overwrites_other_files_and_leaves_no_temporaries(tmp_path)
     with pytest.raises(ValueError, match=r"client must lie in \[0, 5\]"):
         sim.export_merged(tmp_path / "bad", client=6)
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_failed_export_leaves_nothing_behind(tmp_path, monkeypatch):
+    Simulation(_cfg(tmp_path, rounds=1), verbose=False).run()
+    sim = Simulation.from_run_dir(tmp_path / "run")
+    import safetensors.torch
+
+    def broken(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        sim.export_merged(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
 def test_merged_classifier_refuses_bad_input(tmp_path):
