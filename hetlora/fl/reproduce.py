@@ -175,9 +175,7 @@ def run_grid(grid: Grid, jobs: int = 1, budget_s: float | None = None, verbose: 
     rounds = FedConfig(**grid.config()).rounds
     grid.out.mkdir(parents=True, exist_ok=True)
     (grid.out / "logs").mkdir(exist_ok=True)
-    (grid.out / "grid.json").write_text(json.dumps(
-        {"scale": grid.scale, "strategies": grid.strategies, "alphas": grid.alphas, "seeds": grid.seeds,
-         "overrides": grid.overrides, "config": grid.config()}, indent=1, default=str) + "\n")
+    _write_grid(grid)
     units = [(a, s, n) for a, s in grid.groups() for n in grid.compare_names()]
     tag = lambda a, s, n: f"{_alpha_tag(a)}-s{s}/{_label(n)}"  # noqa: E731
     todo = [u for u in units if _finished_records(_run_dir(grid, *u), rounds) is None]
@@ -266,8 +264,18 @@ def _fmt(m: float, s: float, n: int) -> str:
     return f"{m:.2f} ± {s:.2f}" if n > 1 else f"{m:.2f}"
 
 
+def _write_grid(grid: Grid) -> None:
+    """``grid.json``: the grid last run or summarised (a summary's grid may span several runs' calls)."""
+    grid.out.mkdir(parents=True, exist_ok=True)
+    (grid.out / "grid.json").write_text(json.dumps(
+        {"scale": grid.scale, "strategies": grid.strategies, "alphas": grid.alphas, "seeds": grid.seeds,
+         "overrides": grid.overrides, "config": grid.config()}, indent=1, default=str) + "\n")
+
+
 def summarize(grid: Grid, command: str = "") -> dict:
-    """Write summary.md / summary.json / the two plots for whatever runs exist; returns the summary."""
+    """Write summary.md / summary.json / the two plots (and grid.json) for whatever runs exist;
+    returns the summary."""
+    _write_grid(grid)
     data = _collect(grid)
     rows = []
     for a in grid.alphas:
