@@ -269,6 +269,28 @@ def time_fn(
             "reps": len(times), "peak_bytes": peak_bytes}
 
 
+def aten_ops(fn: Callable[[], Any]) -> int:
+    """ATen ops one call of ``fn`` dispatches, views left out: a count of the host's work that
+    does not depend on the machine (on a GPU, roughly the kernel launches torch makes; Triton and
+    extension kernels are launched outside ATen and not counted).  Backward ops are counted too
+    (dispatch modes follow autograd into its worker threads)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not getattr(func, "is_view", False):
+                self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with _Count() as c:
+        fn()
+    return c.n
+
+
 def peak_memory(fn: Callable[[], Any], device: torch.device) -> int | None:
     """Peak bytes allocated *above what was allocated before* one call.
 

@@ -413,6 +413,8 @@ def bench_run(run: Run, device: torch.device, dtype: torch.dtype, warmup: int, s
                 for key in ("step_s", "min_step_s"):
                     timed[key] /= per
                 timed["step_times_s"] = [t / per for t in timed["step_times_s"]]
+                if method != "sequential":  # one more (untimed) call: the host's work per step
+                    timed["aten_ops_per_step"] = C.aten_ops(fn) / per
                 row.update(timed)
             row["client_steps_per_s"] = row.get("clients_per_step", run.clients) / row["step_s"]
             row["status"] = "ok"
@@ -492,7 +494,7 @@ def run(args: argparse.Namespace) -> Path:
 
 def table_rows(res: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     hdr = ["model", "weights", "params", "clients", "batch×seq", "regime", "method", "backend", "step s",
-           "client-steps/s", "speed-up", "peak MiB"]
+           "client-steps/s", "speed-up", "peak MiB", "ops/step"]
     body = []
     for r in res["rows"]:
         ok = r.get("status") == "ok"
@@ -501,7 +503,8 @@ def table_rows(res: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                      f"{r['batch']}×{r['seq']}", r.get("regime") or "", r["method"], r.get("backend") or "–",
                      C.fmt(r.get("step_s")) if ok else r.get("status"), C.fmt(r.get("client_steps_per_s")),
                      C.fmt(r.get("speedup_vs_sequential"), ".2f") + ("×" if r.get("speedup_vs_sequential") else ""),
-                     f"{r['peak_bytes'] / 2**20:.0f}" if r.get("peak_bytes") else "–"])
+                     f"{r['peak_bytes'] / 2**20:.0f}" if r.get("peak_bytes") else "–",
+                     f"{r['aten_ops_per_step']:.0f}" if r.get("aten_ops_per_step") is not None else "–"])
     return hdr, body
 
 
@@ -515,7 +518,10 @@ def markdown(res: dict[str, Any]) -> str:
     parts.append(f"Preset `{res['preset']}`; {_wall(res)}"
                  f"{'; **truncated by the time budget**' if res['truncated'] else ''}. {res['method_note']}. "
                  f"Ranks cycle through {{{','.join(map(str, RANK_CYCLE))}}}; LoRA on query/value "
-                 f"(q_proj/v_proj); speed-up = client-steps/s over sequential's. {res.get('memory_note') or ''}")
+                 f"(q_proj/v_proj); speed-up = client-steps/s over sequential's. {res.get('memory_note') or ''} "
+                 f"ops/step: ATen ops one step dispatches, views left out (counted on one extra, untimed "
+                 f"call; Triton and extension kernels not counted): the host's work per step, the same on "
+                 f"any machine.")
     parts.append(C.md_table(*table_rows(res)))
     errs = [r for r in res["rows"] if r.get("status") != "ok"]
     if errs:

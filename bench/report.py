@@ -162,6 +162,9 @@ def section(results: dict[str, dict[str, Any]], note: str) -> str:
                 lines.append(C.md_table(*table_rows(res)))
                 if res.get("memory_note"):  # what "peak MiB" means where it is not the allocator's peak
                     lines.append(f"\n{res['memory_note'][0].upper()}{res['memory_note'][1:]}.")
+                if any(r.get("aten_ops_per_step") is not None for r in res["rows"]):
+                    lines.append("\nOps/step: ATen ops one step dispatches (views left out; Triton and extension "
+                                 "kernels not counted), the host's work per step whatever the machine.")
                 lines.append("")
             else:
                 lines.append(kernels_summary(res))

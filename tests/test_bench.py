@@ -107,9 +107,31 @@ def test_e2e_smoke_outputs(smoke_out: Path) -> None:
     assert all("speedup_vs_sequential" in r for r in rows if r["method"] != "sequential")
     sim_rows = [r for r in rows if r["method"] == "simulator"]
     assert sim_rows and all(r["steps_per_call"] == 4 and len(r["step_times_s"]) >= 1 for r in sim_rows)
+    # the host's work per step: counted for the methods it is about, not for peft's loop
+    for r in rows:
+        assert (r.get("aten_ops_per_step") or 0) > 0 if r["method"] != "sequential" else "aten_ops_per_step" not in r
     md = (d / "e2e.md").read_text()
-    assert "client-steps/s" in md and "| model |" in md
+    assert "client-steps/s" in md and "| model |" in md and "ops/step" in md
     assert (d / "e2e.png").read_bytes()[:8] == PNG
+
+
+def test_aten_ops_counts_forward_and_backward_and_leaves_out_views() -> None:
+    sys.path.insert(0, str(REPO))
+    try:
+        from bench.common import aten_ops
+    finally:
+        sys.path.remove(str(REPO))
+    import torch
+
+    x = torch.randn(4, 3, requires_grad=True)
+
+    def step():
+        y = (x.t().reshape(-1) * 2).sum()  # t and reshape of a contiguous view: views
+        y.backward()
+
+    fwd_only = aten_ops(lambda: (x.detach().t() * 2).sum())
+    assert fwd_only == 2  # mul, sum
+    assert aten_ops(step) > 2  # the backward's ops too
 
 
 def test_report_splices_readme(smoke_out: Path, tmp_path: Path) -> None:
