@@ -285,9 +285,8 @@ def _export(ns: argparse.Namespace) -> int:
     from hetlora.fl.sim import Simulation
 
     sim = Simulation.from_run_dir(ns.run_dir)
-    client = None if ns.glob else ns.client
     if ns.merged:
-        path = sim.export_merged(ns.out, client)
+        path = sim.export_merged(ns.out, None if ns.glob else ns.client)
     else:
         path = sim.export_global(ns.out) if ns.glob else sim.export_client(ns.client, ns.out)
     print(f"wrote {path}")
@@ -318,7 +317,6 @@ def _predict(ns: argparse.Namespace) -> int:
 
 
 def _evaluate(ns: argparse.Namespace) -> int:
-    import dataclasses
     import json
     import math
 
@@ -333,21 +331,14 @@ def _evaluate(ns: argparse.Namespace) -> int:
     sim.setup()  # the run's data and test set; the restored state is kept
     models: list[tuple[str, object, dict]] = []  # (name, state, extra fields)
 
-    def client_model(c: int):
-        A, B, r, scaling = sim.adapter_of(c)
-        return dataclasses.replace(sim.state, A=list(A), B=list(B), scaling=scaling), r
-
-    if ns.client is not None:
-        st, r = client_model(ns.client)
-        models.append((f"client {ns.client}", st, {"rank": r}))
-    else:
-        models.append(("global", sim.state, {"rank": sim.state.rank}))
+    st = sim.model_state(ns.client)
+    models.append(("global" if ns.client is None else f"client {ns.client}", st, {"rank": st.rank}))
     if ns.by_rank:
         ranks = [int(x) for x in sim.client_ranks]
         for r in sorted(set(ranks)):
             clients = [c for c, x in enumerate(ranks) if x == r]
-            st, r_sent = client_model(clients[0])
-            models.append((f"rank {r}", st, {"rank": r_sent, "clients": clients}))
+            st = sim.model_state(clients[0])
+            models.append((f"rank {r}", st, {"rank": st.rank, "clients": clients}))
     n = len(sim.data.test)
     rows = []
     for who, st, extra in models:

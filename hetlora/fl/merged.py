@@ -58,17 +58,14 @@ def write_merged(sim: Simulation, path: str | Path, client: int | None = None) -
     """
     from safetensors.torch import save_file
 
-    from hetlora_kernels import AdapterLayout
-
     path = Path(path)
     _prepare_out(path)
     if sim.state is None or sim.fm is None:
         raise ValueError("sim: has no trained state (use Simulation.from_run_dir)")
-    A, B, rank, scaling = sim.adapter_of(client)
+    state = sim.model_state(client)
     fm = sim.fm
-    if sim.state.base_weights is not None:
-        fm.set_base(sim.state.base_weights, sim.state.base_biases)
-    fm.set_adapters(A, B, AdapterLayout([rank]), [scaling])
+    fm.load_global(state)
+    rank, scaling = state.rank, state.scaling
     model = copy.deepcopy(fm.mlm).merge_and_unload(0)
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -184,13 +181,10 @@ class MergedClassifier:
         from safetensors.torch import load_file
         from transformers import AutoModel, AutoTokenizer
 
+        from .sim import usable_device
+
         path = Path(path)
-        try:
-            device = torch.device(device)
-        except (RuntimeError, TypeError) as e:
-            raise ValueError(f"device: {device!r} is not a torch device ({e})") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device: {str(device)!r} was asked for but this torch sees no CUDA GPU")
+        device = usable_device(device)
         if not (path / HEAD_META).is_file() or not (path / HEAD_FILE).is_file():
             what = "a causal-LM export (load it with AutoModelForCausalLM)" if (path / EXPORT_META).is_file() \
                 else "not a merged export (hetlora export --merged)"

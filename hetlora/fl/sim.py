@@ -22,7 +22,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +36,18 @@ from .config import FedConfig
 from .local import ClientTask, FedModel, TokenData, evaluate, train_round
 from .strategies import ClientUpdate, GlobalState, Strategy, client_generator, make_strategy
 from .validation import screen_updates
+
+
+def usable_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device this process can use; a ValueError naming it otherwise."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device: {device!r} is not a torch device ({e})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {str(device)!r} was asked for but this torch sees no CUDA GPU")
+    return dev
+
 
 __all__ = ["Simulation", "History", "FedData", "synthetic_data", "tiny_bert", "assign_ranks"]
 
@@ -662,6 +674,14 @@ class Simulation:
         dist = self.strategy.distribute(self.state, [client], [r], self.config.rounds + 1)
         return dist.A, dist.B, r, dist.scalings[0]
 
+    def model_state(self, client: int | None = None) -> GlobalState:
+        """The global state (``client=None``), or the model client ``client`` would get now: the
+        global state with its adapter (`adapter_of`) in place of the global one."""
+        if client is None:
+            return self.state
+        A, B, _, scaling = self.adapter_of(client)
+        return replace(self.state, A=list(A), B=list(B), scaling=scaling)
+
     def export_merged(self, path: str | Path, client: int | None = None) -> Path:
         """The global adapter (or client ``client``'s) merged into a copy of the base model: a
         standalone transformers directory with the tokenizer and the classifier head
@@ -699,13 +719,7 @@ class Simulation:
         if device is None and torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
             device = "cpu"
         if device is not None:
-            try:
-                torch.device(device)
-            except (RuntimeError, TypeError) as e:
-                raise ValueError(f"device: {device!r} is not a torch device ({e})") from None
-            if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-                raise ValueError(f"device: {device!r} was asked for but this torch sees no CUDA GPU")
-            cfg.device = str(device)
+            cfg.device = str(usable_device(device))
         sim = cls(cfg, verbose=verbose)
         sim.build_model()
         ck = load_checkpoint(run_dir, restore_rng=False, device=sim.fm.device)
