@@ -130,13 +130,18 @@ class LoraWork:
 # "auto" on CPU tensors: where the C++ ops (backend "cuda") measured faster than the torch path.
 # Source: bench/results/cpu-2core/ (1 thread) and cpu-2core-threads2/ (2 threads), kernels.json,
 # 2026-11-26, fp32, and two earlier sweeps of the same day:
-# - component_norms 1.1-1.9x, weighted_aggregate 1.3-2.0x: C++;  delta_fro_norms 0.5-1.5x and
-#   truncate 0.9-1.6x (noise around parity): torch.
+# - component_norms 1.1-1.9x, weighted_aggregate 1.3-2.0x: C++;  truncate 0.9-1.6x (noise around
+#   parity): torch.
+# - delta_fro_norms: C++ since its register-tiled Gram kernel (2026-11-26, timings interleaved rep by
+#   rep on the 2-core machine while other jobs ran, fp32, K adapters of ranks 4..64, C++ over torch):
+#   1 thread, medians: L=1 d=1024 K=8 3.6x, K=64 3.5-4.5x; L=12 d=384 K=64 2.9-3.0x (the old
+#   kernel: 0.77-1.33x).  2 threads, fastest reps (the medians are oversubscription noise, 4.6-11x):
+#   4.4x, 6.0-7.5x, 4.6-7.2x.  bf16 and fp64, 1 thread: 2.1-3.6x.
 # - lora_delta / lora_linear: interleaved tokens 1.3-3.4x (the torch path gathers and scatters);
 #   grouped tokens: 1.2-3.5x up to 32 tokens per adapter (one 0.9x row); 64-128 per adapter 1.0-1.6x with 2
 #   threads but 0.8-1.0x with 1 thread; 0.5-0.9x with one adapter or 512 per adapter (one big
 #   MKL GEMM pair per adapter is as fast as it gets).  float64: torch (the oracle dtype; not timed).
-_CPU_CPP_OPS = frozenset({"component_norms", "weighted_aggregate"})
+_CPU_CPP_OPS = frozenset({"component_norms", "weighted_aggregate", "delta_fro_norms"})
 _CPU_CPP_MAX_PER_ADAPTER = {1: 32}  # tokens per adapter, by thread count (more threads: 128)
 
 

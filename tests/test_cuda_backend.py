@@ -400,6 +400,41 @@ def test_delta_fro_norms_cpu(dtype):
     assert got1.shape == (layout.num_adapters,) and rel_err(got1, ref1) < TOL[dtype] / 10 + 1e-6
 
 
+@pytest.mark.parametrize("isa", ["generic", "avx2", "native"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_delta_fro_sq_odd_shapes_and_thread_counts_cpu(dtype, isa, monkeypatch):
+    """The register-tiled Gram kernel of delta_fro_sq: ranks 1, 2, 3, 17, 33, 64 (every tile
+    remainder) and an empty adapter (through its offsets: AdapterLayout refuses rank 0), widths 0,
+    1, 7, 33, 1000 and 2500 (no multiple of any vector, more than one column chunk) across the
+    layers of one call.  Bitwise the same for 1, 2 and 3 threads, and per adapter within float
+    rounding of a float64 ||B_k^T A_k||_F^2 of the same (rounded) inputs, for every kernel variant."""
+    if isa != "native":
+        monkeypatch.setenv("HETLORA_CPU_ISA", isa)
+    ranks = [1, 3, 0, 17, 33, 64, 2]
+    offs = [0]
+    for r in ranks:
+        offs.append(offs[-1] + r)
+    dims = [(1, 7), (7, 1000), (2500, 1), (33, 0)]
+    gen = torch.Generator().manual_seed(23)
+    As = [torch.randn(offs[-1], di, generator=gen).to(dtype) for di, _ in dims]
+    Bs = [torch.randn(offs[-1], do, generator=gen).to(dtype) for _, do in dims]
+    offsets = torch.tensor(offs)
+    runs = [_with_threads(n, lambda: _C().delta_fro_sq(As, Bs, offsets, max(ranks))) for n in (1, 2, 3)]
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert runs[0].shape == (len(dims), len(ranks)) and runs[0].dtype == acc
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+    ref = torch.tensor(
+        [
+            [float((B[a:b].double().t() @ A[a:b].double()).norm() ** 2) for a, b in zip(offs, offs[1:])]
+            for A, B in zip(As, Bs)
+        ],
+        dtype=torch.float64,
+    )
+    assert not runs[0][:, ranks.index(0)].any() and not runs[0][3].any()  # empty adapter, zero-width layer
+    rtol = 1e-12 if dtype == torch.float64 else 2e-5
+    assert torch.allclose(runs[0].double(), ref, rtol=rtol, atol=0)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_weighted_aggregate_cpu(dtype):
     layout, As, Bs = _layers(dtype)
@@ -494,8 +529,8 @@ def threads():
 def test_cpu_auto_table(threads):
     W = dispatch.LoraWork
     choice = dispatch.cpu_auto_choice
-    assert choice("component_norms") == choice("weighted_aggregate") == "cuda"
-    assert choice("delta_fro_norms") == choice("truncate") == "torch"
+    assert choice("component_norms") == choice("weighted_aggregate") == choice("delta_fro_norms") == "cuda"
+    assert choice("truncate") == "torch"
     f32 = torch.float32
     for n in (1, 2, 4):
         threads(n)
@@ -570,7 +605,8 @@ def test_cpu_auto_follows_the_table_and_matches_the_chosen_backend():
         with hk.use_backend(want):
             assert torch.equal(y, hk.lora_delta(x, A, B, layout, groups, 0.5))
     assert dispatch.resolve("weighted_aggregate", x.device)[0] == "cuda"
-    assert dispatch.resolve("delta_fro_norms", x.device)[0] == "torch"
+    assert dispatch.resolve("delta_fro_norms", x.device)[0] == "cuda"
+    assert dispatch.resolve("truncate", x.device)[0] == "torch"
 
 
 def test_cpu_auto_falls_back_to_torch_without_the_extension(monkeypatch):

@@ -28,78 +28,13 @@
 
 #include "../ops.h"
 #include "common.h"
+#include "simd.h"
 
 namespace hetlora {
 namespace {
 
-#if defined(__GNUC__) || defined(__clang__)
-#define HL_INLINE inline __attribute__((always_inline))
-#define HL_VECTOR_EXT 1
-#else
-#define HL_INLINE inline
-#define HL_VECTOR_EXT 0
-#endif
-
-#if HL_VECTOR_EXT && defined(__x86_64__)
-#define HL_X86_MULTI 1
-#define HL_TARGET_AVX2 __attribute__((target("avx2,fma")))
-#define HL_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")))
-#else
-#define HL_X86_MULTI 0
-#endif
-
-#if HL_VECTOR_EXT && defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wpsabi"  // vector types never cross a non-inlined call
-#endif
-
-// ------------------------------------------------------------------------------------------
-// a SIMD vector of B bytes of T: GCC/Clang vector extensions (lowered to the instruction set of
-// the function they are inlined into), else a plain array with the same lane-wise arithmetic
-// ------------------------------------------------------------------------------------------
-template <typename T, int B>
-struct Vec {
-  static constexpr int N = B / static_cast<int>(sizeof(T));
-#if HL_VECTOR_EXT
-  typedef T type __attribute__((vector_size(B)));
-  static HL_INLINE type zero() { return type{}; }
-  static HL_INLINE void fma(type& a, T s, const type& w) { a += s * w; }
-  static HL_INLINE void fma(type& a, const type& x, const type& w) { a += x * w; }
-  static HL_INLINE type mul(const type& a, T s) { return a * s; }
-  static HL_INLINE T lane(const type& a, int i) { return a[i]; }
-#else
-  struct type {
-    T l[N];
-  };
-  static HL_INLINE type zero() { return type{}; }
-  static HL_INLINE void fma(type& a, T s, const type& w) {
-    for (int i = 0; i < N; ++i) a.l[i] += s * w.l[i];
-  }
-  static HL_INLINE void fma(type& a, const type& x, const type& w) {
-    for (int i = 0; i < N; ++i) a.l[i] += x.l[i] * w.l[i];
-  }
-  static HL_INLINE type mul(const type& a, T s) {
-    type r;
-    for (int i = 0; i < N; ++i) r.l[i] = a.l[i] * s;
-    return r;
-  }
-  static HL_INLINE T lane(const type& a, int i) { return a.l[i]; }
-#endif
-  static HL_INLINE type load(const T* p) {
-    type v;
-    std::memcpy(&v, p, sizeof(type));
-    return v;
-  }
-  static HL_INLINE void store(T* p, const type& v) { std::memcpy(p, &v, sizeof(type)); }
-  // lanes summed by a fixed pairwise tree: l[i] += l[i + w] for w = N/2, ..., 1
-  static HL_INLINE T hsum(const type& v) {
-    T l[N];
-    std::memcpy(l, &v, sizeof(type));
-    for (int w = N / 2; w > 0; w /= 2) {
-      for (int i = 0; i < w; ++i) l[i] += l[i + w];
-    }
-    return l[0];
-  }
-};
+using cpu::isa_level;
+using cpu::Vec;
 
 // Register-tile sizes per vector width (bytes): AVX-512 has 32 vector registers, AVX2/SSE 16.
 template <int VB>
@@ -516,29 +451,6 @@ HL_TARGET_AVX512 void items_avx512(Op op, const Args<T, S>& a, int64_t K, int64_
   run_items<64>(op, a, K, i, scratch);
 }
 #endif
-
-// 0 = baseline, 1 = AVX2+FMA, 2 = AVX-512 (F/VL/DQ/BW); capped by HETLORA_CPU_ISA
-int isa_level() {
-  int level = 0;
-#if HL_X86_MULTI
-  static const int detected = [] {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-      return 2;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
-    return 0;
-  }();
-  level = detected;
-#endif
-  if (const char* env = std::getenv("HETLORA_CPU_ISA")) {
-    const std::string v(env);
-    if (v == "generic" || v == "baseline") level = 0;
-    if (v == "avx2") level = std::min(level, 1);
-  }
-  return level;
-}
 
 // Runs items [0, n) on at::parallel_for's threads; each item is one call of its op.
 template <typename T, typename S>

@@ -1,11 +1,18 @@
 // C++ CPU implementations of the server-side ops (see csrc/ops.h): per-component norms,
 // ||B_k^T A_k||_F^2 by the Gram identity, zero-pad + weighted aggregation, each over all
 // layers of a model in one call.
+#include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "../ops.h"
 #include "common.h"
+#include "simd.h"
 
 namespace hetlora {
 
@@ -85,32 +92,262 @@ std::vector<at::Tensor> weighted_aggregate_cpu(const std::vector<at::Tensor>& ts
   return outs;
 }
 
+// ------------------------------------------------------------------------------------------
+// delta_fro_sq: ||B_k^T A_k||_F^2 = sum_ij G_ij H_ij with G = A_k A_k^T, H = B_k B_k^T (r_k x r_k),
+// = sum_i G_ii H_ii + 2 sum_{i<j} G_ij H_ij.
+//
+// Work item: one panel = (layer l, adapter k, rows [i0, i0 + m) of the adapter, m <= GramTiles::kM).
+// It computes G_ij and H_ij for its rows i against the rows j >= i0 in register tiles (m rows x
+// GramTiles::kJ rows, SIMD lanes over the columns, as lora_cpu.cpp's shrink tile; simd.h's Vec and
+// its AVX-512 / AVX2+FMA / baseline choice at run time), over column chunks
+// of kGramChunkBytes so that the panel's own rows stay in L1 while the other rows stream past
+// (prefetched one tile ahead).  Each G_ij is summed in a fixed order (lane l over the columns
+// c = l mod N of a chunk in increasing c, the lanes by a fixed pairwise tree, the chunks in
+// increasing order), and so is the panel's sum of w_ij G_ij H_ij (w = 1 on the diagonal, 2 for
+// j > i; the entries j < i of the diagonal tiles are computed but skipped).  The panels'
+// partial sums are then added per (layer, adapter) in panel order by one thread: the result is
+// bitwise the same for any thread count and however the panels were handed out (it can differ
+// in the last bits between instruction sets, as the LoRA kernels' results do).  float16 and
+// bfloat16 inputs are converted to float32 up front.
+// ------------------------------------------------------------------------------------------
+namespace {
+
+using cpu::isa_level;
+using cpu::Vec;
+
+// Register tiles per vector width (bytes): rows of the panel x rows it is multiplied with.
+// AVX-512 (32 registers): 4 x 4 accumulators; AVX2/SSE (16): 3 x 4.
+template <int VB>
+struct GramTiles {
+  static constexpr int kM = VB == 64 ? 4 : 3;
+  static constexpr int kJ = 4;
+};
+constexpr int kGramMaxM = 4;
+constexpr int64_t kGramChunkBytes = 4096;  // columns per chunk: 1024 float / 512 double (a multiple of every N)
+
+// g[m * ldg + j] (= or +=) sum_{c in [c0, c1)} ar[m][c] br[j][c], for M x J rows; meanwhile the
+// same columns of the rows pf[0 .. J) (the next tile's) are prefetched: the first panel of an
+// adapter reads its rows from memory, in short rows the hardware prefetchers do not run ahead in
+template <typename T, int VB, int M, int J>
+HL_INLINE void gram_tile(const T* const* ar, const T* const* br, const T* const* pf, int64_t c0, int64_t c1, T* g,
+                         int64_t ldg, bool first) {
+  using V = Vec<T, VB>;
+  using vt = typename V::type;
+  constexpr int N = V::N;
+  vt acc[M][J];
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m)
+#pragma GCC unroll 8
+    for (int j = 0; j < J; ++j) acc[m][j] = V::zero();
+  int64_t c = c0;
+  for (; c + N <= c1; c += N) {
+#pragma GCC unroll 8
+    for (int j = 0; j < J; ++j) __builtin_prefetch(pf[j] + c, 0, 3);
+    vt av[M];
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) av[m] = V::load(ar[m] + c);
+#pragma GCC unroll 8
+    for (int j = 0; j < J; ++j) {
+      const vt b = V::load(br[j] + c);
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) V::fma(acc[m][j], av[m], b);
+    }
+  }
+  if (c < c1) {  // the last partial vector, zero-padded (adds exact zeros to the other lanes)
+    const int64_t n = c1 - c;
+    T buf[N];
+    vt av[M];
+    for (int m = 0; m < M; ++m) {
+      for (int i = 0; i < N; ++i) buf[i] = i < n ? ar[m][c + i] : T(0);
+      av[m] = V::load(buf);
+    }
+    for (int j = 0; j < J; ++j) {
+      for (int i = 0; i < N; ++i) buf[i] = i < n ? br[j][c + i] : T(0);
+      const vt b = V::load(buf);
+      for (int m = 0; m < M; ++m) V::fma(acc[m][j], av[m], b);
+    }
+  }
+  T sums[M * J];
+  V::template hsum_many<M * J>(&acc[0][0], sums);
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m) {
+#pragma GCC unroll 8
+    for (int j = 0; j < J; ++j) g[m * ldg + j] = first ? sums[m * J + j] : g[m * ldg + j] + sums[m * J + j];
+  }
+}
+
+// g[m * n + j] = x_{i0+m} . x_{i0+j} for m < M, j < n = rk - i0 (x: the adapter's rows, stride d)
+template <typename T, int VB, int M>
+HL_INLINE void gram_panel(const T* x, int64_t d, int64_t i0, int64_t n, T* g) {
+  constexpr int J = GramTiles<VB>::kJ;
+  constexpr int64_t C = kGramChunkBytes / static_cast<int64_t>(sizeof(T));
+  const T* ar[M];
+  for (int m = 0; m < M; ++m) ar[m] = x + (i0 + m) * d;
+  const T* br[J];
+  const T* pf[J];
+  // rows i0 + j + u of the tile at j, and the rows to prefetch meanwhile (the next tile's, clamped)
+  auto rows = [&](int64_t j, int cnt) {
+    for (int u = 0; u < cnt; ++u) {
+      br[u] = x + (i0 + j + u) * d;
+      pf[u] = x + (i0 + std::min(j + cnt + u, n - 1)) * d;
+    }
+  };
+  for (int64_t c0 = 0;; c0 += C) {  // d == 0: one pass that writes zeros
+    const int64_t c1 = std::min(d, c0 + C);
+    const bool first = c0 == 0;
+    int64_t j = 0;
+    for (; j + J <= n; j += J) {
+      rows(j, J);
+      gram_tile<T, VB, M, J>(ar, br, pf, c0, c1, g + j, n, first);
+    }
+    for (; j + 2 <= n; j += 2) {
+      rows(j, 2);
+      gram_tile<T, VB, M, 2>(ar, br, pf, c0, c1, g + j, n, first);
+    }
+    if (j < n) {
+      rows(j, 1);
+      gram_tile<T, VB, M, 1>(ar, br, pf, c0, c1, g + j, n, first);
+    }
+    if (c1 >= d) break;
+  }
+}
+
+template <typename T, int VB>
+HL_INLINE void gram_rows(int m, const T* x, int64_t d, int64_t i0, int64_t n, T* g) {
+  switch (m) {
+    case 1:
+      return gram_panel<T, VB, 1>(x, d, i0, n, g);
+    case 2:
+      return gram_panel<T, VB, 2>(x, d, i0, n, g);
+    case 3:
+      return gram_panel<T, VB, 3>(x, d, i0, n, g);
+    default:
+      if constexpr (GramTiles<VB>::kM >= 4) return gram_panel<T, VB, 4>(x, d, i0, n, g);
+  }
+}
+
+template <typename T>
+struct FroArgs {
+  const T* const* a;  // per layer: A [R, d_in[l]], acc-typed
+  const T* const* b;  // per layer: B [R, d_out[l]]
+  const int64_t* d_in;
+  const int64_t* d_out;
+  const int64_t* offsets;  // [K + 1]
+  int64_t K;
+  const int64_t* item0;  // (layer l, adapter k) pair q = l * K + k owns panels [item0[q], item0[q + 1])
+  int64_t pairs;         // L * K
+  int M;                 // rows per panel (GramTiles<VB>::kM of the chosen VB)
+  T* partial;            // one sum per panel
+};
+
+// panel i: its rows' Gram entries for A and B (g: 2 * kGramMaxM * max r_k scratch), then the weighted sum
+template <typename T, int VB>
+HL_INLINE void fro_panel(const FroArgs<T>& a, int64_t i, T* g) {
+  const int64_t q = cpu::find_segment(a.item0, a.pairs, i);
+  const int64_t l = q / a.K, k = q % a.K;
+  const int64_t r0 = a.offsets[k], rk = a.offsets[k + 1] - r0;
+  const int64_t i0 = (i - a.item0[q]) * a.M, n = rk - i0;
+  const int m = static_cast<int>(std::min<int64_t>(a.M, n));
+  T* ga = g;
+  T* gb = g + kGramMaxM * n;
+  gram_rows<T, VB>(m, a.a[l] + r0 * a.d_in[l], a.d_in[l], i0, n, ga);
+  gram_rows<T, VB>(m, a.b[l] + r0 * a.d_out[l], a.d_out[l], i0, n, gb);
+  // rows i0 + u against columns j >= i0 + u: the diagonal once, the rest twice (H is symmetric too)
+  T diag = 0, off = 0;
+  for (int u = 0; u < m; ++u) {
+    diag += ga[u * n + u] * gb[u * n + u];
+    for (int64_t j = u + 1; j < n; ++j) off += ga[u * n + j] * gb[u * n + j];
+  }
+  a.partial[i] = diag + T(2) * off;
+}
+
+template <typename T>
+void fro_generic(const FroArgs<T>& a, int64_t i, T* g) {
+  fro_panel<T, 16>(a, i, g);
+}
+#if HL_X86_MULTI
+template <typename T>
+HL_TARGET_AVX2 void fro_avx2(const FroArgs<T>& a, int64_t i, T* g) {
+  fro_panel<T, 32>(a, i, g);
+}
+template <typename T>
+HL_TARGET_AVX512 void fro_avx512(const FroArgs<T>& a, int64_t i, T* g) {
+  fro_panel<T, 64>(a, i, g);
+}
+#endif
+
+}  // namespace
+
 at::Tensor delta_fro_sq_cpu(const std::vector<at::Tensor>& As, const std::vector<at::Tensor>& Bs,
                             const at::Tensor& offsets, int64_t /*r_max: the offsets were checked against it*/) {
   const int64_t L = static_cast<int64_t>(As.size()), K = offsets.numel() - 1;
-  at::Tensor out = at::empty({L, K}, As[0].options().dtype(acc_type(As[0].scalar_type())));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, As[0].scalar_type(), "hetlora_delta_fro_sq_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const int64_t* fp = offsets.const_data_ptr<int64_t>();
-    acc_t* op = out.mutable_data_ptr<acc_t>();
-    at::parallel_for(0, L * K, 1, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t l = i / K, k = i % K;
-        const scalar_t* ap = As[l].const_data_ptr<scalar_t>();
-        const scalar_t* bp = Bs[l].const_data_ptr<scalar_t>();
-        const int64_t d_in = As[l].size(1), d_out = Bs[l].size(1);
-        const int64_t r0 = fp[k], rk = fp[k + 1] - r0;
-        acc_t sum = 0;
-        for (int64_t a = 0; a < rk; ++a) {
-          for (int64_t b = a; b < rk; ++b) {  // Gram matrices are symmetric: off-diagonal counts twice
-            const acc_t ga = cpu::dot<acc_t>(ap + (r0 + a) * d_in, ap + (r0 + b) * d_in, d_in);
-            const acc_t gb = cpu::dot<acc_t>(bp + (r0 + a) * d_out, bp + (r0 + b) * d_out, d_out);
-            sum += (a == b ? acc_t(1) : acc_t(2)) * ga * gb;
-          }
+  const auto acc = acc_type(As[0].scalar_type());
+  at::Tensor out = at::empty({L, K}, As[0].options().dtype(acc));
+  // acc-typed operands (no copy for float32/float64)
+  std::vector<at::Tensor> Aa, Ba;
+  std::vector<int64_t> d_in(L), d_out(L);
+  for (int64_t l = 0; l < L; ++l) {
+    Aa.push_back(As[l].to(acc).contiguous());
+    Ba.push_back(Bs[l].to(acc).contiguous());
+    d_in[l] = As[l].size(1);
+    d_out[l] = Bs[l].size(1);
+  }
+  const int level = isa_level();
+  (void)level;  // unused where only the baseline variant exists
+  const int M = level == 2 ? GramTiles<64>::kM : level == 1 ? GramTiles<32>::kM : GramTiles<16>::kM;
+  const int64_t* fp = offsets.const_data_ptr<int64_t>();
+  // panels per (layer, adapter) pair, and the multiply-adds they do (to decide on threads)
+  std::vector<int64_t> item0(L * K + 1, 0);
+  int64_t work = 0, r_top = 1;
+  for (int64_t k = 0; k < K; ++k) r_top = std::max(r_top, fp[k + 1] - fp[k]);
+  for (int64_t l = 0; l < L; ++l) {
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t rk = fp[k + 1] - fp[k], np = (rk + M - 1) / M;
+      item0[l * K + k + 1] = item0[l * K + k] + np;
+      for (int64_t p = 0; p < np; ++p) work += std::min<int64_t>(M, rk - p * M) * (rk - p * M) * (d_in[l] + d_out[l]);
+    }
+  }
+  const int64_t n_items = item0[L * K];
+  AT_DISPATCH_FLOATING_TYPES(acc, "hetlora_delta_fro_sq_cpu", [&] {
+    using T = scalar_t;  // the acc type
+    std::vector<const T*> ap(L), bp(L);
+    for (int64_t l = 0; l < L; ++l) {
+      ap[l] = Aa[l].const_data_ptr<T>();
+      bp[l] = Ba[l].const_data_ptr<T>();
+    }
+    std::vector<T> partial(n_items);
+    FroArgs<T> a{ap.data(), bp.data(), d_in.data(), d_out.data(), fp, K, item0.data(), L * K, M, partial.data()};
+    auto run = [&](std::atomic<int64_t>* next) {
+      std::vector<T> g(2 * kGramMaxM * r_top);
+      for (int64_t i = next->fetch_add(1); i < n_items; i = next->fetch_add(1)) {
+#if HL_X86_MULTI
+        if (level == 2) {
+          fro_avx512<T>(a, i, g.data());
+          continue;
         }
-        op[i] = sum;
+        if (level == 1) {
+          fro_avx2<T>(a, i, g.data());
+          continue;
+        }
+#endif
+        fro_generic<T>(a, i, g.data());
       }
-    });
+    };
+    std::atomic<int64_t> next{0};
+    // small problems: no threads (same results, the panels are the same)
+    const int64_t nthreads = work < (int64_t{1} << 16) ? 1 : std::min<int64_t>(n_items, at::get_num_threads());
+    if (nthreads <= 1) {
+      run(&next);
+    } else {
+      at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) { run(&next); });
+    }
+    // the panels of each pair in order: the same sum whichever thread computed which panel
+    T* op = out.mutable_data_ptr<T>();
+    for (int64_t q = 0; q < L * K; ++q) {
+      T s = 0;
+      for (int64_t i = item0[q]; i < item0[q + 1]; ++i) s += partial[i];
+      op[q] = s;
+    }
   });
   return out;
 }
