@@ -13,7 +13,7 @@ cfg = FedConfig(  # every field is also a `hetlora simulate` flag; FedConfig() a
     export_clients=0,
 )
 sim = Simulation(cfg, verbose=False)
-hist = sim.run()  # writes runs/api_demo/: config, metrics.jsonl, checkpoints, the global peft adapter
+hist = sim.run(overwrite=True)  # writes runs/api_demo/ (a rerun replaces it): config, metrics, checkpoints
 for rec in hist.records:
     print(f"round {rec['round']}: accuracy {rec['eval_acc']:.3f}, ranks sent {rec['ranks_sent']}")
 

@@ -49,18 +49,29 @@ def _kind(f: dataclasses.Field) -> str:
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    from hetlora.fl import config as C
     from hetlora.fl.config import FedConfig
 
     docs = _field_docs()
-    defaults = FedConfig.__new__(FedConfig)
+    choices = {"strategy": C.STRATEGIES, "aggregation": C.AGGREGATIONS, "task": C.TASKS,
+               "scaling_rule": C.SCALING_RULES, "rank_rule": C.RANK_RULES, "partition": C.PARTITIONS,
+               "mode": C.MODES, "dtype": C.DTYPES, "backend": ("auto", "torch", "triton", "cuda")}
     g = p.add_argument_group("configuration (FedConfig fields; defaults shown)")
     for f in dataclasses.fields(FedConfig):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        setattr(defaults, f.name, default)
         flag = "--" + f.name.replace("_", "-")
         kind = _kind(f)
-        help_ = f"{docs.get(f.name, f.name.replace('_', ' '))} (default: {default!r})".replace("%", "%%")
+        doc = docs.get(f.name, f.name.replace("_", " "))
+        if f.name == "tiers":  # in the flag's own syntax
+            shown = ",".join(f"{frac:g}:{rank}" for frac, rank in default)
+        else:
+            shown = repr(default)
+        # a field left unset by default says in its doc what that means
+        tail = "" if default is None and ("default" in doc or "None" in doc) else f" (default: {shown})"
+        help_ = f"{doc}{tail}".replace("%", "%%")
         kw: dict = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_}
+        if f.name in choices:  # shown, not enforced: FedConfig's own error names the field
+            kw["metavar"] = "{" + ",".join(choices[f.name]) + "}"
         if kind == "bool":
             g.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif kind == "int":
@@ -72,13 +83,17 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         elif kind == "list[str]":
             g.add_argument(flag, nargs="+", metavar="NAME", **kw)
         else:
-            g.add_argument(flag, metavar=f.name.upper() if f.name != "tiers" else "FRAC:RANK,...", **kw)
+            kw.setdefault("metavar", f.name.upper() if f.name != "tiers" else "FRAC:RANK,...")
+            g.add_argument(flag, **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from hetlora import __version__
     from hetlora.fl.config import STRATEGIES
 
-    p = argparse.ArgumentParser(prog="hetlora", description="Federated fine-tuning with heterogeneous LoRA ranks.")
+    p = argparse.ArgumentParser(prog="hetlora", description="Federated fine-tuning with heterogeneous LoRA ranks.",
+                                allow_abbrev=False)
+    p.add_argument("--version", action="version", version=f"hetlora {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -93,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run in the run directory from its latest checkpoint, with the settings "
                         "it was made with (only the number of rounds, evaluation, device, backend, mode, "
                         "threads and output settings may differ; anything else is refused, naming it)")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier run in the run directory (deleted first); without it, or --resume, "
+                        "a run directory that holds a run is refused")
     s.add_argument("--quiet", action="store_true", help="no progress bar and no per-round lines")
     s.add_argument("--print-config", action="store_true", help="print the resolved configuration (YAML) and exit")
     _add_config_flags(s)
@@ -136,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("out", metavar="OUT", help="output directory")
     who = e.add_mutually_exclusive_group(required=True)
     who.add_argument("--client", type=int, metavar="K", help="client K's adapter (its current rank)")
-    who.add_argument("--global", dest="glob", action="store_true", help="the global adapter (rank r_max)")
+    who.add_argument("--global", dest="glob", action="store_true",
+                     help="the global adapter, at the strategy's global rank (HetLoRA: r_max; HomLoRA: its rank; "
+                          "FlexLoRA and FLoRA: what their aggregation left)")
     e.add_argument("--merged", action="store_true",
                    help="write a standalone model instead: the adapter (and, for flora/fullft, the trained target "
                         "weights) merged into a copy of the base model, saved with save_pretrained, plus the "
@@ -181,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="run the benchmarks (python -m bench), if the bench package is present",
                        description="Delegates to `python -m bench ARGS...` (the repository's bench/ package).")
     b.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to python -m bench")
+    for sp in sub.choices.values():  # `--num-client 4` must not pass for --num-clients
+        sp.allow_abbrev = False
     return p
 
 
@@ -192,6 +214,8 @@ def _resolve_config(ns: argparse.Namespace):
     for k, v in vars(ns).items():
         if k in names:
             base[k] = v
+    if "ranks" in vars(ns) and "rank_rule" not in vars(ns):  # --ranks alone means: these ranks
+        base["rank_rule"] = "list"
     return FedConfig.from_dict(base)
 
 
@@ -223,7 +247,7 @@ def _simulate(ns: argparse.Namespace) -> int:
         print(cfg.to_yaml(), end="")
         return 0
     if not ns.compare:
-        hist = Simulation(cfg, verbose=not ns.quiet).run(resume=ns.resume)
+        hist = Simulation(cfg, verbose=not ns.quiet).run(resume=ns.resume, overwrite=ns.overwrite)
         acc = hist.final_accuracy
         last = next((r for r in reversed(hist.records) if "eval_ppl" in r), None)
         if last is not None:
@@ -234,11 +258,14 @@ def _simulate(ns: argparse.Namespace) -> int:
         return 0
     runs = _parse_compare(ns.compare)
     root = Path(cfg.out_dir) / (cfg.run_name or f"compare_s{cfg.seed}")
+    sims = [Simulation(cfg.replace(out_dir=str(root), run_name=label, **changes), verbose=not ns.quiet)
+            for label, changes in runs]
+    for sim in sims:  # every run directory checked before the first run starts
+        sim.check_run_dir(ns.resume, ns.overwrite)
     dirs = []
-    for label, changes in runs:
-        c = cfg.replace(out_dir=str(root), run_name=label, **changes)
-        Simulation(c, verbose=not ns.quiet).run(resume=ns.resume)
-        dirs.append(root / label)
+    for sim in sims:
+        sim.run(resume=ns.resume, overwrite=ns.overwrite)
+        dirs.append(sim.run_dir)
     plot_runs(dirs, root)
     table = comparison_table({d.name: read_metrics(d) for d in dirs})
     (root / "comparison.md").write_text(table)
@@ -284,6 +311,11 @@ def _reproduce(ns: argparse.Namespace) -> int:
 def _export(ns: argparse.Namespace) -> int:
     from hetlora.fl.sim import Simulation
 
+    out = Path(ns.out)
+    if not ns.merged and out.is_dir() and any(out.iterdir()) and not (out / "adapter_config.json").exists():
+        # (a merged export checks its own target the same way)
+        raise ValueError(f"OUT: {str(out)!r} is a non-empty directory that holds no peft adapter: choose a new "
+                         f"or empty one (an earlier export there is replaced)")
     sim = Simulation.from_run_dir(ns.run_dir)
     if ns.merged:
         path = sim.export_merged(ns.out, None if ns.glob else ns.client)
@@ -298,6 +330,8 @@ def _predict(ns: argparse.Namespace) -> int:
 
     if isinstance(ns.top, bool) or ns.top < 1:
         raise ValueError(f"--top must be >= 1, got {ns.top}")
+    if any(not t.strip() for t in ns.texts):
+        raise ValueError("TEXT: an empty text; give each text as one non-empty argument")
     texts = list(ns.texts)
     if ns.file:
         f = sys.stdin if ns.file == "-" else open(ns.file, encoding="utf-8")
@@ -316,6 +350,16 @@ def _predict(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _same_model(a, b) -> bool:
+    """Whether two `GlobalState`s hold the same model (then one score serves both)."""
+    import torch
+
+    ta = [*a.A, *a.B, a.head_W, a.head_b, *(a.base_weights or [])]
+    tb = [*b.A, *b.B, b.head_W, b.head_b, *(b.base_weights or [])]
+    return (a.scaling == b.scaling and a.stacked == b.stacked and len(ta) == len(tb)
+            and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(ta, tb)))
+
+
 def _evaluate(ns: argparse.Namespace) -> int:
     import json
     import math
@@ -326,6 +370,8 @@ def _evaluate(ns: argparse.Namespace) -> int:
     for flag, v, low in (("--eval-samples", ns.eval_samples, 0), ("--batch-size", ns.batch_size, 1)):
         if v < low:
             raise ValueError(f"{flag} must be >= {low}, got {v}")
+    if ns.json and not Path(ns.json).resolve().parent.is_dir():  # before minutes of scoring, not after
+        raise FileNotFoundError(f"--json: no directory {str(Path(ns.json).parent)!r} to write {ns.json!r} in")
     sim = Simulation.from_run_dir(ns.run_dir, device=ns.device)
     sim.config.eval_samples = ns.eval_samples
     sim.setup()  # the run's data and test set; the restored state is kept
@@ -334,22 +380,31 @@ def _evaluate(ns: argparse.Namespace) -> int:
     st = sim.model_state(ns.client)
     models.append(("global" if ns.client is None else f"client {ns.client}", st, {"rank": st.rank}))
     if ns.by_rank:
-        ranks = [int(x) for x in sim.client_ranks]
-        for r in sorted(set(ranks)):
-            clients = [c for c, x in enumerate(ranks) if x == r]
-            st = sim.model_state(clients[0])
-            models.append((f"rank {r}", st, {"rank": st.rank, "clients": clients}))
+        # grouped by the rank each client is sent now (the strategy's reading of its device rank)
+        groups: dict[int, list[int]] = {}
+        for c in range(sim.config.num_clients):
+            groups.setdefault(int(sim.adapter_of(c)[2]), []).append(c)
+        for r in sorted(groups):
+            st = sim.model_state(groups[r][0])
+            models.append((f"rank {r}", st, {"rank": st.rank, "clients": groups[r]}))
     n = len(sim.data.test)
-    rows = []
+    rows, scored = [], []  # scored: (state, accuracy, loss) of the models scored so far
     for who, st, extra in models:
-        print(f"scoring the {who} model of {ns.run_dir} on {n} test documents ...", file=sys.stderr, flush=True)
-        acc, loss = evaluate(sim.fm, st, sim.data.test, batch_size=ns.batch_size)
+        again = next((x for x in scored if _same_model(x[0], st)), None)
+        if again is None:
+            print(f"scoring the {who} model of {ns.run_dir} on {n} test documents ...", file=sys.stderr, flush=True)
+            acc, loss = evaluate(sim.fm, st, sim.data.test, batch_size=ns.batch_size)
+            scored.append((st, acc, loss))
+        else:
+            acc, loss = again[1], again[2]
         out = {"run": str(ns.run_dir), "model": who, **extra, "test_documents": n, "accuracy": acc, "loss": loss}
         if sim.fm.causal:
             out["perplexity"] = math.exp(loss) if loss < 700 else math.inf
         rows.append(out)
         shown = {k: v for k, v in out.items() if k not in ("run", "model", "clients")}
-        print(f"{who}: " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()))
+        words = [f"{k} {100 * v:.2f}%" if k == "accuracy" else f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                 for k, v in shown.items()]
+        print(f"{who}: " + "  ".join(words))
     if ns.json:
         Path(ns.json).write_text(json.dumps(rows[0] if len(rows) == 1 else rows, indent=1) + "\n")
     return 0
@@ -383,7 +438,11 @@ def _bench(ns: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hetlora`` console script; returns the exit status."""
     p = build_parser()
-    ns = p.parse_args(list(argv) if argv is not None else None)
+    ns, extra = p.parse_known_args(list(argv) if argv is not None else None)
+    if extra and ns.command == "predict" and not any(a.startswith("-") for a in extra):
+        ns.texts = [*ns.texts, *extra]  # texts after an option (`predict DIR --top 3 "text"`)
+    elif extra:
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if ns.command == "simulate":
             return _simulate(ns)

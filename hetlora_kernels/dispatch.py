@@ -93,7 +93,10 @@ def backend_status(name: str, device: torch.device | str = "cuda") -> tuple[bool
         return False, f"the {name} backend failed to load ({_load_errors[name]})"
     if name == "torch":
         return True, ""
-    return mod.available(torch.device(device))
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return False, "no CUDA device here (torch.cuda.is_available() is False)"
+    return mod.available(device)
 
 
 def set_backend(name: str) -> None:

@@ -35,7 +35,7 @@ def test_evaluate_reproduces_the_runs_own_score_and_scores_more(tmp_path, capsys
     assert got["test_documents"] == 24 and got["model"] == "global"
     assert got["accuracy"] == last["eval_acc"]
     assert got["loss"] == pytest.approx(last["eval_loss"], rel=1e-9)
-    assert _scores(capsys)["global"]["accuracy"] == f"{last['eval_acc']:.4f}"
+    assert _scores(capsys)["global"]["accuracy"] == f"{100 * last['eval_acc']:.2f}%"
     assert main(["evaluate", run]) == 0  # the whole test set by default
     assert _scores(capsys)["global"]["test_documents"] == "100"
 

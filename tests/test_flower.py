@@ -234,7 +234,7 @@ def test_too_few_valid_replies_keep_the_global_state(tmp_path, task_identity):
 
 def test_declared_ranks_come_from_node_config(tmp_path, task_identity):
     """A node that declares a rank trains at it; one that does not gets the server's rank rule."""
-    cfg = _cfg(tmp_path, clients_per_round=4, rounds=1, rank_rule="tiers", tiers=[[1.0, "max"]])
+    cfg = _cfg(tmp_path, clients_per_round=4, rounds=1, rank_rule="tiers", ranks=None, tiers=[[1.0, "max"]])
     strat = FlowerStrategy(cfg, write_outputs=False)
     grid = FakeGrid(make_client_app(), 4, extra={0: {"rank": 3}, 1: {"rank": 5}, 3: {"rank": 40}})
     msgs = strat.configure_train(1, strat.global_arrays(), ConfigRecord(), grid)

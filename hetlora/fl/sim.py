@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -219,8 +220,12 @@ def _prepare_data(config: FedConfig, tokenizer, vocab_size: int) -> FedData:
 
         d = load_text_dataset(config.dataset, text_column=config.text_column, label_column=config.label_column,
                               test_fraction=config.test_fraction, seed=config.seed)
-        if tokenizer is None:
-            raise ValueError(f"model={config.model!r} has no tokenizer; real datasets need a pretrained model")
+        if tokenizer is None:  # after the data, whose own errors say more
+            raise ValueError(f"FedConfig.model: {config.model!r} has no tokenizer: real datasets need a pretrained "
+                             f"model (--model DIR); the tiny random models train on --dataset synthetic")
+        if config.task == "classification" and d.num_classes < 2:
+            raise ValueError(f"FedConfig.label_column: {config.label_column!r} of {config.dataset!r} holds "
+                             f"{d.num_classes} class(es) {d.label_names}: a classifier needs two or more")
         key = Path(str(d.name)).name.replace(":", "_")
         tr = tokenize_cached(d.train_texts, tokenizer, config.max_length, f"{key}-train")
         te = tokenize_cached(d.test_texts, tokenizer, config.max_length, f"{key}-test")
@@ -348,7 +353,10 @@ class Simulation:
                              f"got {cfg.num_clients}")
         # a state already here (from_run_dir, restore) is the run's: kept, with its clients' ranks
         if self.client_ranks is None:
-            self.client_ranks = assign_ranks(cfg)
+            # the rank each client trains at: its device's rank as the strategy reads it (HomLoRA: one
+            # rank for all, full fine-tuning: 1), so that metrics and plots show the ranks in use
+            self.client_ranks = np.array([self.strategy.client_rank(int(r)) for r in assign_ranks(cfg)],
+                                         dtype=np.int64)
         if self.state is None:
             # a causal LM keeps its own (frozen) LM head: the federated head is empty, [0, d]
             self.init_state(0 if self.fm.causal else self.data.num_classes)
@@ -540,12 +548,33 @@ class Simulation:
                     records.append(_client_keys_to_int(r))
         return last, records, extra or {}
 
-    def run(self, resume: bool = False) -> History:
-        """Run all rounds (continuing from the latest checkpoint with ``resume``); returns the History."""
+    def check_run_dir(self, resume: bool = False, overwrite: bool = False) -> bool:
+        """Refuse, before any work, a run directory that cannot be written or that holds an earlier run
+        (``metrics.jsonl`` or checkpoints) unless ``resume`` (continue it) or ``overwrite`` (replace it)
+        says what to do with it.  Returns whether an earlier run is there."""
+        cfg, d = self.config, self.run_dir
+        if resume and overwrite:
+            raise ValueError("resume and overwrite: choose one (continue the earlier run, or replace it)")
+        for p in (Path(cfg.out_dir), d):
+            if p.exists() and not p.is_dir():
+                raise ValueError(f"FedConfig.out_dir: {str(p)!r} is a file, not a directory")
+        earlier = (d / "metrics.jsonl").exists() or (d / CKPT_DIR).exists()
+        if earlier and not (resume or overwrite):
+            raise ValueError(
+                f"{str(d)!r} already holds a run: resume it (--resume, run(resume=True)), replace it "
+                f"(--overwrite, run(overwrite=True)) or give this one another name (--run-name)")
+        return earlier
+
+    def run(self, resume: bool = False, overwrite: bool = False) -> History:
+        """Run all rounds and return the History.  The run directory must not hold an earlier run
+        unless ``resume`` (continue it from its latest checkpoint) or ``overwrite`` (delete it first)."""
         cfg = self.config
+        earlier = self.check_run_dir(resume, overwrite)
         if self.state is None:
             self.setup()
         d = self.run_dir
+        if earlier and overwrite:
+            shutil.rmtree(d)  # it holds a run (checked above): its files would mix with this one's
         d.mkdir(parents=True, exist_ok=True)
         metrics = d / "metrics.jsonl"
         history = History(cfg, d)
@@ -553,8 +582,13 @@ class Simulation:
         if resume:
             last, history.records, _ = self.restore()
             start = last + 1
-            if last:
+            if last >= cfg.rounds:
+                self._say(f"{cfg.name}: all {cfg.rounds} rounds were already done (checkpoint of round {last}); "
+                          f"nothing to run (--rounds N continues it to round N)")
+            elif last:
                 self._say(f"resuming {cfg.name} after round {last}")
+            else:
+                self._say(f"resume: no checkpoint in {d}: starting at round 1")
         self.write_run_files()
         atomic_write_bytes(metrics, "".join(json.dumps(r) + "\n" for r in history.records).encode())
 

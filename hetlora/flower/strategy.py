@@ -175,7 +175,7 @@ class FlowerStrategy(_FlwrStrategy):
                     log.warning("node %d declared rank %d > r_max=%d: it trains at r_max", node, r, cfg.r_max)
                     r = cfg.r_max
                 self.declared_ranks[pid] = r
-                self.sim.client_ranks[pid] = r
+                self.sim.client_ranks[pid] = self.sim.strategy.client_rank(r)
         missing = sorted(set(range(cfg.num_clients)) - set(self.node_of))
         log.info("%d node(s) mapped to clients%s", len(self.node_of),
                  f"; no node for client(s) {missing}" if missing else "")
