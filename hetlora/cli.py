@@ -9,10 +9,8 @@ flag (``--clients-per-round 8``), ``--config run.yaml`` loads a file first (flag
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import importlib.util
-import inspect
 import os
 import subprocess
 import sys
@@ -20,20 +18,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 __all__ = ["main", "build_parser"]
-
-
-def _field_docs() -> dict[str, str]:
-    """Attribute docstrings of `FedConfig` fields (the string right after each field)."""
-    from hetlora.fl import config as C
-
-    tree = ast.parse(inspect.getsource(C.FedConfig))
-    body = tree.body[0].body
-    docs = {}
-    for a, b in zip(body, body[1:]):
-        if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr) \
-                and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str):
-            docs[a.target.id] = " ".join(b.value.value.split())
-    return docs
 
 
 def _kind(f: dataclasses.Field) -> str:
@@ -52,7 +36,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     from hetlora.fl import config as C
     from hetlora.fl.config import FedConfig
 
-    docs = _field_docs()
+    docs = C.field_docs()
     choices = {"strategy": C.STRATEGIES, "aggregation": C.AGGREGATIONS, "task": C.TASKS,
                "scaling_rule": C.SCALING_RULES, "rank_rule": C.RANK_RULES, "partition": C.PARTITIONS,
                "mode": C.MODES, "dtype": C.DTYPES, "backend": ("auto", "torch", "triton", "cuda")}
@@ -199,7 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--out", metavar="DIR", help="output directory (default: the first run directory)")
 
     b = sub.add_parser("bench", help="run the benchmarks (python -m bench), if the bench package is present",
-                       description="Delegates to `python -m bench ARGS...` (the repository's bench/ package).")
+                       description="Delegates to `python -m bench ARGS...` (the repository's bench/ package): "
+                                   "kernels (every op and backend against the baselines), e2e (concurrent vs "
+                                   "sequential local training), profile (host vs device time of one LoRA call), "
+                                   "report (README's Performance section from bench/results: rewrites README.md), "
+                                   "env. `hetlora bench kernels --help` shows a command's own options.")
     b.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to python -m bench")
     for sp in sub.choices.values():  # `--num-client 4` must not pass for --num-clients
         sp.allow_abbrev = False

@@ -236,3 +236,21 @@ def test_smoke_summary_puts_no_seed_table_number_beside_synthetic_data():
     smoke = summary_markdown({"scale": "smoke", "config": dict(SCALES["smoke"]), "rows": [row]})
     real = summary_markdown({"scale": "reduced", "config": dict(SCALES["reduced"]), "rows": [row]})
     assert "68.12" not in smoke and "68.12" in real
+
+
+def test_help_of_fedconfig_lists_every_field_with_its_doc_and_default():
+    import dataclasses
+
+    doc = FedConfig.__doc__
+    for f in dataclasses.fields(FedConfig):
+        assert f"``{f.name}`` (default" in doc, f.name
+    assert "self-pruning regulariser" in doc  # lam's own words
+
+
+def test_simulate_help_shows_choices_and_tiers_in_flag_syntax(capsys):
+    with pytest.raises(SystemExit):
+        main(["simulate", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--strategy {hetlora,homlora,zeropad,flora,flexlora,fullft}" in out
+    assert "0.5:min,0.3:mid,0.2:max" in out
+    assert "(default r_max). (default: None)" not in out

@@ -184,7 +184,8 @@ class FedConfig:
     max_grad_norm: float = 1.0
     """Per-client gradient clipping (LoRA rows + head); 0 disables."""
     mode: str = "concurrent"
-    """"concurrent" (all sampled clients in one batch per step) or "sequential" (one at a time)."""
+    """"concurrent" (all sampled clients in one batch per step) or "sequential" (one at a time); fullft always
+    runs sequential (each client trains its own copy of the target weights: no shared base to batch over)."""
 
     # -- evaluation ------------------------------------------------------------------------
     eval_every: int = 1
@@ -497,3 +498,36 @@ class FedConfig:
         if p.suffix == ".json":
             return cls.from_json(p)
         return cls.from_yaml(p)
+
+
+def field_docs() -> dict[str, str]:
+    """``{field: its attribute docstring}`` of `FedConfig` (the string right after each field), one line each."""
+    import ast
+    import inspect
+
+    try:
+        tree = ast.parse(inspect.getsource(FedConfig))
+    except (OSError, TypeError):  # no source (a frozen or stripped install): no docs, nothing breaks
+        return {}
+    body = tree.body[0].body
+    docs = {}
+    for a, b in zip(body, body[1:]):
+        if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr) \
+                and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str):
+            docs[a.target.id] = " ".join(b.value.value.split())
+    return docs
+
+
+def _document_fields() -> None:
+    # attribute docstrings are invisible to help() and IDEs: list them in the class docstring
+    docs = field_docs()
+    if not docs or FedConfig.__doc__ is None:
+        return
+    lines = ["", "    Fields (each also a ``hetlora simulate`` flag, ``--name-with-dashes``):", ""]
+    for f in dataclasses.fields(FedConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        lines.append(f"    - ``{f.name}`` (default ``{default!r}``): {docs.get(f.name, '')}")
+    FedConfig.__doc__ = FedConfig.__doc__.rstrip() + "\n" + "\n".join(lines) + "\n"
+
+
+_document_fields()
