@@ -39,7 +39,7 @@ CASES = [
     # the tests run with HF_DATASETS_OFFLINE=1 (conftest): the hub is never asked
     ("--dataset hf:ag_news", "hub data set 'ag_news' could not be loaded"),
     ("--model minilm --dataset {d}/small.csv --num-clients 5 --clients-per-round 2",
-     "num_clients (5) exceeds the number of samples (2)"),
+     "FedConfig.num_clients: 5 clients need at least 2 training examples each"),
 ]
 
 

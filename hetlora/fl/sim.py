@@ -218,8 +218,16 @@ def _prepare_data(config: FedConfig, tokenizer, vocab_size: int) -> FedData:
     else:
         from .data import client_labels_natural, load_text_dataset, tokenize_cached
 
-        d = load_text_dataset(config.dataset, text_column=config.text_column, label_column=config.label_column,
-                              test_fraction=config.test_fraction, seed=config.seed)
+        try:
+            d = load_text_dataset(config.dataset, text_column=config.text_column,
+                                  label_column=config.label_column, test_fraction=config.test_fraction,
+                                  seed=config.seed)
+        except ValueError as e:  # the loader names its own arguments: name them as the config (and flags) do
+            msg = str(e)
+            for arg, fld in (("name", "dataset"), ("text_column", "text_column"), ("label_column", "label_column")):
+                if msg.startswith(arg + ":"):
+                    raise ValueError(f"FedConfig.{fld}:{msg[len(arg) + 1:]}") from None
+            raise
         if tokenizer is None:  # after the data, whose own errors say more
             raise ValueError(f"FedConfig.model: {config.model!r} has no tokenizer: real datasets need a pretrained "
                              f"model (--model DIR); the tiny random models train on --dataset synthetic")
@@ -234,6 +242,9 @@ def _prepare_data(config: FedConfig, tokenizer, vocab_size: int) -> FedData:
         C, names = d.num_classes, list(d.label_names)
         natural = client_labels_natural(d)
     labels = train.labels.numpy()
+    if config.partition != "natural" and config.num_clients * 2 > len(labels):
+        raise ValueError(f"FedConfig.num_clients: {config.num_clients} clients need at least 2 training "
+                         f"examples each; the training split has {len(labels)}")
     if config.partition == "dirichlet":
         parts = P.dirichlet_partition(labels, config.num_clients, config.dirichlet_alpha, config.seed, min_size=2)
     elif config.partition == "iid":
