@@ -254,3 +254,15 @@ def test_simulate_help_shows_choices_and_tiers_in_flag_syntax(capsys):
     assert "--strategy {hetlora,homlora,zeropad,flora,flexlora,fullft}" in out
     assert "0.5:min,0.3:mid,0.2:max" in out
     assert "(default r_max). (default: None)" not in out
+
+
+def test_synthetic_data_grows_with_hundreds_of_clients(tmp_path):
+    cfg = FedConfig(model="tiny-random-bert", dataset="synthetic", num_clients=120, clients_per_round=4, r_min=1,
+                    r_max=4, out_dir=str(tmp_path))
+    sim = Simulation(cfg, verbose=False)
+    sim.setup()
+    assert len(sim.data.train) == 8 * 120 and len(sim.data.clients) == 120
+    assert all(len(tr) + len(ho) >= 2 for tr, ho in sim.data.clients)
+    small = Simulation(cfg.replace(num_clients=10), verbose=False)
+    small.setup()
+    assert len(small.data.train) == 400  # the toy data set of every existing test and run

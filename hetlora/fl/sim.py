@@ -212,7 +212,8 @@ def _prepare_data(config: FedConfig, tokenizer, vocab_size: int) -> FedData:
     from . import partition as P
 
     if config.dataset == "synthetic":
-        train, test, C = synthetic_data(config.seed, vocab_size=vocab_size)
+        # 400 examples, or 8 per client where there are more than 50 clients (hundreds of clients on a toy model)
+        train, test, C = synthetic_data(config.seed, num_train=max(400, 8 * config.num_clients), vocab_size=vocab_size)
         names = [f"class{i}" for i in range(C)]
         natural = None
     else:
