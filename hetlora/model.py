@@ -172,9 +172,10 @@ class MultiLoraModel(nn.Module):
         for _, layer in self.lora_layers():
             layer.remove_adapter(k)
 
-    def add_peft(self, path: str | Path, strict: bool = True) -> int:
-        """Load a peft LoRA adapter directory into a new slot (`add_adapter` + `import_peft`);
-        returns its index.  A file `import_peft` refuses leaves the model as it was."""
+    def add_peft(self, path: str | Path, strict: bool = False) -> int:
+        """Load a peft LoRA adapter directory into a new slot (`add_adapter` + `import_peft`: layers
+        the file leaves out get a zero adapter unless ``strict``); returns its index.  A file
+        `import_peft` refuses leaves the model as it was."""
         from .peft_io import _adapter_config, read_peft_adapter
 
         cfg, _ = read_peft_adapter(path)
@@ -255,9 +256,12 @@ class MultiLoraModel(nn.Module):
 
     @contextlib.contextmanager
     def _routed(self, adapter_ids, args: tuple, kwargs: dict, expand: bool = False) -> Iterator[None]:
-        """Route this call's sequences to their adapters (the batch sized by its first tensor)."""
+        """Route this call's sequences to their adapters (the batch sized by input_ids or inputs_embeds, else
+        by the first tensor argument: a broadcastable [1, L] position_ids passed first must not size it)."""
         self._check_live()
-        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        lead = [a for a in (*args[:1], kwargs.get("input_ids"), kwargs.get("inputs_embeds"))
+                if isinstance(a, torch.Tensor)]
+        first = lead[0] if lead else next((a for a in kwargs.values() if isinstance(a, torch.Tensor)), None)
         batch = first.shape[0] if first is not None and first.dim() > 0 else None
         self.routing.set(self._normalise_ids(adapter_ids, batch), self.num_adapters, expand)
         try:
@@ -296,8 +300,9 @@ class MultiLoraModel(nn.Module):
 
         return export_peft(self, k, path, base_model_name_or_path)
 
-    def import_peft(self, k: int, path: str | Path, strict: bool = True) -> None:
-        """Load a peft LoRA adapter directory (weights, rank, alpha) into slot k."""
+    def import_peft(self, k: int, path: str | Path, strict: bool = False) -> None:
+        """Load a peft LoRA adapter directory (weights, rank, alpha) into slot k
+        (`hetlora.peft_io.import_peft`: what it cannot hold is refused, never dropped)."""
         from .peft_io import import_peft
 
         import_peft(self, k, path, strict)

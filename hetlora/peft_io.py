@@ -125,13 +125,42 @@ def read_peft_adapter(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return cfg, stripped
 
 
+# adapter_config.json fields of peft LoRA variants that compute something other than W x + s B^T A x on
+# every token over the unchanged base model: (field, is it in use, why hetlora cannot serve it)
+_VARIANTS = (
+    ("use_dora", bool, "DoRA adapters (use_dora=true) rescale the merged weight by a magnitude vector"),
+    ("alora_invocation_tokens", lambda v: v is not None,
+     "aLoRA (alora_invocation_tokens) applies the adapter only from its invocation tokens on, hetlora to every "
+     "token of a sequence"),
+    ("lora_bias", bool, "lora_bias=true gives lora_B a bias, which hetlora's adapters do not hold"),
+    ("bias", lambda v: v not in (None, "none"),
+     "bias != 'none' trains the base layers' biases, which every adapter served here would share"),
+    ("layer_replication", bool, "layer_replication changes the base model's layers"),
+    ("trainable_token_indices", bool, "trainable_token_indices trains embedding rows every adapter would share"),
+    ("target_parameters", bool, "target_parameters puts LoRA on parameters, not on linear layers"),
+    ("megatron_config", bool, "Megatron parallel linear layers are not linear layers hetlora can wrap"),
+    ("use_qalora", bool, "QALoRA pools the input of quantised layers"),
+)
+# initialisations after which peft rewrites the base weights when it loads the adapter (the adapter was
+# trained against that residual of W, not against W)
+_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
+
+
 def _adapter_config(cfg: dict, path: str | Path) -> tuple[int, float, str]:
     """``(rank, alpha, scaling rule)`` of a peft adapter_config.json, or a ValueError naming what
-    hetlora cannot hold."""
+    hetlora cannot hold (another peft type, a LoRA variant, per-layer ranks or alphas)."""
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{path}: peft_type is {cfg.get('peft_type')!r}, only LORA adapters can be imported")
-    if cfg.get("use_dora"):
-        raise ValueError(f"{path}: DoRA adapters (use_dora=true) are not LoRA adapters hetlora can hold")
+    for key, used, why in _VARIANTS:
+        if used(cfg.get(key)):
+            raise ValueError(f"{path}: {key}={cfg.get(key)!r}: {why}; hetlora serves plain LoRA adapters only")
+    init = cfg.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+        raise ValueError(
+            f"{path}: init_lora_weights={init!r}: peft rewrites the base weights when it loads this adapter (it "
+            f"was trained against a residual of W), while hetlora serves adapters over the unchanged base. Save "
+            f"it as a plain LoRA adapter with peft's save_pretrained(..., "
+            f"path_initial_model_for_weight_conversion=...) and load that")
     r = cfg.get("r")
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise ValueError(f"{path}: adapter_config.json has r={r!r}, expected a positive int")
@@ -144,6 +173,24 @@ def _adapter_config(cfg: dict, path: str | Path) -> tuple[int, float, str]:
                 f"{path}: {key} gives layers different values; hetlora holds one rank and alpha per adapter"
             )
     return r, alpha, "rslora" if cfg.get("use_rslora") else "alpha/r"
+
+
+def _foreign_tensor(path, key: str) -> ValueError:
+    """The error for a tensor of a peft file that is neither a LoRA pair nor a module to save here."""
+    if "lora_magnitude_vector" in key:
+        why = "a DoRA magnitude vector"
+    elif "lora_embedding_" in key:
+        why = "LoRA on an embedding layer, which hetlora does not hold"
+    elif key.endswith(".lora_B.bias"):
+        why = "a bias of lora_B (lora_bias=true), which hetlora's adapters do not hold"
+    elif ".base_layer." in key:
+        why = ("a copy of a base layer's weights that peft saves beside adapters of embedding or output layers "
+               "(save_embedding_layers); re-save the adapter with save_embedding_layers=False")
+    elif key.endswith(".bias"):
+        why = "a trained bias (bias != 'none'), which every adapter served here would share"
+    else:
+        why = "not a lora_A/lora_B weight of a linear layer"
+    return ValueError(f"{path}: tensor {key!r} is {why}; hetlora refuses the adapter rather than drop it")
 
 
 def _checked_pair(path, name: str, A: torch.Tensor | None, Bt: torch.Tensor | None, r: int, d_in: int,
@@ -159,12 +206,15 @@ def _checked_pair(path, name: str, A: torch.Tensor | None, Bt: torch.Tensor | No
     return A, Bt
 
 
-def import_peft(mlm: MultiLoraModel, k: int, path: str | Path, strict: bool = True) -> None:
+def import_peft(mlm: MultiLoraModel, k: int, path: str | Path, strict: bool = False) -> None:
     """Load a peft LoRA adapter (weights, rank, alpha, rsLoRA flag) into slot ``k``.
 
-    With ``strict`` (default), every adapted layer of ``mlm`` must be in the file and
-    every LoRA module of the file must be adapted here; otherwise missing layers get a
-    zero adapter and unknown ones are ignored.
+    A layer this model adapts that the file leaves out gets a zero adapter (the adapter leaves it
+    alone, as in peft), unless ``strict``, which refuses such a file.  Whatever the model cannot
+    hold is always refused, never dropped: a layer the model does not adapt, a tensor that is no
+    LoRA pair (DoRA, LoRA biases, embedding LoRA, trained biases) and is not one of the model's
+    ``modules_to_save``, and the LoRA variants `_adapter_config` names.  Nothing is written
+    unless the whole file checks out.
     """
     k = _check_slot(mlm, k)
     cfg, tensors = read_peft_adapter(path)
@@ -181,13 +231,16 @@ def import_peft(mlm: MultiLoraModel, k: int, path: str | Path, strict: bool = Tr
         else:
             other[key] = t
     ours = dict(mlm.lora_layers())
-    missing = [n for n in ours if n not in lora]
     unknown = [n for n in lora if n not in ours]
-    if strict and (missing or unknown):
+    if unknown:
         raise ValueError(
-            f"{path}: adapter modules do not match the model (missing here: {missing[:5]}, "
-            f"not adapted here: {unknown[:5]}); pass strict=False to zero the missing and ignore the unknown"
-        )
+            f"{path}: adapts layers this model does not adapt ({unknown[:5]}): build the model with those "
+            f"target modules, or serve the adapters together with MultiLoraModel.from_peft (which adapts the "
+            f"union of their layers)")
+    missing = [n for n in ours if n not in lora]
+    if strict and missing:
+        raise ValueError(f"{path}: leaves out layers this model adapts ({missing[:5]}); without strict they "
+                         f"get a zero adapter")
     staged = {}
     for name, layer in ours.items():
         if name in lora:
@@ -201,15 +254,17 @@ def import_peft(mlm: MultiLoraModel, k: int, path: str | Path, strict: bool = Tr
     for key, t in other.items():
         owner = next((m for m in mlm.modules_to_save if key.startswith(m + ".")), None)
         if owner is None:
-            if strict:
-                raise ValueError(f"{path}: tensor {key!r} belongs to no adapted layer or module to save here")
-            continue
+            raise _foreign_tensor(path, key)
         saved_mods.setdefault(owner, {})[key[len(owner) + 1 :]] = t
+    for owner, sd in saved_mods.items():  # checked before anything is written
+        want = set(mlm.model.get_submodule(owner).state_dict())
+        if set(sd) != want:
+            raise ValueError(f"{path}: the saved {owner!r} has {sorted(sd)}, the model's {sorted(want)}")
     # everything checked: now write (nothing half-loaded on a bad file)
     for name, (A_k, B_k) in staged.items():
         ours[name].load_adapter(k, A_k, B_k, alpha=alpha, scaling_rule=rule)
     for owner, sd in saved_mods.items():
-        mlm.model.get_submodule(owner).load_state_dict(sd, strict=strict)
+        mlm.model.get_submodule(owner).load_state_dict(sd)
 
 
 def _lora_modules(tensors: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
@@ -266,12 +321,16 @@ def from_peft(model: torch.nn.Module, paths, **kwargs) -> MultiLoraModel:
     ranks, alphas = [], []
     for path in paths:
         cfg, tensors = read_peft_adapter(path)
+        r, alpha, _ = _adapter_config(cfg, path)  # a LoRA variant is named before its extra tensors are
         modules, other = _lora_modules(tensors)
-        if other:
-            raise ValueError(
-                f"{path}: carries non-LoRA tensors {other[:3]} (peft modules_to_save), which every adapter "
-                "here would share; load such an adapter alone with import_peft"
-            )
+        saves = cfg.get("modules_to_save") or []
+        for key in other:
+            if any(key.startswith(f"{m}.") or f".{m}." in key for m in saves):
+                raise ValueError(
+                    f"{path}: carries trained modules_to_save {saves} ({key!r}), modules every adapter here would "
+                    "share; load such an adapter alone, with import_peft into a MultiLoraModel built with "
+                    "modules_to_save")
+            raise _foreign_tensor(path, key)
         if not modules:
             raise ValueError(f"{path}: holds no lora_A/lora_B weights")
         absent = [m for m in modules if m not in names]
@@ -279,7 +338,6 @@ def from_peft(model: torch.nn.Module, paths, **kwargs) -> MultiLoraModel:
             raise ValueError(
                 f"{path}: adapts modules this model lacks ({absent[:3]}); was it trained on another base model?"
             )
-        r, alpha, _ = _adapter_config(cfg, path)
         for m in modules:  # checked against the base layers now: nothing is injected before all pass
             _checked_pair(path, m, tensors.get(m + ".lora_A.weight"), tensors.get(m + ".lora_B.weight"), r,
                           *_linear_dims(names[m], m, path))

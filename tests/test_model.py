@@ -179,7 +179,7 @@ def test_import_rejects_pickles_and_mismatches(tmp_path):
     other = MultiLoraModel(copy.deepcopy(base), ["key"], [2], alpha=1.0)
     other.export_peft(0, tmp_path / "k")
     before = [p.clone() for p in mlm.lora_parameters()]
-    with pytest.raises(ValueError, match="do not match"):
+    with pytest.raises(ValueError, match="adapts layers this model does not adapt"):
         mlm.import_peft(0, tmp_path / "k")
     assert all(torch.equal(a, b) for a, b in zip(before, mlm.lora_parameters()))  # nothing half-loaded
     with pytest.raises(ValueError, match="k must"):
@@ -454,7 +454,7 @@ def test_add_peft_appends_a_slot_that_matches_peft_or_leaves_the_model_alone(tmp
     ref = PeftModel.from_pretrained(copy.deepcopy(base), path).eval()(input_ids=ids).logits
     assert rel_err(mlm(input_ids=ids, adapter_ids=1).logits, ref) < 1e-5
     state = {n: p.detach().clone() for n, p in mlm.named_parameters() if "lora_" in n}
-    with pytest.raises(ValueError, match="do not match the model"):
+    with pytest.raises(ValueError, match="adapts layers this model does not adapt"):
         mlm.add_peft(other)  # adapts key, which this model does not
     assert mlm.ranks == (2, 3)
     assert all(torch.equal(p, state[n]) for n, p in mlm.named_parameters() if "lora_" in n)
