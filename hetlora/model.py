@@ -118,6 +118,20 @@ class MultiLoraModel(nn.Module):
         for name in self.lora_module_names:
             yield name, self.model.get_submodule(name)
 
+    def __getattr__(self, name: str):
+        # like peft's PeftModel: what the wrapper lacks (config, device, dtype, generation_config, ...) is the
+        # wrapped model's; saving it whole would write the packed adapters into a transformers checkpoint
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("model", "_unloaded") or name.startswith("__"):
+                raise
+        if name in ("save_pretrained", "push_to_hub"):
+            raise AttributeError(f"MultiLoraModel.{name}: save one adapter with export_peft(k, path), or a plain "
+                                 f"model with merge_and_unload(k).{name}(...)")
+        self._check_live()
+        return getattr(self.model, name)
+
     def _check_live(self) -> None:
         if getattr(self, "_unloaded", False):
             raise RuntimeError("this MultiLoraModel was unloaded (merge_and_unload / unload): its adapters are gone; "
@@ -247,7 +261,14 @@ class MultiLoraModel(nn.Module):
             if not -1 <= adapter_ids < K:
                 raise ValueError(f"adapter_ids must lie in [-1, {K - 1}], got {adapter_ids}")
             return torch.full((batch_hint,), adapter_ids, dtype=torch.int64)
-        ids = torch.as_tensor(adapter_ids)
+        if isinstance(adapter_ids, (str, bytes, float, bool)):
+            raise TypeError(f"adapter_ids must be an int or a 1-D integer tensor/sequence, got {adapter_ids!r}")
+        try:
+            ids = torch.as_tensor(adapter_ids)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f"adapter_ids must be an int or a 1-D integer tensor/sequence ({e})") from None
+        if ids.dtype not in (torch.int8, torch.int16, torch.int32, torch.int64):  # uint8 cannot hold -1
+            raise TypeError(f"adapter_ids must hold signed integers (-1 = base model), got {ids.dtype}")
         if ids.dim() != 1:
             raise ValueError(f"adapter_ids must be 1-D [batch], got shape {tuple(ids.shape)}")
         if batch_hint is not None and ids.shape[0] != batch_hint:

@@ -102,3 +102,25 @@ def test_position_ids_before_input_ids_do_not_size_the_batch(tmp_path):
     want = served(input_ids=ids, position_ids=pos, adapter_ids=torch.tensor([0, -1, 0])).logits
     got = served(position_ids=pos, input_ids=ids, adapter_ids=torch.tensor([0, -1, 0])).logits
     assert torch.equal(got, want)
+
+
+def test_the_wrapped_models_attributes_are_reachable_but_not_its_save(tmp_path):
+    base = tiny_bert()
+    mlm = MultiLoraModel(copy.deepcopy(base), ["query"], [2, 3])
+    assert mlm.config is mlm.model.config and mlm.device == torch.device("cpu") and mlm.dtype == torch.float32
+    with pytest.raises(AttributeError, match="export_peft"):
+        mlm.save_pretrained(tmp_path / "x")
+    with pytest.raises(AttributeError):
+        mlm.no_such_attribute  # noqa: B018
+    mlm.unload()
+    with pytest.raises(RuntimeError, match="unloaded"):
+        mlm.config  # noqa: B018
+
+
+@pytest.mark.parametrize("bad", ["0", 1.0, True, torch.tensor([0, 1], dtype=torch.uint8),
+                                 torch.tensor([0.0, 1.0]), [[0], [1]], [0, "a"]])
+def test_adapter_ids_of_the_wrong_kind_are_refused_naming_them(bad):
+    mlm = MultiLoraModel(tiny_bert(), ["query"], [2, 3])
+    ids = torch.randint(0, 101, (2, 5))
+    with pytest.raises((TypeError, ValueError), match="adapter_ids"):
+        mlm(input_ids=ids, adapter_ids=bad)
