@@ -53,44 +53,12 @@ struct Tiles {
 // shrink: h[m][j] = s * (x_m . w_j) for M token rows and J weight rows of length d
 template <typename T, int VB, int M, int J>
 HL_INLINE void shrink_tile(const T* const* xr, const T* const* wr, int64_t d, T s, T* const* hr, int64_t j0) {
-  using V = Vec<T, VB>;
-  using vt = typename V::type;
-  constexpr int N = V::N;
-  vt acc[M][J];
+  typename Vec<T, VB>::type acc[M][J];
+  cpu::dot_tile<T, VB, M, J>(acc, xr, wr, 0, d);
 #pragma GCC unroll 8
   for (int m = 0; m < M; ++m)
 #pragma GCC unroll 8
-    for (int j = 0; j < J; ++j) acc[m][j] = V::zero();
-  int64_t c = 0;
-  for (; c + N <= d; c += N) {
-    vt xv[M];
-#pragma GCC unroll 8
-    for (int m = 0; m < M; ++m) xv[m] = V::load(xr[m] + c);
-#pragma GCC unroll 8
-    for (int j = 0; j < J; ++j) {
-      const vt w = V::load(wr[j] + c);
-#pragma GCC unroll 8
-      for (int m = 0; m < M; ++m) V::fma(acc[m][j], xv[m], w);
-    }
-  }
-  if (c < d) {  // the last partial vector, zero-padded (adds exact zeros to the other lanes)
-    const int64_t n = d - c;
-    T buf[N];
-    vt xv[M];
-    for (int m = 0; m < M; ++m) {
-      for (int i = 0; i < N; ++i) buf[i] = i < n ? xr[m][c + i] : T(0);
-      xv[m] = V::load(buf);
-    }
-    for (int j = 0; j < J; ++j) {
-      for (int i = 0; i < N; ++i) buf[i] = i < n ? wr[j][c + i] : T(0);
-      const vt w = V::load(buf);
-      for (int m = 0; m < M; ++m) V::fma(acc[m][j], xv[m], w);
-    }
-  }
-#pragma GCC unroll 8
-  for (int m = 0; m < M; ++m)
-#pragma GCC unroll 8
-    for (int j = 0; j < J; ++j) hr[m][j0 + j] = V::hsum(acc[m][j]) * s;
+    for (int j = 0; j < J; ++j) hr[m][j0 + j] = Vec<T, VB>::hsum(acc[m][j]) * s;
 }
 
 // expand: y_m[c .. c + NV*N) = s * sum_j h_m[j] w[j, c ..] for M token rows

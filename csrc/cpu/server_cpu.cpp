@@ -132,41 +132,8 @@ template <typename T, int VB, int M, int J>
 HL_INLINE void gram_tile(const T* const* ar, const T* const* br, const T* const* pf, int64_t c0, int64_t c1, T* g,
                          int64_t ldg, bool first) {
   using V = Vec<T, VB>;
-  using vt = typename V::type;
-  constexpr int N = V::N;
-  vt acc[M][J];
-#pragma GCC unroll 8
-  for (int m = 0; m < M; ++m)
-#pragma GCC unroll 8
-    for (int j = 0; j < J; ++j) acc[m][j] = V::zero();
-  int64_t c = c0;
-  for (; c + N <= c1; c += N) {
-#pragma GCC unroll 8
-    for (int j = 0; j < J; ++j) __builtin_prefetch(pf[j] + c, 0, 3);
-    vt av[M];
-#pragma GCC unroll 8
-    for (int m = 0; m < M; ++m) av[m] = V::load(ar[m] + c);
-#pragma GCC unroll 8
-    for (int j = 0; j < J; ++j) {
-      const vt b = V::load(br[j] + c);
-#pragma GCC unroll 8
-      for (int m = 0; m < M; ++m) V::fma(acc[m][j], av[m], b);
-    }
-  }
-  if (c < c1) {  // the last partial vector, zero-padded (adds exact zeros to the other lanes)
-    const int64_t n = c1 - c;
-    T buf[N];
-    vt av[M];
-    for (int m = 0; m < M; ++m) {
-      for (int i = 0; i < N; ++i) buf[i] = i < n ? ar[m][c + i] : T(0);
-      av[m] = V::load(buf);
-    }
-    for (int j = 0; j < J; ++j) {
-      for (int i = 0; i < N; ++i) buf[i] = i < n ? br[j][c + i] : T(0);
-      const vt b = V::load(buf);
-      for (int m = 0; m < M; ++m) V::fma(acc[m][j], av[m], b);
-    }
-  }
+  typename V::type acc[M][J];
+  cpu::dot_tile<T, VB, M, J, true>(acc, ar, br, c0, c1, pf);
   T sums[M * J];
   V::template hsum_many<M * J>(&acc[0][0], sums);
 #pragma GCC unroll 8

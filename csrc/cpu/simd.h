@@ -4,6 +4,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -128,6 +129,52 @@ struct Vec {
   }
 #endif
 };
+
+// acc[m][j] = the lane-wise products a[m][c] * b[j][c] summed over c in [c0, c1): lane l over the columns
+// c = c0 + l mod N in increasing c, the last partial vector zero-padded (exact zeros in the other lanes);
+// M x J register tiles (shrink's tokens x ranks, the Gram panels' rows x rows).  With PF the same columns
+// of the rows pf[0 .. J) are prefetched meanwhile.
+template <typename T, int VB, int M, int J, bool PF = false>
+HL_INLINE void dot_tile(typename Vec<T, VB>::type (&acc)[M][J], const T* const* a, const T* const* b, int64_t c0,
+                        int64_t c1, const T* const* pf = nullptr) {
+  using V = Vec<T, VB>;
+  using vt = typename V::type;
+  constexpr int N = V::N;
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m)
+#pragma GCC unroll 8
+    for (int j = 0; j < J; ++j) acc[m][j] = V::zero();
+  int64_t c = c0;
+  for (; c + N <= c1; c += N) {
+    if constexpr (PF) {
+#pragma GCC unroll 8
+      for (int j = 0; j < J; ++j) __builtin_prefetch(pf[j] + c, 0, 3);
+    }
+    vt av[M];
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) av[m] = V::load(a[m] + c);
+#pragma GCC unroll 8
+    for (int j = 0; j < J; ++j) {
+      const vt w = V::load(b[j] + c);
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) V::fma(acc[m][j], av[m], w);
+    }
+  }
+  if (c < c1) {
+    const int64_t n = c1 - c;
+    T buf[N];
+    vt av[M];
+    for (int m = 0; m < M; ++m) {
+      for (int i = 0; i < N; ++i) buf[i] = i < n ? a[m][c + i] : T(0);
+      av[m] = V::load(buf);
+    }
+    for (int j = 0; j < J; ++j) {
+      for (int i = 0; i < N; ++i) buf[i] = i < n ? b[j][c + i] : T(0);
+      const vt w = V::load(buf);
+      for (int m = 0; m < M; ++m) V::fma(acc[m][j], av[m], w);
+    }
+  }
+}
 
 // 0 = baseline, 1 = AVX2+FMA, 2 = AVX-512 (F/VL/DQ/BW); capped by HETLORA_CPU_ISA
 inline int isa_level() {
