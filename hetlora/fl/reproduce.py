@@ -393,13 +393,17 @@ def plot_grid(grid: Grid, data: Mapping, summary: Mapping) -> list[Path]:
                 ms.append(row["final"][0])
                 ss.append(row["final"][1])
         ax.bar(xs, ms, width, yerr=ss, capsize=2, label=_LABELS.get(strat, strat))
-    ref = [(j, SEED_TABLE[a]) for j, a in enumerate(alphas) if a in SEED_TABLE]
+    # the table's number is HetLoRA's: over HetLoRA's bar (the group's centre without one)
+    off = (strats.index("hetlora") - (len(strats) - 1) / 2) * width if "hetlora" in strats else 0.0
+    ref = [(j + off, SEED_TABLE[a]) for j, a in enumerate(alphas) if a in SEED_TABLE] if _is_20ng(summary["config"]) \
+        else []
     if ref:
         ax.scatter([j for j, _ in ref], [v for _, v in ref], marker="*", s=120, color="k", zorder=5,
                    label="seed table (HetLoRA)")
     ax.set_xticks(range(len(alphas)), [f"α = {a:g}" for a in alphas])
     ax.set_ylabel("final global test accuracy (%)")
-    ax.set_title(f"20 Newsgroups, scale {grid.scale}")
+    ax.set_title(f"{'20 Newsgroups' if _is_20ng(summary['config']) else summary['config'].get('dataset')}, "
+                 f"scale {grid.scale}")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
