@@ -136,7 +136,7 @@ def test_example_app_is_consistent(monkeypatch):
     tool = tomllib.loads((app_dir / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     cfg, extra = fedconfig_from_run_config(tool["config"])
     assert cfg.dataset == "20newsgroups" and cfg.model == "minilm" and cfg.strategy == "hetlora"
-    assert set(extra) == {"min-nodes", "node-wait-s", "round-timeout-s", "resume"}
+    assert set(extra) == {"min-nodes", "node-wait-s", "round-timeout-s", "resume", "overwrite"}
     monkeypatch.syspath_prepend(str(app_dir))
     for key, cls in (("serverapp", ServerApp), ("clientapp", ClientApp)):
         mod, attr = tool["components"][key].split(":")
@@ -494,3 +494,118 @@ def test_deployment_superlink_and_supernodes(tmp_path, flower_env):
             assert all(sent[c] == {0: 3, 1: 5, 2: 8, 3: 12}[c] for c in sent)
     finally:
         _stop(procs)
+
+
+# ---------------------------------------------------------------------------------------------
+# what a deployment audit found (session 9): undeclared run-config keys, reply matching and order,
+# invalid declared ranks, an existing run directory
+class IdGrid(FakeGrid):
+    """A FakeGrid that, like Flower's grids, gives each pushed message an id; replies can come back in
+    reverse order, and nodes in ``gone`` answer with the SuperLink's error reply (sender: node 1)."""
+
+    def __init__(self, app, n, reverse=False, gone=(), **kw):
+        super().__init__(app, n, **kw)
+        self.reverse, self.gone, self._n = reverse, set(gone), 0
+
+    def send_and_receive(self, messages, timeout=None):
+        out = []
+        for m in messages:
+            self._n += 1
+            m.metadata.__dict__["_message_id"] = f"msg-{self._n}"
+            if m.metadata.dst_node_id in self.gone:
+                r = Message(Error(code=3, reason="Node Unavailable"), reply_to=m)
+                r.metadata.__dict__["_src_node_id"] = 1  # the SuperLink answers for a node that is gone
+            else:
+                r = self.app(m, self.ctx[m.metadata.dst_node_id])
+            out.append(r)
+        return out[::-1] if self.reverse else out
+
+
+def _rounds(strat, grid, n):
+    for rnd in range(1, n + 1):
+        msgs = strat.configure_train(rnd, strat.global_arrays(), ConfigRecord(), grid)
+        strat.aggregate_train(rnd, grid.send_and_receive(msgs))
+    return strat
+
+
+def test_the_global_adapter_does_not_depend_on_the_order_replies_arrive_in(tmp_path, task_identity):
+    cfg = _cfg(tmp_path, clients_per_round=4, rounds=2)
+    a = _rounds(FlowerStrategy(cfg, write_outputs=False), IdGrid(make_client_app(), 4), 2)
+    b = _rounds(FlowerStrategy(cfg, write_outputs=False), IdGrid(make_client_app(), 4, reverse=True), 2)
+    for x, y in zip(_tensors(a.state), _tensors(b.state), strict=True):
+        assert torch.equal(x, y)
+    assert a.records[-1]["clients"] == b.records[-1]["clients"]
+
+
+def test_an_error_reply_from_the_superlink_is_the_gone_nodes_failure(tmp_path, task_identity, caplog):
+    cfg = _cfg(tmp_path, clients_per_round=4, rounds=1)
+    grid = IdGrid(make_client_app(), 4)
+    strat = FlowerStrategy(cfg, write_outputs=False)
+    msgs = strat.configure_train(1, strat.global_arrays(), ConfigRecord(), grid)
+    gone = msgs[1].metadata.dst_node_id
+    grid.gone = {gone}
+    with caplog.at_level("WARNING", logger="hetlora.flower"):
+        strat.aggregate_train(1, grid.send_and_receive(msgs))
+    rec = strat.records[-1]
+    assert rec["num_accepted"] == 3 and rec["num_rejected"] == 1
+    rej = rec["rejected"][0]
+    assert rej["node"] == gone and "Node Unavailable" in rej["reason"]
+    assert "unexpected reply" not in caplog.text
+
+
+@pytest.mark.parametrize("raw", [0, -3, "abc", 4.5, True])
+def test_a_node_declaring_an_unusable_rank_trains_at_the_rules_rank(tmp_path, task_identity, caplog, raw):
+    cfg = _cfg(tmp_path, clients_per_round=4, rounds=1, rank_rule="tiers", ranks=None, tiers=[[1.0, "max"]])
+    strat = FlowerStrategy(cfg, write_outputs=False)
+    grid = IdGrid(make_client_app(), 4, extra={0: {"rank": raw}})
+    with caplog.at_level("WARNING", logger="hetlora.flower"):
+        msgs = strat.configure_train(1, strat.global_arrays(), ConfigRecord(), grid)
+        strat.aggregate_train(1, grid.send_and_receive(msgs))
+    assert strat.records[-1]["num_accepted"] == 4  # the node trains (it used to refuse every task)
+    assert 0 not in strat.declared_ranks and "rank" in caplog.text and "rule" in caplog.text
+
+
+def test_every_fedconfig_field_is_declared_in_the_example_app_and_its_defaults_parse():
+    import dataclasses
+
+    import tomllib
+
+    app_cfg = tomllib.loads((ROOT / "examples" / "flower" / "pyproject.toml").read_text())["tool"]["flwr"]["app"][
+        "config"]
+    missing = [f.name for f in dataclasses.fields(FedConfig) if f.name.replace("_", "-") not in app_cfg]
+    assert not missing, f"flwr run --run-config refuses undeclared keys: declare {missing}"
+    cfg, extra = fedconfig_from_run_config(app_cfg)
+    assert cfg.target_modules == ["query", "value"] and cfg.tiers == FedConfig().tiers and cfg.dp_clip is None
+    assert cfg.mode == "sequential" and set(extra) == {"min-nodes", "node-wait-s", "round-timeout-s", "resume",
+                                                       "overwrite"}
+    dp, _ = fedconfig_from_run_config({**app_cfg, "dp-clip": 1.0, "tiers": "0.5:min,0.5:max",
+                                       "target-modules": "query"})
+    assert dp.dp_clip == 1.0 and dp.tiers == [[0.5, "min"], [0.5, "max"]] and dp.target_modules == ["query"]
+
+
+@pytest.mark.parametrize("changes, match", [({"ranks": "a,b,c,d", "rank-rule": "list"}, "ranks must be"),
+                                            ({"tiers": "[0.5"}, "tiers is not valid JSON")])
+def test_bad_run_config_values_name_their_key(changes, match):
+    with pytest.raises(ValueError, match=match):
+        fedconfig_from_run_config({"num-clients": 4, "clients-per-round": 2, **changes})
+
+
+def test_min_nodes_that_is_no_number_is_named():
+    from hetlora.flower.app import _number
+
+    with pytest.raises(ValueError, match="min-nodes must be a number"):
+        _number({"min-nodes": "x"}, "min-nodes", 0, int)
+    with pytest.raises(ValueError, match="min-nodes must be a whole number"):
+        _number({"min-nodes": 2.5}, "min-nodes", 0, int)
+    assert _number({}, "node-wait-s", 120.0, float) == 120.0
+
+
+def test_a_flower_run_does_not_replace_an_earlier_run_unless_told(tmp_path, task_identity):
+    cfg = _cfg(tmp_path, clients_per_round=2, rounds=1)
+    _rounds(FlowerStrategy(cfg), IdGrid(make_client_app(), 4), 1)
+    with pytest.raises(ValueError, match="already holds a run"):
+        FlowerStrategy(cfg)
+    (cfg.run_dir / "stale.txt").write_text("x")
+    FlowerStrategy(cfg, overwrite=True)
+    assert not (cfg.run_dir / "stale.txt").exists()
+    FlowerStrategy(cfg, resume=True)  # resuming is what a second start should do

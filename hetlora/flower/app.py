@@ -5,8 +5,10 @@ under ``flwr run``, from the run config (``[tool.flwr.app.config]`` of the app's
 pyproject.toml, overridable with ``flwr run --run-config "k=v ..."``): every key is a
 `FedConfig` field with ``-`` for ``_`` (``num-clients``, ``r-max``, ...; ``ranks`` and
 ``target-modules`` as comma-separated strings, ``""`` for None), plus ``min-nodes``,
-``node-wait-s``, ``round-timeout-s`` and ``resume`` (true: continue the run in its run
-directory after its latest checkpoint) for Flower itself.  Nodes need no settings: every
+``node-wait-s``, ``round-timeout-s``, ``resume`` (true: continue the run in its run
+directory after its latest checkpoint) and ``overwrite`` (true: replace an earlier run there)
+for Flower itself.  Flower refuses run-config keys the app's pyproject.toml does not declare:
+the example app declares every field.  Nodes need no settings: every
 train message carries the run's `FedConfig`.
 """
 
@@ -31,8 +33,8 @@ __all__ = ["make_server_app", "make_client_app", "fedconfig_from_run_config", "F
 
 #: run-config keys that are not FedConfig fields: ``min-nodes`` (nodes to wait for before round
 #: 1; 0 or absent: num-clients), ``node-wait-s`` (how long), ``round-timeout-s`` (per round),
-#: ``resume`` (continue after the run directory's latest checkpoint)
-FLOWER_KEYS = ("min-nodes", "node-wait-s", "round-timeout-s", "resume")
+#: ``resume`` (continue after the run directory's latest checkpoint), ``overwrite`` (replace an earlier run)
+FLOWER_KEYS = ("min-nodes", "node-wait-s", "round-timeout-s", "resume", "overwrite")
 
 
 def fedconfig_from_run_config(run_config: Mapping) -> tuple[FedConfig, dict]:
@@ -49,14 +51,36 @@ def fedconfig_from_run_config(run_config: Mapping) -> tuple[FedConfig, dict]:
         name = key.replace("-", "_")
         if name not in fields:
             raise ValueError(f"run config: unknown key {key!r} (not a FedConfig field nor one of {list(FLOWER_KEYS)})")
-        if isinstance(v, str) and v.strip() == "" and fields[name].default is None:
+        if isinstance(v, str) and v.strip() == "":
+            if fields[name].default is not None:
+                continue  # "" leaves a field with a default at its default
             v = None
         elif name == "ranks" and isinstance(v, str):
-            v = [int(x) for x in v.replace(",", " ").split()]
-        elif name == "tiers" and isinstance(v, str):
-            v = json.loads(v)
-        d[name] = v
+            try:
+                v = [int(x) for x in v.replace(",", " ").split()]
+            except ValueError:
+                raise ValueError(f"run config: ranks must be comma-separated ints, got {v!r}") from None
+        elif name == "target_modules" and isinstance(v, str):
+            v = [x for x in v.replace(",", " ").split() if x]
+        elif name == "tiers" and isinstance(v, str) and v.lstrip().startswith("["):
+            try:
+                v = json.loads(v)
+            except ValueError as e:
+                raise ValueError(f"run config: tiers is not valid JSON ({e}): {v!r}") from None
+        d[name] = v  # tiers may also be "0.5:min,0.3:mid,0.2:max", which FedConfig reads
     return FedConfig.from_dict(d), extra
+
+
+def _number(extra: Mapping, key: str, default, kind):
+    """A Flower option of the run config as ``kind`` (int or float), naming the key when it is not one."""
+    v = extra.get(key, default)
+    try:
+        out = kind(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"run config: {key} must be a number, got {v!r}") from None
+    if kind is int and not float(v) == out:
+        raise ValueError(f"run config: {key} must be a whole number, got {v!r}")
+    return out
 
 
 def _flag(v: object, key: str) -> bool:
@@ -82,7 +106,7 @@ def _logging() -> None:
 
 
 def make_server_app(config: FedConfig | None = None, *, min_nodes: int | None = None, node_wait_s: float = 120.0,
-                    round_timeout_s: float = 3600.0, resume: bool = False,
+                    round_timeout_s: float = 3600.0, resume: bool = False, overwrite: bool = False,
                     on_finish: Callable[[FlowerStrategy], None] | None = None) -> ServerApp:
     """A `ServerApp` running ``config.rounds`` rounds of `FlowerStrategy`.
 
@@ -91,6 +115,7 @@ def make_server_app(config: FedConfig | None = None, *, min_nodes: int | None = 
         min_nodes / node_wait_s: nodes to wait for before round 1, and how long.
         round_timeout_s: how long a round waits for replies.
         resume: continue the run after its latest checkpoint (`FlowerStrategy`'s ``resume``).
+        overwrite: replace an earlier run in the run directory (without it, or resume, one is refused).
         on_finish: called with the strategy after the last round (tests read its state).
     """
     app = ServerApp()
@@ -98,14 +123,15 @@ def make_server_app(config: FedConfig | None = None, *, min_nodes: int | None = 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         _logging()
-        cfg, mn, wait, timeout, res = config, min_nodes, node_wait_s, round_timeout_s, resume
+        cfg, mn, wait, timeout, res, over = config, min_nodes, node_wait_s, round_timeout_s, resume, overwrite
         if cfg is None:
             cfg, extra = fedconfig_from_run_config(context.run_config)
-            mn = int(extra.get("min-nodes", 0)) or mn
-            wait = float(extra.get("node-wait-s", wait))
-            timeout = float(extra.get("round-timeout-s", timeout))
+            mn = _number(extra, "min-nodes", 0, int) or mn
+            wait = _number(extra, "node-wait-s", wait, float)
+            timeout = _number(extra, "round-timeout-s", timeout, float)
             res = _flag(extra.get("resume", res), "resume")
-        strategy = FlowerStrategy(cfg, min_nodes=mn, node_wait_s=wait, resume=res)
+            over = _flag(extra.get("overwrite", over), "overwrite")
+        strategy = FlowerStrategy(cfg, min_nodes=mn, node_wait_s=wait, resume=res, overwrite=over)
         strategy.run(grid, timeout=timeout)
         if on_finish is not None:
             on_finish(strategy)

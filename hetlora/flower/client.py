@@ -69,14 +69,34 @@ def _int_or_none(v) -> int | None:
     return int(f) if f.is_integer() else None
 
 
+def declared_rank(node_config) -> int | None:
+    """The rank a node declares in its ``node_config`` (``rank=...``), or None: none given, or one
+    that is not a positive int (then the server's rank rule gives the rank, and this says so)."""
+    raw = node_config.get("rank")
+    if raw is None:
+        return None
+    r = _int_or_none(raw)
+    if r is None or r < 1:
+        log.warning("node_config rank=%r is not a positive int: the server's rank rule gives this node its rank",
+                    raw)
+        return None
+    return r
+
+
 def node_info(context: Context) -> ConfigRecord:
-    """What the server needs from ``node_config``: partition-id, num-partitions, declared rank."""
+    """What the server needs from ``node_config``: partition-id, num-partitions, declared rank (and,
+    for the server's log, a declared rank that is not a positive int, as ``rank-invalid``)."""
     nc = context.node_config
     out = ConfigRecord()
-    for key in ("partition-id", "num-partitions", "rank"):
+    for key in ("partition-id", "num-partitions"):
         v = _int_or_none(nc.get(key))
         if v is not None:
             out[key] = v
+    r = declared_rank(nc)
+    if r is not None:
+        out["rank"] = r
+    elif nc.get("rank") is not None:
+        out["rank-invalid"] = str(nc.get("rank"))
     return out
 
 
@@ -107,7 +127,7 @@ def train_on_node(msg: Message, context: Context,
     pid = _int_or_none(nc.get("partition-id"))
     if pid is not None and pid != cid:
         raise ValueError(f"this node holds partition {pid}, the server sent a task for client {cid}")
-    declared = _int_or_none(nc.get("rank"))
+    declared = declared_rank(nc)
     if declared is not None and r > declared:
         raise ValueError(f"this node declared rank {declared}, the server sent rank {r}")
     arr = msg.content["adapter"]

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections.abc import Iterable
 
@@ -69,15 +70,22 @@ class FlowerStrategy(_FlwrStrategy):
             ``hetlora simulate --resume`` does: Flower's rounds 1, 2, ... are then rounds
             last + 1, last + 2, ... of the run, which ends at ``config.rounds`` as before.
             Without a checkpoint the run starts from round 1.
+        overwrite: replace an earlier run in ``config.run_dir`` (deleted first); without it, or
+            ``resume``, a run directory that holds a run is refused before anything is loaded.
     """
 
     def __init__(self, config: FedConfig, *, sim: Simulation | None = None, min_nodes: int | None = None,
-                 node_wait_s: float = 120.0, write_outputs: bool = True, resume: bool = False) -> None:
+                 node_wait_s: float = 120.0, write_outputs: bool = True, resume: bool = False,
+                 overwrite: bool = False) -> None:
         self.config = config.validate()
         if sim is None:
             sim = Simulation(config, verbose=False)
+        # as hetlora simulate: a run directory holding a run is refused unless resumed or replaced
+        earlier = sim.check_run_dir(resume, overwrite) if write_outputs else False
         if sim.state is None:
             sim.setup()
+        if earlier and overwrite:
+            shutil.rmtree(config.run_dir)
         self.sim = sim
         self.min_nodes = config.num_clients if min_nodes is None else int(min_nodes)
         self.node_wait_s = float(node_wait_s)
@@ -166,6 +174,9 @@ class FlowerStrategy(_FlwrStrategy):
                 log.info("partition-id %d moved from node %d (gone) to node %d", pid, old, node)
                 self.client_of.pop(old, None)
             self.node_of[pid], self.client_of[node] = node, pid
+            if "rank-invalid" in info:
+                log.warning("node %d declared rank=%r, not a positive int: the rank rule's rank is used", node,
+                            info["rank-invalid"])
             if "rank" in info and pid not in self.declared_ranks:
                 r = int(info["rank"])
                 if r < 1:
@@ -222,9 +233,10 @@ class FlowerStrategy(_FlwrStrategy):
                         task[k] = v
                 messages.append(Message(RecordDict({"adapter": arr, "task": task}), node, MessageType.TRAIN))
                 down[c] = int(dist.params_down[j])
+        # the grid gives each message its id when it pushes it: replies are matched by that id later
         self._pending[server_round] = {"t0": t0, "chosen": chosen, "ids": ids, "ranks": dict(zip(ids, ranks)),
                                        "nodes": dict(zip(nodes, ids)), "no_node": no_node, "down": down,
-                                       "is_eval": is_eval}
+                                       "is_eval": is_eval, "sent": list(zip(messages, nodes, ids))}
         log.info("round %d: sent %d client(s) %s with ranks %s", server_round, len(ids), ids, ranks)
         return messages
 
@@ -258,11 +270,15 @@ class FlowerStrategy(_FlwrStrategy):
         updates: list[ClientUpdate] = []
         seen: set[int] = set()
         node_of_update: dict[int, int] = {}
+        # a reply answers the message whose id it names (an error reply for a node that is gone comes
+        # from the SuperLink, not from the node); without message ids (in-process grids), by sender
+        by_id = {m.metadata.message_id: (node, cid) for m, node, cid in pend.get("sent", ())
+                 if m.metadata.message_id}
         for m in replies:
-            node = int(m.metadata.src_node_id)
-            cid = pend["nodes"].get(node)
+            sender = int(m.metadata.src_node_id)
+            node, cid = by_id.get(m.metadata.reply_to_message_id, (sender, pend["nodes"].get(sender)))
             if cid is None or cid in seen:
-                log.warning("round %d: ignored an unexpected reply from node %d", server_round, node)
+                log.warning("round %d: ignored an unexpected reply from node %d", server_round, sender)
                 continue
             seen.add(cid)
             node_of_update[cid] = node
@@ -278,6 +294,11 @@ class FlowerStrategy(_FlwrStrategy):
         for node, cid in pend["nodes"].items():
             if cid not in seen:
                 errors.append((cid, f"node {node}: no reply (lost or timed out)"))
+        # the sampled clients' order, whatever order the replies came in: aggregation sums in this order,
+        # as the simulator does, so the global adapter does not depend on which node answered first
+        order = {c: i for i, c in enumerate(pend["chosen"])}
+        updates.sort(key=lambda u: order.get(u.client_id, len(order)))
+        errors.sort(key=lambda e: order.get(e[0], len(order)) if isinstance(e[0], int) else len(order))
 
         # the simulator's own server half: screening, aggregation (or client-level DP), evaluation
         rec = sim.conclude_round(server_round, pend["chosen"], pend["ranks"], updates, pend["down"], pend["is_eval"],
