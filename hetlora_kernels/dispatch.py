@@ -131,15 +131,14 @@ class LoraWork:
 
 
 # "auto" on CPU tensors: where the C++ ops (backend "cuda") measured faster than the torch path.
-# Source: bench/results/cpu-2core/ (1 thread) and cpu-2core-threads2/ (2 threads), kernels.json,
-# 2026-11-26, fp32, and two earlier sweeps of the same day:
+# Source: bench/results/cpu-2core/ (1 thread) and cpu-2core-threads2/ (2 threads), kernels.json, fp32:
+# three sweeps on the morning of 2026-11-26 for the LoRA ops and the first three server ops, the
+# afternoon's (committed now; the LoRA ratios within the same ranges) for delta_fro_norms:
 # - component_norms 1.1-1.9x, weighted_aggregate 1.3-2.0x: C++;  truncate 0.9-1.6x (noise around
 #   parity): torch.
-# - delta_fro_norms: C++ since its register-tiled Gram kernel (2026-11-26, timings interleaved rep by
-#   rep on the 2-core machine while other jobs ran, fp32, K adapters of ranks 4..64, C++ over torch):
-#   1 thread, medians: L=1 d=1024 K=8 3.6x, K=64 3.5-4.5x; L=12 d=384 K=64 2.9-3.0x (the old
-#   kernel: 0.77-1.33x).  2 threads, fastest reps (the medians are oversubscription noise, 4.6-11x):
-#   4.4x, 6.0-7.5x, 4.6-7.2x.  bf16 and fp64, 1 thread: 2.1-3.6x.
+# - delta_fro_norms: C++ since its register-tiled Gram kernel (the sweeps of 2026-11-26 afternoon, fp32, K
+#   adapters of ranks 4..64 at L=1 d=1024 K=8/64 and L=12 d=384 K=64): 3.3-4.3x the torch path on one
+#   thread, 4.3-5.6x on two (the old kernel: 0.6-0.9x).
 # - lora_delta / lora_linear: interleaved tokens 1.3-3.4x (the torch path gathers and scatters);
 #   grouped tokens: 1.2-3.5x up to 32 tokens per adapter (one 0.9x row); 64-128 per adapter 1.0-1.6x with 2
 #   threads but 0.8-1.0x with 1 thread; 0.5-0.9x with one adapter or 512 per adapter (one big
