@@ -39,7 +39,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     docs = C.field_docs()
     choices = {"strategy": C.STRATEGIES, "aggregation": C.AGGREGATIONS, "task": C.TASKS,
                "scaling_rule": C.SCALING_RULES, "rank_rule": C.RANK_RULES, "partition": C.PARTITIONS,
-               "mode": C.MODES, "dtype": C.DTYPES, "backend": ("auto", "torch", "triton", "cuda")}
+               "mode": C.MODES, "dtype": C.DTYPES, "backend": C.BACKENDS}
     g = p.add_argument_group("configuration (FedConfig fields; defaults shown)")
     for f in dataclasses.fields(FedConfig):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]

@@ -36,6 +36,7 @@ PARTITIONS = ("dirichlet", "iid", "natural")
 AGGREGATIONS = ("layer", "client")
 MODES = ("concurrent", "sequential")
 DTYPES = ("float32", "float64", "bfloat16")
+BACKENDS = ("auto", "torch", "triton", "cuda")  # hetlora_kernels' backend names
 SCALING_RULES = ("fixed", "alpha/r", "rslora")
 #: strategies whose global state is one zero-padded adapter: the ones client-level DP supports
 DP_STRATEGIES = ("hetlora", "homlora", "zeropad")
@@ -351,7 +352,7 @@ class FedConfig:
         except (RuntimeError, ValueError):
             raise self._err("device", "is not a torch device string (e.g. 'cpu', 'cuda', 'cuda:1')") from None
         self._choice("dtype", DTYPES)
-        self._choice("backend", ("auto", "torch", "triton", "cuda"))
+        self._choice("backend", BACKENDS)
         self._int("seed", 0)
         if self.threads is not None:
             self._int("threads", 1)
