@@ -53,6 +53,12 @@ class MultiLoraModel(nn.Module):
 
     ``forward(*args, adapter_ids=ids, **kwargs)``: ``ids [batch]`` names each sequence's
     adapter (``-1``: base model only); an int applies one adapter to all sequences.
+
+    Every adapted layer must see the batch's sequences as its leading dimension: a target layer
+    that a model also runs on something else (DeBERTa-v2's relative-position embeddings go through
+    ``query_proj`` as one ``[1, 2k, d]`` tensor) is refused at batch > 1 with an error naming
+    ``adapter_ids``.  Attributes the wrapper lacks (``config``, ``device``, ``generation_config``)
+    are the wrapped model's, as with peft's ``PeftModel``.
     """
 
     def __init__(
