@@ -19,10 +19,6 @@
 // operands accumulate in float32 as before: x is converted in the kernels (shrink: the item's
 // rows; wgrad: while packing), w up front, and expand rounds each y element once (to nearest
 // even, as torch's .to()); wgrad's output is computed in float32 and converted at the end.
-#include <atomic>
-#include <cstdlib>
-#include <cstring>
-#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -423,37 +419,19 @@ HL_TARGET_AVX512 void items_avx512(Op op, const Args<T, S>& a, int64_t K, int64_
 // Runs items [0, n) on at::parallel_for's threads; each item is one call of its op.
 template <typename T, typename S>
 void run_parallel(Op op, const Args<T, S>& a, int64_t K, int64_t n, int64_t work) {
-  if (n <= 0) return;
   const int level = isa_level();
   (void)level;  // unused where only the baseline variant exists
   // per-thread scratch: expand's packed block of w (+ a row, + its y block for half/bfloat16 output),
   // wgrad's packed x chunk and partial sums, shrink's converted half/bfloat16 x rows
   const int64_t scratch_size = std::max({kExpandTokens * kExpandCols + a.r_max * (kExpandCols + 32) + kExpandCols + 32,
                                          (kWgradChunk + a.r_max) * kWgradCols, kShrinkTokens * a.d});
-  auto run = [&](std::atomic<int64_t>* next) {
-    std::vector<T> scratch(scratch_size);
-    for (int64_t i = next->fetch_add(1); i < n; i = next->fetch_add(1)) {
+  cpu::parallel_items<T>(n, work, scratch_size, [&](int64_t i, T* scratch) {
 #if HL_X86_MULTI
-      if (level == 2) {
-        items_avx512<T, S>(op, a, K, i, scratch.data());
-        continue;
-      }
-      if (level == 1) {
-        items_avx2<T, S>(op, a, K, i, scratch.data());
-        continue;
-      }
+    if (level == 2) return items_avx512<T, S>(op, a, K, i, scratch);
+    if (level == 1) return items_avx2<T, S>(op, a, K, i, scratch);
 #endif
-      items_generic<T, S>(op, a, K, i, scratch.data());
-    }
-  };
-  std::atomic<int64_t> next{0};
-  // small problems: no threads (same results, the items are the same)
-  const int64_t nthreads = work < (int64_t{1} << 16) ? 1 : std::min<int64_t>(n, at::get_num_threads());
-  if (nthreads <= 1) {
-    run(&next);
-    return;
-  }
-  at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) { run(&next); });
+    items_generic<T, S>(op, a, K, i, scratch);
+  });
 }
 
 // item0[k] for adapters with tokens: ceil(n_k / per_item) * nblk items each

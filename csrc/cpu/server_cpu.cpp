@@ -2,12 +2,7 @@
 // ||B_k^T A_k||_F^2 by the Gram identity, zero-pad + weighted aggregation, each over all
 // layers of a model in one call.
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
-#include <string>
-#include <utility>
 #include <vector>
 
 #include "../ops.h"
@@ -284,30 +279,13 @@ at::Tensor delta_fro_sq_cpu(const std::vector<at::Tensor>& As, const std::vector
     }
     std::vector<T> partial(n_items);
     FroArgs<T> a{ap.data(), bp.data(), d_in.data(), d_out.data(), fp, K, item0.data(), L * K, M, partial.data()};
-    auto run = [&](std::atomic<int64_t>* next) {
-      std::vector<T> g(2 * kGramMaxM * r_top);
-      for (int64_t i = next->fetch_add(1); i < n_items; i = next->fetch_add(1)) {
+    cpu::parallel_items<T>(n_items, work, 2 * kGramMaxM * r_top, [&](int64_t i, T* g) {
 #if HL_X86_MULTI
-        if (level == 2) {
-          fro_avx512<T>(a, i, g.data());
-          continue;
-        }
-        if (level == 1) {
-          fro_avx2<T>(a, i, g.data());
-          continue;
-        }
+      if (level == 2) return fro_avx512<T>(a, i, g);
+      if (level == 1) return fro_avx2<T>(a, i, g);
 #endif
-        fro_generic<T>(a, i, g.data());
-      }
-    };
-    std::atomic<int64_t> next{0};
-    // small problems: no threads (same results, the panels are the same)
-    const int64_t nthreads = work < (int64_t{1} << 16) ? 1 : std::min<int64_t>(n_items, at::get_num_threads());
-    if (nthreads <= 1) {
-      run(&next);
-    } else {
-      at::parallel_for(0, nthreads, 1, [&](int64_t, int64_t) { run(&next); });
-    }
+      fro_generic<T>(a, i, g);
+    });
     // the panels of each pair in order: the same sum whichever thread computed which panel
     T* op = out.mutable_data_ptr<T>();
     for (int64_t q = 0; q < L * K; ++q) {
