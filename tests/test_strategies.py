@@ -343,3 +343,45 @@ def test_norm_cap_bounds_a_scaled_malicious_update(granularity):
         assert row[2] < 0.5
     with pytest.raises(ValueError, match="norm_cap"):
         _cfg(norm_cap=0.0).validate()
+
+
+@pytest.mark.parametrize("granularity", ["layer", "client"])
+def test_hetlora_weights_fall_back_to_data_sizes_where_no_norm(granularity):
+    ups = _updates()
+    for u in ups:  # round 1's first aggregation can see every B still zero
+        u.B = [torch.zeros_like(b) for b in u.B]
+    ups[1].B[1] = torch.randn_like(ups[1].B[1])  # one layer: only client 1 moved
+    As = [torch.cat([u.A[l] for u in ups]) for l in range(len(DIMS))]
+    Bs = [torch.cat([u.B[l] for u in ups]) for l in range(len(DIMS))]
+    w = HetLoRA(_cfg(aggregation=granularity)).aggregation_weights(ups, As, Bs, _layout_of(ups))
+    data = torch.tensor([10.0, 30.0, 20.0], dtype=torch.float64) / 60.0
+    if granularity == "layer":
+        torch.testing.assert_close(w, torch.stack([data, torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64)]))
+    else:  # one weight per client over all layers: client 1 holds the only norm
+        torch.testing.assert_close(w, torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64))
+        for u in ups:
+            u.B[1] = torch.zeros_like(u.B[1])
+        Bs = [torch.cat([u.B[l] for u in ups]) for l in range(len(DIMS))]
+        w = HetLoRA(_cfg(aggregation=granularity)).aggregation_weights(ups, As, Bs, _layout_of(ups))
+        torch.testing.assert_close(w, data)
+
+
+@pytest.mark.parametrize("granularity", ["layer", "client"])
+def test_hetlora_weights_stay_on_the_adapters_device(granularity, monkeypatch):
+    """The norms come from the adapters' device and the data-size fallback from host numbers:
+    on a GPU run they met in one ``torch.where`` and stopped every simulation after round 1.
+    ``meta`` stands in for the GPU here (a mix with the host raises the same way)."""
+    import hetlora.fl.strategies as strategies
+
+    real = strategies.delta_fro_norms
+    monkeypatch.setattr(strategies, "delta_fro_norms", lambda *a, **k: real(*a, **k).to("meta"))
+    ups = _updates()
+    As = [torch.cat([u.A[l] for u in ups]) for l in range(len(DIMS))]
+    Bs = [torch.cat([u.B[l] for u in ups]) for l in range(len(DIMS))]
+    w = HetLoRA(_cfg(aggregation=granularity)).aggregation_weights(ups, As, Bs, _layout_of(ups))
+    assert w.device.type == "meta"
+    assert w.shape == ((len(DIMS), 3) if granularity == "layer" else (3,))
+
+
+def _layout_of(ups):
+    return AdapterLayout([u.rank for u in ups])

@@ -431,15 +431,17 @@ class HetLoRA(Strategy):
 
     def aggregation_weights(self, updates, As, Bs, layout):
         s = torch.tensor([u.scaling for u in updates], dtype=torch.float64)
-        norms = delta_fro_norms(As, Bs, layout, s).double()  # [L, K]
-        fallback = data_weights(updates)
+        norms = delta_fro_norms(As, Bs, layout, s).double()  # [L, K], on the adapters' device
+        # data sizes are host numbers: on a GPU run the fallback must follow the norms there
+        fallback = data_weights(updates).to(norms.device)
         cap = self.config.norm_cap
         if self.config.aggregation == "client":
             n = norms.sum(0)
             if cap is not None:
                 n = torch.minimum(n, cap * n.median())
             tot = n.sum()
-            return n / tot if tot > 0 else fallback
+            # torch.where, not `if tot > 0`: no host read of a device scalar
+            return torch.where(tot > 0, n / torch.where(tot > 0, tot, torch.ones_like(tot)), fallback)
         if cap is not None:
             norms = torch.minimum(norms, cap * norms.median(dim=1, keepdim=True).values)
         tot = norms.sum(1, keepdim=True)
@@ -496,7 +498,7 @@ def _flora_stack(updates: Sequence[ClientUpdate], num_layers: int):
         A_s, B_s = flora_stack(list(As), list(Bs), layout, weights, scaling=s)
         return list(A_s), list(B_s), layout
     coef = (weights.to(torch.float64) * s)[layout.row_adapter()]
-    return list(As), [b * coef.to(b.dtype).unsqueeze(1) for b in Bs], layout
+    return list(As), [b * coef.to(b).unsqueeze(1) for b in Bs], layout
 
 
 def _svd_redistribute(A_s, B_s, ranks):
@@ -633,7 +635,7 @@ class FlexLoRA(Strategy):
         else:
             A, B = _svd_redistribute(state.A, [b * state.scaling for b in state.B], capped)
             inv = torch.tensor([1.0 / s for s in sc], dtype=torch.float64)[AdapterLayout(capped).row_adapter()]
-            B = [b * inv.to(b.dtype).unsqueeze(1) for b in B]
+            B = [b * inv.to(b).unsqueeze(1) for b in B]
         if capped != list(ranks):
             A, B = _pad_rows(A, AdapterLayout(capped), layout), _pad_rows(B, AdapterLayout(capped), layout)
         down = [r * sum(d_in + d_out for d_in, d_out in self._dims(state)) for r in ranks]

@@ -1,0 +1,75 @@
+"""On a GPU: every strategy runs `hetlora simulate` end to end with its adapters on the device,
+and each round's server aggregation there agrees with the same aggregation of the same
+updates moved to the CPU.
+
+The first lend with the simulator benchmark found HetLoRA's aggregation mixing a host tensor
+(the data-size fallback weights) with the device's norms: every GPU simulation stopped at the
+end of round 1.  The CPU suite cannot see a device mix, hence this file (a CPU check of the
+same function with a stand-in device is in ``tests/test_strategies_device.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+pytest.importorskip("transformers")
+
+DEVICE = "cuda"
+
+
+def _to_cpu(obj):
+    """A copy of a GlobalState / ClientUpdate with every tensor (also in lists) on the CPU."""
+    def move(v):
+        if isinstance(v, torch.Tensor):
+            return v.cpu()
+        if isinstance(v, list):
+            return [move(x) for x in v]
+        return v
+
+    return dataclasses.replace(obj, **{f.name: move(getattr(obj, f.name)) for f in dataclasses.fields(obj)})
+
+
+@pytest.mark.parametrize("strategy,extra", [
+    ("hetlora", {}),
+    ("hetlora", {"aggregation": "client", "norm_cap": 2.0}),
+    ("homlora", {}),
+    ("zeropad", {}),
+    ("flora", {}),
+    ("flexlora", {}),
+    ("fullft", {}),
+])
+def test_every_strategy_simulates_on_the_gpu(tmp_path, strategy, extra):
+    from hetlora.fl import FedConfig, Simulation
+
+    cfg = FedConfig(model="tiny-random-bert", dataset="synthetic", num_clients=6, clients_per_round=3, rounds=2,
+                    local_steps=2, batch_size=4, r_min=1, r_max=4, max_length=16, eval_samples=24, progress=False,
+                    client_eval_samples=0, out_dir=str(tmp_path), run_name="run", export_clients=0, plots=False,
+                    tiers=[[0.5, "min"], [0.5, "max"]], target_modules=["query", "value"], device=DEVICE,
+                    strategy=strategy, **extra)
+    sim = Simulation(cfg, verbose=False)
+    strat = sim.strategy
+    real = strat.aggregate
+    checked = []
+
+    def both(state, updates):
+        out = real(state, updates)
+        ref = real(_to_cpu(state), [_to_cpu(u) for u in updates])
+        got, want = out.tensors(), ref.tensors()
+        assert got.keys() == want.keys()
+        for k, t in got.items():
+            assert t.device.type == torch.device(DEVICE).type, k
+            assert torch.isfinite(t).all(), k
+            torch.testing.assert_close(t.cpu(), want[k], rtol=1e-4, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+        checked.append(len(updates))
+        return out
+
+    strat.aggregate = both
+    records = sim.run().records
+    assert checked == [3, 3]
+    assert [r["round"] for r in records] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in records)
