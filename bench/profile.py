@@ -19,12 +19,19 @@ the script.  Output: ``profile.json`` and ``profile.md`` under ``--out`` (defaul
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+try:  # for the calibration kernels (see calibration_kernels)
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton ships with torch's CUDA wheels
+    triton = tl = None
 
 from bench import common as C
 from bench import kernels as KB
@@ -91,6 +98,21 @@ def _profile(call, case, mode: str, device: torch.device, n: int, top: int) -> t
     return dev_ms, table
 
 
+@functools.cache
+def calibration_kernels():
+    """An empty Triton kernel with 12 arguments, bare and behind a two-config autotuner.
+
+    Defined here, not inside `calibrate`: Triton resolves a kernel's names (``tl.constexpr`` in
+    its signature) in the module's globals, and a ``tl`` imported inside a function is not there
+    (the H100 lend's calibration failed with "CompilationError: at 1:49")."""
+    @triton.jit
+    def _noop(a, b, c, d, e, f, i, j, k, l, m, q, N: tl.constexpr):  # noqa: E741
+        pass
+
+    tuned = triton.autotune(configs=[triton.Config({}, num_warps=4), triton.Config({}, num_warps=8)], key=["q"])(_noop)
+    return _noop, tuned
+
+
 def calibrate(device: torch.device, n: int = 200) -> dict[str, float | str]:
     """Host microseconds per call of the smallest things a LoRA call is made of, on this machine:
     a trivial torch op, an empty Triton kernel with 12 arguments, and the same behind a
@@ -106,17 +128,17 @@ def calibrate(device: torch.device, n: int = 200) -> dict[str, float | str]:
         out["triton"] = "not timed: no GPU (the interpreter's launches say nothing about a GPU's)"
         return out
     try:
-        import triton
-        import triton.language as tl
+        from hetlora_kernels.triton import launch
 
-        @triton.jit
-        def _noop(a, b, c, d, e, f, i, j, k, l, m, q, N: tl.constexpr):
-            pass
-
-        tuned = triton.autotune(configs=[triton.Config({}, num_warps=4), triton.Config({}, num_warps=8)],
-                                key=["q"])(_noop)
-        out["triton_launch_us"] = per_call(lambda: _noop[(1,)](t, t, t, t, t, t, 1, 2, 3, 4, 5, 6, N=16))
-        out["triton_autotuned_launch_us"] = per_call(lambda: tuned[(1,)](t, t, t, t, t, t, 1, 2, 3, 4, 5, 6, N=16))
+        noop, tuned = calibration_kernels()
+        args = (t, t, t, t, t, t, 1, 2, 3, 4, 5, 6)
+        out["triton_launch_us"] = per_call(lambda: noop[(1,)](*args, N=16))
+        out["triton_autotuned_launch_us"] = per_call(lambda: tuned[(1,)](*args, N=16))
+        old, launch.FAST_LAUNCH = launch.FAST_LAUNCH, True
+        try:
+            out["triton_fast_launch_us"] = per_call(lambda: launch.launch(tuned, (1,))(*args, N=16))
+        finally:
+            launch.FAST_LAUNCH = old
     except Exception as e:  # noqa: BLE001 - calibration is a side measurement
         out["triton"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
     return out
@@ -227,20 +249,22 @@ def run(args: argparse.Namespace) -> Path | None:
                                   else "no torch._grouped_mm", None, "not profiled", min(64, n_per), device, dtype,
                                   perm)
         if "triton" in methods and not isinstance(methods["triton"], str):
-            from hetlora_kernels.triton import fused, lora
+            from hetlora_kernels.triton import fused, launch, lora
 
-            # the launch-count choices, each alone and all together: the forward's two kernels
-            # or the fused one (fused.use_fused picks it for small batches only; its limits are
-            # untuned starting points); the opt-in backward switches lora.PAIR_WGRAD (dA and dB
-            # in one launch) and lora.FUSED_BACKWARD (g and dx in one launch)
+            # the switches, each alone: the fused one-launch forward (fused.use_fused picks it for
+            # small batches only), lora.PAIR_WGRAD (dA and dB in one launch), lora.FUSED_BACKWARD
+            # (g and dx in one launch), the cached launch path (launch.FAST_LAUNCH), and the last
+            # two together.  The H100 lend (bench/NOTES.md) retired `2-launch` (the default at this
+            # shape) and `fewest` (its fused forward costs 6x the device time here)
             t = methods["triton"]
-            fwd1, fwd2 = (fused, "FORCE_FUSED", True), (fused, "FORCE_FUSED", False)
+            fwd1 = (fused, "FORCE_FUSED", True)
             pair, fbwd = (lora, "PAIR_WGRAD", True), (lora, "FUSED_BACKWARD", True)
+            fast = (launch, "FAST_LAUNCH", True)
             methods["triton[fused]"] = _with(t, fwd1)
-            methods["triton[2-launch]"] = _with(t, fwd2)
             methods["triton[pair-wgrad]"] = _with(t, pair)
             methods["triton[fused-bwd]"] = _with(t, fbwd)
-            methods["triton[fewest]"] = _with(t, fwd1, pair, fbwd)
+            methods["triton[fast-launch]"] = _with(t, fast)
+            methods["triton[fast+pair]"] = _with(t, fast, pair)
         for mode in ("fwd", "fwd+bwd"):
             for name, fn in methods.items():
                 if isinstance(fn, str) or name in ("peft", "loop") and K > 64:

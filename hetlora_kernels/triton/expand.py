@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from ..layout import AdapterLayout, TokenGroups
+from .launch import launch
 from .schedule import (
     BLOCK_R,
     autotune,
@@ -126,7 +127,7 @@ def expand(
     def grid(meta):
         return (cdiv(d, meta["BLOCK_N"]), n_tiles)
 
-    _expand_kernel[grid](
+    launch(_expand_kernel, grid)(
         h, h.stride(0), W, W.stride(0), y, y.stride(0), groups.order, tiles, offsets, scale_ptr, scale_val, d,
         HAS_SCALE_PTR=has_ptr, ACCUMULATE=accumulate, DOT_F32=dot_f32, DOT_PREC=prec, BLOCK_T=block_t,
         BLOCK_R=BLOCK_R, **interpret_meta(BLOCK_N=min(256, max(16, next_pow2(d)))),

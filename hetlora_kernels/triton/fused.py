@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from ..layout import AdapterLayout, TokenGroups
+from .launch import launch
 from .schedule import (
     BLOCK_R,
     autotune,
@@ -162,7 +163,7 @@ def fused_forward(
     def grid(meta):
         return (cdiv(d_out, meta["BLOCK_N"]), n_tiles)
 
-    _fused_fwd_kernel[grid](
+    launch(_fused_fwd_kernel, grid)(
         x, x.stride(0), A, A.stride(0), B, B.stride(0), y, y.stride(0), h, h.stride(0), groups.order, tiles,
         offsets, scale_ptr, scale_val, d_in, d_out, HAS_SCALE_PTR=has_ptr, ACCUMULATE=accumulate,
         DOT_F32=dot_f32, DOT_PREC=prec, BLOCK_T=block_t, BLOCK_R=BLOCK_R,

@@ -56,6 +56,7 @@ import triton.language as tl
 
 from .. import reference
 from ..layout import AdapterLayout, to_device
+from .launch import launch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -364,9 +365,9 @@ def _launch(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
     dev = next(a.device for a in args if isinstance(a, torch.Tensor))
     if dev.type == "cuda":
         with torch.cuda.device(dev):
-            kernel[grid](*args, **kwargs)
+            launch(kernel, grid)(*args, **kwargs)
     else:
-        kernel[grid](*args, **kwargs)
+        launch(kernel, grid)(*args, **kwargs)
 
 
 def _host_only_interpreter(device: torch.device) -> bool:

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from ..layout import AdapterLayout, TokenGroups
+from .launch import launch
 from .schedule import (
     BLOCK_R,
     autotune,
@@ -118,7 +119,7 @@ def shrink(
     scale_ptr, scale_val, has_ptr = torch_to_tl_scale(scaling, x.device, offsets)
     dot_f32, prec = dot_mode(x.dtype)
     grid = (cdiv(layout.max_rank, BLOCK_R), tiles.shape[0])
-    _shrink_kernel[grid](
+    launch(_shrink_kernel, grid)(
         x, x.stride(0), W, W.stride(0), h, h.stride(0), groups.order, tiles, offsets, scale_ptr, scale_val, d,
         HAS_SCALE_PTR=has_ptr, DOT_F32=dot_f32, DOT_PREC=prec, BLOCK_T=block_t, BLOCK_R=BLOCK_R,
         **interpret_meta(BLOCK_K=min(256, max(16, next_pow2(d)))),

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from ..layout import AdapterLayout, TokenGroups
+from .launch import launch
 from .schedule import (
     BLOCK_R,
     INTERPRET,
@@ -276,14 +277,14 @@ def wgrad(
     def grid(meta):
         return (r_tiles, cdiv(d, meta["BLOCK_N"]), n_chunks)
 
-    _wgrad_kernel[grid](
+    launch(_wgrad_kernel, grid)(
         hm, hm.stride(0), X, X.stride(0), dest, s_c, s_r, groups.order, chunks, offsets, k_scale_ptr,
         k_scale_val, d, HAS_SCALE_PTR=has_ptr and direct, DIRECT=direct, DOT_F32=dot_f32, DOT_PREC=prec,
         BLOCK_R=BLOCK_R, **meta,
     )  # fmt: skip
     if not direct:
         block_n = 128 if not INTERPRET else min(256, max(16, next_pow2(d)))
-        _wgrad_reduce_kernel[(r_tiles, cdiv(d, block_n), layout.num_adapters)](
+        launch(_wgrad_reduce_kernel, (r_tiles, cdiv(d, block_n), layout.num_adapters))(
             dest, s_c, s_r, out, out.stride(0), chunk_starts, offsets, scale_ptr, scale_val, d,
             HAS_SCALE_PTR=has_ptr, BLOCK_R=BLOCK_R, BLOCK_N=block_n,
         )  # fmt: skip
@@ -342,7 +343,7 @@ def wgrad_pair(
     def grid(meta):
         return (r_tiles, cdiv(d_max, meta["BLOCK_N"]), 2 * n_chunks)
 
-    _wgrad_pair_kernel[grid](
+    launch(_wgrad_pair_kernel, grid)(
         g, g.stride(0), x, x.stride(0), dest_a, sa[0], sa[1], d_in,
         h, h.stride(0), dy, dy.stride(0), dest_b, sb[0], sb[1], d_out,
         groups.order, chunks, n_chunks, offsets, scale_ptr, scale_val, d_max,
@@ -354,7 +355,7 @@ def wgrad_pair(
         a_scale = (scale_ptr, scale_val, has_ptr) if scale_a else (offsets, 1.0, False)
         for dest, out, d, s_ptr, s_val, has in ((dest_a, dA, d_in, *a_scale),
                                                  (dest_b, dB, d_out, scale_ptr, scale_val, has_ptr)):
-            _wgrad_reduce_kernel[(r_tiles, cdiv(d, block_n), layout.num_adapters)](
+            launch(_wgrad_reduce_kernel, (r_tiles, cdiv(d, block_n), layout.num_adapters))(
                 dest, dest.stride(0), dest.stride(1), out, out.stride(0), chunk_starts, offsets, s_ptr, s_val, d,
                 HAS_SCALE_PTR=has, BLOCK_R=BLOCK_R, BLOCK_N=block_n,
             )  # fmt: skip

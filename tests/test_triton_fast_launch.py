@@ -1,0 +1,93 @@
+"""The cached Triton launch path (`hetlora_kernels.triton.launch`, opt-in ``FAST_LAUNCH``) hands
+Triton's C launcher exactly what Triton's own path hands it.
+
+Without a GPU this runs Triton's real Python launch path against a stand-in driver whose
+"compiled kernels" record their launches (``tests/fast_launch_probe.py``, in a process without
+``TRITON_INTERPRET``): for every LoRA kernel and a server kernel, two dtypes, widths that do and
+do not keep rows 16-byte aligned, float and tensor scales, direct and chunked weight gradients,
+the same call is made on Triton's path, on the fast path's first call (a miss, which goes
+through Triton) and on its second (a hit), and the three records must be equal: the same
+compiled kernel (Triton compiles one per specialisation, so a reused kernel of other
+alignments would show), grid, stream and arguments.  The GPU test stage of bench/gpu_all.sh
+runs the kernel tests with the fast path on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+
+
+def _no_interpreter_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])
+    return env
+
+
+@pytest.fixture(scope="module")
+def probe() -> dict:
+    res = subprocess.run([sys.executable, "-W", "ignore", str(HERE / "fast_launch_probe.py")],
+                         env=_no_interpreter_env(), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout)
+    if "unsupported" in out:
+        pytest.skip(out["unsupported"])
+    return out
+
+
+def test_fast_path_launches_what_triton_launches(probe):
+    calls = probe["calls"]
+    assert len(calls) == 36
+    for name, rec in calls.items():
+        slow = rec["slow"]
+        assert isinstance(slow, list) and slow, (name, slow)
+        assert rec["fast-miss"] == slow, name
+        assert rec["fast-hit"] == slow, name
+
+
+def test_the_key_tells_alignments_apart(probe):
+    """bf16 rows of width 17 start 34 bytes apart: row 1 on is not 16-byte aligned, row 0 on
+    is, and Triton compiles the two apart; the fast path must not hand one the other's kernel."""
+    calls = probe["calls"]
+    kernel = {name: rec["slow"][0][0] for name, rec in calls.items()}
+    assert kernel["shrink-bfloat16-d17"] != kernel["shrink-aligned-bfloat16-d17"]
+    assert calls["shrink-aligned-bfloat16-d17"]["fast-hit"] == calls["shrink-aligned-bfloat16-d17"]["slow"]
+
+
+def test_launch_is_the_plain_launch_when_off_or_not_a_kernel(monkeypatch):
+    from hetlora_kernels.triton import launch
+
+    class Spy:
+        def __getitem__(self, grid):
+            return ("plain", grid)
+
+    monkeypatch.setattr(launch, "FAST_LAUNCH", False)
+    assert launch.launch(Spy(), (3,)) == ("plain", (3,))
+    monkeypatch.setattr(launch, "FAST_LAUNCH", True)
+    assert launch.launch(Spy(), (3,)) == ("plain", (3,))  # a spy is no Triton kernel (and tests interpret)
+
+
+def test_profile_calibration_kernel_compiles():
+    """bench profile's empty calibration kernel lowers for sm_90 (the H100 lend's calibration
+    failed to compile: its ``tl`` was a local name, and Triton resolves names in the module)."""
+    code = (
+        "import triton\n"
+        "from triton.backends.compiler import GPUTarget\n"
+        "from triton.compiler import ASTSource\n"
+        "from bench.profile import calibration_kernels\n"
+        "noop, tuned = calibration_kernels()\n"
+        "sig = {a: ('constexpr' if a == 'N' else ('*fp32' if a in 'abcdef' else 'i32')) for a in noop.arg_names}\n"
+        "ck = triton.compile(ASTSource(noop, sig, constexprs={'N': 16}), target=GPUTarget('cuda', 90, 32))\n"
+        "print('ok', ck.metadata.name)\n"
+    )
+    res = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=_no_interpreter_env(), cwd=HERE.parent,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.startswith("ok _noop"), res.stdout
