@@ -36,12 +36,17 @@ _AUTO_ORDER_CUDA = ("triton", "cuda", "torch")
 # - weighted_aggregate: CUDA fastest at 11 of 12 (up to 2.4x triton, 2.8x torch);
 # - truncate (a row gather): torch's index_select at parity or faster where it matters
 #   (L=12, d=4096: 0.49-1.35 ms against triton's 0.74-2.38);
-# - delta_fro_norms: triton fastest everywhere (3-14x the CUDA kernel), the default order.
-# The LoRA ops stay triton-first (but see `cuda_auto_order` for one adapter): the CUDA kernels
-# are the simple versions (a median 3.4x, up to 15x, triton's time).
+# The second sweep (bench/results/nvidia-h100-80gb-hbm3/kernels.json, H100, 2026-11-26, d=4096,
+# L in {1, 12}, K in {8, 64, 256}) kept those three and turned one:
+# - delta_fro_norms: the CUDA Gram-tile kernel (rewritten since the H200 sweep, where the old one
+#   took 3-14x triton's time) now fastest at all 6 shapes (1.1-2.2x triton: 0.12 vs 0.27 ms at
+#   L=1, K=8; 8.4 vs 13.9 ms at L=12, K=256).
+# The LoRA ops stay triton-first (but see `cuda_auto_order` for one adapter): the CUDA LoRA
+# kernels take 10-40x triton's device time (no tensor cores).
 _AUTO_ORDER_CUDA_BY_OP = {
     "component_norms": ("cuda", "triton", "torch"),
     "weighted_aggregate": ("cuda", "triton", "torch"),
+    "delta_fro_norms": ("cuda", "triton", "torch"),
     "truncate": ("torch",),
 }
 
@@ -51,8 +56,8 @@ def cuda_auto_order(op: str, work: LoraWork | None = None) -> tuple[str, ...]:
 
     One adapter over grouped tokens (one matmul pair, no gather on the torch path): torch.  The
     H200 sweep measured the torch backend faster than triton there at 15 of 16 shapes (1.3-3.1x;
-    the 16th, lora_linear at T = 16384, 0.94x): both are host-bound, and torch launches fewer
-    and cheaper kernels.
+    the 16th, lora_linear at T = 16384, 0.94x), the H100 sweep at 12 of 16: both are host-bound,
+    and torch launches fewer and cheaper kernels.
     """
     if op in ("lora_delta", "lora_linear") and work is not None and work.active <= 1 and work.grouped:
         return ("torch",)

@@ -552,13 +552,14 @@ def test_cpu_auto_table(threads):
 
 
 def test_cuda_auto_order_follows_the_gpu_sweep(monkeypatch):
-    """On CUDA tensors auto tries, per op, the order the H200 sweep measured; an unavailable
+    """On CUDA tensors auto tries, per op, the order the GPU sweeps measured; an unavailable
     backend is skipped (no GPU needed: the backends are stand-ins that report availability)."""
     import types
 
     order = dispatch.cuda_auto_order
-    assert order("lora_delta") == order("lora_linear") == order("delta_fro_norms") == ("triton", "cuda", "torch")
-    assert order("component_norms") == order("weighted_aggregate") == ("cuda", "triton", "torch")
+    assert order("lora_delta") == order("lora_linear") == ("triton", "cuda", "torch")
+    assert order("component_norms") == order("weighted_aggregate") == order("delta_fro_norms") == (
+        "cuda", "triton", "torch")
     assert order("truncate") == ("torch",)
     W, bf16 = dispatch.LoraWork, torch.bfloat16
     # one adapter over grouped tokens: torch (measured faster); interleaved, -1 tokens or more adapters: triton
@@ -581,6 +582,7 @@ def test_cuda_auto_order_follows_the_gpu_sweep(monkeypatch):
         assert dispatch.resolve("lora_linear", cuda, W(256, 8, True, bf16))[0] == "triton"
         assert dispatch.resolve("component_norms", cuda)[0] == "cuda"
         assert dispatch.resolve("weighted_aggregate", cuda)[0] == "cuda"
+        assert dispatch.resolve("delta_fro_norms", cuda)[0] == "cuda"
         assert dispatch.resolve("truncate", cuda)[0] == "torch"
         up["cuda"] = False  # e.g. _C built without its CUDA kernels
         assert dispatch.resolve("component_norms", cuda)[0] == "triton"
