@@ -12,13 +12,18 @@ cross-entropy, backward, one AdamW step on the client's LoRA factors and head.
 * ``concurrent+graph`` (CUDA only): the same step captured once in a CUDA graph and replayed
   (`capture_step`): what the step costs the GPU once Python and the kernel launches are out of
   the way.  A step with a host read in it fails here and says where.
+* ``simulator``: `hetlora.fl`'s own round (what ``hetlora simulate`` runs), timed per local step;
+  ``simulator+graph`` (CUDA only) the same with ``FedConfig.cuda_graphs`` (`hetlora.fl.local.StepGraph`:
+  batches padded to the full length, each round's first step eager, the next captured, the rest
+  replayed; with transformers >= 5 a passed mask is left alone while a stream captures).
 * ``sequential``: peft, one client at a time.  One peft model over the same base, every
   client's adapter registered once and made current with ``set_adapter`` (cheaper than
   re-creating a one-adapter model per client, so the speed-up reported is conservative);
   each client has its own head and AdamW.  One round over the K clients = K client-steps.
 
-No method passes the attention mask (all ones here): transformers reads a mask back to the
-host to see whether it may skip it, which no CUDA graph can hold.
+``concurrent`` and ``sequential`` pass no attention mask (all ones here): transformers reads a
+mask back to the host to see whether it may skip it (the simulator rows pass it, as real padded
+batches need).
 
 Timing: wall clock around a whole step or round, synchronised on a GPU, after one
 warm-up; the median over the timed steps.  Peak memory: ``torch.cuda.max_memory_allocated``
@@ -289,7 +294,7 @@ def sequential_step_fn(base: nn.Module, family: str, run: Run, data, device: tor
     return round_, {"backend": "peft", "clients_per_step": m}
 
 
-def simulator_step_fn(base: nn.Module, family: str, run: Run, data, device: torch.device
+def simulator_step_fn(base: nn.Module, family: str, run: Run, data, device: torch.device, graph: bool = False
                       ) -> tuple[Callable[[], None], dict[str, Any]]:
     """The simulator's own local training, what ``hetlora simulate`` runs (`hetlora.fl`): each
     call is one HetLoRA round over all K clients, ``SIM_LOCAL_STEPS`` concurrent steps of the
@@ -314,7 +319,8 @@ def simulator_step_fn(base: nn.Module, family: str, run: Run, data, device: torc
                     client_eval_samples=0, lr=1e-4, head_lr=1e-4, device=str(device),
                     dtype={torch.bfloat16: "bfloat16", torch.float64: "float64"}.get(
                         next(base.parameters()).dtype, "float32"),
-                    out_dir=tmp.name, checkpoint_every=0, export_clients=0, plots=False, progress=False)
+                    out_dir=tmp.name, checkpoint_every=0, export_clients=0, plots=False, progress=False,
+                    cuda_graphs=graph)
     sim = Simulation(cfg, data=FedData(train, train, NUM_CLASSES, clients), encoder=base, verbose=False)
     sim.setup()
     rounds = iter(range(1, 10**6))
@@ -326,7 +332,7 @@ def simulator_step_fn(base: nn.Module, family: str, run: Run, data, device: torc
 
     dtype = next(base.parameters()).dtype
     return round_, {"backend": auto_backend(run, device, dtype), "clients_per_step": K,
-                    "steps_per_call": SIM_LOCAL_STEPS}
+                    "steps_per_call": SIM_LOCAL_STEPS, **({"cuda_graph": True} if graph else {})}
 
 
 def time_steps(fn: Callable[[], None], device: torch.device, warmup: int, steps: int) -> dict[str, Any]:
@@ -379,6 +385,8 @@ def bench_run(run: Run, device: torch.device, dtype: torch.dtype, warmup: int, s
     if device.type == "cuda":
         methods.append(("concurrent+graph", "auto"))
     methods.append(("simulator", "auto"))
+    if device.type == "cuda":  # FedConfig.cuda_graphs: per round 1 eager step, 1 capture, the rest replayed
+        methods.append(("simulator+graph", "auto"))
     if auto_backend(run, device, dtype) != "torch":
         methods.append(("concurrent", "torch"))
     methods.append(("sequential", "peft"))
@@ -400,8 +408,8 @@ def bench_run(run: Run, device: torch.device, dtype: torch.dtype, warmup: int, s
             with hk.use_backend(backend if method.startswith("concurrent") else "auto"):
                 if method.startswith("concurrent"):
                     fn, meta = concurrent_step_fn(base, family, run, data, device, graph=method.endswith("+graph"))
-                elif method == "simulator":
-                    fn, meta = simulator_step_fn(base, family, run, data, device)
+                elif method.startswith("simulator"):
+                    fn, meta = simulator_step_fn(base, family, run, data, device, graph=method.endswith("+graph"))
                 else:
                     fn, meta = sequential_step_fn(base, family, run, data, device)
                 row.update(meta)
@@ -467,7 +475,9 @@ def run(args: argparse.Namespace) -> Path:
         "method_note": "concurrent: one MultiLoraModel over all clients' rows, one backward, one AdamW; "
                        f"simulator: hetlora.fl's own round (what `hetlora simulate` runs: {SIM_LOCAL_STEPS} "
                        "concurrent local steps with the attention mask passed, per-client AdamW, then the "
-                       "server's screening and aggregation), timed per local step; "
+                       "server's screening and aggregation), timed per local step; simulator+graph (GPU): "
+                       "the same with FedConfig.cuda_graphs (batches padded to the full length, each round's "
+                       "first step eager, the next captured, the rest replayed); "
                        "sequential: peft, one client at a time (set_adapter), own AdamW per client; a step "
                        f"trains {SEQ_TIMED_CLIENTS} of the K clients (rotating, all K adapters loaded) when "
                        "K is larger, and client-steps/s counts the clients it trained",

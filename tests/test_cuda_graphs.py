@@ -182,3 +182,40 @@ def test_to_device_copies_host_tensors_without_waiting_and_keeps_their_values():
     torch.cuda.synchronize()
     assert out.device.type == "cuda" and torch.equal(out.cpu(), want)
     assert to_device(out, "cuda") is out
+
+
+@pytest.mark.parametrize("task", ["classification", "causal-lm"])
+def test_the_simulator_replays_its_local_steps_from_a_cuda_graph(tmp_path, monkeypatch, task):
+    """``FedConfig.cuda_graphs``: each round captures its local step once (after one eager
+    warm-up) and replays it; no capture fails, and two rounds land where the same padded steps
+    run eagerly land (to the rounding of index_add's atomics)."""
+    import warnings
+
+    from hetlora.fl import FedConfig, Simulation
+    from hetlora.fl import local as local_mod
+
+    model = (dict(model="tiny-random-bert", target_modules=["query", "value"]) if task == "classification" else
+             dict(model="tiny-random-gpt2", task="causal-lm", target_modules=["c_attn", "c_fc"]))
+
+    def run(name: str) -> dict[str, torch.Tensor]:
+        cfg = FedConfig(dataset="synthetic", num_clients=6, clients_per_round=3, rounds=2, local_steps=5,
+                        batch_size=4, r_min=1, r_max=4, max_length=16, eval_samples=24, progress=False,
+                        client_eval_samples=0, out_dir=str(tmp_path), run_name=name, export_clients=0,
+                        plots=False, tiers=[[0.5, "min"], [0.5, "max"]], device="cuda", cuda_graphs=True, **model)
+        sim = Simulation(cfg, verbose=False)
+        sim.run()
+        return {k: v.detach().cpu().clone() for k, v in sim.state.tensors().items()}
+
+    captures = []
+    real = local_mod.StepGraph._capture
+    monkeypatch.setattr(local_mod.StepGraph, "_capture", lambda self, fn: captures.append(1) or real(self, fn))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        graphed = run("graphed")
+    assert not [w for w in caught if "cuda_graphs" in str(w.message)], [str(w.message) for w in caught]
+    assert len(captures) == 2  # one per round
+    monkeypatch.setattr(local_mod.StepGraph, "takes", lambda self, key: False)  # the same padding, eager
+    eager = run("eager")
+    assert graphed.keys() == eager.keys()
+    for k in eager:
+        torch.testing.assert_close(graphed[k], eager[k], rtol=1e-4, atol=1e-6, msg=lambda s, k=k: f"{k}: {s}")

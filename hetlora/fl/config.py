@@ -207,6 +207,11 @@ class FedConfig:
     """hetlora_kernels backend for the LoRA and server ops: auto (triton on CUDA; on CPU, per op,
     the C++ ops or torch by a measured table), torch, triton, or cuda (the csrc extension: CUDA
     kernels, or C++ CPU ops on CPU)."""
+    cuda_graphs: bool = False
+    """CUDA only: capture each round's local step in a CUDA graph and replay it (the local steps are
+    host-bound on a GPU). Batches are then padded to max_length instead of trimmed to their longest
+    sequence (one shape per round), and a round's first step runs eagerly to warm up; results match
+    an eager run up to floating-point rounding. Opt-in until a GPU has measured it."""
     seed: int = 0
     """Seed of every random choice (clients, ranks, batches, inits)."""
     threads: int | None = None
@@ -353,6 +358,11 @@ class FedConfig:
             raise self._err("device", "is not a torch device string (e.g. 'cpu', 'cuda', 'cuda:1')") from None
         self._choice("dtype", DTYPES)
         self._choice("backend", BACKENDS)
+        if not isinstance(self.cuda_graphs, bool):
+            raise self._err("cuda_graphs", "must be a bool")
+        if self.cuda_graphs and torch.device(self.device).type != "cuda":
+            raise self._err("cuda_graphs", f"needs a CUDA device (device={self.device!r}): CUDA graphs exist "
+                                           "only there")
         self._int("seed", 0)
         if self.threads is not None:
             self._int("threads", 1)

@@ -27,6 +27,7 @@ distribution only).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -319,6 +320,82 @@ class ClientSampler:
         return out
 
 
+def use_cuda_graphs(cfg, device: torch.device, steps: int) -> bool:
+    """Whether a round's local steps go through `StepGraph`: ``cfg.cuda_graphs`` on a CUDA
+    device, with at least 3 steps (one eager warm-up, one captured, one replayed: fewer gain
+    nothing over the capture's cost)."""
+    return bool(getattr(cfg, "cuda_graphs", False)) and torch.device(device).type == "cuda" and steps >= 3
+
+
+class StepGraph:
+    """A round's local step captured in a CUDA graph and replayed (``FedConfig.cuda_graphs``).
+
+    The first call runs the step eagerly on a side stream (PyTorch's recipe for whole-network
+    capture: it compiles and tunes the Triton kernels and fills the routing, schedule and
+    penalty caches, so that nothing is allocated into a cache during the capture); the second
+    captures the step and replays it; later calls copy the batch into the captured input
+    buffers and replay.  The graph is tied to the batch layout it was captured with (which
+    clients, how many sequences each, ``takes``): another layout runs eagerly.  A capture that
+    fails (a host read in a model's code) warns once and leaves the rest of the round eager.
+
+    ``step_fn(input_ids, mask, labels, pattern)`` must keep every op on the device.  Batches
+    arrive as host tensors of one shape (padded to the data's full length).
+    """
+
+    warmup_steps = 1
+
+    def __init__(self, step_fn, device: torch.device) -> None:
+        self.step_fn, self.device = step_fn, torch.device(device)
+        self.key: tuple | None = None
+        self.bufs: list[torch.Tensor] | None = None
+        self.replay = None
+        self.warm = 0
+        self.failed: str | None = None
+
+    def takes(self, key: tuple) -> bool:
+        return self.failed is None and (self.key is None or self.key == key)
+
+    def step(self, batch: Sequence[torch.Tensor], pattern: tuple, key: tuple) -> None:
+        """One local step of the layout ``key`` (``takes(key)`` must hold) on the host ``batch``."""
+        if self.bufs is None:
+            self.key = key
+            self.bufs = [to_device(t, self.device) for t in batch]
+        else:  # into the captured buffers, through pinned memory (the copy does not wait)
+            for buf, t in zip(self.bufs, batch):
+                buf.copy_(t.pin_memory() if self.device.type == "cuda" else t, non_blocking=True)
+        if self.replay is not None:
+            self.replay()
+            return
+        if self.warm < self.warmup_steps:
+            self._warm(lambda: self.step_fn(*self.bufs, pattern))
+            self.warm += 1
+            return
+        try:
+            self.replay = self._capture(lambda: self.step_fn(*self.bufs, pattern))
+        except Exception as e:  # noqa: BLE001 - reported, and the round goes on eagerly
+            import warnings
+
+            self.failed = f"{type(e).__name__}: {e}"
+            warnings.warn(f"cuda_graphs: capturing the local step failed ({self.failed}); the round's "
+                          f"remaining steps run eagerly", RuntimeWarning, stacklevel=2)
+            self.step_fn(*self.bufs, pattern)
+            return
+        self.replay()
+
+    def _warm(self, fn) -> None:
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+
+    def _capture(self, fn):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return graph.replay
+
+
 def _rows_of(dist: Distribution, j: int) -> Distribution:
     rows = dist.layout.rows(j)
     return Distribution([a[rows] for a in dist.A], [b[rows] for b in dist.B], AdapterLayout([dist.layout.ranks[j]]),
@@ -333,8 +410,23 @@ def train_round(fm: FedModel, strategy: Strategy, state: GlobalState, tasks: Seq
     client_eval_samples.  ``on_step(n)`` is called after each optimiser step with the
     number of client-steps it advanced (progress bars).
     """
-    with use_backend(getattr(config, "backend", "auto")):
+    with use_backend(getattr(config, "backend", "auto")), round_rng(int(getattr(config, "seed", 0)), round_idx,
+                                                                     fm.device):
         return _train_round(fm, strategy, state, tasks, data, config, round_idx, local_eval, on_step)
+
+
+@contextlib.contextmanager
+def round_rng(seed: int, round_idx: int, device: torch.device):
+    """The global torch generators (CPU and ``device``'s), seeded from ``(seed, round)`` for the
+    round's local training and restored after it.  LoRA dropout is the one thing in a round that
+    draws from them (everything else has its own seeded generator): its masks then depend on the
+    seed and round alone, so a resumed or extended run, or a round on another machine (Flower),
+    draws the masks an uninterrupted run draws."""
+    devices = [device] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int(np.random.SeedSequence([seed, round_idx, 0x10CA1]).generate_state(1, np.uint64)[0]
+                              % (2**63)))
+        yield
 
 
 def _train_round(fm, strategy, state, tasks, data, config, round_idx, local_eval, on_step):
@@ -404,6 +496,33 @@ def _train_group(fm: FedModel, strategy: Strategy, state: GlobalState, tasks: li
     # device, and reuses them while this tensor is passed) and on the device (for indexing),
     # the client mask and the sequences per client
     per_pattern: dict[tuple, tuple[torch.Tensor, ...]] = {}
+
+    def local_step(input_ids: torch.Tensor, mask: torch.Tensor, y: torch.Tensor, pattern: tuple) -> None:
+        """One concurrent step on device tensors: every op stays on the device (a CUDA graph
+        can hold it, `StepGraph`)."""
+        aid_h, aid, active, seqs = pattern
+        if fm.causal:  # mean next-token loss over each client's own tokens
+            ce, ntok, _ = fm.token_losses(input_ids, mask, aid_h)
+            counts = torch.zeros(K, dtype=ce.dtype, device=dev).index_add(0, aid, ntok.to(ce.dtype))
+        else:  # mean loss over each client's own sequences
+            feats = fm.features(input_ids, mask, aid_h)
+            logits = torch.einsum("nd,ncd->nc", feats, head_W[aid]) + head_b[aid]
+            ce = F.cross_entropy(logits, y, reduction="none")
+            counts = seqs.to(ce.dtype)
+        per_client = torch.zeros(K, dtype=ce.dtype, device=dev).index_add(0, aid, ce) / counts.clamp_min(1)
+        loss = per_client.sum()
+        if not full:
+            pen = strategy.local_penalty(As, Bs, layout)
+            if pen is not None:
+                loss = loss + (pen * active.to(pen.dtype)).sum()
+        grads = list(torch.autograd.grad(loss, params, allow_unused=True))
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        opt.step(grads, active, cfg.max_grad_norm)
+        loss_sum.add_(per_client.detach().to(torch.float64))
+
+    # cuda_graphs: batches padded to the data's full length (one shape a round), the round's
+    # first step eager, the rest replayed from one captured step (`StepGraph`)
+    graph = StepGraph(local_step, dev) if use_cuda_graphs(cfg, dev, max(steps)) else None
     fm.lora_train(True)
     try:
         for step in range(max(steps)):
@@ -411,7 +530,8 @@ def _train_group(fm: FedModel, strategy: Strategy, state: GlobalState, tasks: li
             batches = [samplers[k].next() for k in active_list]
             rows_np = np.concatenate(batches)
             lens = tuple(len(b) for b in batches)
-            pattern = per_pattern.get((tuple(active_list), lens))
+            key = (tuple(active_list), lens)
+            pattern = per_pattern.get(key)
             if pattern is None:
                 active_h = torch.zeros(K, dtype=torch.bool)
                 active_h[active_list] = True
@@ -419,32 +539,17 @@ def _train_group(fm: FedModel, strategy: Strategy, state: GlobalState, tasks: li
                 seqs[active_list] = torch.tensor(lens, dtype=torch.int64)
                 aid_h = torch.as_tensor(np.repeat(active_list, lens), dtype=torch.int64)
                 pattern = (aid_h, to_device(aid_h, dev), to_device(active_h, dev), to_device(seqs, dev))
-                per_pattern[(tuple(active_list), lens)] = pattern
-            aid_h, aid, active, seqs = pattern
-            L = max(int(lengths[rows_np].max()), 1)  # trim shared padding: the masked tail changes nothing
+                per_pattern[key] = pattern
+            if graph is not None:
+                L = data.input_ids.shape[1]
+            else:
+                L = max(int(lengths[rows_np].max()), 1)  # trim shared padding: the masked tail changes nothing
             rows = torch.as_tensor(rows_np, dtype=torch.int64)
-            input_ids = to_device(data.input_ids[rows, :L], dev)
-            mask = to_device(data.attention_mask[rows, :L], dev)
-            y = to_device(data.labels[rows], dev)
-
-            if fm.causal:  # mean next-token loss over each client's own tokens
-                ce, ntok, _ = fm.token_losses(input_ids, mask, aid_h)
-                counts = torch.zeros(K, dtype=ce.dtype, device=dev).index_add(0, aid, ntok.to(ce.dtype))
-            else:  # mean loss over each client's own sequences
-                feats = fm.features(input_ids, mask, aid_h)
-                logits = torch.einsum("nd,ncd->nc", feats, head_W[aid]) + head_b[aid]
-                ce = F.cross_entropy(logits, y, reduction="none")
-                counts = seqs.to(ce.dtype)
-            per_client = torch.zeros(K, dtype=ce.dtype, device=dev).index_add(0, aid, ce) / counts.clamp_min(1)
-            loss = per_client.sum()
-            if not full:
-                pen = strategy.local_penalty(As, Bs, layout)
-                if pen is not None:
-                    loss = loss + (pen * active.to(pen.dtype)).sum()
-            grads = list(torch.autograd.grad(loss, params, allow_unused=True))
-            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-            opt.step(grads, active, cfg.max_grad_norm)
-            loss_sum += per_client.detach().to(torch.float64)
+            batch = (data.input_ids[rows, :L], data.attention_mask[rows, :L], data.labels[rows])
+            if graph is not None and graph.takes(key):
+                graph.step(batch, pattern, key)
+            else:  # a pattern the graph was not captured for (clients that finished early)
+                local_step(*(to_device(t, dev) for t in batch), pattern)
             if on_step is not None:
                 on_step(len(active_list))
     finally:

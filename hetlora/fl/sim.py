@@ -11,8 +11,10 @@
         *.png                        plots (`hetlora.fl.report`)
 
 Every random choice is a pure function of ``(seed, round, client)``: client sampling,
-mini-batches, fresh LoRA inits.  So concurrent and sequential modes see the same data,
-and a run resumed from a checkpoint continues exactly as the uninterrupted run would.
+mini-batches, fresh LoRA inits, and LoRA dropout's masks (of ``(seed, round)``:
+`hetlora.fl.local.round_rng`).  So concurrent and sequential modes see the same data,
+and a run resumed from a checkpoint, or extended with more rounds, continues exactly as the
+uninterrupted run would (on a GPU: up to the rounding of atomic adds).
 """
 
 from __future__ import annotations
@@ -766,6 +768,8 @@ class Simulation:
             device = "cpu"
         if device is not None:
             cfg.device = str(usable_device(device))
+        if torch.device(cfg.device).type != "cuda":
+            cfg.cuda_graphs = False  # a GPU run's setting, meaningless (and refused) elsewhere
         sim = cls(cfg, verbose=verbose)
         sim.build_model()
         ck = load_checkpoint(run_dir, restore_rng=False, device=sim.fm.device)

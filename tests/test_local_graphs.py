@@ -1,0 +1,123 @@
+"""``FedConfig.cuda_graphs``: the simulator's local steps through `hetlora.fl.local.StepGraph`.
+
+A CUDA graph needs a GPU (``tests/test_cuda_graphs.py`` captures the real thing there); here the
+capture is replaced by a stand-in with the same semantics (capturing records the step without
+running it, each replay runs it on whatever the captured input buffers hold), so that on a CPU
+the control flow is checked bit for bit: the warm-up step is a real step, the captured step runs
+exactly once, every replay sees its own batch, layouts the graph was not captured for run
+eagerly, and a failed capture leaves the round eager.  The reference is the eager path with the
+same padding (``StepGraph.takes`` always false); the padded eager run itself is checked against
+the default trimmed one to rounding.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hetlora.fl import FedConfig, Simulation
+from hetlora.fl import local as local_mod
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class Calls:
+    def __init__(self) -> None:
+        self.warm = self.capture = self.replay = 0
+
+
+def _cfg(tmp_path, name, **kw) -> FedConfig:
+    base = dict(model="tiny-random-bert", dataset="synthetic", num_clients=6, clients_per_round=3, rounds=2,
+                local_steps=5, batch_size=4, r_min=1, r_max=4, max_length=16, eval_samples=24, progress=False,
+                client_eval_samples=0, out_dir=str(tmp_path), run_name=name, export_clients=0, plots=False,
+                tiers=[[0.5, "min"], [0.5, "max"]], target_modules=["query", "value"])
+    base.update(kw)
+    return FedConfig(**base)
+
+
+def _run(cfg, monkeypatch, graphs: str | None, calls: Calls | None = None) -> dict[str, torch.Tensor]:
+    """Final global state of a run. ``graphs``: None (the default trimmed eager path), "padded"
+    (the graph path's padding, every step eager), "fake" (through the stand-in capture) or
+    "broken" (a capture that raises)."""
+    with monkeypatch.context() as m:
+        if graphs is not None:
+            m.setattr(local_mod, "use_cuda_graphs", lambda cfg, dev, steps: steps >= 3)
+        if graphs == "padded":
+            m.setattr(local_mod.StepGraph, "takes", lambda self, key: False)
+        if graphs in ("fake", "broken"):
+            def warm(self, fn):
+                calls.warm += 1
+                fn()
+
+            def capture(self, fn):
+                calls.capture += 1
+                if graphs == "broken":
+                    raise RuntimeError("operation not permitted when stream is capturing")
+
+                def replay():
+                    calls.replay += 1
+                    fn()
+
+                return replay  # recorded, not run: as torch.cuda.graph
+
+            m.setattr(local_mod.StepGraph, "_warm", warm)
+            m.setattr(local_mod.StepGraph, "_capture", capture)
+        sim = Simulation(cfg, verbose=False)
+        sim.run()
+        return {k: v.clone() for k, v in sim.state.tensors().items()}
+
+
+def _same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+CAUSAL = dict(model="tiny-random-gpt2", task="causal-lm", target_modules=["c_attn", "c_fc"])
+
+
+@pytest.mark.parametrize("kw", [dict(strategy="hetlora"), dict(strategy="flexlora"),
+                                dict(strategy="hetlora", **CAUSAL)], ids=["hetlora", "flexlora", "hetlora-causal-lm"])
+def test_replayed_steps_equal_the_eager_steps(tmp_path, monkeypatch, kw):
+    padded = _run(_cfg(tmp_path, "padded", **kw), monkeypatch, "padded")
+    calls = Calls()
+    graphed = _run(_cfg(tmp_path, "graphed", **kw), monkeypatch, "fake", calls)
+    _same(graphed, padded)
+    # per round: 1 eager warm-up, 1 capture, then a replay for each of the 4 remaining steps
+    assert (calls.warm, calls.capture, calls.replay) == (2, 2, 8)
+    trimmed = _run(_cfg(tmp_path, "trimmed", **kw), monkeypatch, None)
+    for k in trimmed:  # padding instead of trimming: the masked tail changes only rounding
+        torch.testing.assert_close(padded[k], trimmed[k], rtol=1e-4, atol=1e-6, msg=lambda s, k=k: f"{k}: {s}")
+
+
+def test_other_layouts_run_eagerly(tmp_path, monkeypatch):
+    """Clients with fewer local steps finish early (local_epochs): the later steps' layout is not
+    the captured one and runs eagerly, and the run still equals the all-eager one."""
+    kw = dict(local_epochs=1.0, local_steps=6, batch_size=2, num_clients=4)
+    padded = _run(_cfg(tmp_path, "padded", **kw), monkeypatch, "padded")
+    calls = Calls()
+    graphed = _run(_cfg(tmp_path, "graphed", **kw), monkeypatch, "fake", calls)
+    _same(graphed, padded)
+    assert calls.capture == 2 and calls.replay >= 2
+
+
+def test_a_failed_capture_leaves_the_round_eager(tmp_path, monkeypatch):
+    padded = _run(_cfg(tmp_path, "padded"), monkeypatch, "padded")
+    calls = Calls()
+    with pytest.warns(RuntimeWarning, match="cuda_graphs: capturing the local step failed"):
+        broken = _run(_cfg(tmp_path, "broken"), monkeypatch, "broken", calls)
+    _same(broken, padded)
+    assert calls.replay == 0 and calls.capture == 2
+
+
+def test_few_steps_skip_the_graph(monkeypatch):
+    cfg = _cfg("/tmp", "x", local_steps=2)
+    assert not local_mod.use_cuda_graphs(cfg, torch.device("cuda"), 2)
+    assert not local_mod.use_cuda_graphs(cfg, torch.device("cpu"), 8)
+
+
+def test_cuda_graphs_needs_a_cuda_device():
+    with pytest.raises(ValueError, match=r"FedConfig.cuda_graphs: needs a CUDA device \(device='cpu'\)"):
+        FedConfig(cuda_graphs=True, device="cpu").validate()
+    with pytest.raises(ValueError, match="FedConfig.cuda_graphs: must be a bool"):
+        FedConfig(cuda_graphs="yes").validate()
