@@ -304,7 +304,9 @@ def _export(ns: argparse.Namespace) -> int:
         # (a merged export checks its own target the same way)
         raise ValueError(f"OUT: {str(out)!r} is a non-empty directory that holds no peft adapter: choose a new "
                          f"or empty one (an earlier export there is replaced)")
-    sim = Simulation.from_run_dir(ns.run_dir)
+    # on the CPU whatever the run's device: an export only writes files, and a merged one copies
+    # the whole model (two copies on a GPU could exhaust it)
+    sim = Simulation.from_run_dir(ns.run_dir, device="cpu")
     if ns.merged:
         path = sim.export_merged(ns.out, None if ns.glob else ns.client)
     else:

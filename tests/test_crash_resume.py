@@ -289,3 +289,71 @@ def test_resumed_history_equals_the_uninterrupted_one(tmp_path):
 
     assert [strip(r) for r in resumed.records] == [strip(r) for r in whole.records]
     assert all(isinstance(c, int) for r in resumed.records for c in r["bytes_up"])
+
+
+def test_checkpoints_carry_the_cuda_generators(tmp_path, monkeypatch):
+    """LoRA dropout on a GPU draws from the CUDA generators: a checkpoint saves their states and a
+    resume restores them (the CPU stands in for a machine with two GPUs: torch.cuda's state calls
+    are replaced by recorders)."""
+    import numpy as np
+
+    from hetlora.fl.checkpoint import save_checkpoint
+    from hetlora.fl.strategies import GlobalState
+
+    states = [torch.arange(16, dtype=torch.uint8), torch.arange(16, 32, dtype=torch.uint8)]
+    restored: dict[int, torch.Tensor] = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [s.clone() for s in states])
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda st, device: restored.__setitem__(device, st.clone()))
+    state = GlobalState([torch.ones(2, 3)], [torch.ones(2, 4)], 1.0, torch.zeros(5, 3), torch.zeros(5))
+    save_checkpoint(tmp_path, 1, state, np.array([2, 2]))
+    rnd, back, ranks, _ = load_checkpoint(tmp_path)
+    assert rnd == 1 and sorted(back.tensors()) == sorted(state.tensors())  # no generator among the tensors
+    assert sorted(restored) == [0, 1] and all(torch.equal(restored[i], states[i]) for i in (0, 1))
+    restored.clear()
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # resumed on a machine with one GPU
+    load_checkpoint(tmp_path)
+    assert sorted(restored) == [0]
+    restored.clear()
+    load_checkpoint(tmp_path, restore_rng=False)
+    assert restored == {}
+
+
+def test_a_cuda_graphs_run_rebuilds_on_a_cpu(tmp_path):
+    """A run made with cuda_graphs on a GPU exports and evaluates on a machine without one (the
+    setting is dropped there, where FedConfig refuses it)."""
+    Simulation(_cfg(tmp_path, export_clients=0, rounds=1), verbose=False).run()
+    run_dir = tmp_path / "run"
+    cfg = json.loads((run_dir / "config.json").read_text())
+    cfg.update(device="cuda", cuda_graphs=True)
+    (run_dir / "config.json").write_text(json.dumps(cfg))
+    sim = Simulation.from_run_dir(run_dir, device="cpu")
+    assert sim.config.device == "cpu" and sim.config.cuda_graphs is False
+    assert cli_main(["export", str(run_dir), str(tmp_path / "out"), "--global"]) == 0
+    assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+def test_lora_dropout_masks_survive_a_resume_and_an_extension(tmp_path):
+    """LoRA dropout's masks come from (seed, round) alone (`hetlora.fl.local.round_rng`): one
+    round, then a resume extended to three, lands bit for bit where three rounds in one go land
+    (the global generator's history before a round no longer matters)."""
+    kw = dict(lora_dropout=0.3, export_clients=0, rounds=3)
+    whole = Simulation(_cfg(tmp_path / "a", **kw), verbose=False)
+    whole.run()
+    Simulation(_cfg(tmp_path / "b", **{**kw, "rounds": 1}), verbose=False).run()
+    resumed = Simulation(_cfg(tmp_path / "b", **kw), verbose=False)
+    resumed.run(resume=True)
+    a, b = whole.state.tensors(), resumed.state.tensors()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    before = torch.get_rng_state()
+    from hetlora.fl.local import round_rng
+
+    with round_rng(0, 5, torch.device("cpu")):
+        x = torch.rand(4)
+    with round_rng(0, 5, torch.device("cpu")):
+        assert torch.equal(torch.rand(4), x)  # the same round draws the same
+    with round_rng(0, 6, torch.device("cpu")):
+        assert not torch.equal(torch.rand(4), x)
+    assert torch.equal(torch.get_rng_state(), before)  # and the global stream is left as it was
