@@ -158,7 +158,7 @@ PSHAPE="--T 4096 --d 4096 --K 64 --dtype bf16"
 want profile && stage profile "$(cap 60 190)" "$PY" -m bench profile --device $DEV $PSHAPE --out "$RES"
 
 # 3. kernels (the sweep stops itself 30 s before the stage's timeout and writes what it has)
-KS=$(cap 180 90)
+KS=$(cap 140 130)  # the e2e stage after it keeps >= 130 s (its graph rows, 2026-11-26)
 want kernels && stage kernels "$KS" "$PY" -m bench kernels --preset $KPRESET --device $DEV --out "$RES" --budget-s $(( KS > 60 ? KS - 45 : 15 ))
 
 # 4. end-to-end

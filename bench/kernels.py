@@ -715,8 +715,9 @@ def sweep(pre: Preset) -> list[tuple]:
     grouped tokens) at the largest d; the other token arrangements there; the main grid at the
     other d; the extra grid over every mix and dtype; the server ops in the other dtypes.
     Two passes over them: the first runs the main block whole, the server ops at the largest
-    d, and of every other block only its cover points (T in ``cover_Ts`` and K in ``cover_Ks``);
-    the second runs what is left, block by block.  Within a block K is the outer loop, so the
+    d, and of every other block only its cover points (T in ``cover_Ts`` and K in ``cover_Ks``),
+    taking the blocks in turn (each block's first point, then each block's second, ...); the
+    second runs what is left, block by block.  Within a block K is the outer loop, so the
     configs that share adapters (and a peft model, see `peft_for`) run back to back.
     LoRA jobs are ``("lora", T, d, K, mix, dtype, arrangement)`` with ``T >= K``; server jobs
     ``("server", K, d, L, dtype)``.
@@ -742,7 +743,10 @@ def sweep(pre: Preset) -> list[tuple]:
         return c[1] in pre.cover_Ts and c[3] in pre.cover_Ks
 
     first = [c for c in server if cover(c)] + main
-    first += [c for b in blocks + [server_rest] for c in b if cover(c)]
+    # the other blocks' cover points round-robin: one point of every block before a second of
+    # any (the H100 lend's first pass was cut inside the other d's, before any fp16 or rank mix)
+    covers = [[c for c in b if cover(c)] for b in blocks + [server_rest]]
+    first += [c for group in itertools.zip_longest(*covers) for c in group if c is not None]
     second = [c for c in server if not cover(c)]
     second += [c for b in blocks + [server_rest] for c in b if not cover(c)]
     out: list[tuple] = []

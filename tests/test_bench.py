@@ -244,6 +244,12 @@ def test_gpu_sweep_covers_every_axis_before_filling_in() -> None:
     main = [j for j in jobs if j[0] == "lora" and j[2] == d0 and j[4] == m0 and j[5] == dt0 and j[6] == "grouped"]
     assert main == lora[:len(main)] and len(main) == len(pre.Ts) * len(pre.Ks)
     assert n_first < len(jobs)  # and the first pass is a fraction of the whole
+    # after the main block, one point of every other block before a second point of any
+    def block(j):
+        return ("server", j[4]) if j[0] == "server" else (j[2], j[4], j[5], j[6])
+    rest = [block(j) for j in first[first.index(main[-1]) + 1:]]
+    n_blocks = len(set(rest))
+    assert len(set(rest[:n_blocks])) == n_blocks >= 9
     # configs sharing adapters run back to back (K outer, T inner)
     ks = [j[3] for j in main]
     assert ks == sorted(ks)
