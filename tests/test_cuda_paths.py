@@ -10,7 +10,6 @@ installed.  Written from a device-handling audit of every path on a CPU stand-in
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 
 import pytest
@@ -95,9 +94,9 @@ def test_export_and_evaluate_commands_on_a_gpu_run(tmp_path):
     assert logits.device.type == "cuda" and torch.isfinite(logits).all()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("opacus") is None, reason="client-level DP accounting needs opacus")
 @pytest.mark.parametrize("kw", [dict(dp_clip=1.0, dp_noise_multiplier=1.0),
                                 dict(strategy="homlora", dtype="bfloat16", dp_clip=0.05, dp_noise_multiplier=0.5)],
                          ids=["hetlora", "homlora-bf16"])
 def test_client_level_dp_on_the_gpu(tmp_path, kw):
+    pytest.importorskip("opacus", reason="client-level DP accounting needs opacus")
     _run(_cfg(tmp_path, "dp", **kw))

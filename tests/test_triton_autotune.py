@@ -91,8 +91,14 @@ def _launch_sites(mod) -> list[tuple[str, list[str], set[str]]]:
     }
     sites = []
     for node in ast.walk(tree):
+        # `kernel[grid](...)` or `launch(kernel, grid)(...)` (`hetlora_kernels.triton.launch`)
+        target = None
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript):
             target = node.func.value
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Call)
+              and getattr(node.func.func, "id", "") == "launch" and node.func.args):
+            target = node.func.args[0]
+        if target is not None:
             if isinstance(target, ast.Name) and target.id.startswith("_") and target.id.endswith("_kernel"):
                 explicit = [k.arg for k in node.keywords if k.arg is not None]
                 meta = set()
