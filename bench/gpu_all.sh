@@ -146,7 +146,7 @@ if [ "$DRY" != 1 ] && "$PY" -c "import xdist" >/dev/null 2>&1; then XDIST="-n 4"
 # HETLORA_TRITON_FAST_LAUNCH=1: the kernel tests go through the cached launch path
 # (hetlora_kernels/triton/launch.py, opt-in until a lend has run them so; the default path
 # passed every GPU test on the H100 lend of 2026-11-26)
-want tests && stage tests "$(cap 120 220)" env HETLORA_TRITON_AUTOTUNE=0 HETLORA_TRITON_FAST_LAUNCH=1 \
+want tests && stage tests "$(cap 140 250)" env HETLORA_TRITON_AUTOTUNE=0 HETLORA_TRITON_FAST_LAUNCH=1 \
   "$PY" -m pytest -q -p no:cacheprovider \
   --continue-on-collection-errors -rfE $XDIST \
   $COLLECT --junitxml="$RES/pytest-backends.xml" $GPU_FILES
@@ -158,7 +158,7 @@ PSHAPE="--T 4096 --d 4096 --K 64 --dtype bf16"
 want profile && stage profile "$(cap 60 190)" "$PY" -m bench profile --device $DEV $PSHAPE --out "$RES"
 
 # 3. kernels (the sweep stops itself 30 s before the stage's timeout and writes what it has)
-KS=$(cap 140 130)  # the e2e stage after it keeps >= 130 s (its graph rows, 2026-11-26)
+KS=$(cap 120 110)  # the e2e stage after it keeps >= 110 s (its graph rows, 2026-11-26)
 want kernels && stage kernels "$KS" "$PY" -m bench kernels --preset $KPRESET --device $DEV --out "$RES" --budget-s $(( KS > 60 ? KS - 45 : 15 ))
 
 # 4. end-to-end
