@@ -15,6 +15,7 @@ safetensors files.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import importlib.metadata
@@ -379,9 +380,19 @@ def _load_hub(spec: str, text_column: str, label_column: str, test_fraction: flo
         raise ValueError("name: 'hf:' must be followed by a hub data set name, e.g. 'hf:ag_news'")
     import datasets  # only here: importing datasets is slow and the other loaders do not need it
 
+    from .hub import hub_unreachable
+    from .hub import offline as hub_offline
+
+    why = hub_unreachable()  # out of reach: the local cache alone, failing at once (not after ~25 s of retries)
     try:
-        ds = datasets.load_dataset(hub_name, config or None)
+        with hub_offline() if why is not None else contextlib.nullcontext():
+            ds = datasets.load_dataset(hub_name, config or None)
     except (ConnectionError, OSError) as e:  # offline, not cached, or no such data set on the hub
+        if why is not None:
+            raise ValueError(
+                f"name: hub data set {spec!r} could not be loaded: it is not in the local Hugging Face cache and "
+                f"the hub is out of reach ({why}); a local .csv/.tsv/.jsonl/.json file or an installed data set "
+                f"(20newsgroups, ...) needs no network") from None
         raise ValueError(
             f"name: hub data set {spec!r} could not be loaded ({type(e).__name__}: {e}). Without network access "
             f"only data sets already in the local Hugging Face cache load; a local .csv/.tsv/.jsonl/.json file "
