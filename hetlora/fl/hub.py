@@ -39,16 +39,13 @@ def offline():
     cache only and fails at once instead of retrying."""
     import sys
 
-    flags = []
-    for mod, names in (("huggingface_hub.constants", ("HF_HUB_OFFLINE",)),
-                       ("datasets.config", ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))):
-        m = sys.modules.get(mod)
-        if m is None and mod.startswith("huggingface_hub"):
-            try:
-                import huggingface_hub.constants as m
-            except ImportError:  # pragma: no cover - transformers depends on huggingface_hub
-                m = None
-        flags += [(m, n, getattr(m, n)) for n in names if m is not None and hasattr(m, n)]
+    try:
+        import huggingface_hub.constants as hub_constants
+    except ImportError:  # pragma: no cover - transformers depends on huggingface_hub
+        hub_constants = None
+    ds_config = sys.modules.get("datasets.config")  # copied the flag at its import, if imported
+    targets = [(hub_constants, "HF_HUB_OFFLINE"), (ds_config, "HF_HUB_OFFLINE"), (ds_config, "HF_DATASETS_OFFLINE")]
+    flags = [(m, n, getattr(m, n)) for m, n in targets if m is not None and hasattr(m, n)]
     for m, n, _ in flags:
         setattr(m, n, True)
     try:
