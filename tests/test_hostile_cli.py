@@ -30,6 +30,7 @@ CASES = [
     ("--dp-clip 0", "FedConfig.dp_clip"),
     ("--strategy flora --dp-clip 1", "FedConfig.dp_clip"),
     ("--device gpu0", "FedConfig.device: is not a torch device string"),
+    ("--cuda-graphs", "FedConfig.cuda_graphs: needs a CUDA device (device='cpu')"),
     ("--model /nonexistent/model", "FedConfig.model: no model directory at '/nonexistent/model'"),
     ("--config /nonexistent.yaml", "config file not found: /nonexistent.yaml"),
     ("--config {d}/small.csv", "expected a .json, .yaml or .yml file"),
