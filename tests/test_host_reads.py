@@ -218,3 +218,35 @@ def test_evaluation_reads_its_sums_once_at_the_end():
     ours = [r for r in seen if "/transformers/" not in r[1] and not r[1].startswith(build)]
     assert len(ours) == 3 and len({line for _, line in ours}) == 1, ours
     assert 0.0 <= acc <= 1.0 and loss > 0
+
+
+@pytest.mark.parametrize("model", ["tiny-random-bert", "tiny-random-gpt2"])
+def test_an_unpadded_batch_reaches_the_model_without_a_mask(model):
+    """A batch whose host-side lengths show no padding goes to the model without its all-ones
+    mask (`FedModel.features` / `token_losses` with ``full``): transformers would read the mask
+    back to find that out and then drop it; the results are the same to the bit and nothing is
+    read.  With the mask passed, transformers' read is there (what the shortcut saves)."""
+    from hetlora.fl import FedConfig, Simulation
+
+    cfg = FedConfig(model=model, dataset="synthetic", num_clients=4, clients_per_round=2, rounds=1, r_min=1, r_max=4,
+                    progress=False, plots=False, tiers=[[0.5, "min"], [0.5, "max"]],
+                    task="causal-lm" if "gpt2" in model else "classification",
+                    target_modules=["c_attn"] if "gpt2" in model else ["query", "value"])
+    sim = Simulation(cfg, verbose=False)
+    sim.setup()
+    fm = sim.fm
+    fm.load_global(sim.state)  # one adapter: the global one
+    torch.manual_seed(0)
+    ids = torch.randint(1, 50, (6, 12))
+    mask = torch.ones_like(ids)
+    aid = torch.zeros(6, dtype=torch.int64)
+    run = (lambda full: fm.token_losses(ids, mask, aid, full)) if fm.causal else \
+        (lambda full: (fm.features(ids, mask, aid, full),))
+    with torch.no_grad():
+        with host_reads() as passed:
+            want = run(False)
+        with host_reads() as skipped:
+            got = run(True)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert [r for r in passed if "/transformers/" in r[1]], "transformers no longer reads the mask: drop `full`"
+    assert skipped == [], skipped
