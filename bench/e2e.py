@@ -21,9 +21,10 @@ cross-entropy, backward, one AdamW step on the client's LoRA factors and head.
   re-creating a one-adapter model per client, so the speed-up reported is conservative);
   each client has its own head and AdamW.  One round over the K clients = K client-steps.
 
-``concurrent`` and ``sequential`` pass no attention mask (all ones here): transformers reads a
-mask back to the host to see whether it may skip it (the simulator rows pass it, as real padded
-batches need).
+No method passes the attention mask (all ones here): transformers reads a mask back to the host
+to see whether it may skip it.  The simulator passes it only for a batch with padding (its
+host-side lengths say; these batches have none), except under ``simulator+graph``, whose
+captured step must serve any batch.
 
 Timing: wall clock around a whole step or round, synchronised on a GPU, after one
 warm-up; the median over the timed steps.  Peak memory: ``torch.cuda.max_memory_allocated``
@@ -299,8 +300,9 @@ def simulator_step_fn(base: nn.Module, family: str, run: Run, data, device: torc
     """The simulator's own local training, what ``hetlora simulate`` runs (`hetlora.fl`): each
     call is one HetLoRA round over all K clients, ``SIM_LOCAL_STEPS`` concurrent steps of the
     same rows as the other methods, then the server's screening and aggregation; its time is
-    reported per local step (``steps_per_call``).  Unlike ``concurrent`` it passes the attention
-    mask (real batches are padded), so transformers' mask check waits for the GPU once a step."""
+    reported per local step (``steps_per_call``).  Like ``concurrent`` it leaves out the all-ones
+    mask of these unpadded batches (`FedModel.features`' ``full``; a padded batch passes it, and
+    transformers' check of it waits for the GPU once a step); ``graph`` always passes it."""
     import tempfile
 
     from hetlora.fl import FedConfig, Simulation
