@@ -337,6 +337,15 @@ def simulator_step_fn(base: nn.Module, family: str, run: Run, data, device: torc
                     "steps_per_call": SIM_LOCAL_STEPS, **({"cuda_graph": True} if graph else {})}
 
 
+def _graph_stats() -> dict[str, Any]:
+    """`hetlora.fl.local.StepGraph`'s process-wide capture counts (zeros without the simulator)."""
+    try:
+        from hetlora.fl.local import StepGraph
+    except ImportError:
+        return {"captured": 0, "failed": 0, "last_failure": None}
+    return dict(StepGraph.stats)
+
+
 def time_steps(fn: Callable[[], None], device: torch.device, warmup: int, steps: int) -> dict[str, Any]:
     for _ in range(warmup):
         fn()
@@ -418,7 +427,14 @@ def bench_run(run: Run, device: torch.device, dtype: torch.dtype, warmup: int, s
                 row["loadavg_1min"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
                 if method == "concurrent" and backend != "auto":
                     row["backend"] = backend
+                graph_before = _graph_stats()
                 timed = time_steps(fn, device, warmup, steps)
+                if method == "simulator+graph":  # a failed capture would time eager steps: say so
+                    after = _graph_stats()
+                    row["graph_captures"] = after["captured"] - graph_before["captured"]
+                    row["graph_failures"] = after["failed"] - graph_before["failed"]
+                    if row["graph_failures"]:
+                        row["graph_failure"] = str(after["last_failure"])[:300]
                 per = meta.get("steps_per_call", 1)  # a simulator round: report per local step
                 for key in ("step_s", "min_step_s"):
                     timed[key] /= per
@@ -539,6 +555,11 @@ def markdown(res: dict[str, Any]) -> str:
     if errs:
         parts.append("Failures:\n" + "\n".join(f"- {r['model']} K={r['clients']} {r['method']}: {r.get('status')} — "
                                                f"{r.get('reason')}" for r in errs))
+    graphs = [r for r in res["rows"] if r.get("graph_failures")]
+    if graphs:  # those rows timed eager steps after the failed capture
+        parts.append("CUDA graph captures that failed (the round went on eagerly):\n" + "\n".join(
+            f"- {r['model']} K={r['clients']} {r['method']}: {r['graph_failures']} of "
+            f"{r['graph_failures'] + r.get('graph_captures', 0)} — {r.get('graph_failure')}" for r in graphs))
     return "\n\n".join(parts) + "\n"
 
 

@@ -81,10 +81,13 @@ CAUSAL = dict(model="tiny-random-gpt2", task="causal-lm", target_modules=["c_att
 def test_replayed_steps_equal_the_eager_steps(tmp_path, monkeypatch, kw):
     padded = _run(_cfg(tmp_path, "padded", **kw), monkeypatch, "padded")
     calls = Calls()
+    before = dict(local_mod.StepGraph.stats)
     graphed = _run(_cfg(tmp_path, "graphed", **kw), monkeypatch, "fake", calls)
     _same(graphed, padded)
     # per round: 1 eager warm-up, 1 capture, then a replay for each of the 4 remaining steps
     assert (calls.warm, calls.capture, calls.replay) == (2, 2, 8)
+    assert local_mod.StepGraph.stats["captured"] - before["captured"] == 2
+    assert local_mod.StepGraph.stats["failed"] == before["failed"]
     trimmed = _run(_cfg(tmp_path, "trimmed", **kw), monkeypatch, None)
     for k in trimmed:  # padding instead of trimming: the masked tail changes only rounding
         torch.testing.assert_close(padded[k], trimmed[k], rtol=1e-4, atol=1e-6, msg=lambda s, k=k: f"{k}: {s}")
@@ -104,10 +107,13 @@ def test_other_layouts_run_eagerly(tmp_path, monkeypatch):
 def test_a_failed_capture_leaves_the_round_eager(tmp_path, monkeypatch):
     padded = _run(_cfg(tmp_path, "padded"), monkeypatch, "padded")
     calls = Calls()
+    before = dict(local_mod.StepGraph.stats)
     with pytest.warns(RuntimeWarning, match="cuda_graphs: capturing the local step failed"):
         broken = _run(_cfg(tmp_path, "broken"), monkeypatch, "broken", calls)
     _same(broken, padded)
     assert calls.replay == 0 and calls.capture == 2
+    stats = local_mod.StepGraph.stats  # what bench e2e reports beside a simulator+graph row
+    assert stats["failed"] - before["failed"] == 2 and "stream is capturing" in stats["last_failure"]
 
 
 def test_few_steps_skip_the_graph(monkeypatch):

@@ -348,6 +348,9 @@ class StepGraph:
     """
 
     warmup_steps = 1
+    # every StepGraph of the process: captures made, captures failed, the last failure (what
+    # `bench e2e`'s simulator+graph row reports: a failed capture times the eager steps)
+    stats: dict = {"captured": 0, "failed": 0, "last_failure": None}
 
     def __init__(self, step_fn, device: torch.device) -> None:
         self.step_fn, self.device = step_fn, torch.device(device)
@@ -377,10 +380,13 @@ class StepGraph:
             return
         try:
             self.replay = self._capture(lambda: self.step_fn(*self.bufs, pattern))
+            StepGraph.stats["captured"] += 1
         except Exception as e:  # noqa: BLE001 - reported, and the round goes on eagerly
             import warnings
 
             self.failed = f"{type(e).__name__}: {e}"
+            StepGraph.stats["failed"] += 1
+            StepGraph.stats["last_failure"] = self.failed
             warnings.warn(f"cuda_graphs: capturing the local step failed ({self.failed}); the round's "
                           f"remaining steps run eagerly", RuntimeWarning, stacklevel=2)
             self.step_fn(*self.bufs, pattern)
