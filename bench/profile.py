@@ -270,6 +270,7 @@ def run(args: argparse.Namespace) -> Path | None:
                 if isinstance(fn, str) or name in ("peft", "loop") and K > 64:
                     continue
                 row: dict[str, Any] = {"op": op, "mode": mode, "method": name}
+                fast0 = _fast_stats()
                 try:
                     call = _call(fn, case, mode)
                     for _ in range(3):  # warm-up: compiles, autotunes, caches schedules
@@ -287,6 +288,8 @@ def run(args: argparse.Namespace) -> Path | None:
                     row["status"] = "ok"
                 except Exception as e:  # noqa: BLE001 - one method's failure is a row, not the end
                     row.update(status="error", reason=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                if "fast" in name:  # did its launches take the cached path?
+                    row["fast_launch"] = {k: v - fast0[k] for k, v in _fast_stats().items()}
                 res["rows"].append(row)
                 _save(res, out)  # after every row: a stage killed by its timeout keeps what it measured
                 print(f"  {op} {mode} {name}: synced {C.fmt(row.get('synced_ms'))} ms, host "
@@ -297,6 +300,14 @@ def run(args: argparse.Namespace) -> Path | None:
     _save(res, out)
     print(f"[bench profile] wrote {out / 'profile.md'}", flush=True)
     return out
+
+
+def _fast_stats() -> dict[str, int]:
+    try:
+        from hetlora_kernels.triton import launch
+    except ImportError:  # no triton: no fast path either
+        return {"hits": 0, "misses": 0, "fallbacks": 0}
+    return dict(launch.STATS)
 
 
 def _save(res: dict[str, Any], out: Path) -> None:
@@ -324,7 +335,10 @@ def markdown(res: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in res["rows"]:
-        lines.append(f"| {r['op']} | {r['mode']} | {r['method']} | {C.fmt(r.get('synced_ms'))} | "
+        fl = r.get("fast_launch")
+        method = r["method"] + (f" (launches: {fl['hits']} cached, {fl['misses']} missed, {fl['fallbacks']} "
+                                f"Triton's)" if fl else "")
+        lines.append(f"| {r['op']} | {r['mode']} | {method} | {C.fmt(r.get('synced_ms'))} | "
                      f"{C.fmt(r.get('host_ms'))} | {C.fmt(r.get('device_ms'))} | "
                      f"{r.get('table') or r.get('reason', '')} |")
     return "\n".join(lines) + "\n"

@@ -141,12 +141,14 @@ def main() -> int:
         for mode in ("slow", "fast-miss", "fast-hit"):
             launch.FAST_LAUNCH = mode != "slow"
             del RECORD[:]
+            before = dict(launch.STATS)
             try:
                 call()
             except Exception as e:  # noqa: BLE001 - reported to the test
                 rec[mode] = f"error: {type(e).__name__}: {e}"
                 continue
             rec[mode] = [list(map(repr, r)) for r in RECORD]
+            rec[mode + ":stats"] = {k: v - before[k] for k, v in launch.STATS.items()}
         results[name] = rec
     # host time per call of one shrink on each path (the fake launcher does nothing)
     layout = hk.AdapterLayout([16] * 8)

@@ -50,6 +50,11 @@ def test_fast_path_launches_what_triton_launches(probe):
         assert isinstance(slow, list) and slow, (name, slow)
         assert rec["fast-miss"] == slow, name
         assert rec["fast-hit"] == slow, name
+        n = len(slow)  # and the second call really took the cached path (launch.STATS)
+        assert rec["slow:stats"] == {"hits": 0, "misses": 0, "fallbacks": 0}, name
+        miss = rec["fast-miss:stats"]  # a key an earlier case made already hits (d = 64: rows stay aligned)
+        assert miss["hits"] + miss["misses"] == n and miss["fallbacks"] == 0, name
+        assert rec["fast-hit:stats"] == {"hits": n, "misses": 0, "fallbacks": 0}, name
 
 
 def test_the_key_tells_alignments_apart(probe):

@@ -38,6 +38,11 @@ FAST_LAUNCH = os.environ.get("HETLORA_TRITON_FAST_LAUNCH", "0").strip().lower() 
 
 _MAX_KEYS = 4096  # per kernel; a key holds no tensors (only dtypes, alignments and numbers)
 
+STATS = {"hits": 0, "misses": 0, "fallbacks": 0}
+"""Launches through the fast path since import: hits (the cached launcher), misses (Triton's
+path, then cached), fallbacks (Triton's path for good: a hook set, an unhashable argument, a
+kernel with a config pre-hook).  `bench profile` reports them beside its fast-launch rows."""
+
 
 def _key(device: int, args: tuple, kwargs: dict[str, Any]) -> tuple:
     """Two entries per argument, the first naming its kind: a tensor's dtype and whether its
@@ -98,6 +103,7 @@ class _Launcher:
         from triton.runtime.driver import driver
 
         if not self.usable or _hooked(knobs.runtime.launch_enter_hook) or _hooked(knobs.runtime.launch_exit_hook):
+            STATS["fallbacks"] += 1
             self.kernel[grid](*args, **kwargs)
             return
         device = driver.active.get_current_device()
@@ -105,13 +111,16 @@ class _Launcher:
             key = _key(device, args, kwargs)
             hit = self.cache.get(key)
         except TypeError:  # an unhashable argument value: Triton's own path
+            STATS["fallbacks"] += 1
             self.kernel[grid](*args, **kwargs)
             return
         if hit is None:
+            STATS["misses"] += 1
             compiled = self.kernel[grid](*args, **kwargs)  # autotunes, compiles and launches as usual
             if compiled is not None and hasattr(compiled, "packed_metadata") and len(self.cache) < _MAX_KEYS:
                 self.cache[key] = self._entry(compiled, args, kwargs)
             return
+        STATS["hits"] += 1
         if hit.tail is not None:
             bound = [*args, *hit.tail]
         else:
