@@ -17,6 +17,7 @@ import contextlib
 import traceback
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel
@@ -223,7 +224,7 @@ def test_evaluation_reads_its_sums_once_at_the_end():
 @pytest.mark.parametrize("model", ["tiny-random-bert", "tiny-random-gpt2"])
 def test_an_unpadded_batch_reaches_the_model_without_a_mask(model):
     """A batch whose host-side lengths show no padding goes to the model without its all-ones
-    mask (`FedModel.features` / `token_losses` with ``full``): transformers would read the mask
+    mask (`FedModel.features` / `token_losses` with ``unpadded``): transformers would read the mask
     back to find that out and then drop it; the results are the same to the bit and nothing is
     read.  With the mask passed, transformers' read is there (what the shortcut saves)."""
     from hetlora.fl import FedConfig, Simulation
@@ -240,13 +241,47 @@ def test_an_unpadded_batch_reaches_the_model_without_a_mask(model):
     ids = torch.randint(1, 50, (6, 12))
     mask = torch.ones_like(ids)
     aid = torch.zeros(6, dtype=torch.int64)
-    run = (lambda full: fm.token_losses(ids, mask, aid, full)) if fm.causal else \
-        (lambda full: (fm.features(ids, mask, aid, full),))
+    run = (lambda unpadded: fm.token_losses(ids, mask, aid, unpadded)) if fm.causal else \
+        (lambda unpadded: (fm.features(ids, mask, aid, unpadded),))
     with torch.no_grad():
         with host_reads() as passed:
             want = run(False)
         with host_reads() as skipped:
             got = run(True)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
-    assert [r for r in passed if "/transformers/" in r[1]], "transformers no longer reads the mask: drop `full`"
+    assert [r for r in passed if "/transformers/" in r[1]], "transformers no longer reads the mask: drop `unpadded`"
     assert skipped == [], skipped
+
+
+@pytest.mark.parametrize("strategy", ["hetlora", "homlora"])
+def test_a_run_on_unpadded_data_equals_the_run_that_passes_every_mask(tmp_path, monkeypatch, strategy):
+    """Every batch unpadded (masks all ones): a whole HetLoRA run with the shortcut lands bit for
+    bit where the run that passes every mask lands (the penalty, the pooling and the evaluation
+    unchanged; the shortcut only leaves the all-ones mask out of the model's call)."""
+    from hetlora.fl import FedConfig, Simulation
+    from hetlora.fl.local import FedModel, TokenData
+    from hetlora.fl.sim import FedData, synthetic_data
+
+    train, test, C = synthetic_data(0, num_train=160, num_test=48)
+    full = [TokenData(d.input_ids.clone(), torch.ones_like(d.attention_mask), d.labels) for d in (train, test)]
+    clients = [(np.arange(k * 32, k * 32 + 28), np.arange(k * 32 + 28, (k + 1) * 32)) for k in range(5)]
+
+    def run(name: str, **kw) -> dict[str, torch.Tensor]:
+        cfg = FedConfig(model="tiny-random-bert", dataset="synthetic", num_clients=5, clients_per_round=3,
+                        rounds=2, local_steps=3, batch_size=4, r_min=1, r_max=4, max_length=16, progress=False,
+                        client_eval_samples=4, out_dir=str(tmp_path), run_name=name, export_clients=0, plots=False,
+                        tiers=[[0.5, "min"], [0.5, "max"]], target_modules=["query", "value"], strategy=strategy,
+                        **{"lam": 0.5, **kw})
+        sim = Simulation(cfg, data=FedData(full[0], full[1], C, clients), verbose=False)
+        hist = sim.run()
+        return {**sim.state.tensors(), "acc": torch.tensor([r["eval_acc"] for r in hist.records])}
+
+    short = run("shortcut")
+    if strategy == "hetlora":  # the tail-norm penalty still acts on unpadded batches
+        no_penalty = run("lam0", lam=0.0)
+        assert not all(torch.equal(short[k], no_penalty[k]) for k in short if k.startswith(("A.", "B.")))
+    for name in ("features", "token_losses"):  # every call passes its mask
+        real = getattr(FedModel, name)
+        monkeypatch.setattr(FedModel, name, lambda self, *a, _real=real, unpadded=False: _real(self, *a[:3]))
+    passed = run("masks")
+    assert all(torch.equal(short[k], passed[k]) for k in short)

@@ -157,24 +157,26 @@ class FedModel:
 
     # -- forward -------------------------------------------------------------------------------
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 adapter_ids: torch.Tensor, full: bool = False) -> torch.Tensor:
+                 adapter_ids: torch.Tensor, unpadded: bool = False) -> torch.Tensor:
         """``[N, d]`` mean of the last hidden states over ``attention_mask``.
 
-        ``full``: the caller knows (from host-side lengths) that the mask is all ones; the model
+        ``unpadded``: the caller knows (from host-side lengths) that the mask is all ones; the model
         then gets none, which is what transformers makes of an all-ones mask itself, after
         reading it back from the device to find out (a wait on a GPU, and no CUDA graph)."""
-        out = self.mlm(input_ids=input_ids, attention_mask=None if full else attention_mask, adapter_ids=adapter_ids)
+        out = self.mlm(input_ids=input_ids, attention_mask=None if unpadded else attention_mask,
+                       adapter_ids=adapter_ids)
         h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         m = attention_mask.unsqueeze(-1).to(h.dtype)
         return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
 
-    def token_losses(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     adapter_ids: torch.Tensor, full: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def token_losses(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, adapter_ids: torch.Tensor,
+                     unpadded: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Causal LM: per sequence ``(sum of next-token cross-entropies [N], predicted tokens [N],
         correct top-1 predictions [N])`` over the positions whose token and next token are both
-        real (``attention_mask`` 1).  Cross-entropy is taken in float32 or wider.  ``full``: as
+        real (``attention_mask`` 1).  Cross-entropy is taken in float32 or wider.  ``unpadded``: as
         in `features`."""
-        out = self.mlm(input_ids=input_ids, attention_mask=None if full else attention_mask, adapter_ids=adapter_ids)
+        out = self.mlm(input_ids=input_ids, attention_mask=None if unpadded else attention_mask,
+                       adapter_ids=adapter_ids)
         logits = (out.logits if hasattr(out, "logits") else out[0])[:, :-1]
         target = input_ids[:, 1:]
         valid = (attention_mask[:, 1:] * attention_mask[:, :-1]).to(torch.bool)
@@ -509,15 +511,15 @@ def _train_group(fm: FedModel, strategy: Strategy, state: GlobalState, tasks: li
     per_pattern: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
     def local_step(input_ids: torch.Tensor, mask: torch.Tensor, y: torch.Tensor, pattern: tuple,
-                   full: bool = False) -> None:
+                   unpadded: bool = False) -> None:
         """One concurrent step on device tensors: every op stays on the device (a CUDA graph
-        can hold it, `StepGraph`).  ``full``: no padding in the batch (`FedModel.features`)."""
+        can hold it, `StepGraph`).  ``unpadded``: no padding in the batch (`FedModel.features`)."""
         aid_h, aid, active, seqs = pattern
         if fm.causal:  # mean next-token loss over each client's own tokens
-            ce, ntok, _ = fm.token_losses(input_ids, mask, aid_h, full)
+            ce, ntok, _ = fm.token_losses(input_ids, mask, aid_h, unpadded)
             counts = torch.zeros(K, dtype=ce.dtype, device=dev).index_add(0, aid, ntok.to(ce.dtype))
         else:  # mean loss over each client's own sequences
-            feats = fm.features(input_ids, mask, aid_h, full)
+            feats = fm.features(input_ids, mask, aid_h, unpadded)
             logits = torch.einsum("nd,ncd->nc", feats, head_W[aid]) + head_b[aid]
             ce = F.cross_entropy(logits, y, reduction="none")
             counts = seqs.to(ce.dtype)
@@ -617,14 +619,14 @@ def _local_eval(fm: FedModel, tasks, data: TokenData, head_W, head_b, cfg):
         a_h = torch.as_tensor(aid_np[s:s + bs])  # host ids route the batch without a device read
         a = to_device(a_h, dev)
         L = max(int(lengths[rows_np[s:s + bs]].max()), 1)
-        full = bool(lengths[rows_np[s:s + bs]].min() >= L)  # no padding: the model needs no mask
+        unpadded = bool(lengths[rows_np[s:s + bs]].min() >= L)  # no padding: the model needs no mask
         ids, m = to_device(data.input_ids[r, :L], dev), to_device(data.attention_mask[r, :L], dev)
         if fm.causal:  # next-token accuracy over each client's held-out tokens
-            _, ntok, ok = fm.token_losses(ids, m, a_h, full)
+            _, ntok, ok = fm.token_losses(ids, m, a_h, unpadded)
             correct.index_add_(0, a, ok.double())
             tokens.index_add_(0, a, ntok.double())
             continue
-        feats = fm.features(ids, m, a_h, full)
+        feats = fm.features(ids, m, a_h, unpadded)
         logits = torch.einsum("nd,ncd->nc", feats, head_W[a]) + head_b[a]
         correct.index_add_(0, a, (logits.argmax(1) == to_device(data.labels[r], dev)).double())
     correct = correct.cpu().numpy()
@@ -649,18 +651,18 @@ def evaluate(fm: FedModel, state: GlobalState, data: TokenData, batch_size: int 
     lengths = data.lengths()
     for s in range(0, n, batch_size):
         L = max(int(lengths[s:s + batch_size].max()), 1)
-        full = bool(lengths[s:s + batch_size].min() >= L)  # no padding: the model needs no mask
+        unpadded = bool(lengths[s:s + batch_size].min() >= L)  # no padding: the model needs no mask
         ids = to_device(data.input_ids[s:s + batch_size, :L], dev)
         m = to_device(data.attention_mask[s:s + batch_size, :L], dev)
         zeros = torch.zeros(ids.shape[0], dtype=torch.int64)  # host ids: routed without a device read
         if fm.causal:
-            ce, ntok, ok = fm.token_losses(ids, m, zeros, full)
+            ce, ntok, ok = fm.token_losses(ids, m, zeros, unpadded)
             loss_t += ce.double().sum()
             correct_t += ok.sum()
             tokens_t += ntok.sum()
             continue
         y = to_device(data.labels[s:s + batch_size], dev)
-        feats = fm.features(ids, m, zeros, full)
+        feats = fm.features(ids, m, zeros, unpadded)
         logits = feats @ W.t() + b
         loss_t += F.cross_entropy(logits.double(), y, reduction="sum")
         correct_t += (logits.argmax(1) == y).sum()
