@@ -301,7 +301,7 @@ def simulator_step_fn(base: nn.Module, family: str, run: Run, data, device: torc
     call is one HetLoRA round over all K clients, ``SIM_LOCAL_STEPS`` concurrent steps of the
     same rows as the other methods, then the server's screening and aggregation; its time is
     reported per local step (``steps_per_call``).  Like ``concurrent`` it leaves out the all-ones
-    mask of these unpadded batches (`FedModel.features`' ``full``; a padded batch passes it, and
+    mask of these unpadded batches (`FedModel.features`' ``unpadded``; a padded batch passes it, and
     transformers' check of it waits for the GPU once a step); ``graph`` always passes it."""
     import tempfile
 

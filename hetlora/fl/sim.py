@@ -19,6 +19,7 @@ uninterrupted run would (on a GPU: up to the rounding of atomic adds).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -193,34 +194,25 @@ def _load_encoder(config: FedConfig) -> tuple[nn.Module, str, object | None]:
     from .hub import hub_unreachable
     from .hub import offline as hub_offline
 
-    def load(**kw):
-        if config.task == "causal-lm":
-            enc = AutoModelForCausalLM.from_pretrained(path, **kw)
-        else:
-            try:
-                enc = AutoModel.from_pretrained(path, add_pooling_layer=False, **kw)  # the pooler is unused
-            except TypeError:
-                enc = AutoModel.from_pretrained(path, **kw)
-        return enc, AutoTokenizer.from_pretrained(path, **kw)
-
+    # a hub name out of reach: the local cache alone, failing at once (not after ~50 s of retries)
+    why = None if Path(path).expanduser().is_dir() else hub_unreachable()
     try:
-        why = None if Path(path).expanduser().is_dir() else hub_unreachable()
-        if why is None:
-            enc, tok = load()
-        else:  # a hub name out of reach: the local cache alone, failing at once (not after ~50 s of retries)
-            try:
-                with hub_offline():
-                    enc, tok = load()
-            except (OSError, ValueError):
-                raise ValueError(f"FedConfig.model: {path!r} is not a local directory, not in the local Hugging "
-                                 f"Face cache, and the hub is out of reach ({why}); download it where there is a "
-                                 f"network (e.g. `hf download {path} --local-dir DIR`) and pass the "
-                                 f"directory") from None
+        with hub_offline() if why is not None else contextlib.nullcontext():
+            if config.task == "causal-lm":
+                enc = AutoModelForCausalLM.from_pretrained(path)
+            else:
+                try:
+                    enc = AutoModel.from_pretrained(path, add_pooling_layer=False)  # the pooler is unused
+                except TypeError:
+                    enc = AutoModel.from_pretrained(path)
+            tok = AutoTokenizer.from_pretrained(path)
         if tok.pad_token is None and tok.eos_token is not None:
             tok.pad_token = tok.eos_token  # GPT-2 style tokenizers: padding is masked out anyway
     except (OSError, ValueError) as e:
-        if str(e).startswith("FedConfig.model"):
-            raise
+        if why is not None:
+            raise ValueError(f"FedConfig.model: {path!r} is not a local directory, not in the local Hugging "
+                             f"Face cache, and the hub is out of reach ({why}); download it where there is a "
+                             f"network (e.g. `hf download {path} --local-dir DIR`) and pass the directory") from None
         raise ValueError(f"FedConfig.model: cannot load {path!r} as a transformers model "
                          f"(a local directory, or a hub name when online): {e}") from None
     finally:
