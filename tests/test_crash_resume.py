@@ -291,36 +291,6 @@ def test_resumed_history_equals_the_uninterrupted_one(tmp_path):
     assert all(isinstance(c, int) for r in resumed.records for c in r["bytes_up"])
 
 
-def test_checkpoints_carry_the_cuda_generators(tmp_path, monkeypatch):
-    """LoRA dropout on a GPU draws from the CUDA generators: a checkpoint saves their states and a
-    resume restores them (the CPU stands in for a machine with two GPUs: torch.cuda's state calls
-    are replaced by recorders)."""
-    import numpy as np
-
-    from hetlora.fl.checkpoint import save_checkpoint
-    from hetlora.fl.strategies import GlobalState
-
-    states = [torch.arange(16, dtype=torch.uint8), torch.arange(16, 32, dtype=torch.uint8)]
-    restored: dict[int, torch.Tensor] = {}
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [s.clone() for s in states])
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda st, device: restored.__setitem__(device, st.clone()))
-    state = GlobalState([torch.ones(2, 3)], [torch.ones(2, 4)], 1.0, torch.zeros(5, 3), torch.zeros(5))
-    save_checkpoint(tmp_path, 1, state, np.array([2, 2]))
-    rnd, back, ranks, _ = load_checkpoint(tmp_path)
-    assert rnd == 1 and sorted(back.tensors()) == sorted(state.tensors())  # no generator among the tensors
-    assert sorted(restored) == [0, 1] and all(torch.equal(restored[i], states[i]) for i in (0, 1))
-    restored.clear()
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # resumed on a machine with one GPU
-    load_checkpoint(tmp_path)
-    assert sorted(restored) == [0]
-    restored.clear()
-    load_checkpoint(tmp_path, restore_rng=False)
-    assert restored == {}
-
-
 def test_a_cuda_graphs_run_rebuilds_on_a_cpu(tmp_path):
     """A run made with cuda_graphs on a GPU exports and evaluates on a machine without one (the
     setting is dropped there, where FedConfig refuses it)."""

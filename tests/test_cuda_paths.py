@@ -1,7 +1,7 @@
 """On a GPU: the simulator paths `tests/test_cuda_strategies.py` leaves out, each end to end on
 the device: local evaluation and the end-of-run export (which `Simulation.run` only logs when it
 fails: checked here by its files), causal LM and bf16, sequential mode with LoRA dropout, a
-resume (dropout masks continue from the saved CUDA generators), `hetlora export` (peft and
+resume (dropout masks from (seed, round) on the device too), `hetlora export` (peft and
 merged) and `hetlora evaluate`, the merged classifier, and client-level DP where opacus is
 installed.  Written from a device-handling audit of every path on a CPU stand-in for a GPU
 (session 10); a default GPU run had crashed after round 1 before it.
@@ -57,8 +57,8 @@ def test_a_run_evaluates_and_exports_on_the_gpu(tmp_path, kw):
 
 def test_resume_continues_the_dropout_masks(tmp_path):
     """Two rounds in one go against one round, a resume, and the second: LoRA dropout draws from
-    the CUDA generator, whose state the checkpoint carries.  Equal to index_add's rounding
-    (atomics), far inside what other masks would change."""
+    the CUDA generator, seeded from (seed, round) for each round (`hetlora.fl.local.round_rng`).
+    Equal to index_add's rounding (atomics), far inside what other masks would change."""
     from hetlora.fl import Simulation
 
     kw = dict(lora_dropout=0.3, local_steps=3)

@@ -58,11 +58,6 @@ def save_checkpoint(run_dir: str | Path, round_idx: int, state: GlobalState, cli
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.tensors().items()}
     tensors["client_ranks"] = torch.as_tensor(np.asarray(client_ranks, dtype=np.int64))
     tensors["torch_rng"] = torch.get_rng_state()
-    # LoRA dropout on a GPU draws from the CUDA generators: without their states a resumed run's
-    # masks would restart from CUDA's default seed
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for i, st in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"cuda_rng.{i}"] = st
     fname = f"round_{round_idx:04d}.safetensors"
     atomic_write(d / fname, lambda tmp: save_file(tensors, tmp, metadata={"round": str(round_idx)}))
     meta = {"round": round_idx, "file": fname, "state": state.meta(), "numpy_rng": _np_state(),
@@ -108,13 +103,9 @@ def load_checkpoint(run_dir: str | Path, restore_rng: bool = True,
                          f"an earlier round_*.safetensors in {d} may still be usable") from None
     ranks = t.pop("client_ranks").numpy().astype(np.int64)
     rng = t.pop("torch_rng")
-    cuda_rng = [t.pop(f"cuda_rng.{i}") for i in range(sum(k.startswith("cuda_rng.") for k in t))]
     state = GlobalState.from_tensors({k: v.to(device) for k, v in t.items()}, meta["state"])
     if restore_rng:
         torch.set_rng_state(rng)
-        if cuda_rng and torch.cuda.is_available():  # as many devices as both runs have
-            for i, st in enumerate(cuda_rng[:torch.cuda.device_count()]):
-                torch.cuda.set_rng_state(st, i)
         n = meta["numpy_rng"]
         np.random.set_state((n["name"], np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"],
                              n["cached"]))
