@@ -177,10 +177,11 @@ def auto_backend(run: Run, device: torch.device, dtype: torch.dtype) -> str:
     return resolve("lora_linear", device, lora_work(run, dtype))[0]
 
 
-def concurrent_step_fn(base: nn.Module, family: str, run: Run, data, device: torch.device, graph: bool = False
-                       ) -> tuple[Callable[[], None], dict[str, Any]]:
+def concurrent_step_fn(base: nn.Module, family: str, run: Run, data, device: torch.device, graph: bool = False,
+                       compiled: bool = False) -> tuple[Callable[[], None], dict[str, Any]]:
     """One concurrent step over all K clients; with ``graph`` (CUDA only) the step is captured
-    once in a CUDA graph and each call replays it (see `capture_step`)."""
+    once in a CUDA graph and each call replays it (see `capture_step`); with ``compiled`` the
+    model runs under ``torch.compile`` (Inductor, default mode; the LoRA ops as custom ops)."""
     from hetlora import MultiLoraModel
 
     K, b = run.clients, run.batch
@@ -192,12 +193,13 @@ def concurrent_step_fn(base: nn.Module, family: str, run: Run, data, device: tor
     # capturable: the step counters stay on the device, so a step reads nothing back
     opt = torch.optim.AdamW(list(model.lora_parameters()) + [heads_w, heads_b], lr=1e-4, capturable=graph)
     aid = torch.arange(K, device=device).repeat_interleave(b)
+    forward = torch.compile(model) if compiled else model
 
     def loss_backward() -> None:
         # the mask is all ones and not passed: transformers reads a passed mask back to the host
         # to see whether it can skip it, which a CUDA graph cannot hold (the sequential step
         # does the same, so the work compared is the same)
-        h = model(input_ids=ids, adapter_ids=aid).last_hidden_state
+        h = forward(input_ids=ids, adapter_ids=aid).last_hidden_state
         pooled = _pool(h, mask)
         logits = torch.einsum("nh,nch->nc", pooled, heads_w[aid]) + heads_b[aid]
         loss = F.cross_entropy(logits, labels, reduction="none").view(K, b).mean(1).sum()
@@ -384,8 +386,9 @@ def _where(e: BaseException) -> str:
 
 
 def bench_run(run: Run, device: torch.device, dtype: torch.dtype, warmup: int, steps: int,
-              deadline: float | None = None) -> list[dict[str, Any]]:
-    """Rows of one configuration: concurrent (auto backend, and torch if auto is not torch), sequential.
+              deadline: float | None = None, compiled: bool = False) -> list[dict[str, Any]]:
+    """Rows of one configuration: concurrent (auto backend, and torch if auto is not torch), sequential;
+    with ``compiled`` also ``concurrent+compile`` (its first call, which compiles, timed apart).
 
     A method not started by ``deadline`` (a ``time.perf_counter()`` value) gets a row marked
     ``skipped``: a stage's outer timeout then finds the results saved, not a run cut mid-step."""
@@ -393,6 +396,8 @@ def bench_run(run: Run, device: torch.device, dtype: torch.dtype, warmup: int, s
 
     rows = []
     methods = [("concurrent", "auto")]
+    if compiled:
+        methods.append(("concurrent+compile", "auto"))
     if device.type == "cuda":
         methods.append(("concurrent+graph", "auto"))
     methods.append(("simulator", "auto"))
@@ -418,7 +423,8 @@ def bench_run(run: Run, device: torch.device, dtype: torch.dtype, warmup: int, s
             data = make_data(run, vocab, device)
             with hk.use_backend(backend if method.startswith("concurrent") else "auto"):
                 if method.startswith("concurrent"):
-                    fn, meta = concurrent_step_fn(base, family, run, data, device, graph=method.endswith("+graph"))
+                    fn, meta = concurrent_step_fn(base, family, run, data, device, graph=method.endswith("+graph"),
+                                                  compiled=method.endswith("+compile"))
                 elif method.startswith("simulator"):
                     fn, meta = simulator_step_fn(base, family, run, data, device, graph=method.endswith("+graph"))
                 else:
@@ -428,6 +434,11 @@ def bench_run(run: Run, device: torch.device, dtype: torch.dtype, warmup: int, s
                 if method == "concurrent" and backend != "auto":
                     row["backend"] = backend
                 graph_before = _graph_stats()
+                if method.endswith("+compile"):  # Dynamo + Inductor's compile time, not a step's
+                    t0 = time.perf_counter()
+                    fn()
+                    C.sync(device)
+                    row["first_call_s"] = time.perf_counter() - t0
                 timed = time_steps(fn, device, warmup, steps)
                 if method == "simulator+graph":  # a failed capture would time eager steps: say so
                     after = _graph_stats()
@@ -476,6 +487,7 @@ def run(args: argparse.Namespace) -> Path:
         runs = [r for r in runs if r.clients in keep]
     budget = args.budget_s if args.budget_s is not None else pre["budget_s"]
     steps = args.steps or pre["steps"]
+    compile_models = set(args.compile.split(",")) if args.compile else set()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     out = C.out_dir(args.out, device)
     info = C.machine_info(device)
@@ -496,6 +508,8 @@ def run(args: argparse.Namespace) -> Path:
                        "server's screening and aggregation), timed per local step; simulator+graph (GPU): "
                        "the same with FedConfig.cuda_graphs (batches padded to the full length, each round's "
                        "first step eager, the next captured, the rest replayed); "
+                       "concurrent+compile (--compile): concurrent under torch.compile (Inductor), its first "
+                       "call (the compilation) timed apart as first_call_s; "
                        "sequential: peft, one client at a time (set_adapter), own AdamW per client; a step "
                        f"trains {SEQ_TIMED_CLIENTS} of the K clients (rotating, all K adapters loaded) when "
                        "K is larger, and client-steps/s counts the clients it trained",
@@ -505,7 +519,8 @@ def run(args: argparse.Namespace) -> Path:
         if time.perf_counter() - t_start > budget:
             res["truncated"] = True
             break
-        res["rows"].extend(bench_run(run_, device, dtype, pre["warmup"], steps, deadline=t_start + budget))
+        res["rows"].extend(bench_run(run_, device, dtype, pre["warmup"], steps, deadline=t_start + budget,
+                                     compiled=run_.model in compile_models))
         if any(r.get("status") == "skipped" for r in res["rows"]):
             res["truncated"] = True
         C.save_results(res, out, "e2e", markdown)
@@ -560,6 +575,10 @@ def markdown(res: dict[str, Any]) -> str:
         parts.append("CUDA graph captures that failed (the round went on eagerly):\n" + "\n".join(
             f"- {r['model']} K={r['clients']} {r['method']}: {r['graph_failures']} of "
             f"{r['graph_failures'] + r.get('graph_captures', 0)} — {r.get('graph_failure')}" for r in graphs))
+    compiled = [r for r in res["rows"] if r.get("first_call_s") is not None]
+    if compiled:  # the step column times compiled steps; what compiling cost is here
+        parts.append("torch.compile's first call (Dynamo + Inductor compiling forward and backward):\n" + "\n".join(
+            f"- {r['model']} K={r['clients']}: {r['first_call_s']:.1f} s" for r in compiled))
     return "\n\n".join(parts) + "\n"
 
 
@@ -609,3 +628,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clients", help="comma-separated subset of the preset's client counts")
     p.add_argument("--steps", type=int, help="timed steps per method (default from the preset)")
     p.add_argument("--budget-s", type=float, help="skip the remaining configs after this many seconds")
+    p.add_argument("--compile", metavar="MODELS",
+                   help="comma-separated models whose concurrent step is also timed under torch.compile "
+                        "(a concurrent+compile row; the compilation, minutes for a large model, is its first call)")

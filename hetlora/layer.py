@@ -86,7 +86,7 @@ class Routing:
         self.adapter_ids: torch.Tensor | None = None
         self.num_adapters = 0
         self.expand = False
-        self._groups: dict = {}
+        self._groups: dict = {"rows": [], "single": []}
         # the last routing's (ids tensor, its version, K, expand, groups): a training loop that
         # passes the same unmodified ids tensor every step reuses its TokenGroups, whose build
         # reads the ids back to the host (a device synchronisation on a GPU)
@@ -98,7 +98,10 @@ class Routing:
 
         The same ids tensor object, unmodified since (its in-place version counter unchanged),
         with the same K and ``expand`` reuses the previous call's groups."""
-        groups: dict = {}
+        # "rows": the groups of layer inputs with one row per sequence, in a list that is searched
+        # by comparing sizes (a compiled model keeps its sizes symbolic: hashing them as a dict
+        # key would compile one graph per batch shape); the other shapes by key
+        groups: dict = {"rows": [], "single": []}
         if adapter_ids is not None:
             m = self._memo
             if (m is not None and m[0] is adapter_ids and m[1] == adapter_ids._version
@@ -110,12 +113,10 @@ class Routing:
 
     def single(self, num_tokens: int, device: torch.device) -> TokenGroups:
         """All ``num_tokens`` tokens on adapter 0 (one-adapter models), built once per forward."""
-        key = ("single", num_tokens, device)
-        g = self._groups.get(key)
-        if g is None:
-            g = TokenGroups.from_lengths([num_tokens]).to(device)  # built on the host: no device read
-            self._groups[key] = g
-        return g
+        for g in self._groups["single"]:  # by comparing sizes, as `groups_for` does
+            if g.num_tokens == num_tokens and g.device == device:
+                return g
+        return self._build_single(num_tokens, device)
 
     def groups_for(self, x: torch.Tensor) -> TokenGroups | None:
         ids = self.adapter_ids
@@ -131,19 +132,47 @@ class Routing:
                 f"received input of shape {tuple(x.shape)}"
             )
         per_row = x[0, ..., 0].numel()
-        key = (per_row, rows, x.device)
-        g = self._groups.get(key)
-        if g is None:
-            rep = m * per_row  # built once per shape, not on every layer call
-            if ids.device.type == "cpu" and x.device.type != "cpu":
-                # host ids for a GPU batch: build on the host (no read of device memory), then
-                # copy without waiting for the GPU
-                tok = ids.repeat_interleave(rep) if rep != 1 else ids
-                g = TokenGroups.from_adapter_ids(tok, self.num_adapters).to(x.device)
-            else:
-                tok = ids.to(x.device).repeat_interleave(rep) if rep != 1 else ids.to(x.device)
-                g = TokenGroups.from_adapter_ids(tok, self.num_adapters)
-            self._groups[key] = g
+        if m == 1:
+            for g in self._groups["rows"]:
+                if g.num_tokens == n * per_row and g.device == x.device:
+                    return g
+        else:
+            g = self._groups.get((per_row, rows, x.device))
+            if g is not None:
+                return g
+        return self._build(m * per_row, per_row, rows, x.device)
+
+    def prebuild(self, per_row: int, device: torch.device) -> None:
+        """Build the groups of layer inputs ``[batch, per_row..., d]`` now (see `_build`)."""
+        ids = self.adapter_ids
+        if ids is not None and not any(g.num_tokens == ids.shape[0] * per_row and g.device == device
+                                       for g in self._groups["rows"]):
+            self._build(per_row, per_row, ids.shape[0], device)
+
+    # The builds read the ids back to the host: under torch.compile they run eagerly (a graph
+    # break before the first LoRA layer of a forward), and every later layer finds them cached.
+    @torch.compiler.disable
+    def _build_single(self, num_tokens: int, device: torch.device) -> TokenGroups:
+        g = TokenGroups.from_lengths([num_tokens]).to(device)  # built on the host: no device read
+        self._groups["single"].append(g)
+        return g
+
+    @torch.compiler.disable
+    def _build(self, rep: int, per_row: int, rows: int, device: torch.device) -> TokenGroups:
+        ids = self.adapter_ids
+        # built once per shape, not on every layer call
+        if ids.device.type == "cpu" and device.type != "cpu":
+            # host ids for a GPU batch: build on the host (no read of device memory), then
+            # copy without waiting for the GPU
+            tok = ids.repeat_interleave(rep) if rep != 1 else ids
+            g = TokenGroups.from_adapter_ids(tok, self.num_adapters).to(device)
+        else:
+            tok = ids.to(device).repeat_interleave(rep) if rep != 1 else ids.to(device)
+            g = TokenGroups.from_adapter_ids(tok, self.num_adapters)
+        if rep == per_row:
+            self._groups["rows"].append(g)
+        else:
+            self._groups[(per_row, rows, device)] = g
         return g
 
 

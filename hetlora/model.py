@@ -281,24 +281,48 @@ class MultiLoraModel(nn.Module):
             raise ValueError(f"adapter_ids has {ids.shape[0]} entries but the batch has {batch_hint} sequences")
         return ids
 
-    @contextlib.contextmanager
-    def _routed(self, adapter_ids, args: tuple, kwargs: dict, expand: bool = False) -> Iterator[None]:
+    @torch.compiler.disable
+    def _route(self, adapter_ids, args: tuple, kwargs: dict, expand: bool = False, compiling: bool = False) -> None:
         """Route this call's sequences to their adapters (the batch sized by input_ids or inputs_embeds, else
-        by the first tensor argument: a broadcastable [1, L] position_ids passed first must not size it)."""
+        by the first tensor argument: a broadcastable [1, L] position_ids passed first must not size it).
+
+        Runs eagerly under torch.compile (it reads the ids back to the host), and builds the token
+        groups of the layers that see ``[batch, length, d]`` inputs here, so that a compiled model
+        finds them built and traces its layers in one graph."""
         self._check_live()
         lead = [a for a in (*args[:1], kwargs.get("input_ids"), kwargs.get("inputs_embeds"))
                 if isinstance(a, torch.Tensor)]
         first = lead[0] if lead else next((a for a in kwargs.values() if isinstance(a, torch.Tensor)), None)
         batch = first.shape[0] if first is not None and first.dim() > 0 else None
         self.routing.set(self._normalise_ids(adapter_ids, batch), self.num_adapters, expand)
+        if expand or self.routing.adapter_ids is None:
+            return
+        ids, emb = kwargs.get("input_ids", args[0] if args else None), kwargs.get("inputs_embeds")
+        if isinstance(ids, torch.Tensor) and ids.dim() == 2 and not ids.is_floating_point():
+            length, device = ids.shape[1], ids.device
+        elif isinstance(emb, torch.Tensor) and emb.dim() == 3:
+            length, device = emb.shape[1], emb.device
+        else:
+            return
+        self.routing.prebuild(length, device)
+        if compiling:
+            self.routing.prebuild(1, device)  # a pooler's [batch, d]: one more build, not a graph break
+
+    @contextlib.contextmanager
+    def _routed(self, adapter_ids, args: tuple, kwargs: dict, expand: bool = False) -> Iterator[None]:
+        self._route(adapter_ids, args, kwargs, expand)
         try:
             yield
         finally:
             self.routing.set(None, 0)
 
     def forward(self, *args, adapter_ids=None, **kwargs):
-        with self._routed(adapter_ids, args, kwargs):
+        # not `with self._routed(...)`: torch.compile traces a try/finally, not a generator's context
+        self._route(adapter_ids, args, kwargs, compiling=torch.compiler.is_compiling())
+        try:
             return self.model(*args, **kwargs)
+        finally:
+            self.routing.set(None, 0)
 
     def generate(self, *args, adapter_ids=None, **kwargs):
         """The wrapped model's ``generate(...)`` with ``adapter_ids [batch]`` (or an int) naming

@@ -197,14 +197,34 @@ def _split_scaling(scaling: float | torch.Tensor, dtype: torch.dtype) -> tuple[t
     return None, float(scaling)
 
 
+def _forward_steps(x, A, B, layout, groups, scales, scale: float):
+    order, starts, offsets, base = _meta(layout, groups, x.device)
+    h = _C.shrink(x, A, order, starts, offsets, None, 1.0, base, layout.max_rank)  # [T, r_max] fp32
+    return _C.expand(h, B, order, starts, offsets, scales, scale, base), h  # y [T, d_out]
+
+
+def _backward_steps(dy, x, A, B, h, layout, groups, scales, scale: float, needs):
+    need_x, need_A, need_B = needs
+    order, starts, offsets, base = _meta(layout, groups, x.device)
+    dy = dy.to(x.dtype)
+    dx = dA = dB = None
+    if need_x or need_A:
+        g = _C.shrink(dy, B, order, starts, offsets, scales, scale, base, layout.max_rank)  # s_k dy B_k^T
+        if need_x:
+            dx = _C.expand(g, A, order, starts, offsets, None, 1.0, base)
+        if need_A:
+            dA = _C.wgrad(g, x, order, starts, offsets, None, 1.0, layout.total_rank)
+    if need_B:
+        dB = _C.wgrad(h, dy, order, starts, offsets, scales, scale, layout.total_rank)
+    return dx, dA, dB
+
+
 class _LoraDelta(torch.autograd.Function):
     """``y[t] = s_k (x[t] A_k^T) B_k`` on the _C kernels; backward of DESIGN.md section 2."""
 
     @staticmethod
     def forward(ctx, x, A, B, layout: AdapterLayout, groups: TokenGroups, scales, scale: float):
-        order, starts, offsets, base = _meta(layout, groups, x.device)
-        h = _C.shrink(x, A, order, starts, offsets, None, 1.0, base, layout.max_rank)  # [T, r_max] fp32
-        y = _C.expand(h, B, order, starts, offsets, scales, scale, base)  # [T, d_out]
+        y, h = _forward_steps(x, A, B, layout, groups, scales, scale)
         ctx.layout, ctx.groups, ctx.scale = layout, groups, scale
         ctx.save_for_backward(x, A, B, h, scales)
         return y
@@ -213,20 +233,31 @@ class _LoraDelta(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x, A, B, h, scales = ctx.saved_tensors
-        layout, groups, scale = ctx.layout, ctx.groups, ctx.scale
-        need_x, need_A, need_B = ctx.needs_input_grad[:3]
-        order, starts, offsets, base = _meta(layout, groups, x.device)
-        dy = dy.to(x.dtype)
-        dx = dA = dB = None
-        if need_x or need_A:
-            g = _C.shrink(dy, B, order, starts, offsets, scales, scale, base, layout.max_rank)  # s_k dy B_k^T
-            if need_x:
-                dx = _C.expand(g, A, order, starts, offsets, None, 1.0, base)
-            if need_A:
-                dA = _C.wgrad(g, x, order, starts, offsets, None, 1.0, layout.total_rank)
-        if need_B:
-            dB = _C.wgrad(h, dy, order, starts, offsets, scales, scale, layout.total_rank)
+        dx, dA, dB = _backward_steps(dy, x, A, B, h, ctx.layout, ctx.groups, scales, ctx.scale,
+                                     ctx.needs_input_grad[:3])
         return dx, dA, dB, None, None, None, None
+
+
+def lora_forward(x, A, B, layout: AdapterLayout, groups: TokenGroups, scaling):
+    """The forward alone (`hetlora_kernels.custom_ops`): ``(y, h)``, h ``[T, r_max]`` in the
+    accumulation dtype by position in ``groups.order`` (the kernels index theirs by token: one
+    gather of ``T x r_max`` values, none when the tokens are already grouped)."""
+    scales, scale = _split_scaling(scaling, x.dtype)
+    y, h = _forward_steps(x, A, B, layout, groups, scales, scale)
+    return y, (h if groups.is_sorted else h.index_select(0, groups.order))
+
+
+def lora_backward(dy, x, A, B, h, layout: AdapterLayout, groups: TokenGroups, scaling, needs):
+    """The backward alone: ``(dx, dA, dB)`` (None where ``needs`` is False) from any backend's h."""
+    scales, scale = _split_scaling(scaling, x.dtype)
+    h = h.to(_acc(x.dtype))
+    if not groups.is_sorted:
+        h = torch.empty_like(h).index_copy_(0, groups.order, h)  # back to the kernels' rows by token
+    return _backward_steps(dy, x, A, B, h, layout, groups, scales, scale, needs)
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def lora_delta_impl(x, A, B, layout, groups, scaling):

@@ -9,6 +9,7 @@ one batch: it is built once (one stable sort) and shared by every layer.
 from __future__ import annotations
 
 import numbers
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -188,6 +189,9 @@ class TokenGroups:
             no layer has to synchronise with the device again).
         is_sorted: ``order`` is the identity (tokens already grouped, no ``-1``), so
             implementations may skip the gather/scatter.
+        host_meta: ``[2K+2]`` int64 on the CPU, ``starts_list + counts_list + (is_sorted,)``:
+            the host facts as a tensor, so that a compiled graph carries them as data
+            (`hetlora_kernels.custom_ops`) instead of specialising on their values.
     """
 
     adapter_ids: torch.Tensor
@@ -200,12 +204,17 @@ class TokenGroups:
     is_sorted: bool
     _cache: dict = field(default_factory=dict, repr=False)
     _trusted: bool = field(default=False, repr=False)
+    host_meta: torch.Tensor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         # The classmethods build consistent groups; a TokenGroups assembled by hand is
         # checked in full once here (kernels index memory through these fields).
         if not self._trusted:
             _validate_groups(self)
+        meta = torch.tensor((*self.starts_list, *self.counts_list, int(self.is_sorted)), dtype=torch.int64)
+        # the custom ops find these groups (and the kernel schedules cached on them) from it
+        meta._hetlora_groups = weakref.ref(self)
+        object.__setattr__(self, "host_meta", meta)
 
     @property
     def num_tokens(self) -> int:

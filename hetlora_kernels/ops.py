@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
+from . import custom_ops
 from . import reference as ref
 from .dispatch import LoraWork, resolve
 from .layout import AdapterLayout, TokenGroups
@@ -36,7 +37,10 @@ def lora_delta(
         layout: the adapters' ranks.  groups: this batch's token grouping (T tokens).
         scaling: float or ``[K]`` tensor (not differentiated).
     Returns ``[T, d_out]`` in x's dtype, differentiable in x, A and B.
+    Under ``torch.compile`` it is two opaque custom ops (`hetlora_kernels.custom_ops`).
     """
+    if torch.compiler.is_compiling():
+        return custom_ops.lora_delta(x, A, B, layout, groups, scaling)
     args = ref.prepare_lora_delta(x, A, B, layout, groups, scaling)
     return resolve("lora_delta", x.device, _work(x, groups))[1](*args)
 
@@ -52,8 +56,15 @@ def lora_linear(
     scaling: float | torch.Tensor,
 ) -> torch.Tensor:
     """``x weight^T + bias + lora_delta(x, A, B, ...)``: weight ``[d_out, d_in]``, bias ``[d_out]`` or None."""
+    if torch.compiler.is_compiling():
+        return custom_ops.lora_linear(x, weight, bias, A, B, layout, groups, scaling)
     args = ref.prepare_lora_linear(x, weight, bias, A, B, layout, groups, scaling)
     return resolve("lora_linear", x.device, _work(x, groups))[1](*args)
+
+
+# The server ops run eagerly under torch.compile (a graph break each): their validation reads
+# values back (finite weights), and the C++ extension's functions are opaque to Dynamo.
+_eager = torch.compiler.disable
 
 
 def _device(A) -> torch.device:
@@ -61,6 +72,7 @@ def _device(A) -> torch.device:
     return t.device if isinstance(t, torch.Tensor) else torch.device("cpu")
 
 
+@_eager
 def component_norms(A, B, layout: AdapterLayout, reduce: str = "none") -> torch.Tensor:
     """Per component ``||a_kj|| * ||b_kj||``: ``[K, r_max]``, 0 past ``r_k``.
 
@@ -71,12 +83,14 @@ def component_norms(A, B, layout: AdapterLayout, reduce: str = "none") -> torch.
     return ref.finish_component_norms(resolve("component_norms", _device(A))[1](*args), extra)
 
 
+@_eager
 def delta_fro_norms(A, B, layout: AdapterLayout, scaling: float | torch.Tensor | None = None) -> torch.Tensor:
     """``||s_k B_k^T A_k||_F`` per adapter: ``[K]`` (``[L, K]`` for lists), via two ``r_k x r_k`` Grams."""
     args, was_list = ref.prepare_delta_fro_norms(A, B, layout, scaling)
     return ref.finish_delta_fro_norms(resolve("delta_fro_norms", _device(A))[1](*args), was_list)
 
 
+@_eager
 def weighted_aggregate(A, B, layout: AdapterLayout, weights, out_rank: int | None = None):
     """Zero-pad every adapter to ``out_rank`` (default ``max_rank``) and sum with ``weights [K]``.
 
@@ -87,6 +101,7 @@ def weighted_aggregate(A, B, layout: AdapterLayout, weights, out_rank: int | Non
     return ref.finish_pair(resolve("weighted_aggregate", _device(A))[1](*args), was_list)
 
 
+@_eager
 def truncate(A_g, B_g, ranks: Sequence[int] | AdapterLayout):
     """Distribute the global ``A_g [r, d_in]``, ``B_g [r, d_out]``: rows ``0:r_k`` per adapter.
 

@@ -37,34 +37,76 @@ def _scales(scaling: float | torch.Tensor, K: int) -> list[float]:
     return [float(scaling)] * K
 
 
+def _forward_runs(x, A, B, layout: AdapterLayout, groups: TokenGroups, scales: list[float]):
+    """``(y [T, d_out], hs)``: hs[k] = ``x_k A_k^T`` (x's dtype) per adapter, None where idle."""
+    T, d_out = x.shape[0], B.shape[1]
+    base = groups.starts_list[0]
+    order = groups.routed_order()
+    direct = groups.is_sorted  # tokens already grouped and none is -1: no gather/scatter
+    xs = x if direct else x.index_select(0, order)
+    ys = torch.empty(groups.num_routed, d_out, dtype=x.dtype, device=x.device)
+    hs: list[torch.Tensor | None] = []
+    for k in range(layout.num_adapters):
+        t0 = groups.starts_list[k] - base
+        t1 = t0 + groups.counts_list[k]
+        if t1 == t0:
+            hs.append(None)
+            continue
+        rows = slice(layout.offsets[k], layout.offsets[k + 1])
+        h = xs[t0:t1] @ A[rows].t()
+        torch.matmul(h * scales[k], B[rows], out=ys[t0:t1])
+        hs.append(h)
+    if direct:
+        return ys, hs
+    y = torch.zeros(T, d_out, dtype=x.dtype, device=x.device)
+    y.index_copy_(0, order, ys)
+    return y, hs
+
+
+def _backward_runs(dy, x, A, B, hs, layout: AdapterLayout, groups: TokenGroups, scales: list[float], needs):
+    """``(dx, dA, dB)`` (None where ``needs`` says so) from the forward's per-adapter ``hs``."""
+    need_x, need_A, need_B = needs
+    base = groups.starts_list[0]
+    order = groups.routed_order()
+    direct = groups.is_sorted
+    dys = dy if direct else dy.index_select(0, order)
+    xs = None
+    if need_A:
+        xs = x if direct else x.index_select(0, order)
+    dxs = torch.empty(groups.num_routed, x.shape[1], dtype=x.dtype, device=x.device) if need_x else None
+    dA = torch.zeros_like(A) if need_A else None
+    dB = torch.zeros_like(B) if need_B else None
+    for k in range(layout.num_adapters):
+        t0 = groups.starts_list[k] - base
+        t1 = t0 + groups.counts_list[k]
+        if t1 == t0:
+            continue
+        rows = slice(layout.offsets[k], layout.offsets[k + 1])
+        dy_k = dys[t0:t1]
+        if need_x or need_A:
+            g = (dy_k @ B[rows].t()) * scales[k]
+            if need_x:
+                torch.matmul(g, A[rows], out=dxs[t0:t1])
+            if need_A:
+                torch.matmul(g.t(), xs[t0:t1], out=dA[rows])
+        if need_B:
+            torch.matmul((hs[k] * scales[k]).t(), dy_k, out=dB[rows])
+    dx = None
+    if need_x:
+        if direct:
+            dx = dxs
+        else:
+            dx = torch.zeros_like(x)
+            dx.index_copy_(0, order, dxs)
+    return dx, dA, dB
+
+
 class _LoraDelta(torch.autograd.Function):
     """``y[t] = s_k (x[t] A_k^T) B_k`` with the backward of DESIGN.md section 2."""
 
     @staticmethod
     def forward(ctx, x, A, B, layout: AdapterLayout, groups: TokenGroups, scales: list[float]):
-        T, d_out = x.shape[0], B.shape[1]
-        base = groups.starts_list[0]
-        n_routed = groups.num_routed
-        order = groups.routed_order()
-        direct = groups.is_sorted  # tokens already grouped and none is -1: no gather/scatter
-        xs = x if direct else x.index_select(0, order)
-        ys = torch.empty(n_routed, d_out, dtype=x.dtype, device=x.device)
-        hs: list[torch.Tensor | None] = []
-        for k in range(layout.num_adapters):
-            t0 = groups.starts_list[k] - base
-            t1 = t0 + groups.counts_list[k]
-            if t1 == t0:
-                hs.append(None)
-                continue
-            rows = slice(layout.offsets[k], layout.offsets[k + 1])
-            h = xs[t0:t1] @ A[rows].t()
-            torch.matmul(h * scales[k], B[rows], out=ys[t0:t1])
-            hs.append(h)
-        if direct:
-            y = ys
-        else:
-            y = torch.zeros(T, d_out, dtype=x.dtype, device=x.device)
-            y.index_copy_(0, order, ys)
+        y, hs = _forward_runs(x, A, B, layout, groups, scales)
         ctx.layout, ctx.groups, ctx.scales = layout, groups, scales
         ctx.save_for_backward(x, A, B, *hs)
         return y
@@ -72,41 +114,33 @@ class _LoraDelta(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, A, B, *hs = ctx.saved_tensors
-        layout, groups, scales = ctx.layout, ctx.groups, ctx.scales
-        need_x, need_A, need_B = ctx.needs_input_grad[:3]
-        base = groups.starts_list[0]
-        order = groups.routed_order()
-        direct = groups.is_sorted
-        dys = dy if direct else dy.index_select(0, order)
-        xs = None
-        if need_A:
-            xs = x if direct else x.index_select(0, order)
-        dxs = torch.empty(groups.num_routed, x.shape[1], dtype=x.dtype, device=x.device) if need_x else None
-        dA = torch.zeros_like(A) if need_A else None
-        dB = torch.zeros_like(B) if need_B else None
-        for k in range(layout.num_adapters):
-            t0 = groups.starts_list[k] - base
-            t1 = t0 + groups.counts_list[k]
-            if t1 == t0:
-                continue
-            rows = slice(layout.offsets[k], layout.offsets[k + 1])
-            dy_k = dys[t0:t1]
-            if need_x or need_A:
-                g = (dy_k @ B[rows].t()) * scales[k]
-                if need_x:
-                    torch.matmul(g, A[rows], out=dxs[t0:t1])
-                if need_A:
-                    torch.matmul(g.t(), xs[t0:t1], out=dA[rows])
-            if need_B:
-                torch.matmul((hs[k] * scales[k]).t(), dy_k, out=dB[rows])
-        dx = None
-        if need_x:
-            if direct:
-                dx = dxs
-            else:
-                dx = torch.zeros_like(x)
-                dx.index_copy_(0, order, dxs)
+        dx, dA, dB = _backward_runs(dy, x, A, B, hs, ctx.layout, ctx.groups, ctx.scales, ctx.needs_input_grad[:3])
         return dx, dA, dB, None, None, None
+
+
+def lora_forward(x, A, B, layout: AdapterLayout, groups: TokenGroups, scaling):
+    """The forward alone (`hetlora_kernels.custom_ops`): ``(y [T, d_out], h)``, h the
+    ``[T, r_max]`` accumulation-dtype tensor of ``x_k A_k^T`` by position in ``groups.order``
+    that every backend's `lora_backward` reads (rows of ``-1`` tokens and columns past ``r_k``
+    zero here)."""
+    y, hs = _forward_runs(x, A, B, layout, groups, _scales(scaling, layout.num_adapters))
+    h = torch.zeros(x.shape[0], layout.max_rank, dtype=_acc_dtype(x), device=x.device)
+    for k, hk in enumerate(hs):
+        if hk is not None:
+            p0 = groups.starts_list[k]
+            h[p0: p0 + hk.shape[0], : hk.shape[1]] = hk
+    return y, h
+
+
+def lora_backward(dy, x, A, B, h, layout: AdapterLayout, groups: TokenGroups, scaling, needs):
+    """The backward alone: ``(dx, dA, dB)`` from `lora_forward`'s (any backend's) ``h``."""
+    hs = []
+    for k in range(layout.num_adapters):
+        p0, n = groups.starts_list[k], groups.counts_list[k]
+        # h holds x's values exactly when this path made it (x's dtype widened), so this is
+        # bitwise the eager backward
+        hs.append(h[p0: p0 + n, : layout.ranks[k]].to(x.dtype) if n else None)
+    return _backward_runs(dy, x, A, B, hs, layout, groups, _scales(scaling, layout.num_adapters), needs)
 
 
 # ---------------------------------------------------------------------------------------------

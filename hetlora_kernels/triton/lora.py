@@ -180,4 +180,30 @@ def lora_linear_impl(
     return _LoraLinear.apply(x, weight, bias, A, B, layout, groups, scaling)
 
 
+class _Steps:
+    """The fields `_backward` reads from an autograd ctx."""
+
+    def __init__(self, layout, groups, scaling, needs):
+        self.layout, self.groups, self.scaling, self.lora_needs = layout, groups, scaling, needs
+
+
+def lora_forward(x, A, B, layout: AdapterLayout, groups: TokenGroups, scaling):
+    """The forward alone (`hetlora_kernels.custom_ops`): ``(y, h)``, h fp32 ``[T, r_max]`` by
+    position in ``groups.order`` (float64 inputs: the torch reference's)."""
+    if x.dtype == torch.float64:
+        return reference.lora_forward(x, A, B, layout, groups, scaling)
+    x, A, B = _rowmajor(x), A.contiguous(), B.contiguous()
+    with _on(x.device):
+        return _forward(x, A, B, layout, groups, scaling, None)
+
+
+def lora_backward(dy, x, A, B, h, layout: AdapterLayout, groups: TokenGroups, scaling, needs):
+    """The backward alone: ``(dx, dA, dB)`` (None where ``needs`` is False) from any backend's h."""
+    if x.dtype == torch.float64:
+        return reference.lora_backward(dy, x, A, B, h, layout, groups, scaling, needs)
+    x, A, B = _rowmajor(x), A.contiguous(), B.contiguous()
+    with _on(A.device):
+        return _backward(_Steps(layout, groups, scaling, tuple(needs)), dy, x, A, B, h.contiguous(), None)
+
+
 IMPLS = {"lora_delta": lora_delta_impl, "lora_linear": lora_linear_impl}

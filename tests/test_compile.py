@@ -1,0 +1,306 @@
+"""``torch.compile`` over the LoRA ops, the layer and the model (`hetlora_kernels.custom_ops`).
+
+Under compilation ``lora_delta`` / ``lora_linear`` become two custom ops; these tests check
+that the compiled results are the eager ones (bit for bit where the same kernels run), that a
+new batch composition never recompiles, that the ops pass torch's own custom-op checks, and
+that a compiled `MultiLoraModel` traces its layers in one graph and trains to eager's gradients.
+Most compile with ``backend="aot_eager"`` (Dynamo and AOTAutograd, no code generation): the
+part that sees our ops, at a fraction of Inductor's compile time on this CPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounter
+
+import hetlora_kernels as hk
+from hetlora_kernels import AdapterLayout, TokenGroups, custom_ops, lora_delta, lora_linear
+from tests.helpers import cpu_backend_params, dense_delta, random_case, rel_err
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+RANKS = [3, 1, 7, 4]
+TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _case(dtype, seed=0, T=13, d_in=24, d_out=20, with_unrouted=True):
+    x, A, B, ids = random_case(RANKS, T, d_in, d_out, dtype=dtype, with_unrouted=with_unrouted, seed=seed)
+    return [t.to(DEV).requires_grad_() for t in (x, A, B)], ids
+
+
+def _grads(fn, x, A, B, groups, scaling, w):
+    y = fn(x, A, B, AdapterLayout(RANKS), groups, scaling)
+    gx, gA, gB = torch.autograd.grad((y.float() * w).sum(), (x, A, B))
+    return y.detach(), gx, gA, gB
+
+
+@pytest.mark.parametrize("backend", cpu_backend_params())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("scaling", ["float", "list", "tensor"])
+def test_compiled_lora_delta_is_the_eager_op_bit_for_bit(backend, dtype, scaling):
+    hk.set_backend(backend)
+    (x, A, B), ids = _case(dtype)
+    groups = TokenGroups.from_adapter_ids(ids.to(DEV), len(RANKS))
+    s = {"float": 0.75, "list": [0.5, 2.0, 1.0, 0.25],
+         "tensor": torch.tensor([0.5, 2.0, 1.0, 0.25], device=DEV)}[scaling]
+    w = torch.randn(x.shape[0], B.shape[1], device=DEV)
+    eager = _grads(lora_delta, x, A, B, groups, s, w)
+    compiled = _grads(torch.compile(lora_delta, backend="aot_eager", fullgraph=True), x, A, B, groups, s, w)
+    for name, e, c in zip(("y", "dx", "dA", "dB"), eager, compiled):
+        assert c.dtype == e.dtype and c.shape == e.shape, name
+        assert torch.equal(c, e), f"{name}: compiled differs from eager by {(c.double() - e.double()).abs().max()}"
+    # and both against the float64 dense formula
+    sl = [0.75] * len(RANKS) if scaling == "float" else [0.5, 2.0, 1.0, 0.25]
+    ref = dense_delta(x.detach().cpu(), A.detach().cpu(), B.detach().cpu(), RANKS, ids, sl)
+    assert rel_err(compiled[0].cpu(), ref) < TOL[dtype]
+
+
+def test_a_new_batch_composition_is_new_data_not_a_new_graph():
+    """Every grouping of the same number of tokens (unsorted ids, -1 ids, idle adapters, all on
+    one adapter, none routed, already grouped) runs through one compiled graph."""
+    hk.set_backend("torch")
+    counter = CompileCounter()
+    (x, A, B), _ = _case(torch.float32, T=12)
+    fn = torch.compile(lora_delta, backend=counter, fullgraph=True)
+    K = len(RANKS)
+    id_sets = [
+        torch.tensor([3, 0, 2, -1, 3, 1, 0, 2, 2, -1, 0, 3]),
+        torch.tensor([0, 0, 0, 0, 0, 0, 3, 3, 3, 3, 3, 3]),  # two adapters idle
+        torch.full((12,), -1),  # nothing routed
+        torch.full((12,), 2),
+    ]
+    groupings = [TokenGroups.from_adapter_ids(i, K) for i in id_sets] + [TokenGroups.from_lengths([5, 0, 4, 3])]
+    for g in groupings:
+        g = g.to(DEV)
+        y = fn(x, A, B, AdapterLayout(RANKS), g, 0.5)
+        assert torch.equal(y, lora_delta(x, A, B, AdapterLayout(RANKS), g, 0.5))
+    assert counter.frame_count == 1, f"{counter.frame_count} compilations for one token count"
+
+
+def test_compiled_lora_linear_matches_eager():
+    hk.set_backend("torch")
+    (x, A, B), ids = _case(torch.float32)
+    W = torch.randn(B.shape[1], x.shape[1], device=DEV, requires_grad=True)
+    bias = torch.randn(B.shape[1], device=DEV, requires_grad=True)
+    g = TokenGroups.from_adapter_ids(ids.to(DEV), len(RANKS))
+    lay = AdapterLayout(RANKS)
+
+    def run(fn):
+        y = fn(x, W, bias, A, B, lay, g, [1.0, 0.5, 2.0, 1.5])
+        return (y, *torch.autograd.grad(y.square().sum(), (x, W, bias, A, B)))
+
+    for e, c in zip(run(lora_linear), run(torch.compile(lora_linear, backend="aot_eager", fullgraph=True))):
+        assert rel_err(c, e) < 1e-6
+
+
+@pytest.mark.parametrize("fwd_backend,bwd_backend", [("torch", "cuda"), ("cuda", "torch"), ("triton", "torch"),
+                                                     ("torch", "triton")])
+def test_a_backward_may_run_on_another_backend(fwd_backend, bwd_backend):
+    """The saved ``h`` has one format for every backend (`custom_ops`' docstring)."""
+    for name in (fwd_backend, bwd_backend):
+        ok, why = hk.backend_status(name, DEV)
+        if not ok:
+            pytest.skip(f"{name}: {why}")
+    (x, A, B), ids = _case(torch.float32, seed=3)
+    g = TokenGroups.from_adapter_ids(ids.to(DEV), len(RANKS))
+    lay = AdapterLayout(RANKS)
+    w = torch.randn(x.shape[0], B.shape[1], device=DEV)
+    with hk.use_backend(fwd_backend):
+        y = custom_ops.lora_delta(x, A, B, lay, g, 0.5)
+    with hk.use_backend(bwd_backend):
+        got = torch.autograd.grad((y * w).sum(), (x, A, B))
+    with hk.use_backend("torch"):
+        want = torch.autograd.grad((lora_delta(x, A, B, lay, g, 0.5) * w).sum(), (x, A, B))
+    for name, a, b in zip(("dx", "dA", "dB"), got, want):
+        assert rel_err(a, b) < 1e-5, name
+
+
+def test_only_the_needed_gradients_are_computed():
+    hk.set_backend("torch")
+    (x, A, B), ids = _case(torch.float32)
+    g = TokenGroups.from_adapter_ids(ids.to(DEV), len(RANKS))
+    fn = torch.compile(lora_delta, backend="aot_eager", fullgraph=True)
+    xd = x.detach()  # e.g. a frozen model's activations: no dx
+    y = fn(xd, A, B, AdapterLayout(RANKS), g, 0.5)
+    gA, gB = torch.autograd.grad(y.sum(), (A, B))
+    eA, eB = torch.autograd.grad(lora_delta(xd, A, B, AdapterLayout(RANKS), g, 0.5).sum(), (A, B))
+    assert torch.equal(gA, eA) and torch.equal(gB, eB)
+
+
+def test_the_custom_ops_pass_torch_opcheck():
+    (x, A, B), ids = _case(torch.float32)
+    g = TokenGroups.from_adapter_ids(ids, len(RANKS))
+    args = (x, A, B, g.adapter_ids, g.order, g.starts, g.counts, g.host_meta, RANKS, None, [0.5] * len(RANKS))
+    torch.library.opcheck(torch.ops.hetlora.lora_delta_fwd.default, args)
+    y, h = torch.ops.hetlora.lora_delta_fwd(*args)
+    dy = torch.randn_like(y)
+    # the backward op is not itself differentiable (once_differentiable, like the eager kernels)
+    bargs = (dy, x.detach(), A.detach(), B.detach(), h.detach(), *args[3:], [True, False, True])
+    torch.library.opcheck(torch.ops.hetlora.lora_delta_bwd.default, bargs)
+
+
+def test_bad_shapes_under_compile_name_the_argument():
+    (x, A, B), ids = _case(torch.float32)
+    g = TokenGroups.from_adapter_ids(ids.to(DEV), len(RANKS))
+    fn = torch.compile(lora_delta, backend="aot_eager", fullgraph=True)
+    with pytest.raises(Exception, match=r"A must be \[R=15"):
+        fn(x, A[:-1], B, AdapterLayout(RANKS), g, 0.5)
+    with pytest.raises(Exception, match="groups cover 13 tokens but x holds"):
+        fn(x[:-1], A, B, AdapterLayout(RANKS), g, 0.5)
+    with pytest.raises(TypeError, match="groups must be a TokenGroups"):
+        custom_ops.lora_delta(x, A, B, AdapterLayout(RANKS), ids, 0.5)
+
+
+def test_values_are_validated_at_run_time_as_in_eager():
+    """What only values can show (an out-of-range scale tensor entry, NaN scaling) is refused by
+    the op itself when the compiled code runs, with the eager message."""
+    hk.set_backend("torch")
+    (x, A, B), ids = _case(torch.float32)
+    g = TokenGroups.from_adapter_ids(ids.to(DEV), len(RANKS))
+    fn = torch.compile(lora_delta, backend="aot_eager", fullgraph=True)
+    bad = torch.tensor([1.0, float("nan"), 1.0, 1.0], device=DEV)
+    with pytest.raises(Exception, match="scaling must be finite"):
+        fn(x, A, B, AdapterLayout(RANKS), g, bad)
+
+
+def test_server_ops_run_eagerly_inside_compiled_code():
+    hk.set_backend("torch")
+    lay = AdapterLayout(RANKS)
+    (_, A, B), _ = _case(torch.float32)
+
+    def server(A, B):
+        n = hk.component_norms(A, B, lay)
+        f = hk.delta_fro_norms(A, B, lay)
+        Ag, Bg = hk.weighted_aggregate(A, B, lay, f / f.sum())
+        return n, f, Ag, Bg, *hk.truncate(Ag, Bg, [2, 1, 3])[:2]
+
+    for e, c in zip(server(A, B), torch.compile(server, backend="aot_eager")(A, B)):
+        assert torch.equal(c, e)
+
+
+# ---------------------------------------------------------------------------------------------
+# the model
+# ---------------------------------------------------------------------------------------------
+def _bert(seed=0):
+    from transformers import BertConfig, BertModel
+
+    from hetlora import MultiLoraModel
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=48, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    m = MultiLoraModel(BertModel(cfg), ["query", "value", "dense"], ranks=[2, 5, 3], alpha=8).to(DEV)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.normal_()  # peft's zero init would leave every B gradient path untested
+    return m
+
+
+BATCHES = [  # (sequences, length, adapter ids): new compositions, new shapes
+    (3, 7, [0, 2, 1]),
+    (3, 7, [2, 2, -1]),
+    (4, 9, [1, 0, 0, 2]),
+    (5, 6, [0, 1, 2, -1, 1]),
+]
+
+
+def _step(model, ids, aid):
+    """Forward and backward through ``model`` (eager or compiled); the gradients by parameter name."""
+    plain = getattr(model, "_orig_mod", model)  # a compiled module's parameters are its model's
+    plain.zero_grad()
+    y = model(input_ids=ids, adapter_ids=aid).last_hidden_state
+    # a fixed random projection: a LayerNorm output's mean square is nearly constant, and its
+    # gradients would be rounding noise
+    w = torch.randn(y.shape, generator=torch.Generator().manual_seed(y.numel())).to(y.device)
+    (y * w).sum().backward()
+    # the pooler's dense layer does not feed last_hidden_state: no gradient there
+    return y.detach(), {n: p.grad.clone() for n, p in plain.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("backend", cpu_backend_params())
+def test_a_compiled_model_trains_like_the_eager_one_in_one_graph(backend):
+    """MultiLoraModel under torch.compile (Dynamo + AOTAutograd): one graph, no break in any
+    layer; outputs and every LoRA gradient match eager for new compositions and shapes."""
+    hk.set_backend(backend)
+    m = _bert()
+    counter = CompileCounter()
+    cm = torch.compile(m, backend=counter)
+    gen = torch.Generator().manual_seed(0)
+    for B, L, aid in BATCHES:
+        ids = torch.randint(0, 97, (B, L), generator=gen).to(DEV)
+        aid = torch.tensor(aid)
+        y0, g0 = _step(m, ids, aid)
+        y1, g1 = _step(cm, ids, aid)
+        assert rel_err(y1, y0) < 1e-6
+        assert g0.keys() == g1.keys() and len(g0) == 2 * 5 * 2  # (A, B) x 5 dense layers x 2 blocks
+        for n in g0:
+            assert rel_err(g1[n], g0[n]) < 1e-5, n
+    # the model's forward is one frame (after the eager routing call); the first shape is
+    # compiled static, the first new shape once more with dynamic sizes, then never again
+    assert counter.frame_count == 2, counter.frame_count
+    explain = torch._dynamo.explain(m)(input_ids=ids, adapter_ids=aid)
+    assert explain.graph_break_count == 0, [b.reason for b in explain.break_reasons]
+    assert explain.graph_count == 1
+
+
+def test_inductor_compiles_the_model():
+    """The default compiler end to end (Inductor's CPU code generation): close to eager."""
+    hk.set_backend("torch")
+    m = _bert(seed=1)
+    cm = torch.compile(m)
+    gen = torch.Generator().manual_seed(1)
+    for B, L, aid in BATCHES[:2]:
+        ids = torch.randint(0, 97, (B, L), generator=gen).to(DEV)
+        y0, g0 = _step(m, ids, torch.tensor(aid))
+        y1, g1 = _step(cm, ids, torch.tensor(aid))
+        assert rel_err(y1, y0) < 1e-5
+        for n in g0:
+            assert rel_err(g1[n], g0[n]) < 1e-4, n
+
+
+def test_a_compiled_causal_lm_predicts_like_the_eager_one():
+    """GPT-2's Conv1D layers take the lora_delta path (base layer + delta)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from hetlora import MultiLoraModel
+
+    hk.set_backend("torch")
+    torch.manual_seed(2)
+    cfg = GPT2Config(vocab_size=61, n_embd=32, n_layer=2, n_head=2, n_positions=32, resid_pdrop=0.0,
+                     embd_pdrop=0.0, attn_pdrop=0.0)
+    m = MultiLoraModel(GPT2LMHeadModel(cfg), ["c_attn", "c_fc"], ranks=[4, 2], alpha=4).to(DEV).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.2)
+    ids = torch.randint(0, 61, (2, 5)).to(DEV)
+    aid = torch.tensor([1, 0])
+    eager = m(input_ids=ids, adapter_ids=aid).logits
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=False)(input_ids=ids, adapter_ids=aid).logits
+    assert rel_err(compiled, eager) < 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+def test_a_compiled_model_on_the_gpu(mode):
+    """Triton kernels inside an Inductor graph on a GPU (and with its CUDA graphs): new
+    compositions must not replay a stale schedule."""
+    hk.set_backend("triton")
+    m = _bert(seed=3)
+    cm = torch.compile(m, mode=mode)
+    gen = torch.Generator().manual_seed(3)
+    for B, L, aid in BATCHES + BATCHES:
+        ids = torch.randint(0, 97, (B, L), generator=gen).to(DEV)
+        y0, g0 = _step(m, ids, torch.tensor(aid))
+        y1, g1 = _step(cm, ids, torch.tensor(aid))
+        assert rel_err(y1, y0) < 1e-4
+        for n in g0:
+            assert rel_err(g1[n], g0[n]) < 1e-3, n
