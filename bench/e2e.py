@@ -450,7 +450,9 @@ def bench_run(run: Run, device: torch.device, dtype: torch.dtype, warmup: int, s
                 for key in ("step_s", "min_step_s"):
                     timed[key] /= per
                 timed["step_times_s"] = [t / per for t in timed["step_times_s"]]
-                if method != "sequential":  # one more (untimed) call: the host's work per step
+                # one more (untimed) call: the host's work per step (not for a compiled step: under the
+                # counting dispatch mode Dynamo runs it eagerly, which would count eager's ops)
+                if method != "sequential" and not method.endswith("+compile"):
                     timed["aten_ops_per_step"] = C.aten_ops(fn) / per
                 row.update(timed)
             row["client_steps_per_s"] = row.get("clients_per_step", run.clients) / row["step_s"]

@@ -134,6 +134,9 @@ fi
 # simulator's dependencies.  test_cxx_runtime.py checks that the extension built there shares
 # the process's libstdc++ (the first lend's crash).
 GPU_FILES=$(ls tests/test_triton*.py tests/test_cuda*.py tests/test_cxx_runtime.py 2>/dev/null | grep -v test_cuda_emu.py | tr '\n' ' ')
+# and the compiled model on the GPU (Triton custom ops inside an Inductor graph; the file's other
+# tests are CPU checks of the same route)
+GPU_FILES="$GPU_FILES tests/test_compile.py::test_a_compiled_model_on_the_gpu"
 COLLECT=""
 [ "$DRY" = 1 ] && COLLECT="--collect-only"
 # HETLORA_TRITON_AUTOTUNE=0: one config per Triton kernel (the tests check results; timing

@@ -26,7 +26,7 @@ import torch
 
 from . import reference as ref
 from .dispatch import LoraWork, resolve
-from .layout import AdapterLayout, TokenGroups
+from .layout import AdapterLayout, TokenGroups, groups_of
 
 __all__ = ["lora_delta", "lora_linear"]
 
@@ -45,8 +45,7 @@ def _groups(adapter_ids, order, starts, counts, host_meta) -> TokenGroups:
     """The `TokenGroups` behind these tensors: the one that built ``host_meta`` when it is still
     alive and its tensors are these (so its cached kernel schedules serve every layer), else one
     rebuilt from them (no device read: the host lists come from ``host_meta``)."""
-    owner = getattr(host_meta, "_hetlora_groups", None)
-    g = owner() if owner is not None else None
+    g = groups_of(host_meta)
     if g is not None and g.order is order and g.starts is starts and g.adapter_ids is adapter_ids:
         return g
     K = counts.shape[0]

@@ -212,9 +212,10 @@ class TokenGroups:
         if not self._trusted:
             _validate_groups(self)
         meta = torch.tensor((*self.starts_list, *self.counts_list, int(self.is_sorted)), dtype=torch.int64)
-        # the custom ops find these groups (and the kernel schedules cached on them) from it
-        meta._hetlora_groups = weakref.ref(self)
         object.__setattr__(self, "host_meta", meta)
+        # the custom ops find these groups (and the kernel schedules cached on them) from it; the
+        # entry lives as long as the groups, which hold the tensor, so its id cannot be reused
+        _BY_HOST_META[id(meta)] = self
 
     @property
     def num_tokens(self) -> int:
@@ -348,6 +349,15 @@ class TokenGroups:
             f"TokenGroups(num_tokens={self.num_tokens}, num_adapters={self.num_adapters}, "
             f"counts={list(self.counts_list)})"
         )
+
+
+_BY_HOST_META: weakref.WeakValueDictionary[int, TokenGroups] = weakref.WeakValueDictionary()
+
+
+def groups_of(host_meta: torch.Tensor) -> TokenGroups | None:
+    """The live `TokenGroups` whose ``host_meta`` is this very tensor, else None."""
+    g = _BY_HOST_META.get(id(host_meta))
+    return g if g is not None and g.host_meta is host_meta else None
 
 
 def _validate_groups(g: TokenGroups) -> None:

@@ -324,3 +324,19 @@ def test_e2e_simulator_method_runs_the_simulators_rounds() -> None:
     step()
     assert any(not torch.equal(a, b) for a, b in zip(sim.state.A, before))
     assert sim.strategy.name == "hetlora" and list(sim.client_ranks) == e2e.client_ranks(5)
+
+
+def test_e2e_compile_row_times_a_compiled_step() -> None:
+    """``--compile``: a ``concurrent+compile`` row whose first call (the compilation) is timed
+    apart, and no ATen op count (under the counting dispatch mode the step would run eagerly)."""
+    import torch
+
+    from bench import e2e
+
+    torch._dynamo.reset()
+    rows = e2e.bench_run(e2e.Run("tiny-bert", 3, 2, 8), torch.device("cpu"), torch.float32, 1, 1, compiled=True)
+    row = next(r for r in rows if r["method"] == "concurrent+compile")
+    assert row["status"] == "ok", row.get("reason")
+    assert row["first_call_s"] > 0 and row["step_s"] > 0 and "aten_ops_per_step" not in row
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it did compile
+    torch._dynamo.reset()

@@ -134,7 +134,9 @@ def test_only_the_needed_gradients_are_computed():
     assert torch.equal(gA, eA) and torch.equal(gB, eB)
 
 
-def test_the_custom_ops_pass_torch_opcheck():
+@pytest.mark.parametrize("backend", cpu_backend_params())
+def test_the_custom_ops_pass_torch_opcheck(backend):
+    hk.set_backend(backend)
     (x, A, B), ids = _case(torch.float32)
     g = TokenGroups.from_adapter_ids(ids, len(RANKS))
     args = (x, A, B, g.adapter_ids, g.order, g.starts, g.counts, g.host_meta, RANKS, None, [0.5] * len(RANKS))
@@ -144,6 +146,27 @@ def test_the_custom_ops_pass_torch_opcheck():
     # the backward op is not itself differentiable (once_differentiable, like the eager kernels)
     bargs = (dy, x.detach(), A.detach(), B.detach(), h.detach(), *args[3:], [True, False, True])
     torch.library.opcheck(torch.ops.hetlora.lora_delta_bwd.default, bargs)
+
+
+def test_the_ops_find_the_groups_that_made_their_tensors():
+    """At run time the ops serve a call with the `TokenGroups` that built ``host_meta`` (its
+    kernel schedules are cached there, for every layer); tensors from elsewhere (a copy, a
+    pickled groups) get groups rebuilt from the tensors alone, with the same host facts."""
+    import copy
+    import pickle
+
+    ids = torch.tensor([2, 0, -1, 2, 1, 0, -1])
+    g = TokenGroups.from_adapter_ids(ids, 3)
+    parts = (g.adapter_ids, g.order, g.starts, g.counts, g.host_meta)
+    assert custom_ops._groups(*parts) is g
+    for other in (copy.deepcopy(g), pickle.loads(pickle.dumps(g))):
+        rebuilt = custom_ops._groups(other.adapter_ids, other.order, other.starts, other.counts, other.host_meta)
+        assert rebuilt is not g and rebuilt is not other
+        assert (rebuilt.counts_list, rebuilt.starts_list, rebuilt.is_sorted) == (g.counts_list, g.starts_list, False)
+    sorted_g = TokenGroups.from_lengths([2, 0, 3])
+    clone = custom_ops._groups(sorted_g.adapter_ids, sorted_g.order, sorted_g.starts, sorted_g.counts,
+                               sorted_g.host_meta.clone())
+    assert clone is not sorted_g and clone.is_sorted and clone.counts_list == (2, 0, 3)
 
 
 def test_bad_shapes_under_compile_name_the_argument():
