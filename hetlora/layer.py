@@ -140,14 +140,14 @@ class Routing:
             g = self._groups.get((per_row, rows, x.device))
             if g is not None:
                 return g
-        return self._build(m * per_row, per_row, rows, x.device)
+        return self._build(m, per_row, rows, x.device)
 
     def prebuild(self, per_row: int, device: torch.device) -> None:
         """Build the groups of layer inputs ``[batch, per_row..., d]`` now (see `_build`)."""
         ids = self.adapter_ids
         if ids is not None and not any(g.num_tokens == ids.shape[0] * per_row and g.device == device
                                        for g in self._groups["rows"]):
-            self._build(per_row, per_row, ids.shape[0], device)
+            self._build(1, per_row, ids.shape[0], device)
 
     # The builds read the ids back to the host: under torch.compile they run eagerly (a graph
     # break before the first LoRA layer of a forward), and every later layer finds them cached.
@@ -158,9 +158,10 @@ class Routing:
         return g
 
     @torch.compiler.disable
-    def _build(self, rep: int, per_row: int, rows: int, device: torch.device) -> TokenGroups:
+    def _build(self, m: int, per_row: int, rows: int, device: torch.device) -> TokenGroups:
+        """Groups of layer inputs ``[rows, per_row..., d]``, each sequence's rows ``m`` times in a row."""
         ids = self.adapter_ids
-        # built once per shape, not on every layer call
+        rep = m * per_row  # built once per shape, not on every layer call
         if ids.device.type == "cpu" and device.type != "cpu":
             # host ids for a GPU batch: build on the host (no read of device memory), then
             # copy without waiting for the GPU
@@ -169,7 +170,7 @@ class Routing:
         else:
             tok = ids.to(device).repeat_interleave(rep) if rep != 1 else ids.to(device)
             g = TokenGroups.from_adapter_ids(tok, self.num_adapters)
-        if rep == per_row:
+        if m == 1:
             self._groups["rows"].append(g)
         else:
             self._groups[(per_row, rows, device)] = g

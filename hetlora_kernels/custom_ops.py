@@ -164,6 +164,8 @@ def _scaling_args(scaling, K: int) -> tuple[torch.Tensor | None, list[float]]:
     if isinstance(scaling, (int, float)) and not isinstance(scaling, bool):
         return None, [float(scaling)]
     if isinstance(scaling, (list, tuple)):
+        if len(scaling) != K:  # (a one-entry list would otherwise pass for a float)
+            raise ValueError(f"scaling must be a float or hold K={K} values, got {len(scaling)}")
         return None, [float(s) for s in scaling]
     raise TypeError(f"scaling must be a float, a sequence of K={K} floats or a [K] tensor, "
                     f"got {type(scaling).__name__}")

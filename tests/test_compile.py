@@ -148,6 +148,50 @@ def test_the_custom_ops_pass_torch_opcheck(backend):
     torch.library.opcheck(torch.ops.hetlora.lora_delta_bwd.default, bargs)
 
 
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """``torch.empty`` / ``empty_like`` from Python return NaN-filled floats: an entry a kernel
+    leaves unwritten shows."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
+
+
+@pytest.mark.parametrize("backend,fused", [pytest.param(*p.values, f, marks=p.marks,
+                                                        id=f"{p.id}-{'fused' if f else 'two-launch'}")
+                                           for p in cpu_backend_params() for f in ((False, True) if p.id == "triton"
+                                                                                    else (None,))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_the_saved_h_is_defined_everywhere(backend, fused, dtype, poisoned_empty, monkeypatch):
+    """A custom op's result must not hold garbage (torch may compare or copy it): h is
+    ``x_k A_k^T`` at adapter k's positions and columns, zero in every other entry (Triton: both
+    the fused forward and shrink + expand)."""
+    if fused is not None:
+        from hetlora_kernels.triton import fused as fused_mod
+
+        monkeypatch.setattr(fused_mod, "FORCE_FUSED", fused)
+    hk.set_backend(backend)
+    (x, A, B), ids = _case(dtype, seed=5, T=17)
+    ids[:3] = -1
+    g = TokenGroups.from_adapter_ids(ids, len(RANKS))
+    y, h = torch.ops.hetlora.lora_delta_fwd(x.detach(), A.detach(), B.detach(), g.adapter_ids, g.order, g.starts,
+                                            g.counts, g.host_meta, RANKS, None, [0.5] * len(RANKS))
+    assert h.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert not torch.isnan(y).any() and not torch.isnan(h).any()
+    want = torch.zeros(h.shape, dtype=torch.float64)
+    offs = AdapterLayout(RANKS).offsets
+    for k, r in enumerate(RANKS):
+        p0, n = g.starts_list[k], g.counts_list[k]
+        toks = g.order[p0: p0 + n]
+        want[p0: p0 + n, :r] = x.detach().double()[toks] @ A.detach().double()[offs[k]: offs[k] + r].t()
+    assert torch.equal(h[want == 0], torch.zeros_like(h[want == 0]))
+    assert rel_err(h, want) < TOL[dtype]
+
+
 def test_the_ops_find_the_groups_that_made_their_tensors():
     """At run time the ops serve a call with the `TokenGroups` that built ``host_meta`` (its
     kernel schedules are cached there, for every layer); tensors from elsewhere (a copy, a
@@ -177,6 +221,9 @@ def test_bad_shapes_under_compile_name_the_argument():
         fn(x, A[:-1], B, AdapterLayout(RANKS), g, 0.5)
     with pytest.raises(Exception, match="groups cover 13 tokens but x holds"):
         fn(x[:-1], A, B, AdapterLayout(RANKS), g, 0.5)
+    # raised while tracing: without fullgraph Dynamo hands the call to eager, which raises the same
+    with pytest.raises(ValueError, match="scaling must be a float or hold K=4 values, got 1"):
+        torch.compile(lora_delta, backend="aot_eager")(x, A, B, AdapterLayout(RANKS), g, [0.5])
     with pytest.raises(TypeError, match="groups must be a TokenGroups"):
         custom_ops.lora_delta(x, A, B, AdapterLayout(RANKS), ids, 0.5)
 

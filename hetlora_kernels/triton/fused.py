@@ -124,12 +124,14 @@ def fused_forward(
     groups: TokenGroups,
     scaling: float | torch.Tensor,
     out: torch.Tensor | None = None,
+    zeroed: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``y[t] = s_k (x[t] A_k^T) B_k`` (or ``+=`` into ``out``) in one launch.
 
     Args:
         x: ``[T, d_in]`` fp32/fp16/bf16, unit column stride.  A: ``[R, d_in]``, B: ``[R, d_out]``
             contiguous, x's dtype.  scaling: float or fp32 ``[K]`` tensor on x's device.
+        zeroed: h's undefined entries are zeros (as `shrink.shrink`'s ``zeroed``).
         out: ``[T, d_out]`` to accumulate into (rows of ``-1`` tokens untouched); without it
             a new tensor with zero rows for ``-1`` tokens.
     Returns:
@@ -140,7 +142,7 @@ def fused_forward(
     d_out = B.shape[1]
     accumulate = out is not None
     y = out if accumulate else torch.empty(T, d_out, dtype=x.dtype, device=x.device)
-    h = torch.empty(T, layout.max_rank, dtype=torch.float32, device=x.device)
+    h = (torch.zeros if zeroed else torch.empty)(T, layout.max_rank, dtype=torch.float32, device=x.device)
     if T == 0 or d_out == 0:
         return y, h
     if d_in == 0:

@@ -52,10 +52,10 @@ def _rowmajor(t: torch.Tensor) -> torch.Tensor:
     return t if (t.dim() == 2 and t.stride(1) == 1) or t.numel() == 0 else t.contiguous()
 
 
-def _forward(x, A, B, layout, groups, scaling, out):
+def _forward(x, A, B, layout, groups, scaling, out, zeroed=False):
     if use_fused(groups, layout, x.shape[1], B.shape[1], x.element_size()):
-        return fused_forward(x, A, B, layout, groups, scaling, out)
-    h = shrink(x, A, layout, groups)
+        return fused_forward(x, A, B, layout, groups, scaling, out, zeroed=zeroed)
+    h = shrink(x, A, layout, groups, zeroed=zeroed)
     y = expand(h, B, layout, groups, scaling, out=out)
     return y, h
 
@@ -189,12 +189,12 @@ class _Steps:
 
 def lora_forward(x, A, B, layout: AdapterLayout, groups: TokenGroups, scaling):
     """The forward alone (`hetlora_kernels.custom_ops`): ``(y, h)``, h fp32 ``[T, r_max]`` by
-    position in ``groups.order`` (float64 inputs: the torch reference's)."""
+    position in ``groups.order``, zeros where undefined (float64 inputs: the torch reference's)."""
     if x.dtype == torch.float64:
         return reference.lora_forward(x, A, B, layout, groups, scaling)
     x, A, B = _rowmajor(x), A.contiguous(), B.contiguous()
     with _on(x.device):
-        return _forward(x, A, B, layout, groups, scaling, None)
+        return _forward(x, A, B, layout, groups, scaling, None, zeroed=True)
 
 
 def lora_backward(dy, x, A, B, h, layout: AdapterLayout, groups: TokenGroups, scaling, needs):

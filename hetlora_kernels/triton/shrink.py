@@ -94,6 +94,7 @@ def shrink(
     groups: TokenGroups,
     scaling: float | torch.Tensor = 1.0,
     block_t: int | None = None,
+    zeroed: bool = False,
 ) -> torch.Tensor:
     """``h[p, :r_k] = s_k * x[order[p]] @ W_k^T`` for every routed position ``p``.
 
@@ -102,12 +103,13 @@ def shrink(
         W: ``[R, d]`` contiguous, x's dtype, packed for ``layout``.
         scaling: float, or fp32 ``[K]`` tensor on x's device.
         block_t: token tile (default: ``shrink_block_t(groups)``).
+        zeroed: the undefined entries of h are zeros (a custom op's result must not hold garbage).
     Returns:
         fp32 ``[T, r_max]`` indexed by position in ``groups.order``; only the
         entries ``[p, j]`` with ``p`` a position of adapter k and ``j < r_k`` are defined.
     """
     T, d = x.shape
-    h = torch.empty(T, layout.max_rank, dtype=torch.float32, device=x.device)
+    h = (torch.zeros if zeroed else torch.empty)(T, layout.max_rank, dtype=torch.float32, device=x.device)
     if groups.num_routed == 0 or d == 0:
         if d == 0:
             h.zero_()
