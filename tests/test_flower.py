@@ -351,9 +351,14 @@ def test_flower_run_resumes_after_a_crash(tmp_path, task_identity):
 
     cfg = _cfg(tmp_path, "crashed", **kw)
     first = FlowerStrategy(cfg)
+    assert json.loads((cfg.run_dir / "status.json").read_text())["status"] == "running"
     with pytest.raises(KeyboardInterrupt):
         first.run(CrashingGrid(make_client_app(), 4, crash_at_train_call=3, extra={1: {"rank": 3}}))
     assert [r["round"] for r in first.records] == [1, 2]
+    # flwr run exits 0 after a ServerApp that raised: status.json is what says the run failed
+    status = json.loads((cfg.run_dir / "status.json").read_text())
+    assert status["status"] == "failed" and status["rounds_done"] == 2 and status["rounds"] == 4
+    assert status["error"] == "KeyboardInterrupt: server killed" and "send_and_receive" in status["traceback"]
     # a line cut short by the crash is ignored on resume
     with open(cfg.run_dir / "metrics.jsonl", "a") as f:
         f.write('{"round": 3, "train_lo')
@@ -366,6 +371,8 @@ def test_flower_run_resumes_after_a_crash(tmp_path, task_identity):
     again.run(FakeGrid(make_client_app(), 4, extra={1: {"rank": 3}}))
     _assert_same_state(again.state, whole.state, rtol=0, atol=0)
     assert list(again.sim.client_ranks) == list(whole.sim.client_ranks)
+    status = json.loads((cfg.run_dir / "status.json").read_text())
+    assert (status["status"], status["rounds_done"], status.get("error")) == ("finished", 4, None)
     lines = [json.loads(x) for x in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     want = [json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in lines] == [1, 2, 3, 4]

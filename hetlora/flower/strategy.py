@@ -31,10 +31,12 @@ privacy (``FedConfig.dp_clip``) works as in the simulator: the server half of a 
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import shutil
 import time
+import traceback
 from collections.abc import Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -113,6 +115,17 @@ class FlowerStrategy(_FlwrStrategy):
             d = config.run_dir
             sim.write_run_files()
             atomic_write_bytes(d / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.records).encode())
+            self._status("running")
+
+    def _status(self, status: str, **extra) -> None:
+        """``<run_dir>/status.json``: running, finished or failed (with the error).  `flwr run`
+        exits 0 even when the ServerApp raised (Flower 1.42), so a script checks this file."""
+        if not self.write_outputs:
+            return
+        done = self.records[-1]["round"] if self.records else 0
+        rec = {"status": status, "rounds_done": done, "rounds": self.config.rounds,
+               "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **extra}
+        atomic_write_bytes(self.config.run_dir / "status.json", (json.dumps(rec, indent=1) + "\n").encode())
 
     # -- helpers -----------------------------------------------------------------------------------
     @property
@@ -361,10 +374,16 @@ class FlowerStrategy(_FlwrStrategy):
         Flower's `Strategy.start`, then `finish`."""
         left = self.config.rounds - self.round_offset
         res = None
-        if left > 0:
-            res = self.start(grid, initial_arrays=self.global_arrays(), num_rounds=left, timeout=timeout)
-        else:
-            log.info("%s: all %d rounds already done", self.config.name, self.config.rounds)
-        self.finish()
+        try:
+            if left > 0:
+                res = self.start(grid, initial_arrays=self.global_arrays(), num_rounds=left, timeout=timeout)
+            else:
+                log.info("%s: all %d rounds already done", self.config.name, self.config.rounds)
+            self.finish()
+        except BaseException as e:
+            self._status("failed", error=f"{type(e).__name__}: {e}",
+                         traceback="".join(traceback.format_exception(e))[-4000:])
+            raise
+        self._status("finished")
         return res
 
