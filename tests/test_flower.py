@@ -495,6 +495,7 @@ def test_deployment_superlink_and_supernodes(tmp_path, flower_env):
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         recs = [json.loads(x) for x in (out / "flower_hetlora" / "metrics.jsonl").read_text().splitlines()]
         assert [r["round"] for r in recs] == [1, 2]
+        assert json.loads((out / "flower_hetlora" / "status.json").read_text())["status"] == "finished"
         for r in recs:
             assert r["num_replies"] == 3 and r["num_accepted"] == 3, r
             sent = dict(zip(r["clients"], r["ranks_received"]))
