@@ -14,6 +14,9 @@ tokens each adapter has.  At run time the ops find the `TokenGroups` that made `
 (its cached kernel schedules with it) or rebuild one from the tensors, validate every argument
 as an eager call does, and run the backend that `dispatch` picks then.
 
+Both ops carry ``torch.Tag.cudagraph_unsafe``: with ``mode="reduce-overhead"`` Inductor captures
+the graph around them in CUDA graphs and runs them eagerly (their schedules depend on the batch).
+
 The forward returns ``h = x A_k^T`` for the backward in one format every backend reads and
 writes: ``[T, r_max]`` in the accumulation dtype (float64 for float64 inputs, else float32),
 row ``p`` = position ``p`` of ``groups.order``, columns ``j < r_k`` defined.  So a backward may
@@ -87,7 +90,13 @@ def _steps_cuda():
 _STEPS = {"torch": _steps_torch, "triton": _steps_triton, "cuda": _steps_cuda}
 
 
-@torch.library.custom_op("hetlora::lora_delta_fwd", mutates_args=())
+# cudagraph_unsafe: each call builds its kernel schedule from this batch's host facts, so a replay
+# of a captured call would run the schedule of the batch it was captured with. Inductor's
+# CUDA graphs (mode="reduce-overhead") therefore capture the graph around these ops, not them.
+_TAGS = (torch.Tag.cudagraph_unsafe,)
+
+
+@torch.library.custom_op("hetlora::lora_delta_fwd", mutates_args=(), tags=_TAGS)
 def _fwd(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, adapter_ids: torch.Tensor, order: torch.Tensor,
          starts: torch.Tensor, counts: torch.Tensor, host_meta: torch.Tensor, ranks: list[int],
          scale_tensor: torch.Tensor | None, scales: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,7 +127,7 @@ def _check_shapes(x, A, B, adapter_ids, ranks) -> None:
         raise ValueError(f"groups cover {adapter_ids.shape[0]} tokens but x holds {x.shape[0]}")
 
 
-@torch.library.custom_op("hetlora::lora_delta_bwd", mutates_args=())
+@torch.library.custom_op("hetlora::lora_delta_bwd", mutates_args=(), tags=_TAGS)
 def _bwd(dy: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, h: torch.Tensor,
          adapter_ids: torch.Tensor, order: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor,
          host_meta: torch.Tensor, ranks: list[int], scale_tensor: torch.Tensor | None, scales: list[float],

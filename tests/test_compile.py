@@ -192,6 +192,14 @@ def test_the_saved_h_is_defined_everywhere(backend, fused, dtype, poisoned_empty
     assert rel_err(h, want) < TOL[dtype]
 
 
+def test_the_ops_are_kept_out_of_inductors_cuda_graphs():
+    """A call's kernel schedule comes from its batch's host facts: a CUDA graph replaying a
+    captured call would run another batch with the captured batch's schedule.  The tag makes
+    Inductor (mode="reduce-overhead") partition its graphs around the ops instead."""
+    for op in (torch.ops.hetlora.lora_delta_fwd.default, torch.ops.hetlora.lora_delta_bwd.default):
+        assert torch.Tag.cudagraph_unsafe in op.tags
+
+
 def test_the_ops_find_the_groups_that_made_their_tensors():
     """At run time the ops serve a call with the `TokenGroups` that built ``host_meta`` (its
     kernel schedules are cached there, for every layer); tensors from elsewhere (a copy, a
