@@ -1,4 +1,5 @@
-"""``python -m bench kernels|e2e|profile|report``: the benchmark command line (``hetlora bench`` delegates here)."""
+"""``python -m bench kernels|e2e|serve|profile|report``: the benchmark command line (``hetlora bench``
+delegates here)."""
 
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
-    from bench import e2e, kernels, profile, report
+    from bench import e2e, kernels, profile, report, serve
 
     kernels.add_args(sub.add_parser("kernels", help="microbenchmarks of every op and backend vs baselines"))
     e2e.add_args(sub.add_parser("e2e", help="concurrent vs sequential (peft) local training, client-steps/s"))
+    serve.add_args(sub.add_parser("serve", help="many adapters in one batch: greedy generation, tokens/s vs peft"))
     profile.add_args(sub.add_parser("profile", help="one shape: host vs device time per LoRA call, per method",
                                     description=(profile.__doc__ or "").split("\n\n")[0]))
     report.add_args(sub.add_parser("report", help="regenerate README's Performance section from results"))
@@ -29,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
         kernels.run(args)
     elif args.cmd == "e2e":
         e2e.run(args)
+    elif args.cmd == "serve":
+        serve.run(args)
     elif args.cmd == "profile":
         profile.run(args)
     elif args.cmd == "env":

@@ -9,6 +9,7 @@
 #   2b. host vs device time     (python -m bench profile: one shape, per method; <= 60 s)
 #   3. kernel benchmarks        (python -m bench kernels --preset gpu)
 #   4. end-to-end benchmarks    (python -m bench e2e --preset gpu)
+#   4b. serving benchmark       (python -m bench serve --preset gpu: many adapters, generation; <= 45 s)
 #   5. 20 Newsgroups grid       (hetlora reproduce 20ng --scale full, resumable: each lend adds
 #                                finished runs to results/20ng/reproduce-full; HETLORA_GPU_REPRODUCE_S
 #                                seconds on top of the budget, default 120, 0 skips it; skipped,
@@ -30,7 +31,7 @@
 # Output: bench/results/<device-slug>/ (a scratch folder in the dry run; kernels.{json,md}, e2e.{json,md}, *.png, logs, pytest
 # junit xml, summary.txt, reproduce-full/).  With OUT set (the device tool's $OUT, which
 # returns at most 8 files), after every stage the folder is also packed into
-# $OUT/<device-slug>.tar.gz, with summary.txt, kernels.md, e2e.md and profile.md beside it to read at
+# $OUT/<device-slug>.tar.gz, with summary.txt, kernels.md, e2e.md, serve.md and profile.md beside it to read at
 # once: `tar xzf <slug>.tar.gz -C bench/results/`, move reproduce-full/ to
 # results/20ng/reproduce-full/, commit, then `python -m bench report` regenerates README's
 # Performance section.  A run killed by the command's time limit still leaves the pack of
@@ -48,7 +49,7 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_
 unset TRITON_INTERPRET  # the GPU runs the real kernels
 T0=$(date +%s)
 BUDGET=${HETLORA_GPU_BUDGET_S:-480}
-STAGES=${HETLORA_GPU_STAGES:-tests profile kernels e2e reproduce}
+STAGES=${HETLORA_GPU_STAGES:-tests profile kernels e2e serve reproduce}
 want() { case " $STAGES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
 # HETLORA_GPU_ALL_DRYRUN=1: check this script's plumbing on a CPU (smoke presets, device cpu)
@@ -87,7 +88,7 @@ pack() {  # the results so far into $OUT (at most 8 files come back from there)
   [ -n "${OUT:-}" ] || return 0
   mkdir -p "$OUT"
   tar czf "$OUT/$SLUG.tar.gz.tmp" -C "$RESROOT" "$SLUG" 2>/dev/null && mv "$OUT/$SLUG.tar.gz.tmp" "$OUT/$SLUG.tar.gz"
-  for f in summary.txt kernels.md e2e.md profile.md; do [ -f "$RES/$f" ] && cp "$RES/$f" "$OUT/$f"; done
+  for f in summary.txt kernels.md e2e.md serve.md profile.md; do [ -f "$RES/$f" ] && cp "$RES/$f" "$OUT/$f"; done
   return 0
 }
 
@@ -161,12 +162,16 @@ PSHAPE="--T 4096 --d 4096 --K 64 --dtype bf16"
 want profile && stage profile "$(cap 60 190)" "$PY" -m bench profile --device $DEV $PSHAPE --out "$RES"
 
 # 3. kernels (the sweep stops itself 30 s before the stage's timeout and writes what it has)
-KS=$(cap 120 110)  # the e2e stage after it keeps >= 110 s (its graph rows, 2026-11-26)
+KS=$(cap 120 155)  # the e2e stage after it keeps >= 110 s (its graph rows, 2026-11-26), serve 45 s
 want kernels && stage kernels "$KS" "$PY" -m bench kernels --preset $KPRESET --device $DEV --out "$RES" --budget-s $(( KS > 60 ? KS - 45 : 15 ))
 
 # 4. end-to-end
-ES=$(cap 150 0)
+ES=$(cap 150 45)
 want e2e && stage e2e "$ES" "$PY" -m bench e2e --preset $EPRESET --device $DEV --out "$RES" --budget-s $(( ES > 60 ? ES - 50 : 10 ))
+
+# 4b. serving many adapters (generation: hetlora vs peft's mixed batch and peft one adapter at a time)
+SS=$(cap 45 0)
+want serve && stage serve "$SS" "$PY" -m bench serve --preset $EPRESET --device $DEV --out "$RES" --budget-s $(( SS > 30 ? SS - 20 : 5 ))
 
 # 5. the seed table's 20 Newsgroups grid at full scale.  Runs already in the checkout's
 # results/20ng/reproduce-full (committed by earlier lends) are skipped; no new run starts in

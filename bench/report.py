@@ -1,6 +1,6 @@
 """Regenerate README.md's "Performance" section from the committed benchmark results.
 
-Reads ``bench/results/<device>/kernels.json`` and ``e2e.json`` (files tracked by git;
+Reads ``bench/results/<device>/kernels.json``, ``e2e.json`` and ``serve.json`` (files tracked by git;
 with none tracked, or with ``--uncommitted``, whatever is on disk) and writes the
 generated markdown between ``<!-- perf:start -->`` and ``<!-- perf:end -->`` in
 README.md.  Never edit that section by hand: rerun ``python -m bench report``.
@@ -19,6 +19,7 @@ from typing import Any
 from bench import common as C
 from bench.e2e import table_rows
 from bench.kernels import BASELINES
+from bench.serve import table_rows as serve_rows
 
 START, END = "<!-- perf:start -->", "<!-- perf:end -->"
 
@@ -38,7 +39,7 @@ def tracked_results(root: Path) -> set[Path] | None:
 def load_results(root: Path, uncommitted: bool) -> tuple[dict[str, dict[str, Any]], str]:
     """``{slug: {"kernels": json, "e2e": json}}`` and a note on which files were used."""
     results_dir = root / "bench" / "results"
-    files = sorted(results_dir.glob("*/kernels.json")) + sorted(results_dir.glob("*/e2e.json"))
+    files = sorted(f for kind in ("kernels", "e2e", "serve") for f in results_dir.glob(f"*/{kind}.json"))
     note = ""
     if not uncommitted:
         tracked = tracked_results(root)
@@ -142,17 +143,19 @@ def section(results: dict[str, dict[str, Any]], note: str) -> str:
     # GPUs first, then CPUs
     for slug in sorted(results, key=lambda s: (s.startswith("cpu"), s)):
         group = results[slug]
-        any_res = group.get("e2e") or group.get("kernels")
+        any_res = group.get("e2e") or group.get("kernels") or group.get("serve")
         info = any_res["machine"]
         threads = "" if info.get("gpu") else f", {info.get('torch_threads')} torch thread(s)"
         lines.append(f"\n### {info['device_name']}{threads}\n")
-        for kind in ("e2e", "kernels"):
+        for kind in ("e2e", "serve", "kernels"):
             res = group.get(kind)
             if not res:
                 continue
             m = res["machine"]
             load = m.get("loadavg_start")
-            lines.append(f"**{'End-to-end local training' if kind == 'e2e' else 'Kernels'}** — measured "
+            title = {"e2e": "End-to-end local training", "serve": "Serving many adapters (generation)",
+                     "kernels": "Kernels"}[kind]
+            lines.append(f"**{title}** — measured "
                          f"{m['date'][:16].replace('T', ' ')} UTC, commit `{m['git_commit']}`, preset "
                          f"`{res.get('preset')}`, torch {m['torch']}"
                          + (f", load average {load[0]:.2f}" if load else "")
@@ -166,6 +169,9 @@ def section(results: dict[str, dict[str, Any]], note: str) -> str:
                     lines.append("\nOps/step: ATen ops one step dispatches (views left out; Triton and extension "
                                  "kernels not counted), the host's work per step whatever the machine.")
                 lines.append("")
+            elif kind == "serve":
+                lines.append(C.md_table(*serve_rows(res)))
+                lines.append(f"\n{res['method_note']}.\n")
             else:
                 lines.append(kernels_summary(res))
                 lines.append("")

@@ -185,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="run the benchmarks (python -m bench), if the bench package is present",
                        description="Delegates to `python -m bench ARGS...` (the repository's bench/ package): "
                                    "kernels (every op and backend against the baselines), e2e (concurrent vs "
-                                   "sequential local training), profile (host vs device time of one LoRA call), "
+                                   "sequential local training), serve (many adapters in one generation batch "
+                                   "vs peft), profile (host vs device time of one LoRA call), "
                                    "report (README's Performance section from bench/results: rewrites README.md), "
                                    "env. `hetlora bench kernels --help` shows a command's own options.")
     b.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to python -m bench")

@@ -340,3 +340,27 @@ def test_e2e_compile_row_times_a_compiled_step() -> None:
     assert row["first_call_s"] > 0 and row["step_s"] > 0 and "aten_ops_per_step" not in row
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # it did compile
     torch._dynamo.reset()
+
+
+def test_serve_generates_the_same_tokens_as_peft(tmp_path) -> None:
+    """``bench serve``: every method generates, hetlora's and peft's mixed batch give peft's own
+    per-adapter tokens, the adapters do change the text (so the comparison is not vacuous), and
+    the JSON and markdown are written."""
+    import argparse
+
+    import torch
+
+    from bench import serve
+
+    rows = serve.bench_config(serve.Config("tiny-llama", 3, 6, 8, 4), torch.device("cpu"), torch.float32, reps=1)
+    by = {r["method"]: r for r in rows}
+    assert set(by) == set(serve.METHODS) and all(r["status"] == "ok" for r in rows), rows
+    assert by["hetlora"]["same_tokens"] == 1.0 and by["peft-mixed"]["same_tokens"] == 1.0
+    assert by["base"]["changed_by_adapters"] > 0.2
+    assert by["peft-loop"]["speedup_vs_peft_loop"] == 1.0 and by["hetlora"]["tokens_per_s"] > 0
+    out = serve.run(argparse.Namespace(smoke=True, preset=None, device="cpu", threads=None, out=str(tmp_path),
+                                       models=None, budget_s=None))
+    res = _load(out / "serve.json")
+    assert res["kind"] == "serve" and len(res["rows"]) == len(serve.METHODS)
+    assert "| hetlora |" in (out / "serve.md").read_text().replace("| tiny-llama | 3 | 6 | 8+4 ", "")
+
