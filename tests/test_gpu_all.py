@@ -43,14 +43,14 @@ def test_gpu_all_dry_run_packs_everything_into_out(tmp_path: Path) -> None:
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8 and all(p.is_file() for p in out.iterdir()), files  # the device tool's limit
     slug = next(f[: -len(".tar.gz")] for f in files if f.endswith(".tar.gz"))
-    assert {"summary.txt", "kernels.md", "e2e.md", "profile.md"} <= set(files)
+    assert {"summary.txt", "kernels.md", "e2e.md", "serve.md", "profile.md"} <= set(files)
     summary = (out / "summary.txt").read_text()
-    for stage in ("env", "build", "tests", "profile", "kernels", "e2e"):
+    for stage in ("env", "build", "tests", "profile", "kernels", "e2e", "serve"):
         assert f"{stage:<10} rc=0" in summary, summary
     with tarfile.open(out / f"{slug}.tar.gz") as tar:
         names = set(tar.getnames())
         kernels = json.load(tar.extractfile(f"{slug}/kernels.json"))
-    assert {f"{slug}/e2e.json", f"{slug}/pytest-backends.xml", f"{slug}/tests.log", f"{slug}/profile.json"} <= names
+    assert {f"{slug}/e2e.json", f"{slug}/serve.json", f"{slug}/pytest-backends.xml", f"{slug}/tests.log", f"{slug}/profile.json"} <= names
     assert any(n.startswith(f"{slug}/profile_lora_linear_fwd_bwd_") for n in names)  # the host-side tables
     assert kernels["rows"] and not [x for x in kernels["rows"] if x.get("status") == "error"]
     # the test files were collected with flwr/opacus missing: no collection error
