@@ -49,7 +49,10 @@ def _groups(adapter_ids, order, starts, counts, host_meta) -> TokenGroups:
     alive and its tensors are these (so its cached kernel schedules serve every layer), else one
     rebuilt from them (no device read: the host lists come from ``host_meta``)."""
     g = groups_of(host_meta)
-    if g is not None and g.order is order and g.starts is starts and g.adapter_ids is adapter_ids:
+    # the same storage, not the same object: AOTAutograd hands the backward other tensor objects
+    # over the saved ones
+    if g is not None and all(a.data_ptr() == b.data_ptr() and a.shape == b.shape
+                             for a, b in ((g.order, order), (g.starts, starts), (g.adapter_ids, adapter_ids))):
         return g
     K = counts.shape[0]
     host = host_meta.tolist()
@@ -104,7 +107,8 @@ def _fwd(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, adapter_ids: torch.T
     groups = _groups(adapter_ids, order, starts, counts, host_meta)
     x, A, B, layout, groups, scaling = ref.prepare_lora_delta(x, A, B, layout, groups, _scaling(scale_tensor, scales))
     forward, _ = _backend(x, groups)
-    return forward(x, A, B, layout, groups, scaling)
+    y, h = forward(x, A, B, layout, groups, scaling)
+    return y.contiguous(), h.contiguous()  # the strides the shape function promises
 
 
 @_fwd.register_fake
@@ -136,10 +140,11 @@ def _bwd(dy: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, h:
     groups = _groups(adapter_ids, order, starts, counts, host_meta)
     scaling = ref.prepare_lora_delta(x, A, B, layout, groups, _scaling(scale_tensor, scales))[-1]
     _, backward = _backend(x, groups)
-    dx, dA, dB = backward(dy.contiguous(), x, A, B, h, layout, groups, scaling, tuple(needs))
-    # a custom op returns tensors, never None: an ungrasped gradient comes back empty
-    empty = x.new_empty(0)
-    return (dx if dx is not None else empty, dA if dA is not None else empty, dB if dB is not None else empty)
+    grads = backward(dy.contiguous(), x, A, B, h, layout, groups, scaling, tuple(needs))
+    # a custom op returns tensors, never None, and no two of them may alias: a gradient not asked
+    # for comes back as its own empty tensor.  Contiguous, as the shape function says (the torch
+    # path's zeros_like would copy a transposed parameter's strides).
+    return tuple(g.contiguous() if g is not None else x.new_empty(0) for g in grads)
 
 
 @_bwd.register_fake

@@ -122,16 +122,42 @@ def test_a_backward_may_run_on_another_backend(fwd_backend, bwd_backend):
         assert rel_err(a, b) < 1e-5, name
 
 
-def test_only_the_needed_gradients_are_computed():
-    hk.set_backend("torch")
-    (x, A, B), ids = _case(torch.float32)
+@pytest.mark.parametrize("backend", cpu_backend_params())
+@pytest.mark.parametrize("needs", [(1, 1, 1), (0, 1, 1), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (1, 0, 1)],
+                         ids=lambda n: "".join("xAB"[i] for i in range(3) if n[i]))
+def test_any_subset_of_the_gradients(backend, needs):
+    """Only B trained (LoRA-FA), only x (a frozen adapter, gradients for soft prompts), ...: every
+    subset of (x, A, B) that needs a gradient gets eager's, and no other."""
+    hk.set_backend(backend)
+    (x, A, B), ids = _case(torch.float32, seed=7)
+    x, A, B = (t.detach().requires_grad_(bool(n)) for t, n in zip((x, A, B), needs))
     g = TokenGroups.from_adapter_ids(ids.to(DEV), len(RANKS))
+    lay = AdapterLayout(RANKS)
+    wanted = [t for t in (x, A, B) if t.requires_grad]
+    w = torch.randn(x.shape[0], B.shape[1], device=DEV)
+    eager = torch.autograd.grad((lora_delta(x, A, B, lay, g, 0.5) * w).sum(), wanted)
     fn = torch.compile(lora_delta, backend="aot_eager", fullgraph=True)
-    xd = x.detach()  # e.g. a frozen model's activations: no dx
-    y = fn(xd, A, B, AdapterLayout(RANKS), g, 0.5)
-    gA, gB = torch.autograd.grad(y.sum(), (A, B))
-    eA, eB = torch.autograd.grad(lora_delta(xd, A, B, AdapterLayout(RANKS), g, 0.5).sum(), (A, B))
-    assert torch.equal(gA, eA) and torch.equal(gB, eB)
+    got = torch.autograd.grad((fn(x, A, B, lay, g, 0.5) * w).sum(), wanted)
+    for e, c in zip(eager, got):
+        assert torch.equal(c, e)
+
+
+def test_transposed_inputs_under_inductor():
+    """x, A or B with transposed strides (a peft B loaded as ``lora_B.weight.t()``): Inductor checks
+    the strides the ops return against their shape functions."""
+    hk.set_backend("torch")
+    (x, A, B), ids = _case(torch.float32, seed=8)
+    xt, At, Bt = (t.detach().t().contiguous().t().requires_grad_() for t in (x, A, B))
+    assert not xt.is_contiguous() and not Bt.is_contiguous()
+    g = TokenGroups.from_adapter_ids(ids.to(DEV), len(RANKS))
+    lay = AdapterLayout(RANKS)
+    w = torch.randn(x.shape[0], B.shape[1], device=DEV)
+
+    def loss(fn):
+        return torch.autograd.grad((fn(xt, At, Bt, lay, g, 0.5) * w).sum(), (xt, At, Bt))
+
+    for e, c in zip(loss(lora_delta), loss(torch.compile(lora_delta))):
+        assert rel_err(c, e) < 1e-6
 
 
 @pytest.mark.parametrize("backend", cpu_backend_params())
@@ -146,6 +172,8 @@ def test_the_custom_ops_pass_torch_opcheck(backend):
     # the backward op is not itself differentiable (once_differentiable, like the eager kernels)
     bargs = (dy, x.detach(), A.detach(), B.detach(), h.detach(), *args[3:], [True, False, True])
     torch.library.opcheck(torch.ops.hetlora.lora_delta_bwd.default, bargs)
+    xt = x.detach().t().contiguous().t()  # transposed strides: the results must still be contiguous
+    torch.library.opcheck(torch.ops.hetlora.lora_delta_bwd.default, (dy, xt, *bargs[2:]))
 
 
 @pytest.fixture
