@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -74,46 +75,71 @@ def per_adapter(value, K: int, name: str, kind=float) -> list:
     return out
 
 
+def _host_ids(ids: torch.Tensor) -> np.ndarray | None:
+    """A copy of host (CPU) adapter ids' values, for `_same_host_ids`; None for device ids."""
+    return ids.detach().numpy().copy() if ids.device.type == "cpu" else None
+
+
+def _same_host_ids(saved: np.ndarray | None, ids: torch.Tensor) -> bool:
+    """Whether host ids still hold ``saved``'s values (host memory: never a device read); device
+    ids (``saved`` None) are trusted by their version counter alone."""
+    return saved is None or np.array_equal(saved, ids.detach().numpy())
+
+
 class Routing:
     """The current batch's sequence -> adapter ids, shared by every layer of a model.
 
     Layers see inputs ``[batch, ..., d]``; the tokens of sequence ``b`` belong to
     adapter ``adapter_ids[b]``.  `TokenGroups` are built once per distinct number of
     tokens per sequence (usually one per forward) and reused by every layer.
+
+    A call's groups sit in lists that layers search by comparing sizes: a compiled model keeps its
+    sizes symbolic, and hashing them as dict keys would compile one graph per batch shape.  The
+    builds (which read the ids back to the host) run eagerly under torch.compile.
     """
+
+    _SINGLE_KEEP = 16  # one-adapter groups kept across calls (they depend only on the token count)
 
     def __init__(self) -> None:
         self.adapter_ids: torch.Tensor | None = None
         self.num_adapters = 0
         self.expand = False
-        self._groups: dict = {"rows": [], "single": []}
-        # the last routing's (ids tensor, its version, K, expand, groups): a training loop that
-        # passes the same unmodified ids tensor every step reuses its TokenGroups, whose build
-        # reads the ids back to the host (a device synchronisation on a GPU)
+        self._groups: dict = {"rows": [], "single": []}  # this call's groups
+        self._built: dict = {}  # (m, per_row, rows, device) -> groups of these ids, across calls (the memo)
+        self._single: dict = {}  # (num_tokens, device) -> one-adapter groups
+        # the last routing's (ids tensor, its version, K, expand, built groups, host copy of the
+        # ids): a loop that passes the same unmodified ids tensor every step reuses its groups,
+        # whose build reads the ids back to the host (a device synchronisation on a GPU)
         self._memo: tuple | None = None
 
     def set(self, adapter_ids: torch.Tensor | None, num_adapters: int, expand: bool = False) -> None:
         """``expand``: a layer input may hold each sequence's row ``m`` times in a row (what
         ``generate`` does for beams and ``num_return_sequences``); each copy keeps the adapter.
 
-        The same ids tensor object, unmodified since (its in-place version counter unchanged),
-        with the same K and ``expand`` reuses the previous call's groups."""
-        # "rows": the groups of layer inputs with one row per sequence, in a list that is searched
-        # by comparing sizes (a compiled model keeps its sizes symbolic: hashing them as a dict
-        # key would compile one graph per batch shape); the other shapes by key
-        groups: dict = {"rows": [], "single": []}
+        The same ids tensor object, unmodified since (its in-place version counter unchanged,
+        and for host ids the same values: writes through ``.numpy()`` or ``.data`` do not count
+        versions), with the same K and ``expand`` reuses the previous calls' groups."""
+        built: dict = {}
         if adapter_ids is not None:
             m = self._memo
             if (m is not None and m[0] is adapter_ids and m[1] == adapter_ids._version
-                    and m[2:4] == (num_adapters, expand)):
-                groups = m[4]
+                    and m[2:4] == (num_adapters, expand) and _same_host_ids(m[5], adapter_ids)):
+                built = m[4]
             else:
-                self._memo = (adapter_ids, adapter_ids._version, num_adapters, expand, groups)
-        self.adapter_ids, self.num_adapters, self.expand, self._groups = adapter_ids, num_adapters, expand, groups
+                self._memo = (adapter_ids, adapter_ids._version, num_adapters, expand, built, _host_ids(adapter_ids))
+        self.adapter_ids, self.num_adapters, self.expand = adapter_ids, num_adapters, expand
+        self._built, self._groups = built, {"rows": [], "single": []}
+
+    def save(self) -> tuple:
+        """This routing's state, for `restore` (a nested routing gives the outer one back)."""
+        return self.adapter_ids, self.num_adapters, self.expand, self._groups, self._built
+
+    def restore(self, state: tuple) -> None:
+        self.adapter_ids, self.num_adapters, self.expand, self._groups, self._built = state
 
     def single(self, num_tokens: int, device: torch.device) -> TokenGroups:
-        """All ``num_tokens`` tokens on adapter 0 (one-adapter models), built once per forward."""
-        for g in self._groups["single"]:  # by comparing sizes, as `groups_for` does
+        """All ``num_tokens`` tokens on adapter 0 (one-adapter models)."""
+        for g in self._groups["single"]:
             if g.num_tokens == num_tokens and g.device == device:
                 return g
         return self._build_single(num_tokens, device)
@@ -137,7 +163,7 @@ class Routing:
                 if g.num_tokens == n * per_row and g.device == x.device:
                     return g
         else:
-            g = self._groups.get((per_row, rows, x.device))
+            g = self._groups.get((m, per_row, x.device))
             if g is not None:
                 return g
         return self._build(m, per_row, rows, x.device)
@@ -149,31 +175,46 @@ class Routing:
                                        for g in self._groups["rows"]):
             self._build(1, per_row, ids.shape[0], device)
 
+    def prebuild_single(self, num_tokens: int, device: torch.device) -> None:
+        if not any(g.num_tokens == num_tokens and g.device == device for g in self._groups["single"]):
+            self._build_single(num_tokens, device)
+
     # The builds read the ids back to the host: under torch.compile they run eagerly (a graph
-    # break before the first LoRA layer of a forward), and every later layer finds them cached.
+    # break where a layer meets a shape `MultiLoraModel` did not build before the graph).
     @torch.compiler.disable
     def _build_single(self, num_tokens: int, device: torch.device) -> TokenGroups:
-        g = TokenGroups.from_lengths([num_tokens]).to(device)  # built on the host: no device read
+        key = (num_tokens, device)
+        g = self._single.get(key)
+        if g is None:
+            if len(self._single) >= self._SINGLE_KEEP:
+                self._single.clear()
+            g = self._single[key] = TokenGroups.from_lengths([num_tokens]).to(device)  # on the host: no device read
         self._groups["single"].append(g)
         return g
 
     @torch.compiler.disable
     def _build(self, m: int, per_row: int, rows: int, device: torch.device) -> TokenGroups:
         """Groups of layer inputs ``[rows, per_row..., d]``, each sequence's rows ``m`` times in a row."""
-        ids = self.adapter_ids
-        rep = m * per_row  # built once per shape, not on every layer call
-        if ids.device.type == "cpu" and device.type != "cpu":
-            # host ids for a GPU batch: build on the host (no read of device memory), then
-            # copy without waiting for the GPU
-            tok = ids.repeat_interleave(rep) if rep != 1 else ids
-            g = TokenGroups.from_adapter_ids(tok, self.num_adapters).to(device)
-        else:
-            tok = ids.to(device).repeat_interleave(rep) if rep != 1 else ids.to(device)
-            g = TokenGroups.from_adapter_ids(tok, self.num_adapters)
+        key = (m, per_row, rows, device)
+        g = self._built.get(key)
+        if g is None:
+            if len(self._built) >= 64:  # one ids tensor reused for ever new shapes: keep the memo bounded
+                self._built.clear()
+            ids = self.adapter_ids
+            rep = m * per_row
+            if ids.device.type == "cpu" and device.type != "cpu":
+                # host ids for a GPU batch: build on the host (no read of device memory), then
+                # copy without waiting for the GPU
+                tok = ids.repeat_interleave(rep) if rep != 1 else ids
+                g = TokenGroups.from_adapter_ids(tok, self.num_adapters).to(device)
+            else:
+                tok = ids.to(device).repeat_interleave(rep) if rep != 1 else ids.to(device)
+                g = TokenGroups.from_adapter_ids(tok, self.num_adapters)
+            self._built[key] = g
         if m == 1:
             self._groups["rows"].append(g)
         else:
-            self._groups[(per_row, rows, device)] = g
+            self._groups[(m, per_row, device)] = g
         return g
 
 
@@ -423,9 +464,14 @@ class HetLoraLinear(nn.Module):
             if self.routing is not None:
                 return self.routing.single(n, x.device)
             return TokenGroups.from_lengths([n]).to(x.device)
+        hint = ""
+        if torch._C._current_graph_task_id() != -1:
+            hint = ("; this call comes from a backward pass, after the forward that routed it had returned "
+                    "(gradient checkpointing recomputes layers there): run forward and backward inside "
+                    "`with model.route(adapter_ids):`")
         raise ValueError(
             f"adapter_ids is required: this layer holds {self.num_adapters} adapters "
-            "(pass adapter_ids= per sequence, or groups=)"
+            f"(pass adapter_ids= per sequence, or groups=){hint}"
         )
 
     def forward(

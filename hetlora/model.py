@@ -38,6 +38,17 @@ def match_module_names(model: nn.Module, spec: str | Sequence[str], what: str) -
     return hits
 
 
+def _under_torch_compile() -> bool:
+    """Whether Dynamo is watching this call's frames (a ``torch.compile``'d caller), from an
+    eager frame; False when torch does not say."""
+    try:
+        from torch._C._dynamo.eval_frame import get_eval_frame_callback
+
+        return get_eval_frame_callback() not in (None, False)
+    except (ImportError, AttributeError):
+        return False
+
+
 class MultiLoraModel(nn.Module):
     """A transformers model whose target linear layers carry K mixed-rank LoRA adapters.
 
@@ -281,48 +292,81 @@ class MultiLoraModel(nn.Module):
             raise ValueError(f"adapter_ids has {ids.shape[0]} entries but the batch has {batch_hint} sequences")
         return ids
 
-    @torch.compiler.disable
-    def _route(self, adapter_ids, args: tuple, kwargs: dict, expand: bool = False, compiling: bool = False) -> None:
+    @torch.compiler.disable  # never traced: it reads the ids back to the host
+    def _route(self, adapter_ids, args: tuple, kwargs: dict, expand: bool = False, compiled: bool = False) -> None:
         """Route this call's sequences to their adapters (the batch sized by input_ids or inputs_embeds, else
         by the first tensor argument: a broadcastable [1, L] position_ids passed first must not size it).
+        Without ``adapter_ids`` inside a `route` block, the block's ids.
 
-        Runs eagerly under torch.compile (it reads the ids back to the host), and builds the token
-        groups of the layers that see ``[batch, length, d]`` inputs here, so that a compiled model
-        finds them built and traces its layers in one graph."""
+        Builds here the token groups of the layers that see ``[batch, length, d]`` inputs, and with
+        ``compiled`` also ``[batch, d]`` ones (a pooler's): a compiled model then finds them built
+        and traces its layers in one graph."""
         self._check_live()
         lead = [a for a in (*args[:1], kwargs.get("input_ids"), kwargs.get("inputs_embeds"))
                 if isinstance(a, torch.Tensor)]
         first = lead[0] if lead else next((a for a in kwargs.values() if isinstance(a, torch.Tensor)), None)
         batch = first.shape[0] if first is not None and first.dim() > 0 else None
+        if adapter_ids is None and self.routing.adapter_ids is not None:
+            adapter_ids = self.routing.adapter_ids  # a `route` block's
         self.routing.set(self._normalise_ids(adapter_ids, batch), self.num_adapters, expand)
-        if expand or self.routing.adapter_ids is None:
+        if expand:
             return
         ids, emb = kwargs.get("input_ids", args[0] if args else None), kwargs.get("inputs_embeds")
         if isinstance(ids, torch.Tensor) and ids.dim() == 2 and not ids.is_floating_point():
-            length, device = ids.shape[1], ids.device
+            batch, length, device = ids.shape[0], ids.shape[1], ids.device
         elif isinstance(emb, torch.Tensor) and emb.dim() == 3:
-            length, device = emb.shape[1], emb.device
+            batch, length, device = emb.shape[0], emb.shape[1], emb.device
         else:
             return
+        if self.routing.adapter_ids is None:  # one adapter, every token on it
+            self.routing.prebuild_single(batch * length, device)
+            if compiled:
+                self.routing.prebuild_single(batch, device)
+            return
         self.routing.prebuild(length, device)
-        if compiling:
+        if compiled:
             self.routing.prebuild(1, device)  # a pooler's [batch, d]: one more build, not a graph break
 
     @contextlib.contextmanager
-    def _routed(self, adapter_ids, args: tuple, kwargs: dict, expand: bool = False) -> Iterator[None]:
-        self._route(adapter_ids, args, kwargs, expand)
+    def _routed(self, adapter_ids, args: tuple, kwargs: dict, expand: bool = False,
+                compiled: bool = False) -> Iterator[None]:
+        before = self.routing.save()
+        self._route(adapter_ids, args, kwargs, expand, compiled)
         try:
             yield
         finally:
-            self.routing.set(None, 0)
+            self._restore(before)
 
+    @torch.compiler.disable
+    def _restore(self, state: tuple) -> None:
+        self.routing.restore(state)
+
+    @contextlib.contextmanager
+    def route(self, adapter_ids, batch_size: int | None = None) -> Iterator[None]:
+        """Route every call in the block to ``adapter_ids [batch]``: forward calls without
+        ``adapter_ids``, calls of the wrapped model or of single layers, and the layer calls a
+        backward pass makes under gradient checkpointing (which recomputes layers after the
+        forward has returned, so run forward and backward inside the block).  Blocks nest.
+        ``batch_size`` sizes an int ``adapter_ids``."""
+        before = self.routing.save()
+        self.routing.set(self._normalise_ids(adapter_ids, batch_size), self.num_adapters)
+        try:
+            yield
+        finally:
+            self.routing.restore(before)
+
+    # Eager under torch.compile, but only this frame (recursive=False): the wrapped model's forward
+    # is compiled as a frame of its own.  The routing reads the ids back to the host, and the
+    # routing must be given back even when the compiled model raises (a traced finally clause is a
+    # side effect Dynamo drops when its graph raises).
+    @torch.compiler.disable(recursive=False)
     def forward(self, *args, adapter_ids=None, **kwargs):
-        # not `with self._routed(...)`: torch.compile traces a try/finally, not a generator's context
-        self._route(adapter_ids, args, kwargs, compiling=torch.compiler.is_compiling())
+        before = self.routing.save()
+        self._route(adapter_ids, args, kwargs, compiled=_under_torch_compile())
         try:
             return self.model(*args, **kwargs)
         finally:
-            self.routing.set(None, 0)
+            self._restore(before)
 
     def generate(self, *args, adapter_ids=None, **kwargs):
         """The wrapped model's ``generate(...)`` with ``adapter_ids [batch]`` (or an int) naming

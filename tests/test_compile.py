@@ -366,6 +366,56 @@ def test_a_compiled_model_trains_like_the_eager_one_in_one_graph(backend):
     assert explain.graph_count == 1
 
 
+def test_fullgraph_a_single_adapter_and_one_ids_tensor_for_every_length():
+    """``fullgraph=True`` compiles (the routing runs in an eager frame before the graph); a
+    one-adapter model called without ids, and one ids tensor reused over 12 sequence lengths,
+    compile twice at most (static, then symbolic sizes) and match eager."""
+    from transformers import BertConfig, BertModel
+
+    from hetlora import MultiLoraModel
+
+    hk.set_backend("torch")
+    m = _bert()
+    ids, aid = torch.randint(0, 97, (3, 7)).to(DEV), torch.tensor([0, 2, 1])
+    full = torch.compile(m, backend="aot_eager", fullgraph=True)
+    assert torch.equal(full(input_ids=ids, adapter_ids=aid).last_hidden_state,
+                       m(input_ids=ids, adapter_ids=aid).last_hidden_state)
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    cm = torch.compile(m, backend=counter)
+    for L in range(4, 16):
+        x = torch.randint(0, 97, (3, L)).to(DEV)
+        assert torch.equal(cm(input_ids=x, adapter_ids=aid).last_hidden_state,
+                           m(input_ids=x, adapter_ids=aid).last_hidden_state)
+    assert counter.frame_count <= 2, counter.frame_count
+    torch._dynamo.reset()
+    torch.manual_seed(4)
+    cfg = BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48)
+    one = MultiLoraModel(BertModel(cfg).eval(), ["query", "value", "dense"], ranks=[3], alpha=8).to(DEV)
+    counter = CompileCounter()
+    cone = torch.compile(one, backend=counter)
+    for B, L in ((3, 7), (2, 9), (4, 5), (3, 11)):
+        x = torch.randint(0, 97, (B, L)).to(DEV)
+        assert torch.equal(cone(input_ids=x).last_hidden_state, one(input_ids=x).last_hidden_state)
+    assert counter.frame_count <= 2, counter.frame_count
+    assert torch._dynamo.explain(one)(input_ids=x).graph_break_count == 0
+
+
+def test_a_compiled_forward_that_raises_gives_the_routing_back():
+    """The routing is set and given back in an eager frame: when the compiled model raises, a
+    later call of the wrapped model without ids is refused, not served with the stale ids."""
+    hk.set_backend("torch")
+    m = _bert()
+    cm = torch.compile(m, backend="aot_eager")
+    ids, aid = torch.randint(0, 97, (3, 7)).to(DEV), torch.tensor([0, 2, 1])
+    cm(input_ids=ids, adapter_ids=aid)
+    with pytest.raises(IndexError):  # token ids past the vocabulary
+        cm(input_ids=torch.full((3, 7), 500).to(DEV), adapter_ids=aid)
+    assert m.routing.adapter_ids is None
+    with pytest.raises(ValueError, match="adapter_ids is required"):
+        m.model(input_ids=ids)
+
+
 def test_inductor_compiles_the_model():
     """The default compiler end to end (Inductor's CPU code generation): close to eager."""
     hk.set_backend("torch")

@@ -50,7 +50,8 @@ def test_gpu_all_dry_run_packs_everything_into_out(tmp_path: Path) -> None:
     with tarfile.open(out / f"{slug}.tar.gz") as tar:
         names = set(tar.getnames())
         kernels = json.load(tar.extractfile(f"{slug}/kernels.json"))
-    assert {f"{slug}/e2e.json", f"{slug}/serve.json", f"{slug}/pytest-backends.xml", f"{slug}/tests.log", f"{slug}/profile.json"} <= names
+    assert {f"{slug}/{f}" for f in ("e2e.json", "serve.json", "pytest-backends.xml", "tests.log",
+                                   "profile.json")} <= names
     assert any(n.startswith(f"{slug}/profile_lora_linear_fwd_bwd_") for n in names)  # the host-side tables
     assert kernels["rows"] and not [x for x in kernels["rows"] if x.get("status") == "error"]
     # the test files were collected with flwr/opacus missing: no collection error

@@ -306,6 +306,74 @@ def test_the_same_adapter_ids_tensor_reuses_its_token_groups(monkeypatch):
         mlm(input_ids=shorter, adapter_ids=aid)
         mlm(input_ids=shorter, adapter_ids=aid)
         assert len(builds) == 5 and torch.equal(builds[-1], aid.repeat_interleave(4))
+        # writes through numpy or .data do not move the version counter: host ids are compared
+        # by value too, so the new ids are routed (a refilled numpy buffer, for one)
+        version = aid._version
+        aid.numpy()[:] = [1, 1, 0, 2, -1]
+        assert aid._version == version
+        y4 = mlm(input_ids=ids, adapter_ids=aid).logits
+        assert len(builds) == 6 and torch.equal(builds[-1], aid.repeat_interleave(6))
+        assert torch.equal(y4, m2(input_ids=ids, adapter_ids=aid.clone()).logits)  # (m2 builds its own)
+        aid.data[0] = 2
+        mlm(input_ids=ids, adapter_ids=aid)
+        assert len(builds) == 8 and torch.equal(builds[-1], aid.repeat_interleave(6))
+
+
+def test_a_route_block_serves_calls_without_ids_and_nests():
+    """`MultiLoraModel.route`: forward calls without ``adapter_ids``, the wrapped model and single
+    layers inside the block take its ids; a forward with its own ids, or an inner block, gives the
+    outer routing back; after the block, a call without ids is refused again."""
+    base = tiny_bert()
+    mlm = MultiLoraModel(copy.deepcopy(base), ["query", "value"], [1, 3, 7], alpha=2.0)
+    _randomise_lora(mlm)
+    ids = torch.randint(0, 101, (3, 6))
+    a, b = torch.tensor([2, 0, 1]), torch.tensor([1, 1, -1])
+    with torch.no_grad():
+        want_a, want_b = mlm(input_ids=ids, adapter_ids=a).logits, mlm(input_ids=ids, adapter_ids=b).logits
+        with mlm.route(a):
+            assert torch.equal(mlm(input_ids=ids).logits, want_a)
+            assert torch.equal(mlm.model(input_ids=ids).logits, want_a)
+            assert torch.equal(mlm(input_ids=ids, adapter_ids=b).logits, want_b)
+            with mlm.route(b):
+                assert torch.equal(mlm(input_ids=ids).logits, want_b)
+            assert torch.equal(mlm(input_ids=ids).logits, want_a)
+        with pytest.raises(ValueError, match="adapter_ids is required"):
+            mlm(input_ids=ids)
+        with pytest.raises(ValueError, match="adapter_ids is required"):
+            mlm.model(input_ids=ids)
+        with mlm.route(1, batch_size=3):
+            assert torch.equal(mlm(input_ids=ids).logits, mlm(input_ids=ids, adapter_ids=1).logits)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_inside_a_route_block(reentrant):
+    """Gradient checkpointing recomputes the layers during backward, after forward has returned:
+    inside `route` the recomputation is routed and the gradients are those of a plain backward;
+    outside, the error says where the call came from and what to do."""
+    def grads(checkpoint: bool, routed: bool):
+        torch.manual_seed(0)
+        base = tiny_gpt2()
+        if checkpoint:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        base.train()
+        mlm = MultiLoraModel(base, ["c_attn"], [2, 4], alpha=4.0)
+        _randomise_lora(mlm)
+        ids = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(3))
+        aid = torch.tensor([1, 0])
+        if reentrant:  # the reentrant variant recomputes only for inputs that need a gradient
+            mlm.model.enable_input_require_grads()
+        if routed:
+            with mlm.route(aid):
+                mlm(input_ids=ids, labels=ids).loss.backward()
+        else:
+            mlm(input_ids=ids, adapter_ids=aid, labels=ids).loss.backward()
+        return [p.grad.clone() for p in mlm.lora_parameters()]
+
+    plain = grads(False, False)
+    for a, b in zip(grads(True, True), plain):
+        assert rel_err(a, b) < 1e-6
+    with pytest.raises(ValueError, match=r"backward pass.*gradient checkpointing.*model.route\(adapter_ids\)"):
+        grads(True, False)
 
 
 def _saved_peft(base, path, seed, **cfg):
