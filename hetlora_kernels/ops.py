@@ -21,6 +21,16 @@ def _work(x: torch.Tensor, groups: TokenGroups) -> LoraWork:
                     grouped=groups.is_sorted, dtype=x.dtype)
 
 
+def _autocast_inputs(x: torch.Tensor, *ts):
+    """Under ``torch.autocast`` the LoRA ops do what it does to ``F.linear``: float32 inputs are
+    cast to the autocast dtype, and the op runs in it (None when autocast is off here)."""
+    dev = x.device.type
+    if dev not in ("cpu", "cuda") or not torch.is_autocast_enabled(dev):
+        return None
+    dt = torch.get_autocast_dtype(dev)
+    return tuple(t.to(dt) if isinstance(t, torch.Tensor) and t.dtype == torch.float32 else t for t in (x, *ts))
+
+
 def lora_delta(
     x: torch.Tensor,
     A: torch.Tensor,
@@ -37,8 +47,13 @@ def lora_delta(
         layout: the adapters' ranks.  groups: this batch's token grouping (T tokens).
         scaling: float or ``[K]`` tensor (not differentiated).
     Returns ``[T, d_out]`` in x's dtype, differentiable in x, A and B.
-    Under ``torch.compile`` it is two opaque custom ops (`hetlora_kernels.custom_ops`).
+    Under ``torch.compile`` it is two opaque custom ops (`hetlora_kernels.custom_ops`); under
+    ``torch.autocast`` float32 inputs are cast to its dtype first, as for ``F.linear``.
     """
+    cast = _autocast_inputs(x, A, B)
+    if cast is not None:
+        with torch.autocast(x.device.type, enabled=False):
+            return lora_delta(*cast, layout, groups, scaling)
     if torch.compiler.is_compiling():
         return custom_ops.lora_delta(x, A, B, layout, groups, scaling)
     args = ref.prepare_lora_delta(x, A, B, layout, groups, scaling)
@@ -56,6 +71,10 @@ def lora_linear(
     scaling: float | torch.Tensor,
 ) -> torch.Tensor:
     """``x weight^T + bias + lora_delta(x, A, B, ...)``: weight ``[d_out, d_in]``, bias ``[d_out]`` or None."""
+    cast = _autocast_inputs(x, weight, bias, A, B)
+    if cast is not None:
+        with torch.autocast(x.device.type, enabled=False):
+            return lora_linear(cast[0], cast[1], cast[2], cast[3], cast[4], layout, groups, scaling)
     if torch.compiler.is_compiling():
         return custom_ops.lora_linear(x, weight, bias, A, B, layout, groups, scaling)
     args = ref.prepare_lora_linear(x, weight, bias, A, B, layout, groups, scaling)

@@ -112,6 +112,7 @@ class _LoraDelta(torch.autograd.Function):
         return y
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # (its matmuls write into slices: not differentiable)
     def backward(ctx, dy):
         x, A, B, *hs = ctx.saved_tensors
         dx, dA, dB = _backward_runs(dy, x, A, B, hs, ctx.layout, ctx.groups, ctx.scales, ctx.needs_input_grad[:3])
