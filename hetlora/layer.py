@@ -288,7 +288,14 @@ class HetLoraLinear(nn.Module):
         # pinned and non-blocking: set_adapters runs for every layer at every round's start, and a
         # plain copy to a GPU would wait there for all the work queued before it
         self.scaling = to_device(torch.tensor(vals, dtype=torch.float32), self.lora_A.device)
+        self._set_host_scaling(vals)
+
+    def _set_host_scaling(self, vals: list[float]) -> None:
+        # forward's scalings: Python floats eagerly (no device read), and under torch.compile the
+        # same values as a host tensor, which the graph takes as data (floats would be constants
+        # it specialises on: a recompile for every new alpha)
         self._scaling_host = vals
+        self._scaling_cpu = torch.tensor(vals, dtype=torch.float64)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # forward reads the scalings' host copy (no device read per call) and export_peft the
@@ -301,7 +308,7 @@ class HetLoraLinear(nn.Module):
             vals = [float(v) for v in self.scaling.tolist()]
             self.alphas = [alpha_of_scaling(v, r, rule) for v, r, rule in zip(vals, self.layout.ranks,
                                                                                   self.scaling_rules)]
-            self._scaling_host = vals
+            self._set_host_scaling(vals)
 
     @torch.no_grad()
     def reset_adapter(self, k: int) -> None:
@@ -495,7 +502,10 @@ class HetLoraLinear(nn.Module):
         if g.num_tokens != x2.shape[0]:
             raise ValueError(f"groups cover {g.num_tokens} tokens but x holds {x2.shape[0]}")
         xa = x2.to(self.lora_A.dtype)
-        scaling = self._scaling_host if self.num_adapters > 1 else self._scaling_host[0]
+        if torch.compiler.is_compiling():
+            scaling = self._scaling_cpu
+        else:
+            scaling = self._scaling_host if self.num_adapters > 1 else self._scaling_host[0]
         if isinstance(self.base_layer, nn.Linear) and isinstance(self.lora_dropout, nn.Identity) and xa is x2:
             w = self.base_layer.weight
             if w.dtype == x2.dtype:

@@ -61,7 +61,13 @@ def _groups(adapter_ids, order, starts, counts, host_meta) -> TokenGroups:
 
 
 def _scaling(scale_tensor: torch.Tensor | None, scales: list[float]):
-    return scale_tensor if scale_tensor is not None else (scales[0] if len(scales) == 1 else scales)
+    if scale_tensor is not None and scale_tensor.device.type == "cpu":
+        # host scalings (a layer's, under compile): their values, as the eager call passes them
+        # (reading host memory costs no device synchronisation; copying it to a GPU would)
+        scales = scale_tensor.tolist()
+    elif scale_tensor is not None:
+        return scale_tensor
+    return scales[0] if len(scales) == 1 else scales
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
