@@ -24,6 +24,8 @@ def _work(x: torch.Tensor, groups: TokenGroups) -> LoraWork:
 def _autocast_inputs(x: torch.Tensor, *ts):
     """Under ``torch.autocast`` the LoRA ops do what it does to ``F.linear``: float32 inputs are
     cast to the autocast dtype, and the op runs in it (None when autocast is off here)."""
+    if not isinstance(x, torch.Tensor):
+        return None  # the validation names the argument
     dev = x.device.type
     if dev not in ("cpu", "cuda") or not torch.is_autocast_enabled(dev):
         return None
