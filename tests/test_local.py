@@ -246,3 +246,41 @@ def test_concurrent_steps_reuse_the_token_groups(monkeypatch):
     # 12 tokens long: one build for all of them (it was one per step), then evaluation's
     assert keys[0] == (4, 4 * 4 * 12) and keys.count(keys[0]) == 1, keys
     assert len(keys) <= 3, keys  # + the local evaluation's and the global evaluation's batches
+
+
+@pytest.mark.parametrize("model,extra", [("tiny-random-bert", {"lora_dropout": 0.2}),
+                                         ("tiny-random-gpt2", {"task": "causal-lm", "target_modules": ["c_attn"]})])
+def test_gradient_checkpointing_changes_nothing_but_memory(tmp_path, model, extra):
+    """``FedConfig.gradient_checkpointing``: the frozen model's blocks are recomputed in the
+    backward (each adapted layer runs twice a step), and a run ends exactly where the run without
+    it does, LoRA dropout included (the recomputation replays the RNG)."""
+    from tests.helpers import tiny_run_config
+
+    def run(ckpt: bool, name: str):
+        cfg = tiny_run_config(tmp_path, model=model, run_name=name, gradient_checkpointing=ckpt, rounds=2,
+                              checkpoint_every=0, **extra)
+        sim = Simulation(cfg, verbose=False)
+        sim.setup()
+        calls = []
+        layer = sim.fm.layers[0]
+        hook = layer.register_forward_hook(lambda *a: calls.append(torch.is_grad_enabled()))
+        hist = sim.run(overwrite=True)
+        hook.remove()
+        return sim, hist, calls
+
+    plain, hist0, calls0 = run(False, "plain")
+    ckpt, hist1, calls1 = run(True, "ckpt")
+    for a, b in zip(plain.state.A + plain.state.B, ckpt.state.A + ckpt.state.B):
+        assert torch.equal(a, b)
+    assert [r["train_loss"] for r in hist0.records] == [r["train_loss"] for r in hist1.records]
+    assert len(calls1) > len(calls0)  # the recomputations
+
+
+def test_gradient_checkpointing_is_refused_where_it_cannot_work():
+    with pytest.raises(ValueError, match="gradient_checkpointing: cannot go with cuda_graphs"):
+        FedConfig(device="cuda", cuda_graphs=True, gradient_checkpointing=True).validate()
+    from hetlora.fl.local import FedModel
+
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="gradient_checkpointing: Sequential does not support"):
+        FedModel(plain, ["0"], gradient_checkpointing=True)

@@ -88,6 +88,27 @@ class ClientTask:
     steps: int
 
 
+def _enable_checkpointing(encoder: nn.Module) -> list[nn.Module]:
+    """transformers' activation checkpointing (non-reentrant: `local_step` takes its gradients with
+    ``torch.autograd.grad``) on ``encoder``; returns the checkpointed blocks."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # pragma: no cover - transformers < 4.52
+        GradientCheckpointingLayer = ()
+    if not getattr(encoder, "supports_gradient_checkpointing", False) or not GradientCheckpointingLayer:
+        raise ValueError(f"FedConfig.gradient_checkpointing: {type(encoder).__name__} does not support "
+                         "gradient checkpointing")
+    kwargs = {"use_reentrant": False}
+    if hasattr(encoder, "activation_checkpointing_enable"):
+        encoder.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # pragma: no cover - older transformers
+        encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    blocks = [m for m in encoder.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not blocks:
+        raise ValueError(f"FedConfig.gradient_checkpointing: {type(encoder).__name__} has no checkpointable layers")
+    return blocks
+
+
 class FedModel:
     """An encoder with `HetLoraLinear` target layers plus mean pooling (classification; the
     heads live outside), or a causal LM with `HetLoraLinear` target layers and its own frozen
@@ -102,9 +123,11 @@ class FedModel:
     """
 
     def __init__(self, encoder: nn.Module, target_modules: Sequence[str], dropout: float = 0.0,
-                 causal: bool = False) -> None:
+                 causal: bool = False, gradient_checkpointing: bool = False) -> None:
         self.causal = bool(causal)
         self.encoder = encoder.eval()
+        self._checkpointed = _enable_checkpointing(encoder) if gradient_checkpointing else []
+        self.checkpointed = bool(self._checkpointed)
         # one placeholder adapter; every round replaces it by the clients' packed adapters.
         # alphas are passed as the clients' scalings under the "fixed" rule, so any scaling
         # rule of the config is honoured without the layer recomputing it from the rank
@@ -154,6 +177,10 @@ class FedModel:
     def lora_train(self, on: bool) -> None:
         for layer in self.layers:
             layer.lora_dropout.train(on)
+        # transformers checkpoints a layer only while the layer itself is training; its own flag
+        # alone, so that the frozen model's dropouts stay off as they are without checkpointing
+        for block in self._checkpointed:
+            block.training = on
 
     # -- forward -------------------------------------------------------------------------------
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -175,8 +202,11 @@ class FedModel:
         correct top-1 predictions [N])`` over the positions whose token and next token are both
         real (``attention_mask`` 1).  Cross-entropy is taken in float32 or wider.  ``unpadded``: as
         in `features`."""
+        # no KV cache: nothing here decodes, and a cache filled again by gradient checkpointing's
+        # recomputation would double its keys
+        kw = {"use_cache": False} if hasattr(getattr(self.encoder, "config", None), "use_cache") else {}
         out = self.mlm(input_ids=input_ids, attention_mask=None if unpadded else attention_mask,
-                       adapter_ids=adapter_ids)
+                       adapter_ids=adapter_ids, **kw)
         logits = (out.logits if hasattr(out, "logits") else out[0])[:, :-1]
         target = input_ids[:, 1:]
         valid = (attention_mask[:, 1:] * attention_mask[:, :-1]).to(torch.bool)
@@ -515,21 +545,23 @@ def _train_group(fm: FedModel, strategy: Strategy, state: GlobalState, tasks: li
         """One concurrent step on device tensors: every op stays on the device (a CUDA graph
         can hold it, `StepGraph`).  ``unpadded``: no padding in the batch (`FedModel.features`)."""
         aid_h, aid, active, seqs = pattern
-        if fm.causal:  # mean next-token loss over each client's own tokens
-            ce, ntok, _ = fm.token_losses(input_ids, mask, aid_h, unpadded)
-            counts = torch.zeros(K, dtype=ce.dtype, device=dev).index_add(0, aid, ntok.to(ce.dtype))
-        else:  # mean loss over each client's own sequences
-            feats = fm.features(input_ids, mask, aid_h, unpadded)
-            logits = torch.einsum("nd,ncd->nc", feats, head_W[aid]) + head_b[aid]
-            ce = F.cross_entropy(logits, y, reduction="none")
-            counts = seqs.to(ce.dtype)
-        per_client = torch.zeros(K, dtype=ce.dtype, device=dev).index_add(0, aid, ce) / counts.clamp_min(1)
-        loss = per_client.sum()
-        if not full:
-            pen = strategy.local_penalty(As, Bs, layout)
-            if pen is not None:
-                loss = loss + (pen * active.to(pen.dtype)).sum()
-        grads = list(torch.autograd.grad(loss, params, allow_unused=True))
+        # gradient checkpointing recomputes layers inside autograd.grad: keep the batch routed there
+        with fm.mlm.route(aid_h) if fm.checkpointed else contextlib.nullcontext():
+            if fm.causal:  # mean next-token loss over each client's own tokens
+                ce, ntok, _ = fm.token_losses(input_ids, mask, aid_h, unpadded)
+                counts = torch.zeros(K, dtype=ce.dtype, device=dev).index_add(0, aid, ntok.to(ce.dtype))
+            else:  # mean loss over each client's own sequences
+                feats = fm.features(input_ids, mask, aid_h, unpadded)
+                logits = torch.einsum("nd,ncd->nc", feats, head_W[aid]) + head_b[aid]
+                ce = F.cross_entropy(logits, y, reduction="none")
+                counts = seqs.to(ce.dtype)
+            per_client = torch.zeros(K, dtype=ce.dtype, device=dev).index_add(0, aid, ce) / counts.clamp_min(1)
+            loss = per_client.sum()
+            if not full:
+                pen = strategy.local_penalty(As, Bs, layout)
+                if pen is not None:
+                    loss = loss + (pen * active.to(pen.dtype)).sum()
+            grads = list(torch.autograd.grad(loss, params, allow_unused=True))
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
         opt.step(grads, active, cfg.max_grad_norm)
         loss_sum.add_(per_client.detach().to(torch.float64))

@@ -337,7 +337,8 @@ class Simulation:
         else:
             enc, self.model_name, self.tokenizer = _load_encoder(cfg)
         enc = enc.to(cfg.device)
-        self.fm = FedModel(enc, cfg.target_modules, dropout=cfg.lora_dropout, causal=cfg.task == "causal-lm")
+        self.fm = FedModel(enc, cfg.target_modules, dropout=cfg.lora_dropout, causal=cfg.task == "causal-lm",
+                           gradient_checkpointing=cfg.gradient_checkpointing)
         return self.fm
 
     def init_state(self, num_classes: int) -> GlobalState:
