@@ -409,6 +409,13 @@ def header_md(info: dict[str, Any], title: str) -> str:
     )
 
 
+def add_preset_args(p, presets, preset_help: str, smoke_help: str) -> None:
+    """``--preset`` (one of ``presets``), ``--smoke`` and `add_run_args`'s flags."""
+    p.add_argument("--preset", choices=sorted(presets), help=preset_help)
+    p.add_argument("--smoke", action="store_true", help=smoke_help)
+    add_run_args(p)
+
+
 def add_run_args(p) -> None:
     """The flags every benchmark takes: where results go, which device, how many CPU threads."""
     p.add_argument("--out", help="output folder (default bench/results/<device-slug>/)")

@@ -623,9 +623,8 @@ def plot(res: dict[str, Any], out: Path) -> Path | None:
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", choices=sorted(PRESETS), help="configs (default: gpu on CUDA, else cpu)")
-    p.add_argument("--smoke", action="store_true", help="tiny random models, 1 step: proves the script runs")
-    C.add_run_args(p)
+    C.add_preset_args(p, PRESETS, "configs (default: gpu on CUDA, else cpu)",
+                      "tiny random models, 1 step: proves the script runs")
     p.add_argument("--models", help="comma-separated subset of the preset's models")
     p.add_argument("--clients", help="comma-separated subset of the preset's client counts")
     p.add_argument("--steps", type=int, help="timed steps per method (default from the preset)")

@@ -963,9 +963,8 @@ def plots(res: dict[str, Any], out: Path) -> list[Path]:
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", choices=sorted(PRESETS), help="sweep size (default: gpu on CUDA, else cpu)")
-    p.add_argument("--smoke", action="store_true", help="tiny shapes, 1-2 reps: proves the script runs (CI)")
-    C.add_run_args(p)
+    C.add_preset_args(p, PRESETS, "sweep size (default: gpu on CUDA, else cpu)",
+                      "tiny shapes, 1-2 reps: proves the script runs (CI)")
     p.add_argument("--budget-s", type=float, help="stop the sweep after this many seconds (results so far are kept)")
     p.add_argument("--reps", type=int, help="timed reps per method (upper bound)")
     p.add_argument("--interpreted", action="store_true", help="also time triton under TRITON_INTERPRET on a CPU")

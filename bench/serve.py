@@ -263,8 +263,7 @@ def run(args: argparse.Namespace) -> Path:
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", choices=sorted(PRESETS), help="configs (default: gpu on CUDA, else cpu)")
-    p.add_argument("--smoke", action="store_true", help="a tiny random Llama, 1 repetition: proves the script runs")
-    C.add_run_args(p)
+    C.add_preset_args(p, PRESETS, "configs (default: gpu on CUDA, else cpu)",
+                      "a tiny random Llama, 1 repetition: proves the script runs")
     p.add_argument("--models", help="comma-separated subset of the preset's models")
     p.add_argument("--budget-s", type=float, help="skip the remaining configs and methods after this many seconds")
