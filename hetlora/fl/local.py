@@ -202,9 +202,11 @@ class FedModel:
         correct top-1 predictions [N])`` over the positions whose token and next token are both
         real (``attention_mask`` 1).  Cross-entropy is taken in float32 or wider.  ``unpadded``: as
         in `features`."""
-        # no KV cache: nothing here decodes, and a cache filled again by gradient checkpointing's
-        # recomputation would double its keys
-        kw = {"use_cache": False} if hasattr(getattr(self.encoder, "config", None), "use_cache") else {}
+        # under gradient checkpointing no KV cache: its recomputation would fill the cache again and
+        # double its keys.  (Not otherwise: without a cache and a mask, transformers reads the
+        # position ids back to look for packed sequences, a wait on a GPU.)
+        kw = ({"use_cache": False} if self.checkpointed and hasattr(getattr(self.encoder, "config", None), "use_cache")
+              else {})
         out = self.mlm(input_ids=input_ids, attention_mask=None if unpadded else attention_mask,
                        adapter_ids=adapter_ids, **kw)
         logits = (out.logits if hasattr(out, "logits") else out[0])[:, :-1]
