@@ -148,9 +148,9 @@ def bench_config(cfg: Config, device: torch.device, dtype: torch.dtype, reps: in
     tokens: dict[str, torch.Tensor] = {}
     with tempfile.TemporaryDirectory() as tmp:
         paths = _adapters(cfg, device, dtype, Path(tmp))
-        vocab = _causal_lm("tiny-llama", torch.device("cpu"), torch.float32).config.vocab_size \
-            if cfg.model == "tiny-llama" else 32000
-        prompts, which = _requests(cfg, vocab, device)
+        from bench.e2e import _llama_config
+
+        prompts, which = _requests(cfg, _llama_config(cfg.model).vocab_size, device)
         for method in METHODS:
             row: dict[str, Any] = {"model": cfg.model, "adapters": cfg.adapters, "requests": cfg.requests,
                                    "prompt": cfg.prompt, "new_tokens": cfg.new_tokens, "method": method,

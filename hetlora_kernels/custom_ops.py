@@ -40,6 +40,8 @@ def _layout(ranks: list[int]) -> AdapterLayout:
     key = tuple(ranks)
     lay = _LAYOUTS.get(key)
     if lay is None:
+        if len(_LAYOUTS) >= 256:  # adapters of ever new ranks: keep the cache bounded
+            _LAYOUTS.clear()
         lay = _LAYOUTS[key] = AdapterLayout(key)
     return lay
 

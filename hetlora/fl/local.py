@@ -127,7 +127,6 @@ class FedModel:
         self.causal = bool(causal)
         self.encoder = encoder.eval()
         self._checkpointed = _enable_checkpointing(encoder) if gradient_checkpointing else []
-        self.checkpointed = bool(self._checkpointed)
         # one placeholder adapter; every round replaces it by the clients' packed adapters.
         # alphas are passed as the clients' scalings under the "fixed" rule, so any scaling
         # rule of the config is honoured without the layer recomputing it from the rank
@@ -173,6 +172,11 @@ class FedModel:
         if state.base_weights is not None:
             self.set_base(state.base_weights, state.base_biases)
         self.set_adapters(state.A, state.B, AdapterLayout([state.rank]), [state.scaling])
+
+    @property
+    def checkpointed(self) -> bool:
+        """Whether the frozen model's blocks are recomputed in the backward (gradient checkpointing)."""
+        return bool(self._checkpointed)
 
     def lora_train(self, on: bool) -> None:
         for layer in self.layers:
