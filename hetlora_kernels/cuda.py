@@ -250,14 +250,10 @@ def lora_forward(x, A, B, layout: AdapterLayout, groups: TokenGroups, scaling):
 def lora_backward(dy, x, A, B, h, layout: AdapterLayout, groups: TokenGroups, scaling, needs):
     """The backward alone: ``(dx, dA, dB)`` (None where ``needs`` is False) from any backend's h."""
     scales, scale = _split_scaling(scaling, x.dtype)
-    h = h.to(_acc(x.dtype))
+    h = h.to(reference._acc_dtype(x))
     if not groups.is_sorted:
         h = torch.empty_like(h).index_copy_(0, groups.order, h)  # back to the kernels' rows by token
     return _backward_steps(dy, x, A, B, h, layout, groups, scales, scale, needs)
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def lora_delta_impl(x, A, B, layout, groups, scaling):

@@ -72,10 +72,6 @@ def _scaling(scale_tensor: torch.Tensor | None, scales: list[float]):
     return scales[0] if len(scales) == 1 else scales
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _backend(x: torch.Tensor, groups: TokenGroups):
     work = LoraWork(routed=groups.num_routed, active=groups.num_active, grouped=groups.is_sorted, dtype=x.dtype)
     name, _ = resolve("lora_delta", x.device, work)
@@ -123,7 +119,7 @@ def _fwd(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, adapter_ids: torch.T
 def _fwd_fake(x, A, B, adapter_ids, order, starts, counts, host_meta, ranks, scale_tensor, scales):
     _check_shapes(x, A, B, adapter_ids, ranks)
     T = x.shape[0]
-    return x.new_empty(T, B.shape[1]), x.new_empty(T, max(ranks), dtype=_acc(x.dtype))
+    return x.new_empty(T, B.shape[1]), x.new_empty(T, max(ranks), dtype=ref._acc_dtype(x))
 
 
 def _check_shapes(x, A, B, adapter_ids, ranks) -> None:
