@@ -457,13 +457,19 @@ class HetLoraLinear(nn.Module):
         self._refresh_scaling()
 
     # -- forward --------------------------------------------------------------------------------
+    # eager under torch.compile: the build reads the ids back, and traced, a list's values would be
+    # constants of the graph (one graph per mix of adapters)
+    @torch.compiler.disable
+    def _own_groups(self, x: torch.Tensor, adapter_ids) -> TokenGroups:
+        r = Routing()
+        r.set(torch.as_tensor(adapter_ids, device=x.device), self.num_adapters)
+        return r.groups_for(x)
+
     def _groups(self, x: torch.Tensor, adapter_ids, groups) -> TokenGroups | None:
         if groups is not None:
             return groups
         if adapter_ids is not None:
-            r = Routing()
-            r.set(torch.as_tensor(adapter_ids, device=x.device), self.num_adapters)
-            return r.groups_for(x)
+            return self._own_groups(x, adapter_ids)
         if self.routing is not None and self.routing.adapter_ids is not None:
             return self.routing.groups_for(x)
         if self.num_adapters == 1:

@@ -420,6 +420,24 @@ def test_fullgraph_a_single_adapter_and_one_ids_tensor_for_every_length():
     assert torch._dynamo.explain(one)(input_ids=x).graph_break_count == 0
 
 
+def test_a_layer_alone_with_adapter_ids_compiles_once_for_every_mix():
+    """`HetLoraLinear` called alone with ``adapter_ids`` (a list or a tensor): its groups are built
+    in an eager frame, so a new mix of adapters is not a new graph."""
+    from hetlora import HetLoraLinear
+
+    hk.set_backend("torch")
+    layer = HetLoraLinear(torch.nn.Linear(8, 6), ranks=[2, 3], alpha=4.0).to(DEV)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    counter = CompileCounter()
+    fn = torch.compile(lambda x, ids: layer(x, adapter_ids=ids), backend=counter)
+    x = torch.randn(4, 5, 8).to(DEV)
+    for ids in ([0, 1, 1, 0], [1, 1, 0, 0], [0, -1, 0, 1], [1, 0, 1, 0]):
+        for form in (ids, torch.tensor(ids)):
+            assert torch.equal(fn(x, form), layer(x, adapter_ids=form))
+    assert counter.frame_count <= 2, counter.frame_count
+
+
 def test_a_compiled_forward_that_raises_gives_the_routing_back():
     """The routing is set and given back in an eager frame: when the compiled model raises, a
     later call of the wrapped model without ids is refused, not served with the stale ids."""
