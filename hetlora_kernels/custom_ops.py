@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 
+from . import checks
 from . import reference as ref
 from .dispatch import LoraWork, resolve
 from .layout import AdapterLayout, TokenGroups, groups_of
@@ -142,7 +143,8 @@ def _bwd(dy: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, h:
          needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     layout = _layout(ranks)
     groups = _groups(adapter_ids, order, starts, counts, host_meta)
-    scaling = ref.prepare_lora_delta(x, A, B, layout, groups, _scaling(scale_tensor, scales))[-1]
+    # the forward validated these same inputs: only the scaling's normalised form is needed here
+    scaling = checks.check_scaling(_scaling(scale_tensor, scales), layout.num_adapters, x.device)
     _, backward = _backend(x, groups)
     grads = backward(dy.contiguous(), x, A, B, h, layout, groups, scaling, tuple(needs))
     # a custom op returns tensors, never None, and no two of them may alias: a gradient not asked
