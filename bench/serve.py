@@ -14,7 +14,10 @@ Methods, on the same base weights, adapters and requests:
 Every method decodes greedily; ``same_tokens`` is the fraction of generated tokens equal to
 ``peft-loop``'s (1.0: the same text; a tie between two logits may flip a token in low precision),
 and ``base``'s row says what fraction of them the adapters changed (0 would make the comparison
-vacuous).
+vacuous).  In bf16/fp16 the methods round differently (peft rounds ``x A^T`` to the input dtype
+before ``B``; hetlora keeps it in fp32), so ``peft-loop`` is no exact reference there: each row
+then also gets ``same_tokens_fp32``, its agreement with ``peft-loop`` run once in float32 (untimed),
+which says which low-precision method stays closer to the exact answer.
 Adapters have ranks cycling through {4, 8, 16, 32, 64} and random non-zero B (peft's zero init
 would make every adapter the base model).
 """
@@ -62,21 +65,23 @@ METHOD_NOTE = ("hetlora: one MultiLoraModel.generate for the whole batch (adapte
                "equal to peft-loop's (for base: the fraction the adapters changed)")
 
 
-def _causal_lm(name: str, device: torch.device, dtype: torch.dtype):
-    """A random-weight Llama causal LM (`bench.e2e`'s shapes), the same weights on every call."""
+def _causal_lm(name: str, device: torch.device, dtype: torch.dtype, init_dtype: torch.dtype | None = None):
+    """A random-weight Llama causal LM (`bench.e2e`'s shapes), the same weights on every call
+    (made in ``init_dtype``, default ``dtype``, then cast: the float32 reference holds the
+    low-precision run's weights exactly)."""
     from transformers import LlamaForCausalLM
 
     from bench.e2e import _llama_config
 
     torch.manual_seed(0)
     old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
+    torch.set_default_dtype(init_dtype or dtype)
     try:
         with torch.device(device):
             m = LlamaForCausalLM(_llama_config(name))
     finally:
         torch.set_default_dtype(old)
-    return m.eval()
+    return m.to(dtype).eval()
 
 
 def adapter_ranks(K: int) -> list[int]:
@@ -105,8 +110,9 @@ def _requests(cfg: Config, vocab: int, device: torch.device) -> tuple[torch.Tens
 
 
 def _generate_fn(method: str, cfg: Config, paths: list[Path], device: torch.device, dtype: torch.dtype,
-                 prompts: torch.Tensor, which: list[int]):
-    """A callable generating the batch's new tokens ``[requests, new_tokens]`` by ``method``."""
+                 prompts: torch.Tensor, which: list[int], init_dtype: torch.dtype | None = None):
+    """A callable generating the batch's new tokens ``[requests, new_tokens]`` by ``method``
+    (base weights made in ``init_dtype``, run in ``dtype``)."""
     kw = dict(max_new_tokens=cfg.new_tokens, min_new_tokens=cfg.new_tokens, do_sample=False,
               attention_mask=torch.ones_like(prompts), pad_token_id=0)
     P = prompts.shape[1]
@@ -121,7 +127,8 @@ def _generate_fn(method: str, cfg: Config, paths: list[Path], device: torch.devi
         return lambda: model.generate(prompts, adapter_ids=aid, **kw)[:, P:]
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(_causal_lm(cfg.model, device, dtype), str(paths[0]), adapter_name="a0")
+    model = PeftModel.from_pretrained(_causal_lm(cfg.model, device, dtype, init_dtype), str(paths[0]),
+                                      adapter_name="a0")
     for k, p in enumerate(paths[1:], 1):
         model.load_adapter(str(p), adapter_name=f"a{k}")
     model = model.to(device=device, dtype=dtype).eval()
@@ -193,6 +200,17 @@ def bench_config(cfg: Config, device: torch.device, dtype: torch.dtype, reps: in
             print(f"  {cfg.model} K={cfg.adapters} {cfg.requests} requests {method}: {row.get('status')} "
                   f"{C.fmt(row.get('tokens_per_s'))} tokens/s{' ' + row['reason'] if row.get('reason') else ''}",
                   flush=True)
+        ref32 = None
+        if dtype != torch.float32 and tokens and (deadline is None or time.perf_counter() < deadline):
+            try:  # untimed: the float32 answer the low-precision methods are compared with
+                with torch.inference_mode():
+                    ref32 = _generate_fn("peft-loop", cfg, paths, device, torch.float32, prompts, which,
+                                         init_dtype=dtype)()
+            except Exception as e:  # noqa: BLE001 - a side measurement; the timed rows stand
+                print(f"  {cfg.model} K={cfg.adapters}: no float32 reference ({type(e).__name__}: {e})", flush=True)
+            finally:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
     ref = tokens.get("peft-loop")
     loop_row = next((r for r in rows if r["method"] == "peft-loop" and r.get("status") == "ok"), None)
     for r in rows:
@@ -203,6 +221,8 @@ def bench_config(cfg: Config, device: torch.device, dtype: torch.dtype, reps: in
                 r["changed_by_adapters"] = 1.0 - same
             else:
                 r["same_tokens"] = same
+        if ref32 is not None and t is not None and r["method"] != "base":
+            r["same_tokens_fp32"] = float((t == ref32).float().mean())
         if loop_row and r.get("status") == "ok":
             r["speedup_vs_peft_loop"] = r["tokens_per_s"] / loop_row["tokens_per_s"]
     return rows
@@ -211,6 +231,9 @@ def bench_config(cfg: Config, device: torch.device, dtype: torch.dtype, reps: in
 def table_rows(res: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     hdr = ["model", "adapters", "requests", "prompt+new", "method", "backend", "batch s", "tokens/s",
            "vs peft-loop", "same tokens"]
+    fp32 = any("same_tokens_fp32" in r for r in res["rows"])
+    if fp32:
+        hdr.append("same as fp32")
     body = []
     for r in res["rows"]:
         ok = r.get("status") == "ok"
@@ -220,7 +243,8 @@ def table_rows(res: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
                      r.get("backend") or "–", C.fmt(r.get("batch_s")) if ok else r.get("status"),
                      C.fmt(r.get("tokens_per_s")),
                      (C.fmt(r.get("speedup_vs_peft_loop"), ".2f") + "×") if r.get("speedup_vs_peft_loop") else "–",
-                     same])
+                     same] + ([C.fmt(r.get("same_tokens_fp32"), ".3f") if "same_tokens_fp32" in r else "–"]
+                              if fp32 else []))
     return hdr, body
 
 

@@ -364,3 +364,26 @@ def test_serve_generates_the_same_tokens_as_peft(tmp_path) -> None:
     assert res["kind"] == "serve" and len(res["rows"]) == len(serve.METHODS)
     assert "| hetlora |" in (out / "serve.md").read_text().replace("| tiny-llama | 3 | 6 | 8+4 ", "")
 
+
+
+def test_serve_compares_low_precision_runs_with_a_float32_reference() -> None:
+    """In bf16 each generating row also says how many tokens match peft one adapter at a time
+    in float32 on the same (bf16-made) weights; a float32 run has no such column."""
+    import torch
+
+    from bench import serve
+
+    cfg = serve.Config("tiny-llama", 3, 6, 8, 4)
+    rows = serve.bench_config(cfg, torch.device("cpu"), torch.bfloat16, reps=1)
+    by = {r["method"]: r for r in rows}
+    assert all(r["status"] == "ok" for r in rows), rows
+    for m in ("hetlora", "peft-mixed", "peft-loop"):
+        assert 0.0 <= by[m]["same_tokens_fp32"] <= 1.0, by[m]
+    assert "same_tokens_fp32" not in by["base"]
+    # the reference is float32 on the bf16 weights: the tiny model's greedy text survives bf16
+    assert by["peft-loop"]["same_tokens_fp32"] > 0.5
+    hdr, body = serve.table_rows({"rows": rows})
+    assert hdr[-1] == "same as fp32" and all(len(b) == len(hdr) for b in body)
+    rows32 = serve.bench_config(cfg, torch.device("cpu"), torch.float32, reps=1)
+    assert not any("same_tokens_fp32" in r for r in rows32)
+    assert "same as fp32" not in serve.table_rows({"rows": rows32})[0]
