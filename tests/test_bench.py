@@ -179,6 +179,43 @@ def test_profile_python_overhead_stubs_and_restores_the_launches() -> None:
     assert before and after == before
 
 
+def test_profile_names_the_python_functions_a_call_spends_its_host_time_in() -> None:
+    """The Python-level table of ``bench profile``'s triton rows: the functions a call runs,
+    heaviest first, with the number of calls profiled; the gradients are cleared before each
+    forward+backward call as for the other measurements."""
+    sys.path.insert(0, str(REPO))
+    try:
+        from bench import profile
+    finally:
+        sys.path.remove(str(REPO))
+    import torch
+
+    seen = []
+
+    def _a_host_heavy_helper():
+        t = 0
+        for i in range(20000):  # its own time: the heaviest function here
+            t += i * i
+        return t
+
+    class Case:
+        x = torch.ones(3, requires_grad=True)
+
+        def leaves(self):
+            return [self.x]
+
+    case = Case()
+
+    def call():
+        seen.append(case.x.grad)
+        _a_host_heavy_helper()
+        (case.x * 2).sum().backward()
+
+    table = profile._python_profile(call, case, "fwd+bwd", torch.device("cpu"), 4, 10)
+    assert table.startswith("4 calls") and "_a_host_heavy_helper" in table
+    assert seen == [None] * 4  # cleared before every call: no accumulation across them
+
+
 def test_e2e_sequential_trains_a_rotating_16_of_many_clients(monkeypatch) -> None:
     """Sequential peft with K > 16 clients: each step trains 16 of them, every adapter loaded,
     the next step the next 16 (wrapping), and the row counts 16 client-steps per step."""
