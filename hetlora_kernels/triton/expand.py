@@ -22,6 +22,7 @@ from .schedule import (
     interpret_meta,
     next_pow2,
     prune_wide_blocks,
+    routed_tiles,
     token_tiles,
     torch_to_tl_scale,
 )
@@ -114,9 +115,7 @@ def expand(
     if T == 0 or d == 0:
         return y
     block_t = block_t or shrink_block_t(groups)
-    tiles, n_unrouted = token_tiles(groups, block_t)
-    if accumulate:
-        tiles = tiles[n_unrouted:]
+    tiles = routed_tiles(groups, block_t) if accumulate else token_tiles(groups, block_t)[0]
     if tiles.shape[0] == 0:
         return y
     offsets = layout.offsets_tensor(W.device)

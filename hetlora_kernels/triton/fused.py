@@ -25,6 +25,7 @@ from .schedule import (
     interpret_meta,
     next_pow2,
     prune_wide_blocks,
+    routed_tiles,
     token_tiles,
     torch_to_tl_scale,
 )
@@ -152,9 +153,7 @@ def fused_forward(
             y.zero_()
         return y, h
     block_t = shrink_block_t(groups)
-    tiles, n_unrouted = token_tiles(groups, block_t)
-    if accumulate:
-        tiles = tiles[n_unrouted:]
+    tiles = routed_tiles(groups, block_t) if accumulate else token_tiles(groups, block_t)[0]
     if tiles.shape[0] == 0:
         return y, h
     offsets = layout.offsets_tensor(x.device)

@@ -58,6 +58,17 @@ def token_tiles(groups: TokenGroups, block_t: int) -> tuple[torch.Tensor, int]:
     return tiles, n_unrouted
 
 
+def routed_tiles(groups: TokenGroups, block_t: int) -> torch.Tensor:
+    """``token_tiles(groups, block_t)``'s rows of routed positions alone (cached: slicing each
+    call would be one more host op per launch)."""
+    key = ("hetlora_routed_tiles", block_t)
+    hit = groups._cache.get(key)
+    if hit is None:
+        tiles, n_unrouted = token_tiles(groups, block_t)
+        hit = groups._cache[key] = tiles[n_unrouted:]
+    return hit
+
+
 def token_chunks(groups: TokenGroups, chunk_t: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Chunks of an adapter's positions for the weight-gradient reduction.
 
@@ -129,7 +140,10 @@ def dot_mode(dtype: torch.dtype) -> tuple[bool, str]:
 def torch_to_tl_scale(scaling, device: torch.device, dummy: torch.Tensor) -> tuple[torch.Tensor, float, bool]:
     """``(scale_ptr, scale_val, HAS_SCALE_PTR)`` kernel arguments for a validated scaling."""
     if isinstance(scaling, torch.Tensor):
-        return as_float32(scaling).to(device=device).contiguous(), 1.0, True
+        t = as_float32(scaling)
+        if t.device != device or not t.is_contiguous():  # the common case dispatches nothing
+            t = t.to(device=device).contiguous()
+        return t, 1.0, True
     return dummy, float(scaling), False
 
 

@@ -24,7 +24,7 @@ from .schedule import (
     interpret_meta,
     next_pow2,
     prune_wide_blocks,
-    token_tiles,
+    routed_tiles,
     torch_to_tl_scale,
 )
 from .tile_ops import adapter_rows, rows_times_factor_t, scaled, tile_of, tile_tokens
@@ -115,8 +115,7 @@ def shrink(
             h.zero_()
         return h
     block_t = block_t or shrink_block_t(groups)
-    tiles, n_unrouted = token_tiles(groups, block_t)
-    tiles = tiles[n_unrouted:]
+    tiles = routed_tiles(groups, block_t)
     offsets = layout.offsets_tensor(x.device)
     scale_ptr, scale_val, has_ptr = torch_to_tl_scale(scaling, x.device, offsets)
     dot_f32, prec = dot_mode(x.dtype)
