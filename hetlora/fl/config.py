@@ -211,13 +211,19 @@ class FedConfig:
     """CUDA only: capture each round's local step in a CUDA graph and replay it (the local steps are
     host-bound on a GPU). Batches are then padded to max_length instead of trimmed to their longest
     sequence (one shape per round), and a round's first step runs eagerly to warm up; results match
-    an eager run up to floating-point rounding. Opt-in until a GPU has measured it."""
+    an eager run up to floating-point rounding. Opt-in: on an H100 it gained 1.06-1.34x with 4
+    local steps a round, since each round captures anew (bench/NOTES.md)."""
     gradient_checkpointing: bool = False
     """Recompute the frozen model's layer activations in the backward pass instead of keeping them
     (transformers' activation checkpointing, non-reentrant): less memory per concurrent client, so
     more clients in one batch, for about a third more compute per step. The same results as
     without it. Needs a model that supports it (transformers' GradientCheckpointingLayer); not
     with cuda_graphs."""
+    deterministic: bool = False
+    """Bitwise-reproducible runs on a GPU: torch's deterministic algorithms during local training
+    and aggregation (the per-client loss sums, clipping norms and head gradients otherwise add in
+    a varying order, so two runs agree only to rounding), and CUBLAS_WORKSPACE_CONFIG set if unset.
+    Slower; an op with no deterministic kernel raises. The CPU is deterministic without it."""
     seed: int = 0
     """Seed of every random choice (clients, ranks, batches, inits)."""
     threads: int | None = None
@@ -374,6 +380,8 @@ class FedConfig:
         if self.gradient_checkpointing and self.cuda_graphs:
             raise self._err("gradient_checkpointing", "cannot go with cuda_graphs (the recomputation saves and "
                                                       "restores the RNG state, which a CUDA graph cannot capture)")
+        if not isinstance(self.deterministic, bool):
+            raise self._err("deterministic", "must be a bool")
         self._int("seed", 0)
         if self.threads is not None:
             self._int("threads", 1)

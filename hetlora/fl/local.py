@@ -41,6 +41,7 @@ from hetlora.model import MultiLoraModel
 from hetlora_kernels import AdapterLayout, use_backend
 from hetlora_kernels.layout import to_device
 
+from .determinism import deterministic_algorithms
 from .strategies import ClientUpdate, Distribution, GlobalState, Strategy
 
 __all__ = ["TokenData", "ClientTask", "FedModel", "ClientAdamW", "ClientSampler", "train_round", "evaluate"]
@@ -460,7 +461,8 @@ def train_round(fm: FedModel, strategy: Strategy, state: GlobalState, tasks: Seq
     number of client-steps it advanced (progress bars).
     """
     with use_backend(getattr(config, "backend", "auto")), round_rng(int(getattr(config, "seed", 0)), round_idx,
-                                                                     fm.device):
+                                                                     fm.device), \
+            deterministic_algorithms(bool(getattr(config, "deterministic", False))):
         return _train_round(fm, strategy, state, tasks, data, config, round_idx, local_eval, on_step)
 
 

@@ -37,6 +37,7 @@ from hetlora_kernels import use_backend
 
 from .checkpoint import CKPT_DIR, atomic_write_bytes, load_checkpoint, save_checkpoint
 from .config import FedConfig
+from .determinism import deterministic_algorithms, prepare
 from .local import ClientTask, FedModel, TokenData, evaluate, train_round
 from .strategies import ClientUpdate, GlobalState, Strategy, client_generator, make_strategy
 from .validation import screen_updates
@@ -312,6 +313,7 @@ class Simulation:
     def __init__(self, config: FedConfig, *, data: FedData | None = None, encoder: nn.Module | None = None,
                  verbose: bool = True) -> None:
         self.config = config.validate()
+        prepare(self.config.deterministic)  # before this run's first cuBLAS call
         self._data, self._encoder = data, encoder
         self.verbose = verbose
         self.update_hook: Callable[[int, list[ClientUpdate]], list[ClientUpdate]] | None = None
@@ -439,7 +441,7 @@ class Simulation:
         chosen: the sampled client ids; ranks_given: client id -> rank it was sent;
         params_down: client id -> parameters sent to it (head excluded); t0: the round's
         start (``time.perf_counter()``)."""
-        with use_backend(self.config.backend):
+        with use_backend(self.config.backend), deterministic_algorithms(self.config.deterministic):
             return self._conclude_round(round_idx, chosen, ranks_given, updates, params_down, is_eval, t0, errors)
 
     def _conclude_round(self, round_idx, chosen, ranks_given, updates, params_down, is_eval, t0, errors) -> dict:

@@ -1,0 +1,45 @@
+"""Bitwise-reproducible GPU runs (``FedConfig.deterministic``).
+
+On a GPU a few of torch's ops add in whatever order their threads finish (atomics): the
+per-client loss sums and clipping norms (``index_add``), the classifier heads' gradient
+(``index_put`` with ``accumulate=True``, the backward of ``head_W[aid]``), attention's backward.
+Two runs of one configuration then agree only to rounding.  torch's deterministic mode swaps
+those for deterministic kernels (and raises on an op that has none); cuBLAS needs a fixed
+workspace for the same.  The Triton and server kernels of `hetlora_kernels` use no atomics and
+are deterministic either way.  On the CPU every op is deterministic already.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+
+# cuBLAS's reproducible workspace setting (torch raises under deterministic mode without one)
+CUBLAS_WORKSPACE = ":4096:8"
+
+
+def prepare(on: bool) -> None:
+    """Set ``CUBLAS_WORKSPACE_CONFIG`` for a deterministic run unless the user set it: early,
+    before the first cuBLAS call of the process fixes its workspaces."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(on: bool) -> Iterator[None]:
+    """torch's deterministic algorithms inside the block when ``on`` (the previous mode after it,
+    also when the block raises); nothing at all when not ``on``."""
+    if not on:
+        yield
+        return
+    prepare(True)
+    before = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
