@@ -158,7 +158,28 @@ def bench_config(cfg: Config, device: torch.device, dtype: torch.dtype, reps: in
         from bench.e2e import _llama_config
 
         prompts, which = _requests(cfg, _llama_config(cfg.model).vocab_size, device)
+
+        def reference() -> torch.Tensor | None:
+            """Untimed: the float32 answer the low-precision rows are compared with (peft one adapter
+            at a time on the same weights); once the adapter methods ran, before ``base``, whatever
+            the budget says (a few seconds; the next lend's check of NOTES item 24 needs it)."""
+            if dtype == torch.float32 or not tokens:
+                return None
+            try:
+                with torch.inference_mode():
+                    return _generate_fn("peft-loop", cfg, paths, device, torch.float32, prompts, which,
+                                        init_dtype=dtype)()
+            except Exception as e:  # noqa: BLE001 - a side measurement; the timed rows stand
+                print(f"  {cfg.model} K={cfg.adapters}: no float32 reference ({type(e).__name__}: {e})", flush=True)
+                return None
+            finally:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+        ref32 = None
         for method in METHODS:
+            if method == "base":
+                ref32 = reference()
             row: dict[str, Any] = {"model": cfg.model, "adapters": cfg.adapters, "requests": cfg.requests,
                                    "prompt": cfg.prompt, "new_tokens": cfg.new_tokens, "method": method,
                                    "dtype": C.dtype_name(dtype), "ranks": adapter_ranks(cfg.adapters)}
@@ -200,17 +221,8 @@ def bench_config(cfg: Config, device: torch.device, dtype: torch.dtype, reps: in
             print(f"  {cfg.model} K={cfg.adapters} {cfg.requests} requests {method}: {row.get('status')} "
                   f"{C.fmt(row.get('tokens_per_s'))} tokens/s{' ' + row['reason'] if row.get('reason') else ''}",
                   flush=True)
-        ref32 = None
-        if dtype != torch.float32 and tokens and (deadline is None or time.perf_counter() < deadline):
-            try:  # untimed: the float32 answer the low-precision methods are compared with
-                with torch.inference_mode():
-                    ref32 = _generate_fn("peft-loop", cfg, paths, device, torch.float32, prompts, which,
-                                         init_dtype=dtype)()
-            except Exception as e:  # noqa: BLE001 - a side measurement; the timed rows stand
-                print(f"  {cfg.model} K={cfg.adapters}: no float32 reference ({type(e).__name__}: {e})", flush=True)
-            finally:
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+        if ref32 is None:
+            ref32 = reference()
     ref = tokens.get("peft-loop")
     loop_row = next((r for r in rows if r["method"] == "peft-loop" and r.get("status") == "ok"), None)
     for r in rows:

@@ -3,7 +3,7 @@
 Tensors in, tensors out; no knowledge of models or clients (DESIGN.md section 4).
 """
 
-from .dispatch import backend_status, get_backend, set_backend, use_backend
+from .dispatch import backend_status, get_backend, pinned_kernel_configs, set_backend, use_backend
 from .layout import AdapterLayout, TokenGroups
 from .lowrank import flora_stack, lowrank_svd_redistribute
 from .ops import component_norms, delta_fro_norms, lora_delta, lora_linear, truncate, weighted_aggregate
@@ -23,6 +23,7 @@ __all__ = [
     "get_backend",
     "use_backend",
     "backend_status",
+    "pinned_kernel_configs",
 ]
 
 __version__ = "0.1.0"

@@ -124,6 +124,32 @@ def use_backend(name: str) -> Iterator[None]:
         _current.reset(token)
 
 
+_pinned = [0]  # depth of `pinned_kernel_configs` blocks (process-wide, like torch's deterministic mode)
+
+
+@contextlib.contextmanager
+def pinned_kernel_configs() -> Iterator[None]:
+    """Inside the block every autotuned Triton kernel launches with its first config, the one
+    ``HETLORA_TRITON_AUTOTUNE=0`` keeps, instead of the fastest this process timed.
+
+    A config fixes block sizes, and so the order in which a kernel adds; the autotuner's pick can
+    differ between processes when two configs time alike, and with it the last bits of a result.
+    Pinned, a kernel's bits depend on its inputs' shapes alone (reproducible runs,
+    ``hetlora.fl``'s ``FedConfig.deterministic``).  Slower where another config was faster.
+    Nothing changes for the other backends, which have no configs.
+    """
+    _pinned[0] += 1
+    try:
+        yield
+    finally:
+        _pinned[0] -= 1
+
+
+def kernel_configs_pinned() -> bool:
+    """Whether a `pinned_kernel_configs` block is open."""
+    return _pinned[0] > 0
+
+
 @dataclass(frozen=True)
 class LoraWork:
     """What ``auto`` needs to know of one ``lora_delta`` / ``lora_linear`` call (`cpu_auto_choice`,

@@ -65,6 +65,7 @@ class FakeKernel:
         return None
 
     def run(self, g0, g1, g2, stream, function, packed, launch_md, enter, exit_, *args):
+        CHOSEN.append((self.fn_name, self.constexprs))
         if RECORDING[0]:
             RECORD.append((self.n, (g0, g1, g2), stream, function, packed, _no_hook(enter), _no_hook(exit_),
                            tuple(_norm(a) for a in args)))
@@ -76,8 +77,16 @@ def _norm(a):
     return (type(a).__name__, a if not isinstance(a, float) else round(a, 12))
 
 
+CHOSEN: list[tuple[str, dict]] = []  # (kernel, its constexprs) per launch, for the pinned mode
+
+
 def _fake_compile(self, key, signature, device, constexprs, options, attrs, warmup):
     k = FakeKernel()
+    names = dict(enumerate(self.arg_names))
+    k.fn_name = self.__name__
+    k.constexprs = {names.get(p[0], str(p)) if isinstance(p, tuple) and len(p) == 1 else str(p): v
+                    for p, v in constexprs.items() if isinstance(v, int) and not isinstance(v, bool)}
+    k.constexprs["num_warps"] = getattr(options, "num_warps", None)
     self.device_caches[device][0][key] = k
     return k
 
@@ -149,7 +158,29 @@ def main() -> int:
                 continue
             rec[mode] = [list(map(repr, r)) for r in RECORD]
             rec[mode + ":stats"] = {k: v - before[k] for k, v in launch.STATS.items()}
+        # pinned (hetlora_kernels.pinned_kernel_configs), on either path: the first config's
+        # block sizes and warps, whatever the autotuner picked above (the last config)
+        for fast in (False, True):
+            launch.FAST_LAUNCH = fast
+            del CHOSEN[:]
+            try:
+                with hk.pinned_kernel_configs():
+                    call()
+                rec["pinned" + ("-fast" if fast else "")] = [[n, c] for n, c in CHOSEN]
+            except Exception as e:  # noqa: BLE001 - reported to the test
+                rec["pinned" + ("-fast" if fast else "")] = f"error: {type(e).__name__}: {e}"
+        del CHOSEN[:]
+        launch.FAST_LAUNCH = False
+        call()  # and after the block, the autotuner's pick again
+        rec["unpinned"] = [[n, c] for n, c in CHOSEN]
         results[name] = rec
+    # every autotuned kernel's configs (block sizes and warps), first and the others
+    tuned = {}
+    for m in (shrink, expand, fused, wgrad, so):
+        for n in dir(m):
+            k = getattr(m, n)
+            if isinstance(k, Autotuner):
+                tuned[k.fn.__name__] = [{**c.kwargs, "num_warps": c.num_warps} for c in k.configs]
     # host time per call of one shrink on each path (the fake launcher does nothing)
     layout = hk.AdapterLayout([16] * 8)
     groups = hk.TokenGroups.from_lengths([64] * 8)
@@ -166,7 +197,7 @@ def main() -> int:
         for _ in range(n):
             shrink.shrink(x, A, layout, groups)
         timing[mode] = (time.perf_counter() - t0) / n * 1e6
-    json.dump({"calls": results, "shrink_us": timing}, sys.stdout)
+    json.dump({"calls": results, "shrink_us": timing, "tuned": tuned}, sys.stdout)
     return 0
 
 

@@ -77,11 +77,14 @@ def test_every_strategy_simulates_on_the_gpu(tmp_path, strategy, extra):
 
 @pytest.mark.parametrize("model,extra", [
     ("tiny-random-bert", {"target_modules": ["query", "value"]}),
+    ("tiny-random-bert", {"target_modules": ["query", "value"], "norm_cap": 2.0}),  # a per-layer median
     ("tiny-random-gpt2", {"task": "causal-lm", "target_modules": ["c_attn"]}),
 ])
 def test_deterministic_runs_repeat_bit_for_bit_on_the_gpu(tmp_path, model, extra):
     """``FedConfig.deterministic``: two identical GPU runs end with the same bits (the clipping
-    norms, the per-client losses and the heads' gradients otherwise add in a varying order)."""
+    norms, the per-client losses and the heads' gradients otherwise add in a varying order), no
+    op in a round refuses the mode, and the Triton kernels run pinned configs (an autotuner's pick
+    may differ in another process; `tests/test_triton_fast_launch.py` checks the pin)."""
     from hetlora.fl import FedConfig, Simulation
 
     def run(name):

@@ -14,6 +14,7 @@ from hetlora.fl import FedConfig, Simulation
 from hetlora.fl import local as local_mod
 from hetlora.fl import sim as sim_mod
 from hetlora.fl.determinism import CUBLAS_WORKSPACE, deterministic_algorithms
+from hetlora_kernels.dispatch import kernel_configs_pinned
 
 
 @pytest.fixture
@@ -34,13 +35,15 @@ def test_the_mode_holds_inside_the_block_and_the_previous_one_after(restore_torc
     with deterministic_algorithms(False):
         assert not torch.are_deterministic_algorithms_enabled()
     assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ  # off: nothing touched
+    assert not kernel_configs_pinned()
     with deterministic_algorithms(True):
         assert torch.are_deterministic_algorithms_enabled()
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == CUBLAS_WORKSPACE
-    assert not torch.are_deterministic_algorithms_enabled()
+        assert kernel_configs_pinned()  # the Triton kernels' first configs (no autotuner's pick)
+    assert not torch.are_deterministic_algorithms_enabled() and not kernel_configs_pinned()
     with pytest.raises(KeyError), deterministic_algorithms(True):
         raise KeyError("a failing round")
-    assert not torch.are_deterministic_algorithms_enabled()
+    assert not torch.are_deterministic_algorithms_enabled() and not kernel_configs_pinned()
     # a caller's own warn-only mode comes back as it was, and a user's cuBLAS setting stays
     torch.use_deterministic_algorithms(True, warn_only=True)
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")

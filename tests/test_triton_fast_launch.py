@@ -96,3 +96,28 @@ def test_profile_calibration_kernel_compiles():
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.startswith("ok _noop"), res.stdout
+
+
+def test_pinned_configs_launch_each_tuned_kernel_with_its_first_config(probe):
+    """`hetlora_kernels.pinned_kernel_configs` (FedConfig.deterministic): on Triton's path and on
+    the fast path alike, every autotuned kernel launches with its first config's block sizes and
+    warps, although the autotuner (timing rigged: the last config wins) picked another; after the
+    block, the autotuner's pick again."""
+    tuned = probe["tuned"]
+    assert tuned and all(len(c) > 1 for c in tuned.values())
+    pinned_somewhere = differs = 0
+    for name, rec in probe["calls"].items():
+        for mode in ("pinned", "pinned-fast"):
+            launches = rec[mode]
+            assert isinstance(launches, list) and launches, (name, mode, launches)
+            for kernel, chosen in launches:
+                if kernel not in tuned:  # a kernel with one config (the reductions' second pass)
+                    continue
+                first = tuned[kernel][0]
+                assert {k: chosen.get(k) for k in first} == first, (name, mode, kernel, chosen, first)
+                pinned_somewhere += 1
+        for kernel, chosen in rec["unpinned"]:
+            if kernel in tuned:
+                first = tuned[kernel][0]
+                differs += {k: chosen.get(k) for k in first} != first
+    assert pinned_somewhere and differs  # the pin changed what would have launched

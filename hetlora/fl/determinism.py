@@ -5,8 +5,10 @@ per-client loss sums and clipping norms (``index_add``), the classifier heads' g
 (``index_put`` with ``accumulate=True``, the backward of ``head_W[aid]``), attention's backward.
 Two runs of one configuration then agree only to rounding.  torch's deterministic mode swaps
 those for deterministic kernels (and raises on an op that has none); cuBLAS needs a fixed
-workspace for the same.  The Triton and server kernels of `hetlora_kernels` use no atomics and
-are deterministic either way.  On the CPU every op is deterministic already.
+workspace for the same.  The Triton kernels of `hetlora_kernels` use no atomics, but the
+autotuner's pick of block sizes (and so of the order of a kernel's sums) may differ from one
+process to the next: they run with their first config (`hetlora_kernels.pinned_kernel_configs`).
+On the CPU every op is deterministic already.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import os
 from collections.abc import Iterator
 
 import torch
+
+from hetlora_kernels import pinned_kernel_configs
 
 # cuBLAS's reproducible workspace setting (torch raises under deterministic mode without one)
 CUBLAS_WORKSPACE = ":4096:8"
@@ -40,6 +44,7 @@ def deterministic_algorithms(on: bool) -> Iterator[None]:
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        yield
+        with pinned_kernel_configs():
+            yield
     finally:
         torch.use_deterministic_algorithms(before, warn_only=warn_only)

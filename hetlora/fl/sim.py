@@ -518,7 +518,8 @@ class Simulation:
     # FedConfig fields a resumed run may change: how long it runs and where and how it is
     # executed or reported, never what is trained on what
     RESUME_MAY_CHANGE = frozenset({"rounds", "eval_every", "eval_batch_size", "device", "backend", "mode", "threads",
-                                   "out_dir", "run_name", "checkpoint_every", "export_clients", "progress", "plots"})
+                                   "out_dir", "run_name", "checkpoint_every", "export_clients", "progress", "plots",
+                                   "deterministic"})
 
     def _check_resumable(self, d: Path) -> None:
         """Refuse to resume a run directory made with other settings (its ``config.json``), naming

@@ -443,7 +443,10 @@ class HetLoRA(Strategy):
             # torch.where, not `if tot > 0`: no host read of a device scalar
             return torch.where(tot > 0, n / torch.where(tot > 0, tot, torch.ones_like(tot)), fallback)
         if cap is not None:
-            norms = torch.minimum(norms, cap * norms.median(dim=1, keepdim=True).values)
+            # torch.median's lower median, from a sort: median(dim=...) also returns indices, which
+            # have no deterministic CUDA kernel (FedConfig.deterministic would raise)
+            med = norms.sort(dim=1).values[:, (norms.shape[1] - 1) // 2].unsqueeze(1)
+            norms = torch.minimum(norms, cap * med)
         tot = norms.sum(1, keepdim=True)
         safe = torch.where(tot > 0, tot, torch.ones_like(tot))
         w = norms / safe

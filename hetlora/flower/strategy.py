@@ -45,6 +45,7 @@ from flwr.serverapp.strategy import Strategy as _FlwrStrategy
 
 from hetlora.fl.checkpoint import atomic_write_bytes, save_checkpoint
 from hetlora.fl.config import FedConfig
+from hetlora.fl.determinism import deterministic_algorithms
 from hetlora.fl.sim import Simulation
 from hetlora.fl.strategies import ClientUpdate
 
@@ -231,7 +232,8 @@ class FlowerStrategy(_FlwrStrategy):
         messages = []
         down = {}
         if ids:
-            dist = strat.distribute(sim.state, ids, ranks, server_round)
+            with deterministic_algorithms(cfg.deterministic):  # as the simulator's rounds run it
+                dist = strat.distribute(sim.state, ids, ranks, server_round)
             state = sim.state
             cfg_json = cfg.to_json()
             for j, (c, r, n, node) in enumerate(zip(ids, ranks, steps, nodes)):

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from ..dispatch import kernel_configs_pinned
 from .schedule import INTERPRET
 
 FAST_LAUNCH = os.environ.get("HETLORA_TRITON_FAST_LAUNCH", "0").strip().lower() in ("1", "true", "yes", "on")
@@ -155,12 +156,31 @@ def _hooked(hook: Any) -> bool:
     return hook is not None and bool(getattr(hook, "calls", True))
 
 
+def _first_config(kernel: Any, grid: Any) -> Callable[..., None]:
+    """``kernel[grid]`` with an autotuned kernel's first config, as Triton launches a kernel that
+    has one config (no timing, no cache); anything else as it is."""
+    from triton.runtime.autotuner import Autotuner
+
+    if isinstance(kernel, Autotuner) and len(kernel.configs) > 1:
+        config = kernel.configs[0]
+        if config.pre_hook is None:  # (none of ours has one; Triton's path runs it otherwise)
+            fn, extra = kernel.fn, config.all_kwargs()
+            return lambda *args, **kwargs: fn[grid](*args, **kwargs, **extra)
+    return kernel[grid]
+
+
 def launch(kernel: Any, grid: Any) -> Callable[..., None]:
-    """``kernel[grid]``, through the cached fast path when ``FAST_LAUNCH`` is on.
+    """``kernel[grid]``, through the cached fast path when ``FAST_LAUNCH`` is on; with every
+    autotuned kernel's first config inside `hetlora_kernels.pinned_kernel_configs` (the fast
+    path's cache is skipped there: its entries hold the configs the autotuner picked).
 
     Use as ``launch(_my_kernel, grid)(*args, **constexprs)``.
     """
-    if not FAST_LAUNCH or INTERPRET:
+    if INTERPRET:
+        return kernel[grid]
+    if kernel_configs_pinned():
+        return _first_config(kernel, grid)
+    if not FAST_LAUNCH:
         return kernel[grid]
     launcher = getattr(kernel, "_hetlora_launcher", None)
     if launcher is None:
