@@ -398,6 +398,7 @@ class StepGraph:
         self.replay = None
         self.warm = 0
         self.failed: str | None = None
+        self._stream = None  # the capture's side stream
 
     def takes(self, key: tuple) -> bool:
         return self.failed is None and (self.key is None or self.key == key)
@@ -440,9 +441,20 @@ class StepGraph:
         torch.cuda.current_stream(self.device).wait_stream(side)
 
     def _capture(self, fn):
+        """``fn`` captured into a new graph, as ``torch.cuda.graph`` captures (a side stream, a
+        private memory pool) but without the device's and the host's memory caches emptied first:
+        every round captures, and each emptying makes the round's next allocations (pinned
+        host buffers too) go back to cudaMalloc / cudaHostAlloc, which wait for the GPU."""
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
+        torch.cuda.synchronize(self.device)  # the warm-up's side stream and the batch copies done
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(self._stream):
+            graph.capture_begin()
+            try:
+                fn()
+            finally:
+                graph.capture_end()
         return graph.replay
 
 
