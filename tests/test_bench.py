@@ -141,6 +141,9 @@ def test_report_splices_readme(smoke_out: Path, tmp_path: Path) -> None:
     slug_dir.mkdir(parents=True)
     for kind in ("kernels", "e2e"):
         (slug_dir / f"{kind}.json").write_text((smoke_out / kind / f"{kind}.json").read_text())
+    (slug_dir / "lend1-abc").mkdir()  # an earlier run moved aside: linked, not tabled
+    (slug_dir / "lend1-abc" / "e2e.md").write_text("# old\n")
+    (slug_dir / "notes").mkdir()  # a folder without a result table: not linked
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\n## Performance\n\n{report.START}\nold text\n{report.END}\n\n## After\n")
     args = type("A", (), {"root": str(tmp_path), "uncommitted": True, "print": False, "check": False})()
@@ -152,6 +155,7 @@ def test_report_splices_readme(smoke_out: Path, tmp_path: Path) -> None:
     assert info["device_name"] in body and info["date"][:10] in body
     assert "client-steps/s" in body and "lora_linear" in body
     assert "over the torch backend" in body and "interleaved" in body
+    assert "[`lend1-abc/`](bench/results/cpu-test/lend1-abc/)" in body and "notes/" not in body
     args.check = True
     assert report.run(args) == 0  # now up to date
     # without markers: printed, README untouched
