@@ -169,7 +169,10 @@ KS=$(cap 120 155)  # the e2e stage after it keeps >= 110 s (its graph rows, 2026
 want kernels && stage kernels "$KS" "$PY" -m bench kernels --preset $KPRESET --device $DEV --out "$RES" --budget-s $(( KS > 60 ? KS - 45 : 15 ))
 
 # 4. end-to-end
-ES=$(cap 150 45)
+# HETLORA_GPU_E2E_S: the stage's cap (default 150 s, which reaches ~3 of the preset's 10 configs);
+# a lend with minutes to spare covers the 64/128-client Llama rows with
+#   HETLORA_GPU_STAGES=e2e HETLORA_GPU_E2E_S=480 HETLORA_GPU_BUDGET_S=560 bash bench/gpu_all.sh
+ES=$(cap "${HETLORA_GPU_E2E_S:-150}" 45)
 want e2e && stage e2e "$ES" "$PY" -m bench e2e --preset $EPRESET --device $DEV --out "$RES" --budget-s $(( ES > 60 ? ES - 50 : 10 ))
 
 # 4b. serving many adapters (generation: hetlora vs peft's mixed batch and peft one adapter at a time)
