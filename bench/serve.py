@@ -62,7 +62,9 @@ METHOD_NOTE = ("hetlora: one MultiLoraModel.generate for the whole batch (adapte
                "set_adapter and one generate over its requests; base: the base model alone. Greedy decoding; "
                "requests name their adapters in random order; ranks cycle through {4,8,16,32,64}, LoRA on "
                "q_proj/v_proj; random-weight Llama models. same tokens: the fraction of generated tokens "
-               "equal to peft-loop's (for base: the fraction the adapters changed)")
+               "equal to peft-loop's (for base: the fraction the adapters changed); same as fp32 (bf16/fp16 "
+               "runs): the fraction equal to peft-loop's run once in float32 on the same weights, untimed "
+               "(in bf16 peft rounds x A^T to bf16 before B, hetlora keeps it in float32)")
 
 
 def _causal_lm(name: str, device: torch.device, dtype: torch.dtype, init_dtype: torch.dtype | None = None):

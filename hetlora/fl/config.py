@@ -222,8 +222,9 @@ class FedConfig:
     deterministic: bool = False
     """Bitwise-reproducible runs on a GPU: torch's deterministic algorithms during local training
     and aggregation (the per-client loss sums, clipping norms and head gradients otherwise add in
-    a varying order, so two runs agree only to rounding), and CUBLAS_WORKSPACE_CONFIG set if unset.
-    Slower; an op with no deterministic kernel raises. The CPU is deterministic without it."""
+    a varying order, so two runs agree only to rounding), the Triton kernels on fixed block sizes
+    instead of the autotuner's pick, and CUBLAS_WORKSPACE_CONFIG set if unset. Slower; an op with
+    no deterministic kernel raises. The CPU is deterministic without it."""
     seed: int = 0
     """Seed of every random choice (clients, ranks, batches, inits)."""
     threads: int | None = None
