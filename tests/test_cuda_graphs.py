@@ -184,11 +184,13 @@ def test_to_device_copies_host_tensors_without_waiting_and_keeps_their_values():
     assert to_device(out, "cuda") is out
 
 
-@pytest.mark.parametrize("task", ["classification", "causal-lm"])
-def test_the_simulator_replays_its_local_steps_from_a_cuda_graph(tmp_path, monkeypatch, task):
+@pytest.mark.parametrize("task,deterministic", [("classification", False), ("causal-lm", False),
+                                                ("classification", True)])
+def test_the_simulator_replays_its_local_steps_from_a_cuda_graph(tmp_path, monkeypatch, task, deterministic):
     """``FedConfig.cuda_graphs``: each round captures its local step once (after one eager
     warm-up) and replays it; no capture fails, and two rounds land where the same padded steps
-    run eagerly land (to the rounding of index_add's atomics)."""
+    run eagerly land: to the rounding of index_add's atomics, or bit for bit with
+    ``deterministic`` (its kernels must also let themselves be captured)."""
     import warnings
 
     from hetlora.fl import FedConfig, Simulation
@@ -201,7 +203,8 @@ def test_the_simulator_replays_its_local_steps_from_a_cuda_graph(tmp_path, monke
         cfg = FedConfig(dataset="synthetic", num_clients=6, clients_per_round=3, rounds=2, local_steps=5,
                         batch_size=4, r_min=1, r_max=4, max_length=16, eval_samples=24, progress=False,
                         client_eval_samples=0, out_dir=str(tmp_path), run_name=name, export_clients=0,
-                        plots=False, tiers=[[0.5, "min"], [0.5, "max"]], device="cuda", cuda_graphs=True, **model)
+                        plots=False, tiers=[[0.5, "min"], [0.5, "max"]], device="cuda", cuda_graphs=True,
+                        deterministic=deterministic, **model)
         sim = Simulation(cfg, verbose=False)
         sim.run()
         return {k: v.detach().cpu().clone() for k, v in sim.state.tensors().items()}
@@ -218,4 +221,7 @@ def test_the_simulator_replays_its_local_steps_from_a_cuda_graph(tmp_path, monke
     eager = run("eager")
     assert graphed.keys() == eager.keys()
     for k in eager:
-        torch.testing.assert_close(graphed[k], eager[k], rtol=1e-4, atol=1e-6, msg=lambda s, k=k: f"{k}: {s}")
+        if deterministic:
+            assert torch.equal(graphed[k], eager[k]), k
+        else:
+            torch.testing.assert_close(graphed[k], eager[k], rtol=1e-4, atol=1e-6, msg=lambda s, k=k: f"{k}: {s}")

@@ -101,3 +101,42 @@ def test_deterministic_runs_repeat_bit_for_bit_on_the_gpu(tmp_path, model, extra
     assert a.keys() == b.keys()
     differ = [k for k in a if not torch.equal(a[k], b[k])]
     assert not differ, differ
+
+
+_RUN_IN_A_NEW_PROCESS = """
+import sys, torch
+from hetlora.fl import FedConfig, Simulation
+cfg = FedConfig(model="tiny-random-bert", dataset="synthetic", num_clients=6, clients_per_round=3, rounds=2,
+                local_steps=3, batch_size=4, r_min=1, r_max=4, max_length=16, eval_samples=24, progress=False,
+                client_eval_samples=0, out_dir=sys.argv[1], run_name=sys.argv[2], export_clients=0, plots=False,
+                tiers=[[0.5, "min"], [0.5, "max"]], target_modules=["query", "value"], device="cuda",
+                deterministic=True)
+sim = Simulation(cfg, verbose=False)
+sim.run()
+torch.save({k: v.detach().cpu() for k, v in sim.state.tensors().items()}, sys.argv[3])
+"""
+
+
+def test_deterministic_runs_repeat_bit_for_bit_across_processes_with_autotuning_on(tmp_path):
+    """Two processes, each with Triton's autotuner on (each would time the configs anew and may
+    pick differently): the pinned configs make the two runs agree bit for bit."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "HETLORA_TRITON_AUTOTUNE": "1",
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    env.pop("CUBLAS_WORKSPACE_CONFIG", None)  # FedConfig.deterministic sets it before CUDA starts
+    out = []
+    for name in ("a", "b"):
+        path = tmp_path / f"{name}.pt"
+        r = subprocess.run([sys.executable, "-c", _RUN_IN_A_NEW_PROCESS, str(tmp_path), name, str(path)],
+                           env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        out.append(torch.load(path))
+    a, b = out
+    assert a.keys() == b.keys()
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, differ

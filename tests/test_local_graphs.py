@@ -104,16 +104,41 @@ def test_other_layouts_run_eagerly(tmp_path, monkeypatch):
     assert calls.capture == 2 and calls.replay >= 2
 
 
-def test_a_failed_capture_leaves_the_round_eager(tmp_path, monkeypatch):
+def test_a_failed_capture_leaves_the_round_and_the_later_ones_eager(tmp_path, monkeypatch):
+    """A capture that fails for a reason that recurs (a host read) is not tried again: round 2
+    neither warms up nor captures (and, graph-free, trims its batches as the default path does).
+    The run equals the eager one to the rounding that padding changes."""
     padded = _run(_cfg(tmp_path, "padded"), monkeypatch, "padded")
     calls = Calls()
     before = dict(local_mod.StepGraph.stats)
-    with pytest.warns(RuntimeWarning, match="cuda_graphs: capturing the local step failed"):
+    with pytest.warns(RuntimeWarning, match="remaining steps run eagerly, and so do later rounds'"):
         broken = _run(_cfg(tmp_path, "broken"), monkeypatch, "broken", calls)
-    _same(broken, padded)
-    assert calls.replay == 0 and calls.capture == 2
+    assert broken.keys() == padded.keys()
+    for k in padded:
+        torch.testing.assert_close(broken[k], padded[k], rtol=1e-4, atol=1e-6, msg=lambda s, k=k: f"{k}: {s}")
+    assert (calls.warm, calls.capture, calls.replay) == (1, 1, 0)
     stats = local_mod.StepGraph.stats  # what bench e2e reports beside a simulator+graph row
-    assert stats["failed"] - before["failed"] == 2 and "stream is capturing" in stats["last_failure"]
+    assert stats["failed"] - before["failed"] == 1 and "stream is capturing" in stats["last_failure"]
+
+
+def test_a_capture_out_of_memory_is_tried_again_next_round(tmp_path, monkeypatch):
+    """Memory may be free next round: an out-of-memory capture fails only its own round."""
+    calls = Calls()
+
+    def capture(self, fn):
+        calls.capture += 1
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    def warm(self, fn):
+        calls.warm += 1
+        fn()
+
+    monkeypatch.setattr(local_mod.StepGraph, "_warm", warm)
+    monkeypatch.setattr(local_mod.StepGraph, "_capture", capture)
+    monkeypatch.setattr(local_mod, "use_cuda_graphs", lambda cfg, dev, steps: steps >= 3)
+    with pytest.warns(RuntimeWarning, match=r"out of memory.*remaining steps run eagerly$"):
+        Simulation(_cfg(tmp_path, "oom"), verbose=False).run()
+    assert (calls.warm, calls.capture) == (2, 2)
 
 
 def test_few_steps_skip_the_graph(monkeypatch):

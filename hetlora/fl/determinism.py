@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -27,9 +28,16 @@ CUBLAS_WORKSPACE = ":4096:8"
 
 def prepare(on: bool) -> None:
     """Set ``CUBLAS_WORKSPACE_CONFIG`` for a deterministic run unless the user set it: early,
-    before the first cuBLAS call of the process fixes its workspaces."""
-    if on:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    before the first cuBLAS call of the process fixes its workspaces (`hetlora simulate` calls
+    this before it touches the GPU; a process that used CUDA before is warned)."""
+    if not on or "CUBLAS_WORKSPACE_CONFIG" in os.environ:
+        return
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_WORKSPACE
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        warnings.warn(f"deterministic: CUBLAS_WORKSPACE_CONFIG is set to {CUBLAS_WORKSPACE} after this process "
+                      "initialised CUDA; cuBLAS may keep the workspaces it chose, and torch builds that check "
+                      "the variable may refuse matmuls. Set it before the process starts for reproducible runs",
+                      RuntimeWarning, stacklevel=2)
 
 
 @contextlib.contextmanager

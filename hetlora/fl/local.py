@@ -140,6 +140,7 @@ class FedModel:
         p = self.layers[0].base_layer.weight
         self.dtype, self.device = p.dtype, p.device
         self.hidden = int(encoder.config.hidden_size)
+        self.graphs = CaptureState()  # the rounds' CUDA graphs (FedConfig.cuda_graphs)
 
     # -- adapters / base ----------------------------------------------------------------------
     def set_adapters(self, As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor], layout: AdapterLayout,
@@ -371,6 +372,23 @@ def use_cuda_graphs(cfg, device: torch.device, steps: int) -> bool:
     return bool(getattr(cfg, "cuda_graphs", False)) and torch.device(device).type == "cuda" and steps >= 3
 
 
+class CaptureState:
+    """What the rounds of one model share for their CUDA graphs (`FedModel.graphs`).
+
+    ``pool``: one memory pool for every round's capture.  Each round captures anew and its graph
+    dies with the round, so the next capture reuses the pool's blocks instead of taking a new
+    pool from the driver each round (unreleased until ``empty_cache``: reserved memory would grow
+    by a step's activations every round, and an allocation that fails during a capture cannot
+    free cached memory and retry).  ``stream``: the captures' side stream.  ``failed``: why a
+    capture failed for a reason that will recur (a host read in the step; not memory), so that
+    later rounds do not warm up and fail again."""
+
+    def __init__(self) -> None:
+        self.pool = None
+        self.stream = None
+        self.failed: str | None = None
+
+
 class StepGraph:
     """A round's local step captured in a CUDA graph and replayed (``FedConfig.cuda_graphs``).
 
@@ -380,7 +398,8 @@ class StepGraph:
     captures the step and replays it; later calls copy the batch into the captured input
     buffers and replay.  The graph is tied to the batch layout it was captured with (which
     clients, how many sequences each, ``takes``): another layout runs eagerly.  A capture that
-    fails (a host read in a model's code) warns once and leaves the rest of the round eager.
+    fails warns once and leaves the rest of the round eager; unless it ran out of memory, later
+    rounds sharing ``shared`` (a `CaptureState`) skip the graph too.
 
     ``step_fn(input_ids, mask, labels, pattern)`` must keep every op on the device.  Batches
     arrive as host tensors of one shape (padded to the data's full length).
@@ -391,14 +410,14 @@ class StepGraph:
     # `bench e2e`'s simulator+graph row reports: a failed capture times the eager steps)
     stats: dict = {"captured": 0, "failed": 0, "last_failure": None}
 
-    def __init__(self, step_fn, device: torch.device) -> None:
+    def __init__(self, step_fn, device: torch.device, shared: CaptureState | None = None) -> None:
         self.step_fn, self.device = step_fn, torch.device(device)
+        self.shared = shared if shared is not None else CaptureState()
         self.key: tuple | None = None
         self.bufs: list[torch.Tensor] | None = None
         self.replay = None
         self.warm = 0
         self.failed: str | None = None
-        self._stream = None  # the capture's side stream
 
     def takes(self, key: tuple) -> bool:
         return self.failed is None and (self.key is None or self.key == key)
@@ -427,8 +446,12 @@ class StepGraph:
             self.failed = f"{type(e).__name__}: {e}"
             StepGraph.stats["failed"] += 1
             StepGraph.stats["last_failure"] = self.failed
+            later = ""
+            if not isinstance(e, torch.cuda.OutOfMemoryError):  # memory may be there next round
+                self.shared.failed = self.failed
+                later = ", and so do later rounds' (the capture would fail again)"
             warnings.warn(f"cuda_graphs: capturing the local step failed ({self.failed}); the round's "
-                          f"remaining steps run eagerly", RuntimeWarning, stacklevel=2)
+                          f"remaining steps run eagerly{later}", RuntimeWarning, stacklevel=2)
             self.step_fn(*self.bufs, pattern)
             return
         self.replay()
@@ -445,16 +468,24 @@ class StepGraph:
         private memory pool) but without the device's and the host's memory caches emptied first:
         every round captures, and each emptying makes the round's next allocations (pinned
         host buffers too) go back to cudaMalloc / cudaHostAlloc, which wait for the GPU."""
+        sh = self.shared
+        if sh.pool is None:
+            sh.pool = torch.cuda.graph_pool_handle()
+        if sh.stream is None:
+            sh.stream = torch.cuda.Stream(self.device)
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize(self.device)  # the warm-up's side stream and the batch copies done
-        if self._stream is None:
-            self._stream = torch.cuda.Stream(self.device)
-        with torch.cuda.stream(self._stream):
-            graph.capture_begin()
+        with torch.cuda.stream(sh.stream):
+            graph.capture_begin(pool=sh.pool)
             try:
                 fn()
-            finally:
-                graph.capture_end()
+            except BaseException:
+                # end the capture (the stream must leave capture mode), but raise the step's own
+                # error: capture_end's would only say that the capture was invalidated
+                with contextlib.suppress(Exception):
+                    graph.capture_end()
+                raise
+            graph.capture_end()
         return graph.replay
 
 
@@ -588,7 +619,8 @@ def _train_group(fm: FedModel, strategy: Strategy, state: GlobalState, tasks: li
 
     # cuda_graphs: batches padded to the data's full length (one shape a round), the round's
     # first step eager, the rest replayed from one captured step (`StepGraph`)
-    graph = StepGraph(local_step, dev) if use_cuda_graphs(cfg, dev, max(steps)) else None
+    graph = (StepGraph(local_step, dev, fm.graphs)
+             if use_cuda_graphs(cfg, dev, max(steps)) and fm.graphs.failed is None else None)
     fm.lora_train(True)
     try:
         for step in range(max(steps)):
