@@ -76,8 +76,10 @@ class Run:
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {"runs": [Run("tiny-bert", 4, 2, 8, "smoke"), Run("tiny-llama", 4, 2, 8, "smoke")],
               "warmup": 1, "steps": 1, "budget_s": 60.0},
-    "cpu": {"runs": [Run("minilm", 8, 8, 64, "compute-bound"), Run("minilm", 32, 2, 32, "overhead-bound")],
-            "warmup": 1, "steps": 3, "budget_s": 240.0},
+    # the 32, 64 and 128 clients for the default model (2 sequences of 32 tokens each from 32 on)
+    "cpu": {"runs": [Run("minilm", 8, 8, 64, "compute-bound"), Run("minilm", 32, 2, 32, "overhead-bound"),
+                     Run("minilm", 64, 2, 32), Run("minilm", 128, 2, 32)],
+            "warmup": 1, "steps": 3, "budget_s": 900.0},
     # each model at 32 clients first, then at 128, then at 64: a run cut by its budget still
     # has every model, and the widest spread of K
     "gpu": {"runs": [Run("minilm", 8, 8, 64, "compute-bound (CPU regime A)"),

@@ -168,7 +168,9 @@ def section(results: dict[str, dict[str, Any]], note: str, earlier: dict[str, li
             load = m.get("loadavg_start")
             title = {"e2e": "End-to-end local training", "serve": "Serving many adapters (generation)",
                      "kernels": "Kernels"}[kind]
-            lines.append(f"**{title}** — measured "
+            # a folder is named for the kind of machine: another one of that kind may have run this
+            where = f" on {m['device_name']}" if m.get("device_name") != info.get("device_name") else ""
+            lines.append(f"**{title}** — measured{where} "
                          f"{m['date'][:16].replace('T', ' ')} UTC, commit `{m['git_commit']}`, preset "
                          f"`{res.get('preset')}`, torch {m['torch']}"
                          + (f", load average {load[0]:.2f}" if load else "")

@@ -141,6 +141,10 @@ def test_report_splices_readme(smoke_out: Path, tmp_path: Path) -> None:
     slug_dir.mkdir(parents=True)
     for kind in ("kernels", "e2e"):
         (slug_dir / f"{kind}.json").write_text((smoke_out / kind / f"{kind}.json").read_text())
+    # the kernels from another machine of the folder's kind: named beside their date
+    k = _load(slug_dir / "kernels.json")
+    k["machine"]["device_name"] = "Another CPU (2 cores)"
+    (slug_dir / "kernels.json").write_text(json.dumps(k))
     (slug_dir / "lend1-abc").mkdir()  # an earlier run moved aside: linked, not tabled
     (slug_dir / "lend1-abc" / "e2e.md").write_text("# old\n")
     (slug_dir / "notes").mkdir()  # a folder without a result table: not linked
@@ -156,6 +160,8 @@ def test_report_splices_readme(smoke_out: Path, tmp_path: Path) -> None:
     assert "client-steps/s" in body and "lora_linear" in body
     assert "over the torch backend" in body and "interleaved" in body
     assert "[`lend1-abc/`](bench/results/cpu-test/lend1-abc/)" in body and "notes/" not in body
+    assert "**Kernels** — measured on Another CPU (2 cores) " in body
+    assert "**End-to-end local training** — measured 20" in body  # the header's own machine: not repeated
     args.check = True
     assert report.run(args) == 0  # now up to date
     # without markers: printed, README untouched
