@@ -179,7 +179,7 @@ def bench_config(cfg: Config, device: torch.device, dtype: torch.dtype, reps: in
                     torch.cuda.empty_cache()
 
         ref32 = None
-        for method in METHODS:
+        for method in METHODS:  # "base" last: the reference runs once, after the adapter methods
             if method == "base":
                 ref32 = reference()
             row: dict[str, Any] = {"model": cfg.model, "adapters": cfg.adapters, "requests": cfg.requests,
@@ -223,8 +223,6 @@ def bench_config(cfg: Config, device: torch.device, dtype: torch.dtype, reps: in
             print(f"  {cfg.model} K={cfg.adapters} {cfg.requests} requests {method}: {row.get('status')} "
                   f"{C.fmt(row.get('tokens_per_s'))} tokens/s{' ' + row['reason'] if row.get('reason') else ''}",
                   flush=True)
-        if ref32 is None:
-            ref32 = reference()
     ref = tokens.get("peft-loop")
     loop_row = next((r for r in rows if r["method"] == "peft-loop" and r.get("status") == "ok"), None)
     for r in rows:
