@@ -143,8 +143,10 @@ def test_the_simulators_local_steps_do_not_synchronise(tmp_path, monkeypatch):
             if calls[0] == steps:
                 torch.cuda.set_sync_debug_mode("default")
                 stack.close()
+                # (torch's own note that the debug mode is a prototype comes once per process,
+                # whichever test turns the mode on first: no synchronising call)
                 syncs.extend(f"{w.filename}:{w.lineno}: {w.message}" for w in hook.caught
-                             if "synchroniz" in str(w.message))
+                             if "synchroniz" in str(w.message) and "is a prototype feature" not in str(w.message))
             if on_step is not None:
                 on_step(n)
 
@@ -225,3 +227,49 @@ def test_the_simulator_replays_its_local_steps_from_a_cuda_graph(tmp_path, monke
             assert torch.equal(graphed[k], eager[k]), k
         else:
             torch.testing.assert_close(graphed[k], eager[k], rtol=1e-4, atol=1e-6, msg=lambda s, k=k: f"{k}: {s}")
+
+
+def test_a_failed_capture_leaves_random_numbers_usable():
+    """A capture that fails after the step drew random numbers (dropout) must not leave the
+    device's generator in capture mode: on the fourth lend one failed capture made every later
+    random op of the process raise "Offset increment outside graph capture"."""
+    from hetlora.fl.local import CaptureState, StepGraph
+
+    x = torch.ones(256, device="cuda")
+
+    def step() -> None:
+        y = torch.nn.functional.dropout(x, 0.5)  # draws from the default generator, captured
+        y.sum().item()  # a host read: the capture fails
+
+    shared = CaptureState()
+    with pytest.raises(RuntimeError):
+        StepGraph(lambda *a: None, torch.device("cuda"), shared)._capture(step)
+    torch.manual_seed(3)
+    a = torch.nn.functional.dropout(x, 0.5)
+    torch.manual_seed(3)
+    b = torch.nn.functional.dropout(x, 0.5)
+    assert torch.equal(a, b) and 0 < int((a == 0).sum()) < 256
+    # and the pool is still good for a capture that works
+    out = torch.zeros(256, device="cuda")
+    replay = StepGraph(lambda *a: None, torch.device("cuda"), shared)._capture(lambda: out.copy_(x * 2))
+    out.zero_()
+    replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, x * 2)
+
+
+def test_rounds_capture_into_the_shared_pool_after_the_last_graph_died():
+    """Round after round a new StepGraph captures into the model's one pool while the previous
+    round's StepGraph is gone (torch frees a pool no graph uses: the fourth lend's assertion)."""
+    from hetlora.fl.local import CaptureState, StepGraph
+
+    shared = CaptureState()
+    x = torch.arange(64, dtype=torch.float32, device="cuda")
+    for r in range(4):
+        out = torch.zeros(64, device="cuda")
+        sg = StepGraph(lambda *a: None, torch.device("cuda"), shared)
+        replay = sg._capture(lambda out=out, r=r: out.copy_(x + r))
+        replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, x + r)
+        del sg, replay

@@ -152,3 +152,105 @@ def test_cuda_graphs_needs_a_cuda_device():
         FedConfig(cuda_graphs=True, device="cpu").validate()
     with pytest.raises(ValueError, match="FedConfig.cuda_graphs: must be a bool"):
         FedConfig(cuda_graphs="yes").validate()
+
+
+class _FakeCapture:
+    """torch.cuda's capture API as `StepGraph._capture` meets it, with torch's bookkeeping of
+    what the fourth lend tripped over: a memory pool counts the graphs using it and, at zero, is
+    freed but keeps its handle, and a capture into a freed pool's handle fails torch's internal
+    assertion; ``capture_begin`` puts the default generator in capture mode and only a completed
+    ``capture_end`` takes it out."""
+
+    def __init__(self, monkeypatch) -> None:
+        fake = self
+        self.use: dict[int, int] = {}
+        self.recording: set[int] = set()
+        self.handles = 0
+        self.capturing = False
+
+        class Graph:
+            def __init__(self) -> None:
+                self.pool, self.ended = None, False
+
+            def capture_begin(self, pool=None) -> None:
+                fake.capturing = True  # the generator's prologue comes first, as in torch
+                if pool in fake.use and fake.use[pool] <= 0:
+                    raise RuntimeError("it->second->use_count > 0 INTERNAL ASSERT FAILED")
+                if pool in fake.recording:
+                    raise RuntimeError("beginAllocateToPool: already recording to mempool_id")
+                fake.use[pool] = fake.use.get(pool, 0) + 1
+                fake.recording.add(pool)
+                self.pool = pool
+
+            def capture_end(self) -> None:
+                if fake.fail_end:  # torch stops before it closes the pool and ends the generator's capture
+                    raise RuntimeError("operation failed due to a previous error during capture")
+                fake.recording.discard(self.pool)
+                self.ended, fake.capturing = True, False
+
+            def replay(self) -> None:
+                pass
+
+            def __del__(self) -> None:
+                if self.ended:
+                    fake.use[self.pool] -= 1
+
+        class Generator:
+            def clone_state(self):
+                return "fresh"
+
+            def graphsafe_set_state(self, state) -> None:
+                assert state == "fresh"
+                fake.capturing = False
+
+        def handle() -> int:
+            self.handles += 1
+            return self.handles
+
+        self.fail_end = False
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+        monkeypatch.setattr(torch.cuda, "graph_pool_handle", handle)
+        monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: object())
+        monkeypatch.setattr(torch.cuda, "stream", lambda s: __import__("contextlib").nullcontext())
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+        monkeypatch.setattr(torch.cuda, "default_generators", (Generator(),))
+
+
+def test_rounds_capture_into_one_pool_that_outlives_each_rounds_graph(monkeypatch):
+    """Each round's StepGraph dies with its round; the next round's capture into the shared
+    pool must still find the pool alive (the last graph is held by the `CaptureState`)."""
+    fake = _FakeCapture(monkeypatch)
+    shared = local_mod.CaptureState()
+    dev = torch.device("cuda", 0)
+    for _ in range(3):
+        graph = local_mod.StepGraph(lambda *a: None, dev, shared)
+        graph._capture(lambda: None)()
+        del graph
+    assert fake.handles == 1 and list(fake.use.values()) == [1]  # one pool, held by the last graph
+    assert not fake.capturing
+
+
+@pytest.mark.parametrize("where", ["begin", "step", "end"])
+def test_a_failed_capture_takes_the_generator_out_of_capture_mode(monkeypatch, where):
+    """Wherever a capture fails, the device's generator leaves capture mode (else every later
+    random op on the device raises), the step's own error is what is raised, and a later capture
+    sharing the `CaptureState` works (a new pool: torch may still be recording to the old one)."""
+    fake = _FakeCapture(monkeypatch)
+    shared = local_mod.CaptureState()
+    dev = torch.device("cuda", 0)
+    if where == "begin":  # a pool torch has freed: what the fourth lend's second round met
+        shared.pool = torch.cuda.graph_pool_handle()
+        fake.use[shared.pool] = 0
+
+    def step():
+        if where == "step":
+            raise RuntimeError("operation not permitted when stream is capturing")
+        fake.fail_end = where == "end"
+
+    with pytest.raises(RuntimeError, match={"begin": "INTERNAL ASSERT", "step": "stream is capturing",
+                                            "end": "previous error"}[where]):
+        local_mod.StepGraph(lambda *a: None, dev, shared)._capture(step)
+    assert not fake.capturing
+    fake.fail_end = False
+    local_mod.StepGraph(lambda *a: None, dev, shared)._capture(lambda: None)()
+    assert not fake.capturing

@@ -381,11 +381,15 @@ class CaptureState:
     by a step's activations every round, and an allocation that fails during a capture cannot
     free cached memory and retry).  ``stream``: the captures' side stream.  ``failed``: why a
     capture failed for a reason that will recur (a host read in the step; not memory), so that
-    later rounds do not warm up and fail again."""
+    later rounds do not warm up and fail again.  ``graph``: the last graph captured into the pool,
+    held until the next capture has begun: torch frees a pool once no graph uses it, and a capture
+    into a freed pool's handle fails an internal assertion (the fourth lend: every round after
+    the first)."""
 
     def __init__(self) -> None:
         self.pool = None
         self.stream = None
+        self.graph = None
         self.failed: str | None = None
 
 
@@ -476,17 +480,49 @@ class StepGraph:
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize(self.device)  # the warm-up's side stream and the batch copies done
         with torch.cuda.stream(sh.stream):
-            graph.capture_begin(pool=sh.pool)
+            began = False
             try:
+                graph.capture_begin(pool=sh.pool)
+                began = True
                 fn()
             except BaseException:
-                # end the capture (the stream must leave capture mode), but raise the step's own
-                # error: capture_end's would only say that the capture was invalidated
-                with contextlib.suppress(Exception):
-                    graph.capture_end()
+                if began:  # end the capture (the stream must leave capture mode), but raise the
+                    # step's own error: capture_end's would only say the capture was invalidated
+                    with contextlib.suppress(Exception):
+                        graph.capture_end()
+                self._after_failure()
                 raise
-            graph.capture_end()
+            try:
+                graph.capture_end()
+            except BaseException:
+                self._after_failure()
+                raise
+        sh.graph = graph  # the pool's holder now (the previous graph, freed here, held it before)
         return graph.replay
+
+    def _after_failure(self) -> None:
+        """What a failed capture leaves behind, cleared: the generator's capture mode, and the
+        pool, which torch still marks as being recorded to (a failed ``capture_end`` stops before
+        it closes the pool, and a later capture into it fails: "already recording to mempool_id",
+        the fourth lend).  The next capture (an out-of-memory one is tried again) takes a new pool."""
+        release_rng_capture(self.device)
+        self.shared.pool = self.shared.graph = None
+
+
+def release_rng_capture(device: torch.device) -> None:
+    """The device's default generator out of capture mode after a capture that failed.
+
+    ``capture_begin`` puts the generator in capture mode and only a successful ``capture_end``
+    takes it out; after a failure in between, every later random op on the device raises
+    "Offset increment outside graph capture encountered unexpectedly" (the fourth lend: one failed
+    capture failed every later benchmark of the process).  The generator gets a fresh copy of its
+    own state (same seed and offset, not capturing), so random numbers go on where they were."""
+    if torch.device(device).type != "cuda":
+        return
+    idx = torch.device(device).index
+    gen = torch.cuda.default_generators[torch.cuda.current_device() if idx is None else idx]
+    with contextlib.suppress(Exception):  # a torch without graph-safe generator states: nothing to do
+        gen.graphsafe_set_state(gen.clone_state())
 
 
 def _rows_of(dist: Distribution, j: int) -> Distribution:
