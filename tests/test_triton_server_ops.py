@@ -333,16 +333,17 @@ def test_non_finite_client_raises_naming_it(bad):
 # constant launches
 # ------------------------------------------------------------------------------------------
 def _count_launches(monkeypatch) -> dict[str, int]:
+    """Launches per kernel, counted where every launch of the module passes (`server_ops._launch`),
+    whichever path then launches it (Triton's, or the fast path's cache, which skips ``run``)."""
     counts: dict[str, int] = {}
-    for kern in server_ops.KERNELS:
-        orig = kern.run
-        name = kern.__name__ if hasattr(kern, "__name__") else kern.fn.__name__
+    orig = server_ops._launch
 
-        def run(*args, _orig=orig, _name=name, **kwargs):
-            counts[_name] = counts.get(_name, 0) + 1
-            return _orig(*args, **kwargs)
+    def spy(kernel, grid, *args, **kwargs):
+        name = kernel.__name__ if hasattr(kernel, "__name__") else kernel.fn.__name__
+        counts[name] = counts.get(name, 0) + 1
+        return orig(kernel, grid, *args, **kwargs)
 
-        monkeypatch.setattr(kern, "run", run)
+    monkeypatch.setattr(server_ops, "_launch", spy)
     return counts
 
 
