@@ -17,7 +17,8 @@
 #                                as on the lent machines' own Python)
 #   6. summary                  (stage exit codes and times; the README section, printed)
 #
-# HETLORA_GPU_STAGES="tests kernels" runs only the named stages (env and build always run):
+# HETLORA_GPU_STAGES="tests kernels" runs only the named stages (env and build always run;
+# HETLORA_GPU_BUILD=0 skips the build, HETLORA_GPU_TESTS="tests/x.py ..." narrows the tests):
 # a rerun of what failed, in the device time left.
 #
 # Installs nothing and uses no network.  Assumption: the machine's Python has a CUDA
@@ -77,17 +78,21 @@ if ! PY=$(pick_python); then
 fi
 SLUG=$("$PY" -c "from bench.common import device_slug; print(device_slug('$DEV'))")
 # the dry run writes to a scratch folder: never over the committed results of this CPU
-RESROOT=bench/results
-[ "$DRY" = 1 ] && RESROOT=$(mktemp -d)
+RESROOT=${HETLORA_GPU_RESULTS:-bench/results}  # (another root: the tests of this script)
+[ "$DRY" = 1 ] && RESROOT=${HETLORA_GPU_RESULTS:-$(mktemp -d)}
 RES="$RESROOT/$SLUG"
 mkdir -p "$RES"
+# the checkout's committed results of an earlier lend travel with the working tree: left there,
+# they would be packed as this run's (the fourth lend's pack held the third's profile tables).
+# They stay in git; older lends' folders (lend*/) stay and are not packed.
+find "$RES" -maxdepth 1 -type f -delete
 SUMMARY="$RES/summary.txt"
 : > "$SUMMARY"
 
 pack() {  # the results so far into $OUT (at most 8 files come back from there)
   [ -n "${OUT:-}" ] || return 0
   mkdir -p "$OUT"
-  tar czf "$OUT/$SLUG.tar.gz.tmp" -C "$RESROOT" "$SLUG" 2>/dev/null && mv "$OUT/$SLUG.tar.gz.tmp" "$OUT/$SLUG.tar.gz"
+  tar czf "$OUT/$SLUG.tar.gz.tmp" --exclude="$SLUG/lend*" -C "$RESROOT" "$SLUG" 2>/dev/null && mv "$OUT/$SLUG.tar.gz.tmp" "$OUT/$SLUG.tar.gz"
   for f in summary.txt kernels.md e2e.md serve.md profile.md; do [ -f "$RES/$f" ] && cp "$RES/$f" "$OUT/$f"; done
   return 0
 }
@@ -121,8 +126,9 @@ stage() {  # stage NAME SECONDS CMD...: run under timeout, log to $RES/NAME.log,
 stage env 30 bash -c "nvidia-smi -L 2>/dev/null; nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit \
   --format=csv 2>/dev/null; echo python: $PY; $PY -m bench env"
 
-# 1. the cuda backend: JIT-build csrc/ (cached under build/jit); later stages only load it
-stage build "$(cap 150 320)" env HETLORA_JIT=1 "$PY" -c "
+# 1. the cuda backend: JIT-build csrc/ (cached under build/jit); later stages only load it.
+# HETLORA_GPU_BUILD=0 skips it (~60 s): a rerun of stages that do not need the cuda backend
+[ "${HETLORA_GPU_BUILD:-1}" = 0 ] || stage build "$(cap 150 320)" env HETLORA_JIT=1 "$PY" -c "
 import torch, hetlora_kernels as hk
 for b in ('triton', 'cuda', 'torch'):
     print(b, hk.backend_status(b, '$DEV'))
@@ -141,6 +147,8 @@ GPU_FILES=$(ls tests/test_triton*.py tests/test_cuda*.py tests/test_cxx_runtime.
 # and the compiled model on the GPU (Triton custom ops inside an Inductor graph; the file's other
 # tests are CPU checks of the same route)
 GPU_FILES="$GPU_FILES tests/test_compile.py::test_a_compiled_model_on_the_gpu"
+# HETLORA_GPU_TESTS="tests/a.py tests/b.py::test_c": only these (a rerun of what failed)
+GPU_FILES=${HETLORA_GPU_TESTS:-$GPU_FILES}
 COLLECT=""
 [ "$DRY" = 1 ] && COLLECT="--collect-only"
 # HETLORA_TRITON_AUTOTUNE=0: one config per Triton kernel (the tests check results; timing
@@ -150,10 +158,9 @@ COLLECT=""
 # worker, not the stage
 XDIST=""
 if [ "$DRY" != 1 ] && "$PY" -c "import xdist" >/dev/null 2>&1; then XDIST="-n 8"; fi
-# HETLORA_TRITON_FAST_LAUNCH=1: the kernel tests go through the cached launch path
-# (hetlora_kernels/triton/launch.py, opt-in until a lend has run them so; the default path
-# passed every GPU test on the H100 lend of 2026-11-26)
-want tests && STAGE_SIGNAL=INT stage tests "$(cap 180 225)" env HETLORA_TRITON_AUTOTUNE=0 HETLORA_TRITON_FAST_LAUNCH=1 \
+# the kernel tests go through the cached launch path (hetlora_kernels/triton/launch.py), the
+# default since the fourth lend, on which every GPU test passed through it
+want tests && STAGE_SIGNAL=INT stage tests "$(cap 180 225)" env HETLORA_TRITON_AUTOTUNE=0 \
   "$PY" -m pytest -q -p no:cacheprovider \
   --continue-on-collection-errors -rfE --durations=15 $XDIST \
   $COLLECT --junitxml="$RES/pytest-backends.xml" $GPU_FILES
