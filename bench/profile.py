@@ -19,6 +19,7 @@ the script.  Output: ``profile.json`` and ``profile.md`` under ``--out`` (defaul
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import time
@@ -38,14 +39,32 @@ from bench import kernels as KB
 
 
 def _call(fn, case, mode: str):
+    """One call of ``fn`` on ``case`` (with its backward in ``fwd+bwd``), under the path switches
+    `_with` attached to ``fn``: the backward reads its switches when it runs, so they must hold
+    through it (until session 13 they were set around the forward alone, and the pair-wgrad and
+    fused-bwd rows of three lends timed the default backward)."""
+    switches = getattr(fn, "switches", ())
     if mode == "fwd":
         def call() -> None:
-            with torch.no_grad():
+            with torch.no_grad(), _switched(switches):
                 fn(case)
     else:
         def call() -> None:
-            fn(case).backward(case.dy)
+            with _switched(switches):
+                fn(case).backward(case.dy)
     return call
+
+
+@contextlib.contextmanager
+def _switched(switches):
+    old = [getattr(m, a) for m, a, _ in switches]
+    for m, a, v in switches:
+        setattr(m, a, v)
+    try:
+        yield
+    finally:
+        for (m, a, _), o in zip(switches, old):
+            setattr(m, a, o)
 
 
 def _clear(case) -> None:
@@ -215,19 +234,13 @@ def python_overhead(K: int, calls: int = 200) -> dict[str, float]:
 
 
 def _with(fn, *switches: tuple[Any, str, Any]):
-    """``fn`` run with each ``(module, attr, value)`` switch set (triton path choices), restored
-    after each call."""
+    """``fn`` with each ``(module, attr, value)`` switch (a triton path choice) attached: `_call`
+    sets them around the whole call, backward included, and restores them after."""
 
     def f(c):
-        old = [getattr(m, a) for m, a, _ in switches]
-        for m, a, v in switches:
-            setattr(m, a, v)
-        try:
-            return fn(c)
-        finally:
-            for (m, a, _), o in zip(switches, old):
-                setattr(m, a, o)
+        return fn(c)
 
+    f.switches = switches
     return f
 
 
@@ -273,19 +286,25 @@ def run(args: argparse.Namespace) -> Path | None:
                                   else "no torch._grouped_mm", None, "not profiled", min(64, n_per), device, dtype,
                                   perm)
         if "triton" in methods and not isinstance(methods["triton"], str):
-            from hetlora_kernels.triton import launch
+            # right after the default (a stage cut by its timeout keeps the rows that matter): the
+            # default through Triton's own launch path, what the cached one (launch.FAST_LAUNCH,
+            # the default since the fourth lend) saves; then the backward's two opt-in paths
+            # (fwd+bwd rows only), which no lend has timed yet: until session 13 a switch held
+            # during the forward alone.  The H100 lends (bench/NOTES.md) retired the forward's
+            # `2-launch`, `fewest` and `fused` (6x the device time at this shape)
+            from hetlora_kernels.triton import launch, lora
 
-            # the one switch still undecided, right after the default (a stage cut by its timeout
-            # keeps the rows that matter): the cached launch path (launch.FAST_LAUNCH).  The H100
-            # lends (bench/NOTES.md) retired `2-launch`, `fewest`, `fused` (6x the device time at
-            # this shape), `pair-wgrad`, `fused-bwd` and `fast+pair` (within noise of the default
-            # twice)
             t = methods.pop("triton")
-            methods = {"triton": t, "triton[fast-launch]": _with(t, (launch, "FAST_LAUNCH", True)), **methods}
+            methods = {"triton": _with(t, (launch, "FAST_LAUNCH", True)),
+                       "triton[triton-launch]": _with(t, (launch, "FAST_LAUNCH", False)),
+                       "triton[pair-wgrad]": _with(t, (lora, "PAIR_WGRAD", True)),
+                       "triton[fused-bwd]": _with(t, (lora, "FUSED_BACKWARD", True)), **methods}
         for mode in ("fwd", "fwd+bwd"):
             for name, fn in methods.items():
                 if isinstance(fn, str) or name in ("peft", "loop") and K > 64:
                     continue
+                if mode == "fwd" and name in ("triton[pair-wgrad]", "triton[fused-bwd]"):
+                    continue  # backward switches: the forward is the default's
                 row: dict[str, Any] = {"op": op, "mode": mode, "method": name}
                 fast0 = _fast_stats()
                 try:
@@ -309,7 +328,7 @@ def run(args: argparse.Namespace) -> Path | None:
                     row["status"] = "ok"
                 except Exception as e:  # noqa: BLE001 - one method's failure is a row, not the end
                     row.update(status="error", reason=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
-                if "fast" in name:  # did its launches take the cached path?
+                if name == "triton":  # did its launches take the cached path?
                     row["fast_launch"] = {k: v - fast0[k] for k, v in _fast_stats().items()}
                 res["rows"].append(row)
                 _save(res, out)  # after every row: a stage killed by its timeout keeps what it measured

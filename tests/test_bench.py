@@ -434,3 +434,35 @@ def test_serve_compares_low_precision_runs_with_a_float32_reference() -> None:
     rows32 = serve.bench_config(cfg, torch.device("cpu"), torch.float32, reps=1)
     assert not any("same_tokens_fp32" in r for r in rows32)
     assert "same as fp32" not in serve.table_rows({"rows": rows32})[0]
+
+
+def test_profile_switches_hold_through_the_backward() -> None:
+    """A profiled method's path switches (`bench.profile._with`) must hold while the backward
+    runs: the backward reads ``PAIR_WGRAD`` and ``FUSED_BACKWARD`` when it runs, and rows that
+    set them around the forward alone timed the default backward three lends running."""
+    import types
+
+    import torch
+
+    from bench import profile
+
+    mod = types.SimpleNamespace(FLAG=False)
+    seen: list[tuple[str, bool]] = []
+
+    class Twice(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            seen.append(("fwd", mod.FLAG))
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            seen.append(("bwd", mod.FLAG))
+            return g * 2
+
+    case = types.SimpleNamespace(x=torch.ones(3, requires_grad=True), dy=torch.ones(3))
+    fn = profile._with(lambda c: Twice.apply(c.x), (mod, "FLAG", True))
+    profile._call(fn, case, "fwd+bwd")()
+    profile._call(fn, case, "fwd")()
+    assert seen == [("fwd", True), ("bwd", True), ("fwd", True)] and mod.FLAG is False
+    assert torch.equal(case.x.grad, torch.full((3,), 2.0))
