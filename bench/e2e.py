@@ -369,6 +369,35 @@ def time_steps(fn: Callable[[], None], device: torch.device, warmup: int, steps:
     return {"step_s": statistics.median(ts), "min_step_s": min(ts), "step_times_s": ts, "peak_bytes": peak}
 
 
+# the rows whose step `bench e2e` also profiles on a GPU: the eager step and its graph replay, whose
+# times parted at MiniLM x 128 clients on the fourth lend (54 ms replayed vs 27 eager, unexplained)
+PROFILED = ("concurrent", "concurrent+graph")
+
+
+def device_profile(fn: Callable[[], None], device: torch.device, calls: int = 2, top: int = 15
+                   ) -> tuple[float | None, str]:
+    """(device ms per call, the ``top`` kernels by device time) of ``calls`` calls of ``fn`` under
+    torch.profiler.  On a GPU the device time sums every kernel, memcpy and memset (a graph's
+    replayed kernels too); beside the step's wall time it says whether the step waits for the
+    host or for the device.  Without a GPU: (None, the top ops by CPU time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(calls):
+            fn()
+        C.sync(device)
+    events = prof.key_averages()
+    if not cuda:
+        return None, events.table(sort_by="self_cpu_time_total", row_limit=top)
+
+    def dev_us(e) -> float:
+        return getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))
+
+    total_ms = sum(dev_us(e) for e in events) / calls / 1e3
+    return total_ms, events.table(sort_by="self_device_time_total", row_limit=top)
+
+
 def _free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -456,6 +485,11 @@ def bench_run(run: Run, device: torch.device, dtype: torch.dtype, warmup: int, s
                 # counting dispatch mode Dynamo runs it eagerly, which would count eager's ops)
                 if method != "sequential" and not method.endswith("+compile"):
                     timed["aten_ops_per_step"] = C.aten_ops(fn) / per
+                if device.type == "cuda" and method in PROFILED and backend == "auto":
+                    try:  # a side measurement: its failure leaves the row's timing standing
+                        timed["device_ms"], timed["kernels_top"] = device_profile(fn, device)
+                    except Exception as e:  # noqa: BLE001
+                        timed["device_profile_error"] = f"{type(e).__name__}: {str(e)[:200]}"
                 row.update(timed)
             row["client_steps_per_s"] = row.get("clients_per_step", run.clients) / row["step_s"]
             row["status"] = "ok"
@@ -531,6 +565,7 @@ def run(args: argparse.Namespace) -> Path:
     C.finish_info(info)
     res["wall_s"] = time.perf_counter() - t_start
     res = C.save_results(res, out, "e2e", markdown)
+    kernels_md(res, out)
     try:
         plot(res, out)
     except Exception as e:
@@ -542,6 +577,9 @@ def run(args: argparse.Namespace) -> Path:
 def table_rows(res: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     hdr = ["model", "weights", "params", "clients", "batch×seq", "regime", "method", "backend", "step s",
            "client-steps/s", "speed-up", "peak MiB", "ops/step"]
+    dev = any(r.get("device_ms") is not None for r in res["rows"])
+    if dev:
+        hdr.insert(9, "device ms")
     body = []
     for r in res["rows"]:
         ok = r.get("status") == "ok"
@@ -552,6 +590,8 @@ def table_rows(res: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                      C.fmt(r.get("speedup_vs_sequential"), ".2f") + ("×" if r.get("speedup_vs_sequential") else ""),
                      f"{r['peak_bytes'] / 2**20:.0f}" if r.get("peak_bytes") else "–",
                      f"{r['aten_ops_per_step']:.0f}" if r.get("aten_ops_per_step") is not None else "–"])
+        if dev:
+            body[-1].insert(9, C.fmt(r.get("device_ms")))
     return hdr, body
 
 
@@ -579,11 +619,30 @@ def markdown(res: dict[str, Any]) -> str:
         parts.append("CUDA graph captures that failed (the round went on eagerly):\n" + "\n".join(
             f"- {r['model']} K={r['clients']} {r['method']}: {r['graph_failures']} of "
             f"{r['graph_failures'] + r.get('graph_captures', 0)} — {r.get('graph_failure')}" for r in graphs))
+    if any(r.get("device_ms") is not None for r in res["rows"]):
+        parts.append("device ms: the kernels', memcpys' and memsets' time of one step (torch.profiler, 2 steps; "
+                     f"{' and '.join(PROFILED)} rows): a step time well above it waits for the host. Each "
+                     "profiled step's top kernels: `e2e_kernels.md`.")
     compiled = [r for r in res["rows"] if r.get("first_call_s") is not None]
     if compiled:  # the step column times compiled steps; what compiling cost is here
         parts.append("torch.compile's first call (Dynamo + Inductor compiling forward and backward):\n" + "\n".join(
             f"- {r['model']} K={r['clients']}: {r['first_call_s']:.1f} s" for r in compiled))
     return "\n\n".join(parts) + "\n"
+
+
+def kernels_md(res: dict[str, Any], out: Path) -> Path | None:
+    """``e2e_kernels.md``: the top kernels of each profiled step (`device_profile`), if any."""
+    prof = [r for r in res["rows"] if r.get("kernels_top")]
+    if not prof:
+        return None
+    parts = [f"# Top kernels of one step, by device time ({res['machine'].get('device_name')})"]
+    for r in prof:
+        parts.append(f"## {r['model']} K={r['clients']} {r['batch']}×{r['seq']} {r['method']} "
+                     f"(step {C.fmt(r.get('step_s'))} s, device {C.fmt(r.get('device_ms'))} ms)\n\n"
+                     f"```\n{r['kernels_top']}\n```")
+    p = out / "e2e_kernels.md"
+    p.write_text("\n\n".join(parts) + "\n")
+    return p
 
 
 def plot(res: dict[str, Any], out: Path) -> Path | None:
