@@ -370,8 +370,9 @@ def time_steps(fn: Callable[[], None], device: torch.device, warmup: int, steps:
 
 
 # the rows whose step `bench e2e` also profiles on a GPU: the eager step and its graph replay, whose
-# times parted at MiniLM x 128 clients on the fourth lend (54 ms replayed vs 27 eager, unexplained)
-PROFILED = ("concurrent", "concurrent+graph")
+# times parted at MiniLM x 128 clients on the fourth lend (54 ms replayed vs 27 eager, unexplained),
+# and the simulator's round, 1.4-3.5x the bare step's time there (its Python profile says where)
+PROFILED = ("concurrent", "concurrent+graph", "simulator", "simulator+graph")
 
 
 def device_profile(fn: Callable[[], None], device: torch.device, calls: int = 2, top: int = 15
@@ -396,6 +397,24 @@ def device_profile(fn: Callable[[], None], device: torch.device, calls: int = 2,
 
     total_ms = sum(dev_us(e) for e in events) / calls / 1e3
     return total_ms, events.table(sort_by="self_device_time_total", row_limit=top)
+
+
+def python_profile(fn: Callable[[], None], top: int = 25) -> str:
+    """The ``top`` Python functions by own time over one call of ``fn`` (cProfile): where the
+    host's time of a host-bound step goes."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        fn()
+    finally:
+        prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
+    return buf.getvalue().strip()
 
 
 def _free(device: torch.device) -> None:
@@ -487,7 +506,10 @@ def bench_run(run: Run, device: torch.device, dtype: torch.dtype, warmup: int, s
                     timed["aten_ops_per_step"] = C.aten_ops(fn) / per
                 if device.type == "cuda" and method in PROFILED and backend == "auto":
                     try:  # a side measurement: its failure leaves the row's timing standing
-                        timed["device_ms"], timed["kernels_top"] = device_profile(fn, device)
+                        dev_ms, timed["kernels_top"] = device_profile(fn, device)
+                        timed["device_ms"] = dev_ms / per if dev_ms is not None else None
+                        if method.startswith("simulator"):
+                            timed["python_top"] = python_profile(fn)
                     except Exception as e:  # noqa: BLE001
                         timed["device_profile_error"] = f"{type(e).__name__}: {str(e)[:200]}"
                 row.update(timed)
@@ -565,7 +587,7 @@ def run(args: argparse.Namespace) -> Path:
     C.finish_info(info)
     res["wall_s"] = time.perf_counter() - t_start
     res = C.save_results(res, out, "e2e", markdown)
-    kernels_md(res, out)
+    profiles_md(res, out)
     try:
         plot(res, out)
     except Exception as e:
@@ -620,9 +642,10 @@ def markdown(res: dict[str, Any]) -> str:
             f"- {r['model']} K={r['clients']} {r['method']}: {r['graph_failures']} of "
             f"{r['graph_failures'] + r.get('graph_captures', 0)} — {r.get('graph_failure')}" for r in graphs))
     if any(r.get("device_ms") is not None for r in res["rows"]):
-        parts.append("device ms: the kernels', memcpys' and memsets' time of one step (torch.profiler, 2 steps; "
-                     f"{' and '.join(PROFILED)} rows): a step time well above it waits for the host. Each "
-                     "profiled step's top kernels: `e2e_kernels.md`.")
+        parts.append("device ms: the kernels', memcpys' and memsets' time of one step (torch.profiler over 2 calls; "
+                     f"{', '.join(PROFILED)} rows; a simulator call is a round, its time divided by its local "
+                     "steps): a step time well above it waits for the host. Each profiled row's top kernels, "
+                     "and the simulator rows' top Python functions: `e2e_profiles.md`.")
     compiled = [r for r in res["rows"] if r.get("first_call_s") is not None]
     if compiled:  # the step column times compiled steps; what compiling cost is here
         parts.append("torch.compile's first call (Dynamo + Inductor compiling forward and backward):\n" + "\n".join(
@@ -630,17 +653,23 @@ def markdown(res: dict[str, Any]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def kernels_md(res: dict[str, Any], out: Path) -> Path | None:
-    """``e2e_kernels.md``: the top kernels of each profiled step (`device_profile`), if any."""
-    prof = [r for r in res["rows"] if r.get("kernels_top")]
+def profiles_md(res: dict[str, Any], out: Path) -> Path | None:
+    """``e2e_profiles.md``: each profiled row's top kernels (`device_profile`) and, for the
+    simulator rows, top Python functions (`python_profile`), if any row has them."""
+    prof = [r for r in res["rows"] if r.get("kernels_top") or r.get("python_top")]
     if not prof:
         return None
-    parts = [f"# Top kernels of one step, by device time ({res['machine'].get('device_name')})"]
+    parts = [f"# Profiles of one step, by device time and by Python time ({res['machine'].get('device_name')})"]
     for r in prof:
-        parts.append(f"## {r['model']} K={r['clients']} {r['batch']}×{r['seq']} {r['method']} "
-                     f"(step {C.fmt(r.get('step_s'))} s, device {C.fmt(r.get('device_ms'))} ms)\n\n"
-                     f"```\n{r['kernels_top']}\n```")
-    p = out / "e2e_kernels.md"
+        head = (f"## {r['model']} K={r['clients']} {r['batch']}×{r['seq']} {r['method']} "
+                f"(step {C.fmt(r.get('step_s'))} s, device {C.fmt(r.get('device_ms'))} ms a step)")
+        body = [head]
+        if r.get("kernels_top"):
+            body.append(f"Kernels (2 calls):\n\n```\n{r['kernels_top']}\n```")
+        if r.get("python_top"):
+            body.append(f"Python functions (one call, cProfile):\n\n```\n{r['python_top']}\n```")
+        parts.append("\n\n".join(body))
+    p = out / "e2e_profiles.md"
     p.write_text("\n\n".join(parts) + "\n")
     return p
 

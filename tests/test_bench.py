@@ -468,11 +468,11 @@ def test_profile_switches_hold_through_the_backward() -> None:
     assert torch.equal(case.x.grad, torch.full((3,), 2.0))
 
 
-def test_e2e_device_profile_and_its_column_and_kernel_tables(tmp_path: Path) -> None:
-    """The GPU rows' step profile (`bench.e2e.device_profile`): on a CPU it returns no device
-    time and the top ops by CPU time (the GPU branch sums kernel time the same way `bench
-    profile` does); a ``device ms`` column appears only where a row has one, and the profiled
-    rows' tables go to ``e2e_kernels.md``."""
+def test_e2e_profiles_their_column_and_tables(tmp_path: Path) -> None:
+    """The GPU rows' step profiles (`bench.e2e.device_profile`, `python_profile`): on a CPU the
+    device profile returns no device time and the top ops by CPU time (the GPU branch sums kernel
+    time the same way `bench profile` does); a ``device ms`` column appears only where a row has
+    one, and the profiled rows' tables go to ``e2e_profiles.md``."""
     import torch
 
     from bench import e2e
@@ -480,14 +480,22 @@ def test_e2e_device_profile_and_its_column_and_kernel_tables(tmp_path: Path) -> 
     x = torch.randn(64, 64)
     ms, table = e2e.device_profile(lambda: x @ x, torch.device("cpu"), calls=2, top=5)
     assert ms is None and "aten::mm" in table
+
+    def busy() -> None:
+        sum(i * i for i in range(20000))
+
+    py = e2e.python_profile(busy, top=5)
+    assert "busy" in py and "<genexpr>" in py
     row = {"model": "m", "clients": 2, "batch": 1, "seq": 4, "method": "concurrent", "status": "ok", "step_s": 0.01,
            "client_steps_per_s": 200.0}
     res = {"rows": [dict(row)], "machine": {"device_name": "X"}}
     hdr, body = e2e.table_rows(res)
-    assert "device ms" not in hdr and e2e.kernels_md(res, tmp_path) is None
+    assert "device ms" not in hdr and e2e.profiles_md(res, tmp_path) is None
     res["rows"].append(dict(row, method="concurrent+graph", device_ms=4.25, kernels_top="ampere_sgemm  3 calls"))
+    res["rows"].append(dict(row, method="simulator", device_ms=9.5, kernels_top="k", python_top="local.py:630(step)"))
     hdr, body = e2e.table_rows(res)
     i = hdr.index("device ms")
-    assert [b[i] for b in body] == ["–", "4.25"] and len(hdr) == len(body[0])
-    text = e2e.kernels_md(res, tmp_path).read_text()
-    assert "m K=2 1×4 concurrent+graph" in text and "ampere_sgemm" in text and "device 4.25 ms" in text
+    assert [b[i] for b in body] == ["–", "4.25", "9.5"] and all(len(hdr) == len(b) for b in body)
+    text = e2e.profiles_md(res, tmp_path).read_text()
+    assert "m K=2 1×4 concurrent+graph" in text and "ampere_sgemm" in text and "device 4.25 ms a step" in text
+    assert "local.py:630(step)" in text and text.count("Python functions") == 1
