@@ -146,7 +146,10 @@ fi
 GPU_FILES=$(ls tests/test_triton*.py tests/test_cuda*.py tests/test_cxx_runtime.py 2>/dev/null | grep -v test_cuda_emu.py | tr '\n' ' ')
 # and the compiled model on the GPU (Triton custom ops inside an Inductor graph; the file's other
 # tests are CPU checks of the same route)
-GPU_FILES="$GPU_FILES tests/test_compile.py::test_a_compiled_model_on_the_gpu"
+# first, the slowest (xdist hands tests out in collection order, and a slow test collected last
+# ends the stage alone: the fourth lend's compile tests were still compiling at the limit), then
+# the file with the cross-process determinism test (55 s)
+GPU_FILES="tests/test_compile.py::test_a_compiled_model_on_the_gpu tests/test_cuda_strategies.py $GPU_FILES"
 # HETLORA_GPU_TESTS="tests/a.py tests/b.py::test_c": only these (a rerun of what failed)
 GPU_FILES=${HETLORA_GPU_TESTS:-$GPU_FILES}
 COLLECT=""
