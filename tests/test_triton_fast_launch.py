@@ -1,4 +1,4 @@
-"""The cached Triton launch path (`hetlora_kernels.triton.launch`, opt-in ``FAST_LAUNCH``) hands
+"""The cached Triton launch path (`hetlora_kernels.triton.launch`, ``FAST_LAUNCH``, the default) hands
 Triton's C launcher exactly what Triton's own path hands it.
 
 Without a GPU this runs Triton's real Python launch path against a stand-in driver whose
@@ -8,8 +8,9 @@ do not keep rows 16-byte aligned, float and tensor scales, direct and chunked we
 the same call is made on Triton's path, on the fast path's first call (a miss, which goes
 through Triton) and on its second (a hit), and the three records must be equal: the same
 compiled kernel (Triton compiles one per specialisation, so a reused kernel of other
-alignments would show), grid, stream and arguments.  The GPU test stage of bench/gpu_all.sh
-runs the kernel tests with the fast path on.
+alignments would show), grid, stream and arguments.  On a GPU every kernel test runs through
+it.  A Triton it does not fit (no ``triton.knobs``, a C launcher taking other arguments) gets
+Triton's own path.
 """
 
 from __future__ import annotations
@@ -121,3 +122,71 @@ def test_pinned_configs_launch_each_tuned_kernel_with_its_first_config(probe):
                 first = tuned[kernel][0]
                 differs += {k: chosen.get(k) for k in first} != first
     assert pinned_somewhere and differs  # the pin changed what would have launched
+
+
+def _tiny_launcher(monkeypatch):
+    """A `_Launcher` over a real (never compiled) JITFunction, its Triton path replaced by a spy,
+    and a stand-in driver (device 0, stream 7)."""
+    import triton.language as tl
+    from triton.runtime.driver import driver
+    from triton.runtime.jit import JITFunction
+
+    from hetlora_kernels.triton import launch
+
+    def _k(x_ptr, n, BLOCK: tl.constexpr):
+        pass
+
+    class Driver:
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 7
+
+    monkeypatch.setattr(driver, "_active", Driver(), raising=False)
+    monkeypatch.setattr(type(driver), "active", property(lambda self: self._active), raising=False)
+    launcher = launch._Launcher(JITFunction(_k))  # JITFunction itself: the interpreter's switch bypassed
+    calls: list = []
+
+    class Spy:
+        def __getitem__(self, grid):
+            return lambda *a, **k: calls.append((grid, a, k))
+
+    launcher.kernel = Spy()
+    return launch, launcher, calls
+
+
+def test_a_triton_without_knobs_takes_tritons_own_path(monkeypatch):
+    """Triton before 3.4 has no ``triton.knobs`` (where the fast path looks for launch hooks):
+    every launch then goes through Triton's own path instead of failing."""
+    import triton
+
+    monkeypatch.delattr(triton, "knobs", raising=False)
+    monkeypatch.setitem(sys.modules, "triton.knobs", None)
+    launch, launcher, calls = _tiny_launcher(monkeypatch)
+    before = dict(launch.STATS)
+    x = __import__("torch").zeros(4)
+    for _ in range(2):
+        launcher((1,), (x, 4), {"BLOCK": 16})
+    assert len(calls) == 2 and not launcher.usable
+    assert launch.STATS["fallbacks"] - before["fallbacks"] == 2 and launch.STATS["hits"] == before["hits"]
+
+
+def test_a_c_launcher_that_rejects_its_arguments_sends_the_kernel_back_to_triton(monkeypatch):
+    """A Triton whose compiled launcher takes other arguments raises TypeError before launching:
+    that launch and every later one of the kernel go through Triton's path."""
+    launch, launcher, calls = _tiny_launcher(monkeypatch)
+    x = __import__("torch").zeros(4)
+
+    class Compiled:
+        function, packed_metadata = object(), object()
+
+        def run(self, *a):
+            raise TypeError("function takes exactly 14 arguments (12 given)")
+
+    launcher.cache[launch._key(0, (x, 4), {"BLOCK": 16})] = launch._Entry(Compiled(), {}, [16])
+    before = dict(launch.STATS)
+    launcher((2,), (x, 4), {"BLOCK": 16})
+    launcher((2,), (x, 4), {"BLOCK": 16})
+    assert [c[0] for c in calls] == [(2,), (2,)] and not launcher.usable
+    assert launch.STATS["fallbacks"] - before["fallbacks"] == 2 and launch.STATS["hits"] == before["hits"]

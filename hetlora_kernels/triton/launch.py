@@ -100,15 +100,17 @@ class _Launcher:
             raise AttributeError(f"no fast path for {type(kernel).__name__}")
         self.names = list(jit.arg_names)
         self.defaults = {p.name: p.default for p in jit.params if p.default is not inspect.Parameter.empty}
-        # a config's pre_hook runs before each launch (Triton's path runs it)
-        self.usable = tuner is None or all(getattr(c, "pre_hook", None) is None for c in tuner.configs)
+        # a config's pre_hook runs before each launch (Triton's path runs it); a Triton without
+        # `triton.knobs` (before 3.4) keeps its launch hooks elsewhere: Triton's path, always
+        self.usable = (tuner is None or all(getattr(c, "pre_hook", None) is None for c in tuner.configs)) \
+            and _knobs() is not None
         self.tuner = tuner
         self.cache: dict[tuple, _Entry] = {}
 
     def __call__(self, grid: Any, args: tuple, kwargs: dict[str, Any]) -> None:
-        from triton import knobs
         from triton.runtime.driver import driver
 
+        knobs = _knobs()
         if not self.usable or _hooked(knobs.runtime.launch_enter_hook) or _hooked(knobs.runtime.launch_exit_hook):
             STATS["fallbacks"] += 1
             self.kernel[grid](*args, **kwargs)
@@ -137,8 +139,16 @@ class _Launcher:
         g = (*grid, 1, 1)
         compiled = hit.compiled
         run = compiled.run  # a property on recent Tritons: loads the module on first use
-        run(g[0], g[1], g[2], driver.active.get_current_stream(device), compiled.function,
-            compiled.packed_metadata, None, None, None, *bound)
+        try:
+            run(g[0], g[1], g[2], driver.active.get_current_stream(device), compiled.function,
+                compiled.packed_metadata, None, None, None, *bound)
+        except TypeError:
+            # a Triton whose C launcher takes other arguments (it checks them before launching
+            # anything): this kernel takes Triton's own path from now on
+            self.usable = False
+            STATS["hits"] -= 1
+            STATS["fallbacks"] += 1
+            self.kernel[grid](*args, **kwargs)
 
     def _bound(self, args: tuple, kwargs: dict[str, Any], extra: dict[str, Any]) -> list:
         """Every argument in signature order, as Triton's binder lists them."""
@@ -155,6 +165,15 @@ class _Launcher:
         fixed = not any(isinstance(v, (float, torch.Tensor)) for v in kwargs.values())
         tail = self._bound(args, kwargs, extra)[len(args):] if fixed else None
         return _Entry(compiled, extra, tail)
+
+
+def _knobs() -> Any:
+    """``triton.knobs`` (Triton >= 3.4), or None."""
+    try:
+        from triton import knobs
+    except ImportError:
+        return None
+    return knobs
 
 
 def _hooked(hook: Any) -> bool:
