@@ -158,15 +158,17 @@ class _FakeCapture:
     """torch.cuda's capture API as `StepGraph._capture` meets it, with torch's bookkeeping of
     what the fourth lend tripped over: a memory pool counts the graphs using it and, at zero, is
     freed but keeps its handle, and a capture into a freed pool's handle fails torch's internal
-    assertion; ``capture_begin`` puts the default generator in capture mode and only a completed
-    ``capture_end`` takes it out."""
+    assertion; ``capture_begin`` puts the default generator in capture mode and opens the
+    allocator's record of the capture (its filter points at the graph), and only a completed
+    ``capture_end`` undoes both (torch's ``_cuda_endAllocateToPool`` closes the record too)."""
 
     def __init__(self, monkeypatch) -> None:
         fake = self
         self.use: dict[int, int] = {}
-        self.recording: set[int] = set()
+        self.recording: dict[int, object] = {}
         self.handles = 0
         self.capturing = False
+        self.fail_end = False
 
         class Graph:
             def __init__(self) -> None:
@@ -179,19 +181,20 @@ class _FakeCapture:
                 if pool in fake.recording:
                     raise RuntimeError("beginAllocateToPool: already recording to mempool_id")
                 fake.use[pool] = fake.use.get(pool, 0) + 1
-                fake.recording.add(pool)
+                fake.recording[pool] = self
                 self.pool = pool
 
             def capture_end(self) -> None:
-                if fake.fail_end:  # torch stops before it closes the pool and ends the generator's capture
+                if fake.fail_end:  # cudaStreamEndCapture failed: nothing after it runs
                     raise RuntimeError("operation failed due to a previous error during capture")
-                fake.recording.discard(self.pool)
+                del fake.recording[self.pool]
                 self.ended, fake.capturing = True, False
 
             def replay(self) -> None:
                 pass
 
             def __del__(self) -> None:
+                assert self not in fake.recording.values(), "a graph died with the allocator's filter on it"
                 if self.ended:
                     fake.use[self.pool] -= 1
 
@@ -207,13 +210,18 @@ class _FakeCapture:
             self.handles += 1
             return self.handles
 
-        self.fail_end = False
+        def end_allocate(device: int, pool: int) -> None:
+            if pool not in fake.recording:
+                raise RuntimeError("endAllocateToPool: not currently recording to mempool_id")
+            del fake.recording[pool]
+
         monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
         monkeypatch.setattr(torch.cuda, "graph_pool_handle", handle)
         monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: object())
         monkeypatch.setattr(torch.cuda, "stream", lambda s: __import__("contextlib").nullcontext())
         monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
         monkeypatch.setattr(torch.cuda, "default_generators", (Generator(),))
+        monkeypatch.setattr(torch._C, "_cuda_endAllocateToPool", end_allocate, raising=False)
 
 
 def test_rounds_capture_into_one_pool_that_outlives_each_rounds_graph(monkeypatch):
@@ -227,14 +235,17 @@ def test_rounds_capture_into_one_pool_that_outlives_each_rounds_graph(monkeypatc
         graph._capture(lambda: None)()
         del graph
     assert fake.handles == 1 and list(fake.use.values()) == [1]  # one pool, held by the last graph
-    assert not fake.capturing
+    assert not fake.capturing and not fake.recording
 
 
-@pytest.mark.parametrize("where", ["begin", "step", "end"])
-def test_a_failed_capture_takes_the_generator_out_of_capture_mode(monkeypatch, where):
+@pytest.mark.parametrize("where", ["begin", "step", "invalidated", "end"])
+def test_a_failed_capture_leaves_the_generator_and_the_allocator_as_before(monkeypatch, where):
     """Wherever a capture fails, the device's generator leaves capture mode (else every later
-    random op on the device raises), the step's own error is what is raised, and a later capture
-    sharing the `CaptureState` works (a new pool: torch may still be recording to the old one)."""
+    random op on the device raises) and the allocator's record of the capture is closed (else
+    the pool cannot be captured into again, and the record's filter points at the graph), the
+    step's own error is what is raised, and a later capture sharing the `CaptureState` works.
+    "step": the step raised but the capture itself ended (a Python error; out of memory);
+    "invalidated": the step's host read made ``capture_end`` fail too (the usual failure)."""
     fake = _FakeCapture(monkeypatch)
     shared = local_mod.CaptureState()
     dev = torch.device("cuda", 0)
@@ -243,14 +254,16 @@ def test_a_failed_capture_takes_the_generator_out_of_capture_mode(monkeypatch, w
         fake.use[shared.pool] = 0
 
     def step():
-        if where == "step":
+        if where in ("step", "invalidated"):
+            fake.fail_end = where == "invalidated"
             raise RuntimeError("operation not permitted when stream is capturing")
         fake.fail_end = where == "end"
 
     with pytest.raises(RuntimeError, match={"begin": "INTERNAL ASSERT", "step": "stream is capturing",
-                                            "end": "previous error"}[where]):
+                                            "invalidated": "stream is capturing", "end": "previous error"}[where]):
         local_mod.StepGraph(lambda *a: None, dev, shared)._capture(step)
-    assert not fake.capturing
+    assert not fake.capturing and not fake.recording
+    assert len(shared.abandoned) == (0 if where == "step" else 1)  # a graph torch may still point at
     fake.fail_end = False
     local_mod.StepGraph(lambda *a: None, dev, shared)._capture(lambda: None)()
-    assert not fake.capturing
+    assert not fake.capturing and not fake.recording

@@ -390,6 +390,7 @@ class CaptureState:
         self.pool = None
         self.stream = None
         self.graph = None
+        self.abandoned: list = []  # graphs of failed captures, kept alive (`StepGraph._after_failure`)
         self.failed: str | None = None
 
 
@@ -480,7 +481,7 @@ class StepGraph:
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize(self.device)  # the warm-up's side stream and the batch copies done
         with torch.cuda.stream(sh.stream):
-            began = False
+            began = ended = False
             try:
                 graph.capture_begin(pool=sh.pool)
                 began = True
@@ -488,41 +489,70 @@ class StepGraph:
             except BaseException:
                 if began:  # end the capture (the stream must leave capture mode), but raise the
                     # step's own error: capture_end's would only say the capture was invalidated
-                    with contextlib.suppress(Exception):
+                    try:
                         graph.capture_end()
-                self._after_failure()
+                        ended = True
+                    except Exception:  # noqa: BLE001 - the step's error is the one to raise
+                        pass
+                self._after_failure(graph, ended)
                 raise
             try:
                 graph.capture_end()
             except BaseException:
-                self._after_failure()
+                self._after_failure(graph, False)
                 raise
         sh.graph = graph  # the pool's holder now (the previous graph, freed here, held it before)
         return graph.replay
 
-    def _after_failure(self) -> None:
-        """What a failed capture leaves behind, cleared: the generator's capture mode, and the
-        pool, which torch still marks as being recorded to (a failed ``capture_end`` stops before
-        it closes the pool, and a later capture into it fails: "already recording to mempool_id",
-        the fourth lend).  The next capture (an out-of-memory one is tried again) takes a new pool."""
-        release_rng_capture(self.device)
-        self.shared.pool = self.shared.graph = None
+    def _after_failure(self, graph, ended: bool) -> None:
+        """What a failed capture leaves behind, cleared.
+
+        Where ``capture_end`` did not complete (an invalidated capture: a host read in the step;
+        or ``capture_begin`` failed), torch stopped before it (1) took the device's generator out
+        of capture mode: every later random op on the device would raise (the fourth lend), and
+        (2) closed its record that the pool is being captured into, whose filter points at
+        ``graph``: a later capture into the pool fails ("already recording to mempool_id", the
+        fourth lend), and every allocation of the process would go on consulting the filter.
+        Both are undone here, and ``graph`` is kept alive for good (should the record stay
+        open, its filter must not point at freed memory).  In every case the next capture takes
+        a new pool: the failed graph's claim on this one ends when it dies (an out-of-memory
+        capture, tried again next round, then frees its memory)."""
+        sh = self.shared
+        if not ended:
+            release_rng_capture(self.device)
+            end_capture_allocations(self.device, sh.pool)
+            sh.abandoned.append(graph)
+        sh.pool = sh.graph = None
 
 
 def release_rng_capture(device: torch.device) -> None:
-    """The device's default generator out of capture mode after a capture that failed.
+    """The device's default generator out of capture mode after a capture whose ``capture_end``
+    did not complete.
 
-    ``capture_begin`` puts the generator in capture mode and only a successful ``capture_end``
+    ``capture_begin`` puts the generator in capture mode and only a completed ``capture_end``
     takes it out; after a failure in between, every later random op on the device raises
     "Offset increment outside graph capture encountered unexpectedly" (the fourth lend: one failed
     capture failed every later benchmark of the process).  The generator gets a fresh copy of its
     own state (same seed and offset, not capturing), so random numbers go on where they were."""
     if torch.device(device).type != "cuda":
         return
-    idx = torch.device(device).index
-    gen = torch.cuda.default_generators[torch.cuda.current_device() if idx is None else idx]
     with contextlib.suppress(Exception):  # a torch without graph-safe generator states: nothing to do
+        idx = torch.device(device).index
+        gen = torch.cuda.default_generators[torch.cuda.current_device() if idx is None else idx]
         gen.graphsafe_set_state(gen.clone_state())
+
+
+def end_capture_allocations(device: torch.device, pool) -> None:
+    """Close the caching allocator's record that ``pool`` is being captured into, which a
+    ``capture_end`` that failed in ``cudaStreamEndCapture`` leaves open (torch's own
+    ``use_mem_pool`` closes such records with the same call).  Nothing where it is closed already
+    or the binding is missing."""
+    end = getattr(torch._C, "_cuda_endAllocateToPool", None)
+    if pool is None or end is None or torch.device(device).type != "cuda":
+        return
+    with contextlib.suppress(Exception):
+        idx = torch.device(device).index
+        end(torch.cuda.current_device() if idx is None else idx, pool)
 
 
 def _rows_of(dist: Distribution, j: int) -> Distribution:
