@@ -77,23 +77,30 @@ if ! PY=$(pick_python); then
   exit 2
 fi
 SLUG=$("$PY" -c "from bench.common import device_slug; print(device_slug('$DEV'))")
+if [ -z "$SLUG" ]; then
+  echo "gpu_all.sh: bench.common.device_slug gave no name for the results folder ($PY, device $DEV)" >&2
+  exit 2
+fi
 # the dry run writes to a scratch folder: never over the committed results of this CPU
 RESROOT=${HETLORA_GPU_RESULTS:-bench/results}  # (another root: the tests of this script)
 [ "$DRY" = 1 ] && RESROOT=${HETLORA_GPU_RESULTS:-$(mktemp -d)}
 RES="$RESROOT/$SLUG"
 mkdir -p "$RES"
-# the checkout's committed results of an earlier lend travel with the working tree: left there,
-# they would be packed as this run's (the fourth lend's pack held the third's profile tables).
-# They stay in git; older lends' folders (lend*/) stay and are not packed.
-find "$RES" -maxdepth 1 -type f -delete
+# The checkout's committed results of earlier lends travel with the working tree and stay where
+# they are; what this run packs is what it wrote, the files newer than this stamp (the fourth
+# lend's pack held the third's profile tables beside its own).
+STAMP=$(mktemp)
 SUMMARY="$RES/summary.txt"
 : > "$SUMMARY"
 
-pack() {  # the results so far into $OUT (at most 8 files come back from there)
+pack() {  # this run's results so far into $OUT (at most 8 files come back from there)
   [ -n "${OUT:-}" ] || return 0
   mkdir -p "$OUT"
-  tar czf "$OUT/$SLUG.tar.gz.tmp" --exclude="$SLUG/lend*" -C "$RESROOT" "$SLUG" 2>/dev/null && mv "$OUT/$SLUG.tar.gz.tmp" "$OUT/$SLUG.tar.gz"
-  for f in summary.txt kernels.md e2e.md serve.md profile.md; do [ -f "$RES/$f" ] && cp "$RES/$f" "$OUT/$f"; done
+  (cd "$RESROOT" && find "$SLUG" -type f -newer "$STAMP" | LC_ALL=C sort > "$STAMP.list" &&
+    tar czf "$OUT/$SLUG.tar.gz.tmp" -T "$STAMP.list" 2>/dev/null) && mv "$OUT/$SLUG.tar.gz.tmp" "$OUT/$SLUG.tar.gz"
+  for f in summary.txt kernels.md e2e.md serve.md profile.md; do
+    [ "$RES/$f" -nt "$STAMP" ] && cp "$RES/$f" "$OUT/$f"
+  done
   return 0
 }
 
@@ -133,8 +140,10 @@ import torch, hetlora_kernels as hk
 for b in ('triton', 'cuda', 'torch'):
     print(b, hk.backend_status(b, '$DEV'))
 "
-if grep -q "^cuda (True" "$RES/build.log" 2>/dev/null; then
+if [ "$RES/build.log" -nt "$STAMP" ] && grep -q "^cuda (True" "$RES/build.log"; then
   export HETLORA_JIT=1
+elif [ "${HETLORA_GPU_BUILD:-1}" = 0 ] && ls build/jit/cuda/*.so >/dev/null 2>&1; then
+  export HETLORA_JIT=1  # the build skipped, an earlier call's is cached: load it (a rerun keeps its cuda rows)
 fi
 
 # 2. GPU tests: the triton/cuda test files in full (every gpu-marked test lives there; the
@@ -143,7 +152,8 @@ fi
 # left out: it runs the CUDA kernels on the CPU (for machines without a GPU), and needs the
 # simulator's dependencies.  test_cxx_runtime.py checks that the extension built there shares
 # the process's libstdc++ (the first lend's crash).
-GPU_FILES=$(ls tests/test_triton*.py tests/test_cuda*.py tests/test_cxx_runtime.py 2>/dev/null | grep -v test_cuda_emu.py | tr '\n' ' ')
+GPU_FILES=$(ls tests/test_triton*.py tests/test_cuda*.py tests/test_cxx_runtime.py 2>/dev/null |
+  grep -v -e test_cuda_emu.py -e test_cuda_strategies.py | tr '\n' ' ')
 # and the compiled model on the GPU (Triton custom ops inside an Inductor graph; the file's other
 # tests are CPU checks of the same route)
 # first, the slowest (xdist hands tests out in collection order, and a slow test collected last

@@ -72,8 +72,9 @@ def test_gpu_all_dry_run_packs_everything_into_out(tmp_path: Path) -> None:
 def test_a_rerun_packs_only_its_own_results(tmp_path: Path) -> None:
     """A lend's rerun of chosen stages: ``HETLORA_GPU_BUILD=0`` skips the build,
     ``HETLORA_GPU_TESTS`` narrows the tests, and what an earlier lend left in the results folder
-    (the checkout's committed files travel with it) is neither kept there nor packed; an older
-    lend's subfolder stays but is not packed either."""
+    (the checkout's committed files travel with it) stays there but is not packed: neither a
+    file of the folder (a stale ``kernels.md`` is not copied beside the pack either) nor an
+    older lend's subfolder."""
     env_py = dict(os.environ)
     env_py.pop("TRITON_INTERPRET", None)
     slug = subprocess.run([".venv/bin/python" if (REPO / ".venv/bin/python").exists() else "python", "-c",
@@ -82,6 +83,7 @@ def test_a_rerun_packs_only_its_own_results(tmp_path: Path) -> None:
     root, out = tmp_path / "results", tmp_path / "out"
     (root / slug / "lend9-abc").mkdir(parents=True)
     (root / slug / "profile_stale.txt").write_text("an earlier lend's")
+    (root / slug / "kernels.md").write_text("an earlier lend's")
     (root / slug / "lend9-abc" / "kept.txt").write_text("an older lend's folder")
     env = dict(env_py, HETLORA_GPU_ALL_DRYRUN="1", OUT=str(out), HETLORA_GPU_RESULTS=str(root),
                HETLORA_GPU_STAGES="tests", HETLORA_GPU_BUILD="0", HETLORA_GPU_TESTS="tests/test_gpu_all.py")
@@ -90,10 +92,10 @@ def test_a_rerun_packs_only_its_own_results(tmp_path: Path) -> None:
     assert r.returncode == 0, log[-3000:]
     summary = (out / "summary.txt").read_text()
     assert "tests      rc=0" in summary and "build" not in summary, summary
-    assert not (root / slug / "profile_stale.txt").exists()
-    assert (root / slug / "lend9-abc" / "kept.txt").exists()
+    assert (root / slug / "profile_stale.txt").exists() and (root / slug / "lend9-abc" / "kept.txt").exists()
+    assert sorted(p.name for p in out.iterdir()) == [f"{slug}.tar.gz", "summary.txt"]
     with tarfile.open(out / f"{slug}.tar.gz") as tar:
         names = set(tar.getnames())
         tests_log = tar.extractfile(f"{slug}/tests.log").read().decode()
-    assert not [n for n in names if "stale" in n or "lend9" in n], names
+    assert names == {f"{slug}/{f}" for f in ("summary.txt", "env.log", "tests.log", "pytest-backends.xml")}, names
     assert "test_gpu_all.py" in tests_log and "test_triton_lora.py" not in tests_log
