@@ -161,15 +161,22 @@ def test_a_triton_without_knobs_takes_tritons_own_path(monkeypatch):
     every launch then goes through Triton's own path instead of failing."""
     import triton
 
+    from hetlora_kernels.triton import launch as launch_mod
+
     monkeypatch.delattr(triton, "knobs", raising=False)
     monkeypatch.setitem(sys.modules, "triton.knobs", None)
-    launch, launcher, calls = _tiny_launcher(monkeypatch)
-    before = dict(launch.STATS)
-    x = __import__("torch").zeros(4)
-    for _ in range(2):
-        launcher((1,), (x, 4), {"BLOCK": 16})
-    assert len(calls) == 2 and not launcher.usable
-    assert launch.STATS["fallbacks"] - before["fallbacks"] == 2 and launch.STATS["hits"] == before["hits"]
+    launch_mod._knobs.cache_clear()  # (looked up once per process)
+    try:
+        launch, launcher, calls = _tiny_launcher(monkeypatch)
+        before = dict(launch.STATS)
+        x = __import__("torch").zeros(4)
+        for _ in range(2):
+            launcher((1,), (x, 4), {"BLOCK": 16})
+        assert len(calls) == 2 and not launcher.usable
+        assert launch.STATS["fallbacks"] - before["fallbacks"] == 2 and launch.STATS["hits"] == before["hits"]
+    finally:  # Triton's knobs back, and looked up afresh by the tests after this one
+        monkeypatch.undo()
+        launch_mod._knobs.cache_clear()
 
 
 def test_a_c_launcher_that_rejects_its_arguments_sends_the_kernel_back_to_triton(monkeypatch):
@@ -186,7 +193,12 @@ def test_a_c_launcher_that_rejects_its_arguments_sends_the_kernel_back_to_triton
 
     launcher.cache[launch._key(0, (x, 4), {"BLOCK": 16})] = launch._Entry(Compiled(), {}, [16])
     before = dict(launch.STATS)
-    launcher((2,), (x, 4), {"BLOCK": 16})
-    launcher((2,), (x, 4), {"BLOCK": 16})
-    assert [c[0] for c in calls] == [(2,), (2,)] and not launcher.usable
+
+    def grid(meta):
+        return (2,)
+
+    with pytest.warns(RuntimeWarning, match="rejected its arguments.*14 arguments"):
+        launcher(grid, (x, 4), {"BLOCK": 16})
+    launcher(grid, (x, 4), {"BLOCK": 16})
+    assert [c[0] for c in calls] == [grid, grid] and not launcher.usable  # Triton gets the caller's grid
     assert launch.STATS["fallbacks"] - before["fallbacks"] == 2 and launch.STATS["hits"] == before["hits"]

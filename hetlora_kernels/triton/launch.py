@@ -25,6 +25,7 @@ Not taken (Triton's own path instead): under the interpreter, when a launch hook
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 from collections.abc import Callable
@@ -134,20 +135,23 @@ class _Launcher:
             bound = [*args, *hit.tail]
         else:
             bound = self._bound(args, kwargs, hit.extra)
-        if callable(grid):
-            grid = grid(dict(zip(self.names, bound)))
-        g = (*grid, 1, 1)
+        g = (*(grid(dict(zip(self.names, bound))) if callable(grid) else grid), 1, 1)
         compiled = hit.compiled
         run = compiled.run  # a property on recent Tritons: loads the module on first use
         try:
             run(g[0], g[1], g[2], driver.active.get_current_stream(device), compiled.function,
                 compiled.packed_metadata, None, None, None, *bound)
-        except TypeError:
+        except TypeError as e:
             # a Triton whose C launcher takes other arguments (it checks them before launching
-            # anything): this kernel takes Triton's own path from now on
+            # anything): this kernel takes Triton's own path from now on, and says so once
+            import warnings
+
             self.usable = False
             STATS["hits"] -= 1
             STATS["fallbacks"] += 1
+            warnings.warn(f"hetlora fast launch: {getattr(self.kernel, '__name__', 'a kernel')}'s compiled "
+                          f"launcher rejected its arguments ({e}); it launches through Triton's own path from now "
+                          f"on (HETLORA_TRITON_FAST_LAUNCH=0 turns the fast path off)", RuntimeWarning, stacklevel=3)
             self.kernel[grid](*args, **kwargs)
 
     def _bound(self, args: tuple, kwargs: dict[str, Any], extra: dict[str, Any]) -> list:
@@ -167,8 +171,10 @@ class _Launcher:
         return _Entry(compiled, extra, tail)
 
 
+@functools.cache
 def _knobs() -> Any:
-    """``triton.knobs`` (Triton >= 3.4), or None."""
+    """``triton.knobs`` (Triton >= 3.4), or None (looked up once: a failed import costs more
+    than a launch)."""
     try:
         from triton import knobs
     except ImportError:
