@@ -269,6 +269,29 @@ def time_fn(
             "reps": len(times), "peak_bytes": peak_bytes}
 
 
+def device_events(events: Any) -> Any:
+    """The device's own entries of a torch.profiler ``key_averages()`` list: kernels, memcpys and
+    memsets, without the user annotations' device spans (an optimizer's ``record_function``)."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import EventList
+
+    return EventList([e for e in events if getattr(e, "device_type", None) == DeviceType.CUDA
+                      and not getattr(e, "is_user_annotation", False)])
+
+
+def device_time_us(events: Any) -> float:
+    """Device microseconds in a ``key_averages()`` list, every kernel, memcpy and memset once.
+
+    Summing ``self_device_time_total`` over every entry counts an eager kernel twice: torch.profiler
+    books it on its own entry and again on the CPU op that launched it (and adds an annotation's
+    span), while a CUDA graph's replayed kernels, launched under no op, count once."""
+    total = 0.0
+    for e in device_events(events):
+        v = getattr(e, "self_device_time_total", None)
+        total += v if v is not None else getattr(e, "self_cuda_time_total", 0)
+    return total
+
+
 def aten_ops(fn: Callable[[], Any]) -> int:
     """ATen ops one call of ``fn`` dispatches, views left out: a count of the host's work that
     does not depend on the machine (on a GPU, roughly the kernel launches torch makes; Triton and

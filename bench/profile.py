@@ -110,9 +110,9 @@ def _profile(call, case, mode: str, device: torch.device, n: int, top: int) -> t
     events = prof.key_averages()
     dev_ms = None
     if device.type == "cuda":
-        # self device time of every event: kernels and memcpys/memsets, counted once
-        total_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events)
-        dev_ms = total_us / n / 1e3
+        # kernels and memcpys/memsets, each once (until session 13 the sum also took the CPU ops'
+        # share of their kernels: up to 2x for rows of ATen ops; Triton's launches have no op)
+        dev_ms = C.device_time_us(events) / n / 1e3
     table = events.table(sort_by="self_cpu_time_total", row_limit=top)
     return dev_ms, table
 

@@ -499,3 +499,65 @@ def test_e2e_profiles_their_column_and_tables(tmp_path: Path) -> None:
     text = e2e.profiles_md(res, tmp_path).read_text()
     assert "m K=2 1×4 concurrent+graph" in text and "ampere_sgemm" in text and "device 4.25 ms a step" in text
     assert "local.py:630(step)" in text and text.count("Python functions") == 1
+
+
+def test_device_time_counts_each_kernel_once() -> None:
+    """torch.profiler books an eager kernel's time on the kernel's entry and again on the CPU op
+    that launched it, and an optimizer's annotation gets a device span: a profile's device time
+    (`bench profile`'s and `bench e2e`'s ``device ms``) must count the kernel once, as it counts a
+    CUDA graph's replayed kernel, which no op launched."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import EventList, FunctionEvent
+
+    from bench import common as C
+
+    kw = dict(use_device="cuda", stack=[])
+    op = FunctionEvent(1, "aten::mm", 0, 0, 150, **kw)
+    op.append_kernel("sgemm", 0, 100.0)
+    kernel = FunctionEvent(2, "sgemm", 0, 10, 110, device_type=DeviceType.CUDA, **kw)
+    replayed = FunctionEvent(4, "graph_kernel", 0, 200, 240, device_type=DeviceType.CUDA, **kw)
+    note = FunctionEvent(3, "Optimizer.step#AdamW.step", 0, 0, 60, device_type=DeviceType.CUDA,
+                         is_user_annotation=True, **kw)
+    events = EventList([op, kernel, replayed, note], use_device="cuda")
+    events._build_tree()
+    avg = events.key_averages()
+    assert sum(e.self_device_time_total for e in avg) == 300  # what the naive sum gave
+    assert C.device_time_us(avg) == 140
+    table = C.device_events(avg).table(sort_by="self_device_time_total", row_limit=5)
+    assert "sgemm" in table and "graph_kernel" in table and "aten::mm" not in table and "Optimizer" not in table
+
+
+def test_e2e_profile_pass_builds_each_profiled_step_again_and_notes_failures(monkeypatch) -> None:
+    """`bench.e2e.profile_rows` (run on a GPU after every configuration is timed) builds each
+    timed concurrent/simulator step again and profiles it into its row; the simulator's gets its
+    Python profile; a row that failed to time is left alone, and a profile that fails is noted
+    in the row, not raised.  Here on the CPU (no device time)."""
+    import torch
+
+    from bench import e2e
+
+    run = e2e.Run("tiny-bert", 4, 2, 8, "smoke")
+    rows = [{"model": run.model, "clients": 4, "batch": 2, "seq": 8, "method": m, "status": st, "backend": b}
+            for m, st, b in (("concurrent", "ok", "triton"), ("simulator", "ok", "triton"),
+                             ("concurrent", "ok", "torch"), ("concurrent+graph", "error", None),
+                             ("sequential", "ok", "peft"))]
+    e2e.profile_rows(run, rows, torch.device("cpu"), torch.float32, warmup=1)
+    conc, sim, torch_row, graph_row, seq = rows
+    assert "aten::" in conc["kernels_top"] and conc["device_ms"] is None and "python_top" not in conc
+    assert "aten::" in sim["kernels_top"] and "hetlora/fl/" in sim["python_top"]
+    for r in (torch_row, graph_row, seq):
+        assert not {"kernels_top", "python_top", "device_ms", "profile_error"} & set(r)
+
+    def broken(*a, **k):
+        raise RuntimeError("no profiler here")
+
+    monkeypatch.setattr(e2e, "device_profile", broken)
+    row = {"model": run.model, "clients": 4, "batch": 2, "seq": 8, "method": "concurrent", "status": "ok",
+           "backend": "triton", "step_s": 0.1, "client_steps_per_s": 40.0}
+    e2e.profile_rows(run, [row], torch.device("cpu"), torch.float32, warmup=1)
+    assert row["profile_error"] == "RuntimeError: no profiler here"
+    machine = {"device_name": "X", "date": "d", "git_commit": "c", "torch": "t", "triton": "t", "peft": "p",
+               "hostname": "h", "cpu_count": 2, "torch_threads": 1}
+    md = e2e.markdown({"rows": [row], "machine": machine, "preset": "smoke", "truncated": False,
+                       "method_note": "", "wall_s": 1.0})
+    assert "Profiles that failed" in md and "no profiler here" in md
