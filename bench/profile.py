@@ -203,10 +203,8 @@ def python_overhead(K: int, calls: int = 200) -> dict[str, float]:
         def __getitem__(self, grid):
             return lambda *a, **k: None
 
-    saved = [(m, n, getattr(m, n)) for m in (shrink, expand, fused, wgrad) for n in dir(m) if n.endswith("_kernel")]
-    try:
-        for m, n, _ in saved:
-            setattr(m, n, _NoLaunch())
+    stubs = [(m, n, _NoLaunch()) for m in (shrink, expand, fused, wgrad) for n in dir(m) if n.endswith("_kernel")]
+    with _switched(stubs):
         d, n_per = 16, 4
         ranks = KB.make_ranks(K, "mixed")
         layout = hk.AdapterLayout(ranks)
@@ -228,9 +226,6 @@ def python_overhead(K: int, calls: int = 200) -> dict[str, float]:
 
         cpu = torch.device("cpu")
         return {name: _host_us(f, cpu, calls, warmup=10) for name, f in (("fwd_us", fwd), ("fwd+bwd_us", fwd_bwd))}
-    finally:
-        for m, n, k in saved:
-            setattr(m, n, k)
 
 
 def _with(fn, *switches: tuple[Any, str, Any]):
