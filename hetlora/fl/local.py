@@ -537,8 +537,7 @@ def release_rng_capture(device: torch.device) -> None:
     if torch.device(device).type != "cuda":
         return
     with contextlib.suppress(Exception):  # a torch without graph-safe generator states: nothing to do
-        idx = torch.device(device).index
-        gen = torch.cuda.default_generators[torch.cuda.current_device() if idx is None else idx]
+        gen = torch.cuda.default_generators[_cuda_index(device)]
         gen.graphsafe_set_state(gen.clone_state())
 
 
@@ -551,8 +550,12 @@ def end_capture_allocations(device: torch.device, pool) -> None:
     if pool is None or end is None or torch.device(device).type != "cuda":
         return
     with contextlib.suppress(Exception):
-        idx = torch.device(device).index
-        end(torch.cuda.current_device() if idx is None else idx, pool)
+        end(_cuda_index(device), pool)
+
+
+def _cuda_index(device: torch.device) -> int:
+    idx = torch.device(device).index
+    return torch.cuda.current_device() if idx is None else idx
 
 
 def _rows_of(dist: Distribution, j: int) -> Distribution:
