@@ -113,17 +113,13 @@ class _Launcher:
 
         knobs = _knobs()
         if not self.usable or _hooked(knobs.runtime.launch_enter_hook) or _hooked(knobs.runtime.launch_exit_hook):
-            STATS["fallbacks"] += 1
-            self.kernel[grid](*args, **kwargs)
-            return
+            return self._triton_path(grid, args, kwargs)
         device = driver.active.get_current_device()
         try:
             key = _key(device, args, kwargs)
             hit = self.cache.get(key)
         except TypeError:  # an unhashable argument value: Triton's own path
-            STATS["fallbacks"] += 1
-            self.kernel[grid](*args, **kwargs)
-            return
+            return self._triton_path(grid, args, kwargs)
         if hit is None:
             STATS["misses"] += 1
             compiled = self.kernel[grid](*args, **kwargs)  # autotunes, compiles and launches as usual
@@ -148,11 +144,15 @@ class _Launcher:
 
             self.usable = False
             STATS["hits"] -= 1
-            STATS["fallbacks"] += 1
             warnings.warn(f"hetlora fast launch: {getattr(self.kernel, '__name__', 'a kernel')}'s compiled "
                           f"launcher rejected its arguments ({e}); it launches through Triton's own path from now "
                           f"on (HETLORA_TRITON_FAST_LAUNCH=0 turns the fast path off)", RuntimeWarning, stacklevel=3)
-            self.kernel[grid](*args, **kwargs)
+            self._triton_path(grid, args, kwargs)
+
+    def _triton_path(self, grid: Any, args: tuple, kwargs: dict[str, Any]) -> None:
+        """The launch through Triton's own path, counted as a fallback."""
+        STATS["fallbacks"] += 1
+        self.kernel[grid](*args, **kwargs)
 
     def _bound(self, args: tuple, kwargs: dict[str, Any], extra: dict[str, Any]) -> list:
         """Every argument in signature order, as Triton's binder lists them."""
