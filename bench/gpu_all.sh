@@ -90,6 +90,7 @@ mkdir -p "$RES"
 # they are; what this run packs is what it wrote, the files newer than this stamp (the fourth
 # lend's pack held the third's profile tables beside its own).
 STAMP=$(mktemp)
+trap 'rm -f "$STAMP" "$STAMP.list"' EXIT
 SUMMARY="$RES/summary.txt"
 : > "$SUMMARY"
 
@@ -167,8 +168,8 @@ COLLECT=""
 # HETLORA_TRITON_AUTOTUNE=0: one config per Triton kernel (the tests check results; timing
 # every config at every new shape would eat the stage), the kernels stage below tunes as usual
 # pytest-xdist where installed (the lent image has it): 8 workers (of the lent machine's 16
-# cores; 4 took over 140 s on the third lend) compile Triton kernels in parallel, and a test that kills its process (the first lend's libstdc++ crash) costs one
-# worker, not the stage
+# cores; 4 took over 140 s on the third lend) compile Triton kernels in parallel, and a test
+# that kills its process (the first lend's libstdc++ crash) costs one worker, not the stage
 XDIST=""
 if [ "$DRY" != 1 ] && "$PY" -c "import xdist" >/dev/null 2>&1; then XDIST="-n 8"; fi
 # the kernel tests go through the cached launch path (hetlora_kernels/triton/launch.py), the
