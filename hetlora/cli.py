@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true",
                    help="continue the run in the run directory from its latest checkpoint, with the settings "
                         "it was made with (only the number of rounds, evaluation, device, backend, mode, "
-                        "threads and output settings may differ; anything else is refused, naming it)")
+                        "threads and output settings may differ, and not device or mode with LoRA dropout; "
+                        "anything else is refused, naming it)")
     s.add_argument("--overwrite", action="store_true",
                    help="replace an earlier run in the run directory (deleted first); without it, or --resume, "
                         "a run directory that holds a run is refused")

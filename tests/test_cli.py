@@ -47,6 +47,24 @@ def test_simulate_export_plot(tmp_path, capsys):
     assert (tmp_path / "plots" / "accuracy.png").exists()
 
 
+def test_plot_reads_a_run_killed_while_it_wrote_its_metrics(tmp_path, capsys):
+    """A last metrics line cut short by a kill is left out (with a warning), as a resume leaves it
+    out; a bad line before the last is damage, named by file and line."""
+    from hetlora.fl.report import read_metrics
+
+    assert main(["simulate", *TINY, "--rounds", "2", "--out-dir", str(tmp_path), "--run-name", "r"]) == 0
+    run = tmp_path / "r"
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])
+    with pytest.warns(RuntimeWarning, match="last line is cut short"):
+        assert [r["round"] for r in read_metrics(run)] == [1]
+    with pytest.warns(RuntimeWarning):
+        assert main(["plot", str(run), "--out", str(tmp_path / "plots")]) == 0
+    (run / "metrics.jsonl").write_text(lines[0][:10] + "\n" + lines[1] + "\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl, line 1: not a JSON record"):
+        read_metrics(run)
+
+
 def test_config_file_and_flags(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("strategy: flexlora\nrounds: 7\nlam: 0.2\n")

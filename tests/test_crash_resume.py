@@ -327,3 +327,42 @@ def test_lora_dropout_masks_survive_a_resume_and_an_extension(tmp_path):
     with round_rng(0, 6, torch.device("cpu")):
         assert not torch.equal(torch.rand(4), x)
     assert torch.equal(torch.get_rng_state(), before)  # and the global stream is left as it was
+
+
+def test_with_lora_dropout_a_resume_may_not_change_mode_or_device(tmp_path):
+    """Dropout masks depend on the mode (where a client's rows sit in the batch) and on the device's
+    generator: such a resume would not land where the uninterrupted run lands, so it is refused,
+    naming the field; without dropout the mode may change."""
+    Simulation(_cfg(tmp_path / "a", lora_dropout=0.3, export_clients=0, rounds=1), verbose=False).run()
+    sim = Simulation(_cfg(tmp_path / "a", lora_dropout=0.3, export_clients=0, rounds=2, mode="sequential"),
+                     verbose=False)
+    with pytest.raises(ValueError, match=r"mode='concurrent' \(now 'sequential'\)"):
+        sim.run(resume=True)
+    Simulation(_cfg(tmp_path / "b", export_clients=0, rounds=1), verbose=False).run()
+    Simulation(_cfg(tmp_path / "b", export_clients=0, rounds=2, mode="sequential"), verbose=False).run(resume=True)
+    assert [r["round"] for r in _rows(tmp_path / "b" / "run")] == [1, 2]
+
+
+def test_an_export_cut_short_is_written_again_by_the_resume(tmp_path):
+    """The adapters of a finished run appear whole or not at all: a run killed while exporting
+    leaves none, and its resume (every round done) exports them."""
+    cfg = _cfg(tmp_path, export_clients=1, rounds=1)
+    sim = Simulation(cfg, verbose=False)
+    real = Simulation.export_client
+
+    def killed(self, *a, **k):  # the global adapter is written, then the process dies
+        raise KeyboardInterrupt
+
+    Simulation.export_client = killed
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            sim.run()
+    finally:
+        Simulation.export_client = real
+    run_dir = tmp_path / "run"
+    assert not (run_dir / "adapters").exists()
+    Simulation(cfg, verbose=False).run(resume=True)
+    names = sorted(p.name for p in (run_dir / "adapters").iterdir())
+    assert names[0] == "client_" + names[0].split("_")[1] and names[1] == "global" and len(names) == 2
+    assert (run_dir / "adapters" / "global" / "adapter_model.safetensors").exists()
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".adapters")]

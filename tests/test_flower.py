@@ -14,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -233,15 +234,58 @@ def test_too_few_valid_replies_keep_the_global_state(tmp_path, task_identity):
 
 
 def test_declared_ranks_come_from_node_config(tmp_path, task_identity):
-    """A node that declares a rank trains at it; one that does not gets the server's rank rule."""
+    """A node that declares a rank trains at it (capped at r_max; below r_min too: the device's limit
+    wins); one that does not gets the server's rank rule."""
     cfg = _cfg(tmp_path, clients_per_round=4, rounds=1, rank_rule="tiers", ranks=None, tiers=[[1.0, "max"]])
     strat = FlowerStrategy(cfg, write_outputs=False)
-    grid = FakeGrid(make_client_app(), 4, extra={0: {"rank": 3}, 1: {"rank": 5}, 3: {"rank": 40}})
+    grid = FakeGrid(make_client_app(), 4, extra={0: {"rank": 3}, 1: {"rank": 1}, 3: {"rank": 40}})
     msgs = strat.configure_train(1, strat.global_arrays(), ConfigRecord(), grid)
     ranks = {int(m.content["task"]["client-id"]): int(m.content["task"]["rank"]) for m in msgs}
-    assert ranks == {0: 3, 1: 5, 2: 16, 3: 16}  # 40 > r_max is capped
+    assert ranks == {0: 3, 1: 1, 2: 16, 3: 16}  # 40 > r_max is capped; 1 < r_min = 2 stays
     _, metrics = strat.aggregate_train(1, grid.send_and_receive(msgs))
     assert metrics["num-accepted"] == 4
+
+
+def test_the_server_weighs_an_update_by_the_scaling_it_sent(tmp_path, task_identity):
+    """A node that reports another scaling in its reply changes nothing: the server keeps the
+    scaling it sent (HetLoRA's weights are ||s_k B_k^T A_k||: a reported 1e6 would take them all)."""
+    cfg = _cfg(tmp_path, clients_per_round=4, rounds=2, checkpoint_every=0)
+    states = []
+    for lie in (False, True):
+        strat = FlowerStrategy(cfg, write_outputs=False)
+        grid = FakeGrid(make_client_app(), 4)
+        for rnd in (1, 2):  # round 1 leaves B at zero: round 2's weights are the ones that matter
+            msgs = list(strat.configure_train(rnd, strat.global_arrays(), ConfigRecord(), grid))
+            replies = grid.send_and_receive(msgs)
+            if lie:
+                replies[0].content["metrics"]["scaling"] = 1e6
+            _, metrics = strat.aggregate_train(rnd, replies)
+            assert metrics["num-accepted"] == 4
+        states.append(strat.state)
+    for a, b in zip(_tensors(states[0]), _tensors(states[1]), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_bytes_down_count_what_each_message_carries(tmp_path, task_identity):
+    """FLoRA's nodes are sent the merged target weights every round (not the stacked modules the
+    simulator counts): bytes_down says so."""
+    cfg = _cfg(tmp_path, strategy="flora", clients_per_round=2, rounds=2, checkpoint_every=0)
+    strat = FlowerStrategy(cfg, write_outputs=False)
+    grid = FakeGrid(make_client_app(), 4)
+    for rnd in (1, 2):
+        msgs = list(strat.configure_train(rnd, strat.global_arrays(), ConfigRecord(), grid))
+        sent = {}
+        for m in msgs:
+            arrays = m.content["adapter"]
+            n = sum(int(np.prod(arrays[k].shape)) for k in arrays if not k.startswith("head"))
+            sent[int(m.content["task"]["client-id"])] = n
+        strat.aggregate_train(rnd, grid.send_and_receive(msgs))
+        rec = strat.records[-1]
+        eb = strat.sim.state.head_W.element_size()
+        head = strat.sim.state.head_W.numel() + strat.sim.state.head_b.numel()
+        assert rec["bytes_down"] == {c: (n + head) * eb for c, n in sent.items()}
+        weights = sum(w.numel() for w in strat.sim.state.base_weights)
+        assert all(n > weights for n in sent.values())
 
 
 def test_nodes_that_leave_and_rejoin(tmp_path, task_identity):

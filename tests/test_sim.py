@@ -121,14 +121,18 @@ def test_all_updates_rejected_keeps_the_global_state(tmp_path):
 
 
 def test_round_fails_below_min_clients_and_leaves_model_and_ranks(tmp_path):
-    sim = Simulation(_cfg(tmp_path, rounds=2, clients_per_round=3, min_clients=3), verbose=False)
+    # every client at r_max = 4, so that each sound update below really carries a pruned rank
+    sim = Simulation(_cfg(tmp_path, rounds=2, clients_per_round=3, min_clients=3, tiers=[[1.0, "max"]]),
+                     verbose=False)
     sim.setup()
     before = [t.clone() for t in sim.state.A + sim.state.B + [sim.state.head_W, sim.state.head_b]]
     ranks_before = sim.client_ranks.copy()
+    assert (ranks_before == 4).all()
 
     def one_bad(rnd, ups):
-        for u in ups:
-            u.rank = u.rank_received - 1 if u.rank_received > 1 else u.rank  # "pruned": must not stick
+        for u in ups:  # pruned by one rank, factors and all (sound updates): the ranks must not stick
+            u.rank = u.rank_received - 1
+            u.A, u.B = [a[:u.rank].clone() for a in u.A], [b[:u.rank].clone() for b in u.B]
         ups[0].A[0][0, 0] = float("nan")
         return ups
 
@@ -136,6 +140,7 @@ def test_round_fails_below_min_clients_and_leaves_model_and_ranks(tmp_path):
     rec = sim.run_round(1)
     assert rec["failed"] is True and rec["num_accepted"] == 2 and rec["num_rejected"] == 1
     assert rec["rejected"][0]["client"] == rec["clients"][0]
+    assert rec["ranks_sent"][1:] == [3, 3]  # the two accepted updates were pruned
     for a, b in zip(before, sim.state.A + sim.state.B + [sim.state.head_W, sim.state.head_b]):
         assert torch.equal(a, b)
     assert (sim.client_ranks == ranks_before).all()
@@ -180,6 +185,7 @@ def test_resume_gives_the_uninterrupted_result(tmp_path, strategy):
     ("strategy", "fedprox"), ("gamma", 1.0), ("lam", -1.0), ("r_max", 0), ("clients_per_round", 100),
     ("dirichlet_alpha", 0.0), ("mode", "parallel"), ("scaling_rule", "alpha"), ("tiers", [[0.5, 2]]),
     ("ranks", [1, 2]), ("batch_size", 0), ("lr", float("nan")), ("aggregation", "global"), ("partition", "x"),
+    ("text_column", ["text"]), ("label_column", None), ("text_column", ""), ("seed", 2**64), ("seed", -1),
 ])
 def test_config_errors_name_the_field(field, value):
     with pytest.raises(ValueError, match=rf"FedConfig\.{field}"):

@@ -16,6 +16,7 @@ from hetlora.fl.strategies import (
     HomLoRA,
     ZeroPadAvg,
     tail_norm_products,
+    tail_start,
 )
 from hetlora.fl.validation import validate_update
 from hetlora_kernels import AdapterLayout
@@ -241,6 +242,26 @@ def test_self_pruning_rule_exactly():
     # pruning off (ablation): nothing changes
     assert HetLoRA(_cfg(r_min=2, r_max=8, gamma=0.5, tiers=[[1.0, 8]], prune=False)).post_local(
         ctx, A2, B2, layout) == [8, 8, 8, 3]
+
+
+def test_pruning_never_raises_a_rank_below_r_min():
+    """A client below r_min (a Flower node may declare rank 1) whose tail shrank keeps its rank:
+    max(r_min, floor(γ r)) alone would raise it, and its update would claim rows it never had."""
+    strat = HetLoRA(_cfg(r_min=2, r_max=8, gamma=0.5, tiers=[[1.0, 8]]))
+    layout = AdapterLayout([1, 8])
+    g = torch.Generator().manual_seed(6)
+    As = [torch.randn(9, 5, generator=g, dtype=torch.float64)]
+    Bs = [torch.randn(9, 6, generator=g, dtype=torch.float64)]
+    ctx = strat.on_receive(As, Bs, layout)
+    A2 = [As[0] * 0.5]  # every tail shrinks
+    assert strat.post_local(ctx, A2, Bs, layout) == [1, 4]
+
+
+@pytest.mark.parametrize(("rank", "gamma", "start"), [(90, 0.7, 63), (100, 0.29, 29), (100, 0.57, 57),
+                                                      (200, 0.57, 114), (8, 0.99, 7), (3, 0.5, 1), (50, 0.99, 49)])
+def test_the_tail_starts_at_floor_gamma_r_of_the_decimal_gamma(rank, gamma, start):
+    """floor(γ r) of γ as written: in binary floating point 0.7 * 90 is 62.99999999999999."""
+    assert tail_start(rank, gamma) == start == math.floor(round(gamma * 100) * rank / 100)
 
 
 def test_regulariser_is_lambda_times_tail_products():

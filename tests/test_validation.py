@@ -171,3 +171,28 @@ def test_full_fine_tuning_updates_are_checked_weight_by_weight():
     assert reasons[2] == "layer 0: non-finite values (NaN/Inf) in the bias"
     assert reasons[3] == "layer 0: weight has shape (5, 6), expected (6, 5)"
     assert "one weight per target layer" in reasons[4]
+
+
+def test_full_fine_tuning_biases_are_checked_against_the_layers():
+    """A bias of the wrong shape would broadcast into the global bias; a missing one would crash
+    the aggregation; a bias where the layer has none would be dropped unseen."""
+    def full(cid, biases):
+        u = _u(cid)
+        g = torch.Generator().manual_seed(200 + cid)
+        u.weights = [torch.randn(do, di, generator=g) for di, do in DIMS]
+        u.biases = biases
+        return u
+
+    d0, d1 = (do for _, do in DIMS)
+    ups = [full(0, [torch.zeros(d0), None]), full(1, [torch.zeros(1), None]), full(2, None),
+           full(3, [torch.zeros(d0)]), full(4, [torch.zeros(d0), torch.zeros(d1)]), full(5, [None, None])]
+    s = screen_updates(ups, DIMS, 4, HEAD, full=True, bias_layers=[True, False])
+    assert [u.client_id for u in s.accepted] == [0]
+    reasons = {r["client"]: r["reason"] for r in s.rejected}
+    assert reasons[1] == f"layer 0: bias has shape (1,), expected ({d0},)"
+    assert reasons[2] == reasons[5] == "layer 0: no bias, but the layer has one"
+    assert reasons[3] == "full fine-tuning update with 1 biases for 2 target layers"
+    assert reasons[4] == "layer 1: a bias where the layer has none"
+    # without the layers' pattern, the biases given are still checked for shape
+    s = screen_updates(ups[:2], DIMS, 4, HEAD, full=True)
+    assert [u.client_id for u in s.accepted] == [0] and "bias has shape (1,)" in s.rejected[0]["reason"]

@@ -332,6 +332,9 @@ class FedConfig:
                 raise self._err("hom_rank", f"must be <= r_max={self.r_max}")
         if not isinstance(self.dataset, str) or not self.dataset:
             raise self._err("dataset", "must be a non-empty string")
+        for name in ("text_column", "label_column"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise self._err(name, f"must be a non-empty column name, got {getattr(self, name)!r}")
         self._float("test_fraction", 0.0, 1.0, lo_open=True, hi_open=True)
         self._int("max_length", 4)
         self._int("clients_per_round", 1)
@@ -385,6 +388,8 @@ class FedConfig:
         if not isinstance(self.deterministic, bool):
             raise self._err("deterministic", "must be a bool")
         self._int("seed", 0)
+        if self.seed >= 2**63:  # torch's generators take a 64-bit seed
+            raise self._err("seed", f"must be < 2**63, got {self.seed}")
         if self.threads is not None:
             self._int("threads", 1)
         if not isinstance(self.out_dir, str) or not self.out_dir:

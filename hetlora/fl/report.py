@@ -7,6 +7,7 @@ functions here read any number of run directories and write PNGs / markdown.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -24,11 +25,25 @@ __all__ = [
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The records of ``<run_dir>/metrics.jsonl`` (``FileNotFoundError`` if absent)."""
+    """The records of ``<run_dir>/metrics.jsonl`` (``FileNotFoundError`` if absent).
+
+    A last line that does not parse is left out with a warning: a run killed while it appended
+    the line leaves it cut short (the run's resume rewrites the file).  A bad line before the
+    last is damage, not an interrupted append: ``ValueError`` naming the file and the line."""
     p = Path(run_dir) / "metrics.jsonl"
     if not p.exists():
         raise FileNotFoundError(f"{run_dir} has no metrics.jsonl: not a simulation run directory")
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    lines = [(i, line) for i, line in enumerate(p.read_text().splitlines(), 1) if line.strip()]
+    out = []
+    for n, (i, line) in enumerate(lines):
+        try:
+            out.append(json.loads(line))
+        except ValueError as e:
+            if n < len(lines) - 1:
+                raise ValueError(f"{p}, line {i}: not a JSON record ({e})") from None
+            warnings.warn(f"{p}: the last line is cut short (a run killed while writing it?): left out",
+                          RuntimeWarning, stacklevel=2)
+    return out
 
 
 def read_config(run_dir: str | Path) -> dict:

@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -447,8 +448,10 @@ class Simulation:
     def _conclude_round(self, round_idx, chosen, ranks_given, updates, params_down, is_eval, t0, errors) -> dict:
         cfg, fm, strat = self.config, self.fm, self.strategy
         head_shape = tuple(self.state.head_W.shape)
+        biases = self.state.base_biases
         screen = screen_updates(updates, fm.dims, cfg.r_max, head_shape, full=strat.full_finetune,
-                                min_clients=cfg.min_clients, round_idx=round_idx, errors=errors)
+                                min_clients=cfg.min_clients, round_idx=round_idx, errors=errors,
+                                bias_layers=None if biases is None else [b is not None for b in biases])
         accepted = screen.accepted
         dp_info: dict = {"dp_clipped": 0}
         if not screen.failed:
@@ -534,12 +537,17 @@ class Simulation:
         if not isinstance(saved, dict):
             raise ValueError(f"resume: {p} does not hold a FedConfig mapping")
         now = json.loads(self.config.to_json())
+        may_change = set(self.RESUME_MAY_CHANGE)
+        if float(now.get("lora_dropout") or 0) > 0:
+            # dropout masks come from the device's generator and, per client, from where the client
+            # sits in the batch: another mode or device draws other masks (equal in distribution only)
+            may_change -= {"mode", "device"}
         diff = [f"{k}={saved[k]!r} (now {now[k]!r})" for k in sorted(set(saved) & set(now))
-                if k not in self.RESUME_MAY_CHANGE and saved[k] != now[k]]
+                if k not in may_change and saved[k] != now[k]]
         if diff:
             raise ValueError(
                 f"resume: the run in {d} was made with other settings: {'; '.join(diff)}. Resume it with "
-                f"the same settings (only {', '.join(sorted(self.RESUME_MAY_CHANGE))} may change), or start "
+                f"the same settings (only {', '.join(sorted(may_change))} may change), or start "
                 f"a new run (another --run-name)")
 
     def restore(self) -> tuple[int, list[dict], dict]:
@@ -651,7 +659,7 @@ class Simulation:
                 save_checkpoint(d, rnd, self.state, self.client_ranks, {"strategy": cfg.strategy})
         if start <= cfg.rounds or not (d / "adapters").exists():
             try:
-                self.export_adapters()
+                self._export_run_adapters()
             except Exception as e:  # exports are a convenience: never lose a finished run to them
                 log.warning("adapter export failed: %s", e)
             try:
@@ -690,6 +698,21 @@ class Simulation:
                 print(msg, flush=True)
 
     # -- export ----------------------------------------------------------------------------------------
+    def _export_run_adapters(self) -> None:
+        """`export_adapters` into ``<run_dir>/adapters`` as a whole or not at all: written into a
+        sibling folder, then renamed into place.  A run killed while exporting leaves no
+        ``adapters`` (or the previous complete one), so its resume exports again."""
+        d = self.run_dir
+        part, old = d / ".adapters.partial", d / ".adapters.old"
+        for p in (part, old):
+            if p.exists():
+                shutil.rmtree(p)
+        self.export_adapters(part)
+        if (d / "adapters").exists():
+            os.replace(d / "adapters", old)
+        os.replace(part, d / "adapters")
+        shutil.rmtree(old, ignore_errors=True)
+
     def export_adapters(self, out: str | Path | None = None, clients: list[int] | None = None) -> list[Path]:
         """Write the global adapter (and a few clients') as peft directories (see `export_global`)."""
         out = Path(out) if out is not None else self.run_dir / "adapters"

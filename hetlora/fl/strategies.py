@@ -24,6 +24,7 @@ import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -188,8 +189,10 @@ def _safe_norm(sq: torch.Tensor) -> torch.Tensor:
 
 
 def tail_start(rank: int, gamma: float) -> int:
-    """First row of the tail that self-pruning would remove: ``floor(gamma * r)``."""
-    return int(math.floor(gamma * rank))
+    """First row of the tail that self-pruning would remove: ``floor(gamma * r)``, with ``gamma``
+    read as the decimal it prints as (``0.7`` is 7/10): in binary floating point ``0.7 * 90`` is
+    ``62.99999999999999``, and the floor would be 62 instead of the 63 one writes."""
+    return int(math.floor(Fraction(repr(float(gamma))) * rank))
 
 
 @functools.lru_cache(maxsize=64)
@@ -424,7 +427,8 @@ class HetLoRA(Strategy):
         out = []
         for k, r in enumerate(layout.ranks):
             if shrank[k]:
-                out.append(max(self.config.r_min, tail_start(r, self.config.gamma)))
+                # never up: a client below r_min (a Flower node may declare one) keeps its rank
+                out.append(min(r, max(self.config.r_min, tail_start(r, self.config.gamma))))
             else:
                 out.append(r)
         return out

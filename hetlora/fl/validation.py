@@ -56,14 +56,15 @@ def finite_flags(tensors: Sequence[torch.Tensor]) -> dict[int, bool]:
 
 def validate_update(
     u: ClientUpdate, dims: Sequence[tuple[int, int]], r_max: int, head_shape: tuple[int, int], full: bool = False,
-    finite: Callable[[torch.Tensor], bool] = _all_finite,
+    finite: Callable[[torch.Tensor], bool] = _all_finite, bias_layers: Sequence[bool] | None = None,
 ) -> str | None:
     """Reason why update ``u`` must be rejected (DESIGN.md section 7), or None if it is sound.
 
     Checks: rank in ``[1, r_max]`` and not above the rank it was given; one ``A``/``B`` per
     layer of shapes ``[rank, d_in]`` / ``[rank, d_out]``; head ``[C, d]`` / ``[C]``; FullFT
-    weights ``[d_out, d_in]``; every tensor finite (by ``finite``: `screen_updates` passes the
-    flags of `finite_flags`); ``num_examples >= 1``.
+    weights ``[d_out, d_in]`` and biases ``[d_out]``, a bias exactly where ``bias_layers`` (per
+    layer: the global layer has one) says, or where given if it is None; every tensor finite (by
+    ``finite``: `screen_updates` passes the flags of `finite_flags`); ``num_examples >= 1``.
     """
     if isinstance(u.rank, bool) or not isinstance(u.rank, int) or not 1 <= u.rank <= r_max:
         return f"rank {u.rank!r} outside [1, {r_max}]"
@@ -90,8 +91,18 @@ def validate_update(
                 return f"layer {i}: weight has shape {tuple(w.shape)}, expected {(d_out, d_in)}"
             if not finite(w):
                 return f"layer {i}: non-finite values (NaN/Inf) in the weight"
-        for i, bvec in enumerate(u.biases or []):
-            if bvec is not None and not finite(bvec):
+        biases = u.biases if u.biases is not None else [None] * len(dims)
+        if len(biases) != len(dims):
+            return f"full fine-tuning update with {len(biases)} biases for {len(dims)} target layers"
+        for i, ((_, d_out), bvec) in enumerate(zip(dims, biases)):
+            if bias_layers is not None and (bvec is not None) != bool(bias_layers[i]):
+                return (f"layer {i}: a bias where the layer has none" if bvec is not None
+                        else f"layer {i}: no bias, but the layer has one")
+            if bvec is None:
+                continue
+            if tuple(bvec.shape) != (d_out,):
+                return f"layer {i}: bias has shape {tuple(bvec.shape)}, expected {(d_out,)}"
+            if not finite(bvec):
                 return f"layer {i}: non-finite values (NaN/Inf) in the bias"
     if not isinstance(u.num_examples, int) or u.num_examples < 1:
         return f"num_examples {u.num_examples!r} must be a positive int"
@@ -145,6 +156,7 @@ def screen_updates(
     min_clients: int = 1,
     round_idx: int | None = None,
     errors: Sequence[tuple[int | str, str]] = (),
+    bias_layers: Sequence[bool] | None = None,
 ) -> Screening:
     """Split ``updates`` into accepted and rejected ones (never raises on a bad update).
 
@@ -156,6 +168,8 @@ def screen_updates(
         round_idx: only for the log lines.
         errors: ``(client id, reason)`` of clients that sent no update at all (a crashed
             client, a Flower error reply): counted as rejected with that reason.
+        bias_layers: with ``full``, per target layer whether the global layer has a bias (an
+            update must carry one exactly there); None checks only the biases given.
     """
     if isinstance(min_clients, bool) or not isinstance(min_clients, int) or min_clients < 1:
         raise ValueError(f"min_clients must be an int >= 1, got {min_clients!r}")
@@ -175,7 +189,8 @@ def screen_updates(
             reason = f"not a ClientUpdate ({type(u).__name__})"
         else:
             try:
-                reason = validate_update(u, dims, r_max, head_shape, full=full, finite=finite)
+                reason = validate_update(u, dims, r_max, head_shape, full=full, finite=finite,
+                                         bias_layers=bias_layers)
             except Exception as e:  # a malformed object must not end the round either
                 reason = f"malformed update: {type(e).__name__}: {e}"
         if reason is None:

@@ -11,8 +11,8 @@ the messages:
    samples the *same client ids* as ``Simulation.sample_clients(round)``, distributes the
    global adapter with the wrapped strategy (HetLoRA: truncation to each client's rank)
    and sends every node its own rows, its rank and its task (a `ConfigRecord`).
-2. ``aggregate_train``: every reply is decoded into a `ClientUpdate` whose client id and
-   received rank come from the server's own bookkeeping (never from the reply); error
+2. ``aggregate_train``: every reply is decoded into a `ClientUpdate` whose client id,
+   received rank and scaling come from the server's own bookkeeping (never from the reply); error
    replies, replies that never came, malformed replies and updates that fail
    `hetlora.fl.validation.screen_updates` (NaN/Inf, wrong shapes or ranks) are dropped,
    logged with the node id and the reason and counted; if at least ``min_clients``
@@ -199,6 +199,9 @@ class FlowerStrategy(_FlwrStrategy):
                 if r > cfg.r_max:
                     log.warning("node %d declared rank %d > r_max=%d: it trains at r_max", node, r, cfg.r_max)
                     r = cfg.r_max
+                if r < cfg.r_min:  # the device's limit wins (a node refuses a rank above it); pruning
+                    # never lowers it further, nor raises it to r_min
+                    log.warning("node %d declared rank %d < r_min=%d: it trains at rank %d", node, r, cfg.r_min, r)
                 self.declared_ranks[pid] = r
                 self.sim.client_ranks[pid] = self.sim.strategy.client_rank(r)
         missing = sorted(set(range(cfg.num_clients)) - set(self.node_of))
@@ -238,8 +241,8 @@ class FlowerStrategy(_FlwrStrategy):
             cfg_json = cfg.to_json()
             for j, (c, r, n, node) in enumerate(zip(ids, ranks, steps, nodes)):
                 rows = dist.layout.rows(j)
-                arr = encode_tensors([a[rows] for a in dist.A], [b[rows] for b in dist.B], state.head_W,
-                                     state.head_b, state.base_weights, state.base_biases)
+                A_j, B_j = [a[rows] for a in dist.A], [b[rows] for b in dist.B]
+                arr = encode_tensors(A_j, B_j, state.head_W, state.head_b, state.base_weights, state.base_biases)
                 task = ConfigRecord({"client-id": c, "rank": r, "scaling": float(dist.scalings[j]), "steps": n,
                                      "round": server_round, "local-eval": bool(is_eval),
                                      "params-down": int(dist.params_down[j]), "fedconfig": cfg_json})
@@ -247,15 +250,23 @@ class FlowerStrategy(_FlwrStrategy):
                     if k not in task:
                         task[k] = v
                 messages.append(Message(RecordDict({"adapter": arr, "task": task}), node, MessageType.TRAIN))
-                down[c] = int(dist.params_down[j])
+                # what this message carries (head excluded), which on Flower can be more than the
+                # strategy's count: FLoRA's clients are sent the merged target weights, not the
+                # stacked modules the simulator counts (they would merge those themselves)
+                down[c] = sum(t.numel() for t in (*A_j, *B_j, *(state.base_weights or ()),
+                                                  *(b for b in state.base_biases or () if b is not None)))
         # the grid gives each message its id when it pushes it: replies are matched by that id later
         self._pending[server_round] = {"t0": t0, "chosen": chosen, "ids": ids, "ranks": dict(zip(ids, ranks)),
+                                       "scalings": {c: float(dist.scalings[j]) for j, c in enumerate(ids)},
                                        "nodes": dict(zip(nodes, ids)), "no_node": no_node, "down": down,
                                        "is_eval": is_eval, "sent": list(zip(messages, nodes, ids))}
         log.info("round %d: sent %d client(s) %s with ranks %s", server_round, len(ids), ids, ranks)
         return messages
 
-    def _decode(self, msg: Message, cid: int, rank_sent: int) -> ClientUpdate:
+    def _decode(self, msg: Message, cid: int, rank_sent: int, scaling_sent: float) -> ClientUpdate:
+        """The reply's update; the client id, the rank it was given and its scaling come from the
+        server's own bookkeeping, not from the reply (a node reporting another scaling would move
+        HetLoRA's sparsity weights without changing its factors)."""
         fm = self.sim.fm
         rec = msg.content["update"]
         met = msg.content["metrics"]
@@ -264,7 +275,7 @@ class FlowerStrategy(_FlwrStrategy):
         rank = int(rank) if isinstance(rank, (int, float)) and float(rank).is_integer() else rank
         local_acc = float(met["local-acc"]) if "local-acc" in met else None
         return ClientUpdate(
-            client_id=cid, rank=rank, rank_received=rank_sent, A=t["A"], B=t["B"], scaling=float(met["scaling"]),
+            client_id=cid, rank=rank, rank_received=rank_sent, A=t["A"], B=t["B"], scaling=scaling_sent,
             head_W=t["head_W"], head_b=t["head_b"], num_examples=int(met["num-examples"]), weights=t["weights"],
             biases=t["biases"], train_loss=float(met["train-loss"]),
             local_acc=local_acc, local_n=int(met.get("local-n", 0)))
@@ -276,8 +287,8 @@ class FlowerStrategy(_FlwrStrategy):
         sim, cfg = self.sim, self.config
         pend = self._pending.pop(server_round, None)
         if pend is None:  # called without configure_train (should not happen)
-            pend = {"t0": time.perf_counter(), "chosen": [], "ids": [], "ranks": {}, "nodes": {}, "no_node": [],
-                    "down": {}, "is_eval": True}
+            pend = {"t0": time.perf_counter(), "chosen": [], "ids": [], "ranks": {}, "scalings": {}, "nodes": {},
+                    "no_node": [], "down": {}, "is_eval": True}
         replies = list(replies)
         errors: list[tuple[int | str, str]] = []
         for c in pend["no_node"]:
@@ -303,7 +314,7 @@ class FlowerStrategy(_FlwrStrategy):
                                     f"{reason[-1] if reason else ''}"[:500]))
                 continue
             try:
-                updates.append(self._decode(m, cid, pend["ranks"][cid]))
+                updates.append(self._decode(m, cid, pend["ranks"][cid], pend["scalings"][cid]))
             except Exception as e:
                 errors.append((cid, f"node {node}: malformed reply: {type(e).__name__}: {e}"[:500]))
         for node, cid in pend["nodes"].items():
