@@ -182,12 +182,16 @@ def check_base(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         raise ValueError(f"weight must be [d_out={d_out}, d_in={x.shape[1]}], got {tuple(weight.shape)}")
     if weight.dtype != x.dtype:
         raise TypeError(f"weight dtype {weight.dtype} differs from x dtype {x.dtype}")
+    if weight.device != x.device:
+        raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
     if bias is not None:
         check_tensor(bias, "bias", 1)
         if bias.shape[0] != d_out:
             raise ValueError(f"bias must be [d_out={d_out}], got {tuple(bias.shape)}")
         if bias.dtype != x.dtype:
             raise TypeError(f"bias dtype {bias.dtype} differs from x dtype {x.dtype}")
+        if bias.device != x.device:
+            raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
 
 
 def as_layer_lists(A, B, a_name: str = "A", b_name: str = "B") -> tuple[list, list, bool]:
@@ -206,6 +210,8 @@ def as_layer_lists(A, B, a_name: str = "A", b_name: str = "B") -> tuple[list, li
 def check_weights(weights: object, num_adapters: int, device: torch.device) -> torch.Tensor:
     """Finite ``[K]`` weights as a float64 tensor on ``device``."""
     if not isinstance(weights, torch.Tensor):
+        if isinstance(weights, Sequence) and any(isinstance(w, bool) for w in weights):
+            raise TypeError(f"weights must be real numbers, got a bool in {list(weights)!r}")
         try:
             weights = torch.as_tensor(weights, dtype=torch.float64)
         except (TypeError, ValueError, RuntimeError) as e:

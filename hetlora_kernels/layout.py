@@ -11,7 +11,7 @@ from __future__ import annotations
 import numbers
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 
 import torch
 
@@ -20,7 +20,8 @@ __all__ = ["AdapterLayout", "TokenGroups"]
 
 def _as_int(value: object, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        if (isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point()
+                and not value.is_complex() and value.dtype != torch.bool):
             return int(value.item())
         raise TypeError(f"{what} must be an int, got {type(value).__name__}")
     return int(value)
@@ -202,14 +203,16 @@ class TokenGroups:
     counts_list: tuple[int, ...]
     starts_list: tuple[int, ...]
     is_sorted: bool
-    _cache: dict = field(default_factory=dict, repr=False)
-    _trusted: bool = field(default=False, repr=False)
+    # not init fields: `dataclasses.replace` would carry them over, and a replaced batch would then
+    # share the old one's routing cache and skip the validation
+    _cache: dict = field(default_factory=dict, init=False, repr=False)
+    _trusted: InitVar[bool] = False
     host_meta: torch.Tensor = field(init=False, repr=False)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, _trusted: bool) -> None:
         # The classmethods build consistent groups; a TokenGroups assembled by hand is
         # checked in full once here (kernels index memory through these fields).
-        if not self._trusted:
+        if not _trusted:
             _validate_groups(self)
         meta = torch.tensor((*self.starts_list, *self.counts_list, int(self.is_sorted)), dtype=torch.int64)
         object.__setattr__(self, "host_meta", meta)
@@ -297,8 +300,10 @@ class TokenGroups:
                 adapter 0, the next ``lengths[1]`` to adapter 1, and so on.
         """
         if isinstance(lengths, torch.Tensor):
-            if lengths.dim() != 1 or lengths.is_floating_point():
-                raise TypeError("lengths must be a 1-D integer tensor or a sequence of ints")
+            if (lengths.dim() != 1 or lengths.is_floating_point() or lengths.is_complex()
+                    or lengths.dtype == torch.bool):
+                raise TypeError(f"lengths must be a 1-D integer tensor or a sequence of ints, got {lengths.dtype}"
+                                f" of shape {tuple(lengths.shape)}")
             device = lengths.device
             lens = lengths.tolist()
         else:

@@ -11,7 +11,7 @@ import torch
 
 from . import custom_ops
 from . import reference as ref
-from .dispatch import LoraWork, resolve
+from .dispatch import LoraWork, get_backend, resolve
 from .layout import AdapterLayout, TokenGroups
 
 
@@ -49,6 +49,9 @@ def lora_delta(
         layout: the adapters' ranks.  groups: this batch's token grouping (T tokens).
         scaling: float or ``[K]`` tensor (not differentiated).
     Returns ``[T, d_out]`` in x's dtype, differentiable in x, A and B.
+    Sums accumulate in float32; in float16/bfloat16 the intermediate ``h = x A_k^T`` is rounded
+    to the input dtype before its product with ``B_k``, as torch's half matmuls round it (the
+    C++ CPU kernels keep it in float32), so where ``h`` overflows float16 the result is inf.
     Under ``torch.compile`` it is two opaque custom ops (`hetlora_kernels.custom_ops`); under
     ``torch.autocast`` float32 inputs are cast to its dtype first, as for ``F.linear``.
     """
@@ -93,6 +96,21 @@ def _device(A) -> torch.device:
     return t.device if isinstance(t, torch.Tensor) else torch.device("cpu")
 
 
+def _server_backend(op: str, A, B) -> object:
+    """The implementation of server op ``op``.  Only the torch path is differentiable for
+    `delta_fro_norms`, `weighted_aggregate` and `truncate`: where an input requires grad (and grad
+    mode is on), ``auto`` runs it, and another chosen backend is refused rather than returning a
+    detached result."""
+    ts = [t for part in (A, B) for t in (part if isinstance(part, (list, tuple)) else [part])]
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in ts):
+        name = get_backend()
+        if name not in ("auto", "torch"):
+            raise ValueError(f"{op} is differentiable only on the torch backend, and its inputs require grad "
+                             f"under backend {name!r}: use 'auto' or 'torch', or pass detached tensors")
+        return ref.IMPLS[op]
+    return resolve(op, _device(A))[1]
+
+
 @_eager
 def component_norms(A, B, layout: AdapterLayout, reduce: str = "none") -> torch.Tensor:
     """Per component ``||a_kj|| * ||b_kj||``: ``[K, r_max]``, 0 past ``r_k``.
@@ -106,9 +124,10 @@ def component_norms(A, B, layout: AdapterLayout, reduce: str = "none") -> torch.
 
 @_eager
 def delta_fro_norms(A, B, layout: AdapterLayout, scaling: float | torch.Tensor | None = None) -> torch.Tensor:
-    """``||s_k B_k^T A_k||_F`` per adapter: ``[K]`` (``[L, K]`` for lists), via two ``r_k x r_k`` Grams."""
+    """``||s_k B_k^T A_k||_F`` per adapter: ``[K]`` (``[L, K]`` for lists), via two ``r_k x r_k`` Grams.
+    Differentiable on the torch path, which ``auto`` takes when an input requires grad."""
     args, was_list = ref.prepare_delta_fro_norms(A, B, layout, scaling)
-    return ref.finish_delta_fro_norms(resolve("delta_fro_norms", _device(A))[1](*args), was_list)
+    return ref.finish_delta_fro_norms(_server_backend("delta_fro_norms", A, B)(*args), was_list)
 
 
 @_eager
@@ -116,10 +135,11 @@ def weighted_aggregate(A, B, layout: AdapterLayout, weights, out_rank: int | Non
     """Zero-pad every adapter to ``out_rank`` (default ``max_rank``) and sum with ``weights [K]``.
 
     Returns ``(A_g [out_rank, d_in], B_g [out_rank, d_out])`` (lists of them for list
-    inputs).  Raises ``ValueError`` naming the adapter whose rows are not finite.
+    inputs).  Raises ``ValueError`` naming the adapter whose rows are not finite.  Differentiable
+    on the torch path, which ``auto`` takes when an input requires grad.
     """
     args, was_list = ref.prepare_weighted_aggregate(A, B, layout, weights, out_rank)
-    return ref.finish_pair(resolve("weighted_aggregate", _device(A))[1](*args), was_list)
+    return ref.finish_pair(_server_backend("weighted_aggregate", A, B)(*args), was_list)
 
 
 @_eager
@@ -127,6 +147,7 @@ def truncate(A_g, B_g, ranks: Sequence[int] | AdapterLayout):
     """Distribute the global ``A_g [r, d_in]``, ``B_g [r, d_out]``: rows ``0:r_k`` per adapter.
 
     Returns ``(A [R, d_in], B [R, d_out], layout)`` (lists of A and B for list inputs).
+    Differentiable on the torch path, which ``auto`` takes when an input requires grad.
     """
     args, was_list = ref.prepare_truncate(A_g, B_g, ranks)
-    return ref.finish_truncate(resolve("truncate", _device(A_g))[1](*args), was_list, args[2])
+    return ref.finish_truncate(_server_backend("truncate", A_g, B_g)(*args), was_list, args[2])

@@ -314,6 +314,8 @@ def prepare_truncate(A_g, B_g, ranks):
             raise TypeError(f"{bn} dtype {b.dtype} differs from {an} dtype {a.dtype}")
         if a.device != b.device:
             raise ValueError(f"{bn} is on {b.device} but {an} is on {a.device}")
+        if a.device != As[0].device:  # one launch serves every layer: their pointers must be on one device
+            raise ValueError(f"{an} is on {a.device} but A_g[0] is on {As[0].device}")
         if layout.max_rank > a.shape[0]:
             raise ValueError(f"ranks ask for rank {layout.max_rank} but {an} holds only {a.shape[0]} components")
     return (As, Bs, layout), was_list

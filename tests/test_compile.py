@@ -264,6 +264,27 @@ def test_bad_shapes_under_compile_name_the_argument():
         custom_ops.lora_delta(x, A, B, AdapterLayout(RANKS), ids, 0.5)
 
 
+def test_the_compiled_route_takes_the_scalings_eager_takes():
+    """A 0-dim tensor and numpy scalars work as in eager; bools and strings in a list are refused
+    with eager's message (the compiled route must not turn them into numbers)."""
+    import numpy as np
+
+    hk.set_backend("torch")
+    (x, A, B), ids = _case(torch.float32)
+    g = TokenGroups.from_adapter_ids(ids.to(DEV), len(RANKS))
+    lay = AdapterLayout(RANKS)
+    for s in (torch.tensor(0.5, device=DEV), np.float32(0.5), [np.float64(0.5), 0.5, 0.5, 0.5]):
+        eager = lora_delta(x, A, B, lay, g, s)
+        assert torch.equal(custom_ops.lora_delta(x, A, B, lay, g, s), eager)
+        assert torch.equal(torch.compile(lora_delta, backend="aot_eager")(x, A, B, lay, g, s), eager)
+    for bad, match in (([True, 0.5, 0.5, 0.5], r"scaling\[0\] must be a finite number"),
+                       ([0.5, "2", 0.5, 0.5], r"scaling\[1\] must be a finite number")):
+        with pytest.raises(ValueError, match=match):
+            lora_delta(x, A, B, lay, g, bad)
+        with pytest.raises(ValueError, match=match):
+            custom_ops.lora_delta(x, A, B, lay, g, bad)
+
+
 def test_values_are_validated_at_run_time_as_in_eager():
     """What only values can show (an out-of-range scale tensor entry, NaN scaling) is refused by
     the op itself when the compiled code runs, with the eager message."""

@@ -175,3 +175,37 @@ def test_layout_copies_and_pickles():
         assert (other.ranks, other.offsets, other.total_rank, other.max_rank) == (lay.ranks, lay.offsets, 7 + 4, 7)
         with pytest.raises(AttributeError, match="immutable"):
             other.ranks = (1,)
+
+
+def test_a_replaced_token_groups_is_validated_and_routed_afresh():
+    """`dataclasses.replace` (the way to derive a frozen dataclass) carries no routing cache and no
+    trust over: the new batch is checked and routed by its own ids."""
+    import dataclasses
+
+    g1 = hk.TokenGroups.from_adapter_ids(torch.tensor([1, 0, 1, -1]), 2)
+    assert torch.equal(g1.routed_order(), torch.tensor([1, 0, 2]))  # now cached on g1
+    # another batch of the same counts: ids [0, 1, 1, -1]
+    g2 = dataclasses.replace(g1, adapter_ids=torch.tensor([0, 1, 1, -1]), order=torch.tensor([3, 0, 1, 2]))
+    assert g2._cache is not g1._cache
+    assert torch.equal(g2.routed_order(), torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="groups"):  # an inconsistent one is refused, as if built by hand
+        dataclasses.replace(g1, adapter_ids=torch.tensor([0, 0, 0, 0]))
+
+
+def test_server_ops_keep_their_gradient_or_refuse_a_backend_without_one():
+    """delta_fro_norms, weighted_aggregate and truncate are differentiable on the torch path: under
+    ``auto`` inputs that require grad go there (a detached result would lose the gradient without a
+    word), and another chosen backend refuses them, naming the op."""
+    lay = hk.AdapterLayout([2, 3])
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(5, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    B = torch.randn(5, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    calls = [(hk.delta_fro_norms, lambda a, b: hk.delta_fro_norms(a, b, lay, [0.5, 2.0])),
+             (hk.weighted_aggregate, lambda a, b: hk.weighted_aggregate(a, b, lay, [0.3, 0.7])[1]),
+             (hk.truncate, lambda a, b: hk.truncate(a[:3], b[:3], [1, 3])[0])]
+    for op, fn in calls:
+        assert torch.autograd.gradcheck(fn, (A, B)), op.__name__
+        with hk.use_backend("cuda"), pytest.raises(ValueError, match=f"{op.__name__} is differentiable only"):
+            fn(A, B)
+        with hk.use_backend("cuda"):  # detached inputs run on the chosen backend
+            fn(A.detach(), B.detach())

@@ -69,6 +69,7 @@ backends = pytest.mark.parametrize("backend", BACKENDS)
         (torch.tensor([[1, 2]]), TypeError),
         (torch.tensor([2, -1]), ValueError),
         (torch.tensor([True, True]), TypeError),
+        ([torch.tensor(True), 2], TypeError),
     ],
     ids=repr,
 )
@@ -94,6 +95,7 @@ def test_layout_rejects(ranks, exc):
         ([0, 1], 0, ValueError, "num_adapters"),
         ([0, 1], -2, ValueError, "num_adapters"),
         ([0, 1], True, TypeError, "num_adapters"),
+        ([0], torch.tensor(True), TypeError, "num_adapters"),
         ([0, 1], 2.0, TypeError, "num_adapters"),
         (torch.tensor([0, 2**40]), 3, ValueError, "adapter_ids"),
     ],
@@ -114,6 +116,8 @@ def test_token_groups_from_ids_rejects(ids, K, exc, match):
         (torch.tensor([1.0]), TypeError),
         (torch.tensor([[1, 2]]), TypeError),
         (torch.tensor([3, -1]), ValueError),
+        (torch.tensor([True, False]), TypeError),
+        ([torch.tensor(True), 2], TypeError),
         ("12", TypeError),
     ],
     ids=repr,
@@ -210,6 +214,11 @@ LINEAR_BAD = [
     ("bias 2-D", lambda: (torch.randn(D_OUT, D_IN), torch.randn(1, D_OUT)), ValueError, "bias"),
     ("bias fp16", lambda: (torch.randn(D_OUT, D_IN), torch.randn(D_OUT).half()), TypeError, "bias"),
     ("weight not a tensor", lambda: ([[0.0] * D_IN] * D_OUT, None), TypeError, "weight"),
+    # the meta device stands in for another GPU: F.linear would hand back the bias alone
+    ("weight on another device", lambda: (torch.randn(D_OUT, D_IN, device="meta"), None), ValueError,
+     "weight is on meta"),
+    ("bias on another device", lambda: (torch.randn(D_OUT, D_IN), torch.randn(D_OUT, device="meta")), ValueError,
+     "bias is on meta"),
 ]
 
 
@@ -302,6 +311,8 @@ SERVER_BAD = [
         "weights",
     ),  # noqa: E501
     ("weights str", "weighted_aggregate", lambda A, B: (A, B, {"weights": "abc"}), TypeError, "weights"),
+    ("weights a bool list", "weighted_aggregate", lambda A, B: (A, B, {"weights": [True, False, 1.0]}), TypeError,
+     "weights"),
     (
         "weights bool",
         "weighted_aggregate",
@@ -351,6 +362,9 @@ TRUNC_BAD = [
     ("ranks negative", lambda A, B: (A, B, [-2]), ValueError, "rank"),
     ("lists of different lengths", lambda A, B: ([A, A], [B], [2]), ValueError, "layers"),
     ("layer 1 too few rows", lambda A, B: ([A, A[:1]], [B, B[:1]], [2]), ValueError, r"A_g\[1\]"),
+    # one launch serves every layer (triton: a table of pointers), so all must be on one device
+    ("layer 1 on another device", lambda A, B: ([A, A.to("meta")], [B, B.to("meta")], [2]), ValueError,
+     r"A_g\[1\] is on meta"),
 ]
 
 

@@ -579,3 +579,28 @@ def test_gpu_few_adapters_many_tokens_two_stage(monkeypatch):
     again = run_triton(x, A, B, dy, layout, groups, s)
     for a, b in zip(got, again):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("op", ["lora_delta", "lora_linear"])
+def test_a_scaling_tensor_changed_after_the_forward_fails_the_backward(op):
+    """A [K] float32 scaling on x's device reaches the kernels uncopied: changed in place before the
+    backward, it would scale the gradient by values the forward never used.  The backward refuses
+    it, as autograd refuses any saved tensor changed in place."""
+    ranks = [2, 3]
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 8, generator=g).to(DEV).requires_grad_()
+    A = torch.randn(5, 8, generator=g).to(DEV).requires_grad_()
+    B = torch.randn(5, 4, generator=g).to(DEV).requires_grad_()
+    groups = TokenGroups.from_adapter_ids(torch.tensor([0, 1, 1, 0, -1, 1]).to(DEV), 2)
+    s = torch.tensor([0.5, 2.0], device=DEV)
+    with hk.use_backend("triton"):
+        if op == "lora_delta":
+            y = hk.lora_delta(x, A, B, AdapterLayout(ranks), groups, s)
+        else:
+            y = hk.lora_linear(x, torch.randn(4, 8).to(DEV), None, A, B, AdapterLayout(ranks), groups, s)
+        y.sum().backward()  # unchanged: fine
+        y = hk.lora_delta(x, A, B, AdapterLayout(ranks), groups, s) if op == "lora_delta" else \
+            hk.lora_linear(x, torch.randn(4, 8).to(DEV), None, A, B, AdapterLayout(ranks), groups, s)
+        s.mul_(10)
+        with pytest.raises(RuntimeError, match="scaling was modified in place"):
+            y.sum().backward()

@@ -63,6 +63,10 @@ def _forward(x, A, B, layout, groups, scaling, out, zeroed=False):
 def _backward(ctx, dy, x, A, B, h, dx_out):
     """LoRA gradients; ``dx_out`` (if given) receives the dx term in place."""
     layout, groups, scaling = ctx.layout, ctx.groups, ctx.scaling
+    if isinstance(scaling, torch.Tensor) and scaling._version != ctx.scaling_version:
+        # the tensor may be the caller's own (a [K] float32 on x's device is not copied): the
+        # backward would scale by values the forward never used (autograd's own in-place check)
+        raise RuntimeError("scaling was modified in place after the forward that saved it for the backward")
     need_x, need_A, need_B = ctx.lora_needs
     dy = _rowmajor(dy)
     dx = dA = dB = None
@@ -93,6 +97,7 @@ class _LoraDelta(torch.autograd.Function):
         with _on(x.device):
             y, h = _forward(x, A, B, layout, groups, scaling, None)
         ctx.layout, ctx.groups, ctx.scaling = layout, groups, scaling
+        ctx.scaling_version = scaling._version if isinstance(scaling, torch.Tensor) else None
         ctx.lora_needs = ctx.needs_input_grad[:3]
         # x only feeds dA, h only dB: keep neither alive when it is not needed
         _, need_A, need_B = ctx.lora_needs
@@ -118,6 +123,7 @@ class _LoraLinear(torch.autograd.Function):
         with _on(x.device):
             y, h = _forward(x, A, B, layout, groups, scaling, base)
         ctx.layout, ctx.groups, ctx.scaling = layout, groups, scaling
+        ctx.scaling_version = scaling._version if isinstance(scaling, torch.Tensor) else None
         n = ctx.needs_input_grad
         ctx.lora_needs = (n[0], n[3], n[4])
         ctx.base_needs = (n[1], n[2] and bias is not None)
