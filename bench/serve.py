@@ -14,8 +14,9 @@ Methods, on the same base weights, adapters and requests:
 Every method decodes greedily; ``same_tokens`` is the fraction of generated tokens equal to
 ``peft-loop``'s (1.0: the same text; a tie between two logits may flip a token in low precision),
 and ``base``'s row says what fraction of them the adapters changed (0 would make the comparison
-vacuous).  In bf16/fp16 the methods round differently (peft rounds ``x A^T`` to the input dtype
-before ``B``; hetlora keeps it in fp32), so ``peft-loop`` is no exact reference there: each row
+vacuous).  In bf16/fp16 the methods round at different points (peft rounds the LoRA output to the
+input dtype, then scales it and adds it to the base output in that dtype; hetlora scales and adds
+in float32 and rounds once), so ``peft-loop`` is no exact reference there: each row
 then also gets ``same_tokens_fp32``, its agreement with ``peft-loop`` run once in float32 (untimed),
 which says which low-precision method stays closer to the exact answer.
 Adapters have ranks cycling through {4, 8, 16, 32, 64} and random non-zero B (peft's zero init
@@ -64,7 +65,8 @@ METHOD_NOTE = ("hetlora: one MultiLoraModel.generate for the whole batch (adapte
                "q_proj/v_proj; random-weight Llama models. same tokens: the fraction of generated tokens "
                "equal to peft-loop's (for base: the fraction the adapters changed); same as fp32 (bf16/fp16 "
                "runs): the fraction equal to peft-loop's run once in float32 on the same weights, untimed "
-               "(in bf16 peft rounds x A^T to bf16 before B, hetlora keeps it in float32)")
+               "(in bf16 peft rounds the LoRA output, then scales it and adds it to the base output in bf16; "
+               "hetlora scales and adds in float32 and rounds once)")
 
 
 def _causal_lm(name: str, device: torch.device, dtype: torch.dtype, init_dtype: torch.dtype | None = None):

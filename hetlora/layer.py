@@ -8,11 +8,13 @@ peft's ``lora_A.weight`` is ``A_k`` and peft's ``lora_B.weight`` is ``B_k^T``.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from hetlora_kernels import AdapterLayout, TokenGroups, lora_delta, lora_linear
 from hetlora_kernels.layout import to_device
@@ -297,6 +299,14 @@ class HetLoraLinear(nn.Module):
         self._scaling_host = vals
         self._scaling_cpu = torch.tensor(vals, dtype=torch.float64)
 
+    def _apply(self, fn, recurse: bool = True):
+        # `.to(bfloat16)` would round the scalings buffer too (16/3 -> 5.34375): a state dict saved
+        # from it would carry other alphas into the model that loads it.  The buffer stays float32.
+        out = super()._apply(fn, recurse)
+        if self.scaling.dtype != torch.float32:
+            self.scaling = torch.tensor(self._scaling_host, dtype=torch.float32, device=self.scaling.device)
+        return out
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # forward reads the scalings' host copy (no device read per call) and export_peft the
         # alphas: a loaded `scaling` buffer that differs from this layer's (a model saved with
@@ -310,10 +320,16 @@ class HetLoraLinear(nn.Module):
                                                                                   self.scaling_rules)]
             self._set_host_scaling(vals)
 
+    def _check_slot(self, k: object) -> int:
+        # a negative index would address a slot from the end, as a list's does: refused instead
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < self.num_adapters:
+            raise ValueError(f"k must be an adapter index in [0, {self.num_adapters - 1}], got {k!r}")
+        return k
+
     @torch.no_grad()
     def reset_adapter(self, k: int) -> None:
         """peft's initialisation of adapter k: A Kaiming-uniform(a=sqrt(5)), B zero."""
-        rows = self.layout.rows(k)
+        rows = self.layout.rows(self._check_slot(k))
         a = torch.empty(rows.stop - rows.start, self.in_features, dtype=torch.float32, device=self.lora_A.device)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         self.lora_A[rows] = a.to(self.lora_A.dtype)
@@ -321,7 +337,7 @@ class HetLoraLinear(nn.Module):
 
     def get_adapter(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Adapter k's ``(A_k [r_k, d_in], B_k [r_k, d_out])`` (detached clones)."""
-        rows = self.layout.rows(k)
+        rows = self.layout.rows(self._check_slot(k))
         return self.lora_A.detach()[rows].clone(), self.lora_B.detach()[rows].clone()
 
     @torch.no_grad()
@@ -329,8 +345,7 @@ class HetLoraLinear(nn.Module):
         """Adapter k's whole update ``ΔW_k = s_k · B_kᵀ A_k``: ``[d_out, d_in]`` (``nn.Linear``'s
         orientation, also over a ``Conv1D``), detached, in float32 (float64 for float64 factors)
         whatever the factors' dtype, so that merging rounds once, into the weight's dtype."""
-        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < self.num_adapters:
-            raise ValueError(f"k must be an adapter index in [0, {self.num_adapters - 1}], got {k!r}")
+        self._check_slot(k)
         acc = torch.float64 if self.lora_A.dtype == torch.float64 else torch.float32
         rows = self.layout.rows(k)
         A, B = self.lora_A.detach()[rows].to(acc), self.lora_B.detach()[rows].to(acc)
@@ -439,7 +454,14 @@ class HetLoraLinear(nn.Module):
     def load_adapter(
         self, k: int, A_k: torch.Tensor, B_k: torch.Tensor, alpha: float | None = None, scaling_rule: str | None = None
     ) -> None:
-        """Put ``A_k [r, d_in]``, ``B_k [r, d_out]`` into slot k (its rank becomes r)."""
+        """Put ``A_k [r, d_in]``, ``B_k [r, d_out]`` into slot k (its rank becomes r).  Everything is
+        checked before the first write: a refused call leaves the layer as it was."""
+        self._check_slot(k)
+        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real)
+                                  or not math.isfinite(alpha) or alpha <= 0):
+            raise ValueError(f"alpha must be a finite positive number, got {alpha!r}")
+        if scaling_rule is not None and scaling_rule not in SCALING_RULES:
+            raise ValueError(f"scaling_rule must be one of {SCALING_RULES}, got {scaling_rule!r}")
         if A_k.dim() != 2 or A_k.shape[1] != self.in_features:
             raise ValueError(f"A_k must be [r, {self.in_features}], got {tuple(A_k.shape)}")
         if B_k.dim() != 2 or B_k.shape != (A_k.shape[0], self.out_features):
@@ -512,7 +534,7 @@ class HetLoraLinear(nn.Module):
             scaling = self._scaling_cpu
         else:
             scaling = self._scaling_host if self.num_adapters > 1 else self._scaling_host[0]
-        if isinstance(self.base_layer, nn.Linear) and isinstance(self.lora_dropout, nn.Identity) and xa is x2:
+        if self._plain_linear() and isinstance(self.lora_dropout, nn.Identity) and xa is x2:
             w = self.base_layer.weight
             if w.dtype == x2.dtype:
                 y = lora_linear(x2, w, self.base_layer.bias, self.lora_A, self.lora_B, self.layout, g, scaling)
@@ -520,6 +542,14 @@ class HetLoraLinear(nn.Module):
         base = self.base_layer(x)
         delta = lora_delta(self.lora_dropout(xa), self.lora_A, self.lora_B, self.layout, g, scaling)
         return base + delta.to(base.dtype).reshape(*lead, self.out_features)
+
+    def _plain_linear(self) -> bool:
+        """Whether the fused path (base GEMM and LoRA in one op, the wrapped module not called)
+        computes what calling it would: an ``nn.Linear`` with its own forward and no hooks on it
+        (a forward hook may change or record the output; accelerate's offloading is such a hook)."""
+        b = self.base_layer
+        return (type(b).forward is nn.Linear.forward and "forward" not in b.__dict__ and not b._forward_hooks
+                and not b._forward_pre_hooks and not _global_forward_hooks and not _global_forward_pre_hooks)
 
     def extra_repr(self) -> str:
         return (

@@ -58,7 +58,7 @@ class MultiLoraModel(nn.Module):
         ranks: K positive ints.
         alpha: LoRA alpha, one float or one per adapter.
         dropout: LoRA dropout on the adapter input.
-        scaling_rule: ``"alpha/r"`` (default), ``"rslora"`` or ``"fixed"``.
+        scaling_rule: ``"alpha/r"`` (default), ``"rslora"`` or ``"fixed"``; or one per adapter.
         modules_to_save: module names (peft-style) kept trainable and shared by all
             adapters, e.g. ``["classifier"]``; exported with each adapter.
 
@@ -80,7 +80,7 @@ class MultiLoraModel(nn.Module):
         alpha: float | Sequence[float] = 8.0,
         dropout: float = 0.0,
         *,
-        scaling_rule: str = "alpha/r",
+        scaling_rule: str | Sequence[str] = "alpha/r",
         modules_to_save: Sequence[str] | None = None,
         init_lora_weights: bool = True,
     ) -> None:
@@ -103,7 +103,10 @@ class MultiLoraModel(nn.Module):
             if isinstance(mod, HetLoraLinear):
                 raise ValueError(f"target_modules matched {name!r}, which already holds LoRA adapters")
             if not (isinstance(mod, nn.Linear) or _is_conv1d(mod)):
-                continue  # peft also skips matched containers; only leaves are adapted
+                # peft adapts an Embedding and refuses a container; skipping it would leave the user
+                # believing the module adapted
+                raise ValueError(f"target_modules={target_modules!r} matched {name!r} ({type(mod).__name__}): "
+                                 "hetlora adapts nn.Linear and Conv1D layers only; name those")
             layer = HetLoraLinear(
                 mod, layout, alphas, dropout, scaling_rule=scaling_rule, init_lora_weights=init_lora_weights
             )
@@ -123,6 +126,19 @@ class MultiLoraModel(nn.Module):
             top = [h for h in hits if not any(h.startswith(o + ".") for o in hits)]
             if not top:
                 raise ValueError(f"modules_to_save={list(modules_to_save)!r} matched no module")
+            inside = {id(p) for name in top for p in model.get_submodule(name).parameters()}
+            for name in top:
+                adapted = [n for n in self.lora_module_names if n == name or n.startswith(name + ".")]
+                if adapted:  # its base weight would train, and the export would not load in peft
+                    raise ValueError(f"modules_to_save: {name!r} holds the adapted layer(s) {adapted}; "
+                                     "a module is either adapted or saved whole, not both")
+            for pname, p in model.named_parameters(remove_duplicate=False):
+                owner = pname.rpartition(".")[0]
+                if id(p) in inside and not any(owner == t or owner.startswith(t + ".") for t in top):
+                    # a tied weight (GPT-2's lm_head is its input embedding): training it would
+                    # change the module outside too, which the export leaves out
+                    raise ValueError(f"modules_to_save: {pname!r} is tied to a parameter of {top}; a module "
+                                     "whose weights are shared with the rest of the model cannot be saved apart")
             for name in top:
                 for p in model.get_submodule(name).parameters():
                     p.requires_grad_(True)
@@ -187,8 +203,12 @@ class MultiLoraModel(nn.Module):
     def add_adapter(self, rank: int, alpha: float = 8.0, scaling_rule: str | None = None) -> int:
         """Append a new adapter of ``rank`` to every adapted layer (peft's init: A Kaiming-uniform,
         B zero, so it starts as the base model); returns its index ``K``.  ``scaling_rule``
-        defaults to the model's.  LoRA parameters are new tensors: rebuild optimisers."""
+        defaults to the model's (a model built with one rule per adapter: required).  LoRA
+        parameters are new tensors: rebuild optimisers."""
         rule = self.scaling_rule if scaling_rule is None else scaling_rule
+        if not isinstance(rule, str):
+            raise ValueError("scaling_rule is required: this model was built with one rule per adapter "
+                             f"({list(rule)!r}), so there is no model-wide default")
         ks = {layer.add_adapter(rank, alpha, rule) for _, layer in self.lora_layers()}
         return ks.pop()
 
@@ -221,6 +241,9 @@ class MultiLoraModel(nn.Module):
 
     def adapter_state(self, k: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Adapter k: module name -> ``(A_k [r_k, d_in], B_k [r_k, d_out])`` clones."""
+        from .peft_io import _check_slot
+
+        k = _check_slot(self, k)
         return {name: layer.get_adapter(k) for name, layer in self.lora_layers()}
 
     # -- back to a plain model ------------------------------------------------------------------------

@@ -10,6 +10,8 @@ read: a pickled ``adapter_model.bin`` is refused, never unpickled.
 from __future__ import annotations
 
 import json
+import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,7 +35,10 @@ def _task_type(model: torch.nn.Module, modules_to_save: Sequence[str]) -> str | 
     # peft's classification wrappers add the head to modules_to_save and then require its
     # weights in the file: with the head frozen and left out (no modules_to_save), only the
     # task-free PeftModel loads the directory, and it computes the same thing
-    if name.endswith(("ForSequenceClassification", "ForTokenClassification")) and not modules_to_save:
+    # (the same when modules_to_save leaves the head out: peft would still want the head's weights)
+    heads = ("classifier", "score")  # peft's classifier_module_names
+    if name.endswith(("ForSequenceClassification", "ForTokenClassification")) and not any(
+            m.rpartition(".")[2] in heads for m in modules_to_save):
         return None
     if name.endswith("ForSequenceClassification"):
         return "SEQ_CLS"
@@ -93,6 +98,10 @@ def export_peft(mlm: MultiLoraModel, k: int, path: str | Path, base_model_name_o
             tensors[f"{PREFIX}{name}.{pname}"] = p.detach().clone().contiguous()
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
+    # over an earlier export: its config goes first, so that no moment pairs the new weights with the
+    # old config (other alphas, ranks or targets), which peft would load without a word; a run that
+    # stops in between leaves a directory peft refuses (no config), not a wrong one
+    (out / CONFIG_NAME).unlink(missing_ok=True)
     atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(cfg_dict, indent=2, sort_keys=True)))
     return out
@@ -140,10 +149,16 @@ _VARIANTS = (
     ("target_parameters", bool, "target_parameters puts LoRA on parameters, not on linear layers"),
     ("megatron_config", bool, "Megatron parallel linear layers are not linear layers hetlora can wrap"),
     ("use_qalora", bool, "QALoRA pools the input of quantised layers"),
+    ("use_bdlora", bool, "BD-LoRA splits the factors into blocks across devices"),
+    ("kasa_config", lambda v: v is not None, "KaSA truncates the base weight's singular values"),
+    ("monteclora_config", lambda v: v is not None, "MonteCLoRA samples its factors from learned distributions"),
+    ("velora_config", lambda v: v is not None, "VeLoRA compresses the activations of the LoRA path"),
+    ("lora_ga_config", lambda v: v is not None,
+     "LoRA-GA subtracts its initial product from the base weight, as PiSSA does"),
 )
 # initialisations after which peft rewrites the base weights when it loads the adapter (the adapter was
 # trained against that residual of W, not against W)
-_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq")
+_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
 def _adapter_config(cfg: dict, path: str | Path) -> tuple[int, float, str]:
@@ -165,6 +180,8 @@ def _adapter_config(cfg: dict, path: str | Path) -> tuple[int, float, str]:
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise ValueError(f"{path}: adapter_config.json has r={r!r}, expected a positive int")
     alpha = cfg.get("lora_alpha", 8)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"{path}: adapter_config.json has lora_alpha={alpha!r}, expected a finite positive number")
     for key in ("rank_pattern", "alpha_pattern"):
         pattern = cfg.get(key) or {}
         ref = r if key == "rank_pattern" else alpha
@@ -215,6 +232,10 @@ def import_peft(mlm: MultiLoraModel, k: int, path: str | Path, strict: bool = Fa
     LoRA pair (DoRA, LoRA biases, embedding LoRA, trained biases) and is not one of the model's
     ``modules_to_save``, and the LoRA variants `_adapter_config` names.  Nothing is written
     unless the whole file checks out.
+
+    The ``modules_to_save`` the file carries (a classifier head, say) replace the model's, which
+    every slot shares: the other slots' outputs change with them (a warning says so when the
+    model serves more than one adapter).
     """
     k = _check_slot(mlm, k)
     cfg, tensors = read_peft_adapter(path)
@@ -265,6 +286,9 @@ def import_peft(mlm: MultiLoraModel, k: int, path: str | Path, strict: bool = Fa
         ours[name].load_adapter(k, A_k, B_k, alpha=alpha, scaling_rule=rule)
     for owner, sd in saved_mods.items():
         mlm.model.get_submodule(owner).load_state_dict(sd)
+    if saved_mods and mlm.num_adapters > 1:
+        warnings.warn(f"{path}: its {sorted(saved_mods)} replaced the model's, which all {mlm.num_adapters} "
+                      f"adapters share: the other slots' outputs changed too", UserWarning, stacklevel=2)
 
 
 def _lora_modules(tensors: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
