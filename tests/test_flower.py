@@ -650,6 +650,9 @@ def test_min_nodes_that_is_no_number_is_named():
     with pytest.raises(ValueError, match="min-nodes must be a whole number"):
         _number({"min-nodes": 2.5}, "min-nodes", 0, int)
     assert _number({}, "node-wait-s", 120.0, float) == 120.0
+    for key, v in (("round-timeout-s", -1.0), ("node-wait-s", float("nan")), ("min-nodes", -2)):
+        with pytest.raises(ValueError, match=f"{key} must be a finite number >= 0"):
+            _number({key: v}, key, 0, int if key == "min-nodes" else float)
 
 
 def test_a_flower_run_does_not_replace_an_earlier_run_unless_told(tmp_path, task_identity):

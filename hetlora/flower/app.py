@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from collections.abc import Callable, Mapping
 
 from flwr.app import Context, Message, RecordDict
@@ -80,6 +81,8 @@ def _number(extra: Mapping, key: str, default, kind):
         raise ValueError(f"run config: {key} must be a number, got {v!r}") from None
     if kind is int and not float(v) == out:
         raise ValueError(f"run config: {key} must be a whole number, got {v!r}")
+    if not math.isfinite(out) or out < 0:  # a negative wait or timeout would end every round at once
+        raise ValueError(f"run config: {key} must be a finite number >= 0, got {v!r}")
     return out
 
 
