@@ -15,9 +15,11 @@ and chunked weight gradients now and then (``fused.FORCE_FUSED``, ``wgrad.FORCE_
 paths the interpreter's heuristics would not pick on these tiny shapes.
 
 Tolerances (DESIGN.md section 5, relative Frobenius error): fp32 1e-4, fp16 5e-3, bf16 2e-2,
-fp64 1e-10, applied as ``||got - ref|| <= tol * max(||ref||, ||mag||)`` where ``mag`` is the
-same sum with all terms made positive (see fuzz_refs): a result that cancels to almost
-nothing is judged against the size of its terms.  Norms come back in float32 (float64 for
+fp64 1e-10, applied as ``||got - ref|| <= tol * max(||ref||, 0.1 ||mag||)`` where ``mag`` is
+the same sum with all terms made positive (see fuzz_refs): a result that cancels to almost
+nothing is judged against the size of its terms.  (The weight is 0.1, not 1: ``||mag||`` is
+never below ``||ref||``, and with weight 1 every case would be judged against the size of its
+terms, ~sqrt(terms) looser than the contract's relative error.)  Norms come back in float32 (float64 for
 float64) computed from exactly upcast inputs, so they are held to 1e-4 for every input dtype.
 
 Example counts: 52 per op and backend in the default run (13 per dtype, ``derandomize=True``:
@@ -90,7 +92,7 @@ dtypes = pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removepre
 TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2, torch.float64: 1e-10}
 # norms are float32 (float64) results of exactly upcast inputs
 NORM_TOL = {torch.float32: 1e-4, torch.float16: 1e-4, torch.bfloat16: 1e-4, torch.float64: 1e-10}
-FLOOR = 1.0  # weight of the error scale ``mag`` (see module docstring)
+FLOOR = 0.1  # weight of the error scale ``mag`` (see module docstring)
 
 
 def _scalings_rounded_to_fp32() -> bool:
