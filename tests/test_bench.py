@@ -255,13 +255,10 @@ def test_e2e_sequential_trains_a_rotating_16_of_many_clients(monkeypatch) -> Non
 def test_e2e_steps_run_the_frozen_model_without_its_dropout(method: str) -> None:
     """Every method times the same work: the frozen model's dropout off in each step (a model built
     from a config starts in training mode; peft's train() would switch it on)."""
-    sys.path.insert(0, str(REPO))
-    try:
-        from bench import e2e
-    finally:
-        sys.path.remove(str(REPO))
     import torch
     from torch import nn
+
+    from bench import e2e
 
     dev = torch.device("cpu")
     run = e2e.Run("tiny-bert", 3, 2, 8)
