@@ -63,7 +63,8 @@ def _forward(x, A, B, layout, groups, scaling, out, zeroed=False):
 def _backward(ctx, dy, x, A, B, h, dx_out):
     """LoRA gradients; ``dx_out`` (if given) receives the dx term in place."""
     layout, groups, scaling = ctx.layout, ctx.groups, ctx.scaling
-    if isinstance(scaling, torch.Tensor) and scaling._version != ctx.scaling_version:
+    saved = getattr(ctx, "scaling_version", None)  # (the custom ops' route passes no autograd ctx)
+    if saved is not None and isinstance(scaling, torch.Tensor) and scaling._version != saved:
         # the tensor may be the caller's own (a [K] float32 on x's device is not copied): the
         # backward would scale by values the forward never used (autograd's own in-place check)
         raise RuntimeError("scaling was modified in place after the forward that saved it for the backward")
