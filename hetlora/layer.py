@@ -263,6 +263,9 @@ class HetLoraLinear(nn.Module):
         self.lora_A = nn.Parameter(torch.zeros(layout.total_rank, d_in, dtype=w.dtype, device=w.device))
         self.lora_B = nn.Parameter(torch.zeros(layout.total_rank, d_out, dtype=w.dtype, device=w.device))
         self.register_buffer("scaling", torch.zeros(layout.num_adapters, dtype=torch.float32, device=w.device))
+        # the ranks travel with a state dict: the packed weights alone would load into a model of the
+        # same total rank split otherwise ((2, 3) into (3, 2)), silently another model
+        self.register_buffer("lora_ranks", torch.zeros(layout.num_adapters, dtype=torch.int64, device=w.device))
         self.layout = layout
         self.alphas = per_adapter(alpha, layout.num_adapters, "alpha")
         rules = per_adapter(scaling_rule, layout.num_adapters, "scaling_rule", kind=str)
@@ -290,6 +293,7 @@ class HetLoraLinear(nn.Module):
         # pinned and non-blocking: set_adapters runs for every layer at every round's start, and a
         # plain copy to a GPU would wait there for all the work queued before it
         self.scaling = to_device(torch.tensor(vals, dtype=torch.float32), self.lora_A.device)
+        self.lora_ranks = to_device(torch.tensor(self.layout.ranks, dtype=torch.int64), self.lora_A.device)
         self._set_host_scaling(vals)
 
     def _set_host_scaling(self, vals: list[float]) -> None:
@@ -311,6 +315,16 @@ class HetLoraLinear(nn.Module):
         # forward reads the scalings' host copy (no device read per call) and export_peft the
         # alphas: a loaded `scaling` buffer that differs from this layer's (a model saved with
         # other alphas) must reach both, or the loaded model would silently compute another one
+        key = prefix + "lora_ranks"
+        if key in state_dict:
+            saved = state_dict[key]
+            saved = tuple(int(r) for r in saved.tolist()) if isinstance(saved, torch.Tensor) else saved
+            if saved != tuple(self.layout.ranks):
+                raise ValueError(f"{prefix.rstrip('.') or 'the layer'}: the state dict holds adapters of ranks "
+                                 f"{list(saved)}, this layer ranks {list(self.layout.ranks)}: build the model with "
+                                 "the saved ranks")
+        else:  # a state dict saved before the ranks were kept: nothing to check it against
+            state_dict[key] = self.lora_ranks
         before = self.scaling.detach().clone()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if (prefix + "scaling") in state_dict and self.scaling.shape == before.shape \

@@ -194,3 +194,18 @@ def test_newer_peft_variants_are_refused_by_name(tmp_path, field, value, match):
     (good / "adapter_config.json").write_text(json.dumps({**cfg, field: value}))
     with pytest.raises(ValueError, match=match):
         MultiLoraModel.from_peft(copy.deepcopy(base), [good])
+
+
+def test_a_state_dict_loads_only_into_the_ranks_it_was_saved_with():
+    """The packed weights of ranks (2, 3) fit a model of ranks (3, 2) shape for shape: without the
+    ranks in the state dict the load would succeed and compute another model."""
+    a = MultiLoraModel(tiny_bert(), ["query"], [2, 3])
+    _randomise(a)
+    with pytest.raises(ValueError, match=r"ranks \[2, 3\], this layer ranks \[3, 2\]"):
+        MultiLoraModel(tiny_bert(), ["query"], [3, 2]).load_state_dict(a.state_dict())
+    same = MultiLoraModel(tiny_bert(), ["query"], [2, 3])
+    same.load_state_dict(a.state_dict())
+    assert all(torch.equal(p, q) for p, q in zip(same.lora_parameters(), a.lora_parameters()))
+    # a state dict saved before the ranks were kept still loads (strict), unchecked
+    old = {k: v for k, v in a.state_dict().items() if not k.endswith("lora_ranks")}
+    MultiLoraModel(tiny_bert(), ["query"], [2, 3]).load_state_dict(old)
