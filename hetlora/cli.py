@@ -73,7 +73,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from hetlora import __version__
-    from hetlora.fl.config import STRATEGIES
+    from hetlora.fl.config import RESUME_MAY_CHANGE, STRATEGIES
 
     p = argparse.ArgumentParser(prog="hetlora", description="Federated fine-tuning with heterogeneous LoRA ranks.",
                                 allow_abbrev=False)
@@ -90,9 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"plots; names from {list(STRATEGIES)}, homlora@R for HomLoRA at rank R")
     s.add_argument("--resume", action="store_true",
                    help="continue the run in the run directory from its latest checkpoint, with the settings "
-                        "it was made with (only the number of rounds, evaluation, device, backend, mode, "
-                        "threads and output settings may differ, and not device or mode with LoRA dropout; "
-                        "anything else is refused, naming it)")
+                        "it was made with (repeat them, or pass --config RUN_DIR/config.yaml); only "
+                        f"{', '.join(sorted(RESUME_MAY_CHANGE))} may differ, and not device or mode with LoRA "
+                        "dropout; anything else is refused, naming it")
     s.add_argument("--overwrite", action="store_true",
                    help="replace an earlier run in the run directory (deleted first); without it, or --resume, "
                         "a run directory that holds a run is refused")
@@ -222,7 +222,10 @@ def _parse_compare(items: Sequence[str]) -> list[tuple[str, dict]]:
             if name != "homlora" or not rank.isdigit():
                 raise ValueError(f"--compare: {item!r}: only homlora@R takes a rank")
             extra["hom_rank"] = int(rank)
-        out.append((item.lower().replace("@", "_r"), {"strategy": name, **extra}))
+        label = item.lower().replace("@", "_r")
+        if any(label == done for done, _ in out):  # one run directory each: the second would meet the first
+            raise ValueError(f"--compare: {item!r} is given twice")
+        out.append((label, {"strategy": name, **extra}))
     return out
 
 
@@ -248,6 +251,9 @@ def _simulate(ns: argparse.Namespace) -> int:
         return 0
     runs = _parse_compare(ns.compare)
     root = Path(cfg.out_dir) / (cfg.run_name or f"compare_s{cfg.seed}")
+    if ((root / "metrics.jsonl").exists() or (root / "checkpoints").exists()) and not ns.overwrite:
+        raise ValueError(f"--compare: {str(root)!r} holds a single run, not a comparison: its plots would be "
+                         "replaced; choose another --run-name (or --overwrite)")
     sims = [Simulation(cfg.replace(out_dir=str(root), run_name=label, **changes), verbose=not ns.quiet)
             for label, changes in runs]
     for sim in sims:  # every run directory checked before the first run starts
@@ -256,7 +262,8 @@ def _simulate(ns: argparse.Namespace) -> int:
     for sim in sims:
         sim.run(resume=ns.resume, overwrite=ns.overwrite)
         dirs.append(sim.run_dir)
-    plot_runs(dirs, root)
+    if cfg.plots:
+        plot_runs(dirs, root)
     table = comparison_table({d.name: read_metrics(d) for d in dirs})
     (root / "comparison.md").write_text(table)
     print(table)
@@ -290,10 +297,22 @@ def _reproduce(ns: argparse.Namespace) -> int:
         res = run_grid(grid, jobs=jobs, budget_s=ns.budget_s, verbose=not ns.quiet)
         print(f"runs: {len(res['ran'])} ran, {len(res['skipped'])} already done, {len(res['failed'])} failed, "
               f"{len(res['not_started'])} left for a later run")
+    if ns.summarize_only:  # a summary of nothing would replace a good one: check what is there first
+        import json
+
+        if not (out / "grid.json").is_file():
+            raise ValueError(f"--summarize-only: {str(out)!r} holds no grid (no grid.json): nothing to summarise; "
+                             "check --out")
+        was = json.loads((out / "grid.json").read_text()).get("scale")
+        if was != ns.scale:
+            raise ValueError(f"--summarize-only: the grid in {str(out)!r} was run at --scale {was}, not {ns.scale}")
     summary = summarize(grid, command)
     print((out / "summary.md").read_text(), end="")
-    print(f"summary: {out / 'summary.md'}  plots: {out / 'accuracy_by_alpha.png'}, {out / 'final_accuracy.png'}")
-    if not ns.summarize_only and (res["failed"] or not summary["rows"]):
+    if summary["rows"]:
+        print(f"summary: {out / 'summary.md'}  plots: {out / 'accuracy_by_alpha.png'}, {out / 'final_accuracy.png'}")
+    else:
+        print(f"summary: {out / 'summary.md'} (no finished run to summarise, no plots)")
+    if not summary["rows"] or (not ns.summarize_only and res["failed"]):
         return 1
     return 0
 
@@ -302,6 +321,8 @@ def _export(ns: argparse.Namespace) -> int:
     from hetlora.fl.sim import Simulation
 
     out = Path(ns.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"OUT: {str(out)!r} exists and is not a directory")
     if not ns.merged and out.is_dir() and any(out.iterdir()) and not (out / "adapter_config.json").exists():
         # (a merged export checks its own target the same way)
         raise ValueError(f"OUT: {str(out)!r} is a non-empty directory that holds no peft adapter: choose a new "
@@ -326,9 +347,15 @@ def _predict(ns: argparse.Namespace) -> int:
         raise ValueError("TEXT: an empty text; give each text as one non-empty argument")
     texts = list(ns.texts)
     if ns.file:
-        f = sys.stdin if ns.file == "-" else open(ns.file, encoding="utf-8")
-        with f:
-            texts += [line.rstrip("\n") for line in f if line.strip()]
+        if ns.file != "-" and not Path(ns.file).is_file():
+            raise ValueError(f"--file: {ns.file!r} is {'a directory' if Path(ns.file).is_dir() else 'not there'}"
+                             ", expected a text file (one text per line)")
+        try:
+            f = sys.stdin if ns.file == "-" else open(ns.file, encoding="utf-8")
+            with f:
+                texts += [line.rstrip("\n") for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--file: cannot read {ns.file!r} as UTF-8 text ({e})") from None
     if not texts:
         raise ValueError("no text to label: give TEXT arguments or --file")
     clf = MergedClassifier.from_dir(ns.model_dir, device=ns.device)
@@ -364,6 +391,8 @@ def _evaluate(ns: argparse.Namespace) -> int:
             raise ValueError(f"{flag} must be >= {low}, got {v}")
     if ns.json and not Path(ns.json).resolve().parent.is_dir():  # before minutes of scoring, not after
         raise FileNotFoundError(f"--json: no directory {str(Path(ns.json).parent)!r} to write {ns.json!r} in")
+    if ns.json and Path(ns.json).is_dir():
+        raise ValueError(f"--json: {ns.json!r} is a directory; give a file name")
     sim = Simulation.from_run_dir(ns.run_dir, device=ns.device)
     sim.config.eval_samples = ns.eval_samples
     sim.setup()  # the run's data and test set; the restored state is kept
@@ -393,7 +422,8 @@ def _evaluate(ns: argparse.Namespace) -> int:
         if sim.fm.causal:
             out["perplexity"] = math.exp(loss) if loss < 700 else math.inf
         rows.append(out)
-        shown = {k: v for k, v in out.items() if k not in ("run", "model", "clients")}
+        shown = {k: v for k, v in out.items() if k not in ("run", "model", "clients")
+                 and not (k == "rank" and who.startswith("rank "))}
         words = [f"{k} {100 * v:.2f}%" if k == "accuracy" else f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                  for k, v in shown.items()]
         print(f"{who}: " + "  ".join(words))
@@ -404,6 +434,9 @@ def _evaluate(ns: argparse.Namespace) -> int:
 
 def _plot(ns: argparse.Namespace) -> int:
     from hetlora.fl.report import plot_runs
+
+    if ns.out and Path(ns.out).exists() and not Path(ns.out).is_dir():
+        raise ValueError(f"--out: {ns.out!r} exists and is not a directory")
 
     for p in plot_runs(ns.run_dirs, ns.out):
         print(f"wrote {p}")
@@ -433,8 +466,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns, extra = p.parse_known_args(list(argv) if argv is not None else None)
     if extra and ns.command == "predict" and not any(a.startswith("-") for a in extra):
         ns.texts = [*ns.texts, *extra]  # texts after an option (`predict DIR --top 3 "text"`)
-    elif extra:
-        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    elif extra:  # the subcommand's own usage, and only what looks like an option when texts may follow
+        shown = [a for a in extra if a.startswith("-")] if ns.command == "predict" else extra
+        sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+        sub.choices[ns.command].error(f"unrecognized arguments: {' '.join(shown)}")
     try:
         if ns.command == "simulate":
             return _simulate(ns)
@@ -449,7 +484,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ns.command == "evaluate":
             return _evaluate(ns)
         return _bench(ns)
-    except (ValueError, FileNotFoundError) as e:
+    except BrokenPipeError:  # `hetlora predict ... | head`: the reader has what it wanted
+        sys.stderr.close()
+        return 0
+    except (ValueError, OSError) as e:  # a user's input or a path: one line, no traceback
         print(f"hetlora {ns.command}: error: {e}", file=sys.stderr)
         return 2
 

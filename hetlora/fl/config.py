@@ -57,6 +57,13 @@ def _tiers_default() -> list[list]:
     return [[0.5, "min"], [0.3, "mid"], [0.2, "max"]]
 
 
+# FedConfig fields a resumed run may change: how long it runs and where and how it is executed or
+# reported, never what is trained on what (`Simulation._check_resumable`)
+RESUME_MAY_CHANGE = frozenset({"rounds", "eval_every", "eval_batch_size", "device", "backend", "mode", "threads",
+                               "out_dir", "run_name", "checkpoint_every", "export_clients", "progress", "plots",
+                               "deterministic"})
+
+
 @dataclass
 class FedConfig:
     """Configuration of one federated simulation (``hetlora simulate``).

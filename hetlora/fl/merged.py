@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..atomic import chmod_tree
+
 if TYPE_CHECKING:
     from .sim import Simulation
 
@@ -71,9 +73,6 @@ def write_merged(sim: Simulation, path: str | Path, client: int | None = None) -
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would survive the rename
         with _quiet_transformers():
             model.save_pretrained(tmp, safe_serialization=True)
             if sim.tokenizer is not None:
@@ -93,6 +92,7 @@ def write_merged(sim: Simulation, path: str | Path, client: int | None = None) -
             "adapter": "global" if client is None else f"client {client}", "rank": int(rank),
             "scaling": float(scaling), "base_model": str(sim.model_name),
             "target_modules": list(fm.layer_names)}, indent=1) + "\n")
+        chmod_tree(tmp)  # mkdtemp's 0700 and safetensors' 0600 would survive the rename
         if path.is_dir():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
             os.replace(path, old / "x")

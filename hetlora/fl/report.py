@@ -19,6 +19,7 @@ __all__ = [
     "plot_accuracy",
     "plot_rank_histogram",
     "plot_comm_vs_accuracy",
+    "plot_perplexity",
     "comparison_table",
     "plot_runs",
 ]
@@ -31,6 +32,8 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     the line leaves it cut short (the run's resume rewrites the file).  A bad line before the
     last is damage, not an interrupted append: ``ValueError`` naming the file and the line."""
     p = Path(run_dir) / "metrics.jsonl"
+    if not Path(run_dir).is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such run directory")
     if not p.exists():
         raise FileNotFoundError(f"{run_dir} has no metrics.jsonl: not a simulation run directory")
     lines = [(i, line) for i, line in enumerate(p.read_text().splitlines(), 1) if line.strip()]
@@ -75,8 +78,47 @@ def _accuracy_lines(runs: Mapping[str, Sequence[dict]], path: str | Path, x_of, 
             x, y = zip(*pts)
             ax.plot(x, y, marker="o", ms=3, label=label)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("global test accuracy (%)")
+    if xlabel == "round":
+        ax.xaxis.set_major_locator(_int_ticks())
+    ax.set_ylabel(_accuracy_name(runs) + " (%)")
     ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def _int_ticks():
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True)
+
+
+def _accuracy_name(runs: Mapping[str, Sequence[dict]]) -> str:
+    """What ``eval_acc`` measures: a causal LM's records carry ``eval_ppl``, and their accuracy is
+    next-token accuracy."""
+    causal = {any("eval_ppl" in r for r in recs) for recs in runs.values() if recs}
+    if causal == {True}:
+        return "global next-token accuracy"
+    return "global test accuracy" if causal == {False} else "global test / next-token accuracy"
+
+
+def plot_perplexity(runs: Mapping[str, Sequence[dict]], path: str | Path, title: str = "") -> Path:
+    """A causal LM's global test perplexity vs round, one line per run (log scale)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, recs in runs.items():
+        pts = [(r["round"], r["eval_ppl"]) for r in recs if r.get("eval_ppl") is not None]
+        if pts:
+            x, y = zip(*pts)
+            ax.plot(x, y, marker="o", ms=3, label=label)
+    ax.set_yscale("log")
+    ax.xaxis.set_major_locator(_int_ticks())
+    ax.set_xlabel("round")
+    ax.set_ylabel("global test perplexity")
+    ax.set_title(title or "perplexity vs round")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -102,7 +144,11 @@ def plot_rank_histogram(records: Sequence[dict], path: str | Path, title: str = 
     fig, ax = plt.subplots(figsize=(6, 4))
     im = ax.imshow(grid, aspect="auto", origin="lower", cmap="viridis",
                    extent=(records[0]["round"] - 0.5, records[-1]["round"] + 0.5, -0.5, rmax + 0.5))
-    fig.colorbar(im, ax=ax, label="clients")
+    cb = fig.colorbar(im, ax=ax, label="clients")
+    cb.locator = _int_ticks()
+    cb.update_ticks()
+    ax.xaxis.set_major_locator(_int_ticks())
+    ax.yaxis.set_major_locator(_int_ticks())
     ax.set_xlabel("round")
     ax.set_ylabel("client rank (after pruning)")
     ax.set_title(title or "rank histogram over rounds")
@@ -125,7 +171,8 @@ def plot_comm_vs_accuracy(runs: Mapping[str, Sequence[dict]], path: str | Path, 
 
 def comparison_table(runs: Mapping[str, Sequence[dict]]) -> str:
     """Markdown table: final / best accuracy, rounds, MB up / down, mean final rank, wall time."""
-    lines = ["| run | final acc (%) | best acc (%) | rounds | MB up | MB down | mean rank (end) | rejected "
+    acc = "next-token acc" if _accuracy_name(runs) == "global next-token accuracy" else "acc"
+    lines = [f"| run | final {acc} (%) | best {acc} (%) | rounds | MB up | MB down | mean rank (end) | rejected "
              "| wall (s) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for label, recs in runs.items():
@@ -150,17 +197,19 @@ def plot_runs(run_dirs: Sequence[str | Path], out_dir: str | Path | None = None,
     ``comparison.md`` when more than one run is given."""
     dirs = [Path(d) for d in run_dirs]
     out = Path(out_dir) if out_dir is not None else dirs[0]
-    out.mkdir(parents=True, exist_ok=True)
     runs = {}
-    for d in dirs:
+    for d in dirs:  # every run read before anything is made: a mistyped one leaves nothing behind
         label = _label(d, read_config(d))
         if label in runs:
             label = str(d)
         runs[label] = read_metrics(d)
     if not any(runs.values()):
         raise ValueError(f"nothing to plot: no round recorded in the metrics.jsonl of {[str(d) for d in dirs]}")
+    out.mkdir(parents=True, exist_ok=True)
     written = [plot_accuracy(runs, out / f"{prefix}accuracy.png"),
                plot_comm_vs_accuracy(runs, out / f"{prefix}comm_vs_accuracy.png")]
+    if any("eval_ppl" in r for recs in runs.values() for r in recs):
+        written.append(plot_perplexity(runs, out / f"{prefix}perplexity.png"))
     for label, recs in runs.items():
         if recs:
             safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in label)

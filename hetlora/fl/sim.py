@@ -36,8 +36,9 @@ from torch import nn
 
 from hetlora_kernels import use_backend
 
+from ..atomic import atomic_write
 from .checkpoint import CKPT_DIR, atomic_write_bytes, load_checkpoint, save_checkpoint
-from .config import FedConfig
+from .config import RESUME_MAY_CHANGE, FedConfig
 from .determinism import deterministic_algorithms, prepare
 from .local import ClientTask, FedModel, TokenData, evaluate, train_round
 from .strategies import ClientUpdate, GlobalState, Strategy, client_generator, make_strategy
@@ -296,6 +297,19 @@ def _client_keys_to_int(rec: dict) -> dict:
     return out
 
 
+def _portable_paths(cfg: dict) -> dict:
+    """``cfg`` (a FedConfig mapping) with ``model`` and ``dataset`` made absolute where they name a
+    local directory or data file that exists from here (hub names and built-in data sets stay)."""
+    out = dict(cfg)
+    model, data = out.get("model"), out.get("dataset")
+    if isinstance(model, str) and model and Path(model).expanduser().is_dir():
+        out["model"] = str(Path(model).expanduser().resolve())
+    if isinstance(data, str) and data.lower().endswith((".csv", ".tsv", ".jsonl", ".json")) \
+            and Path(data).expanduser().is_file():
+        out["dataset"] = str(Path(data).expanduser().resolve())
+    return out
+
+
 class Simulation:
     """One federated run.
 
@@ -511,8 +525,11 @@ class Simulation:
         directory (also Flower's server strategy writes them so)."""
         d = self.run_dir
         d.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(d / "config.json", (self.config.to_json() + "\n").encode())
-        atomic_write_bytes(d / "config.yaml", self.config.to_yaml().encode())
+        # local model and data paths as absolute ones: the run is evaluated, exported and resumed
+        # from other working directories too
+        cfg = FedConfig.from_dict(_portable_paths(self.config.to_dict()))
+        atomic_write_bytes(d / "config.json", (cfg.to_json() + "\n").encode())
+        atomic_write_bytes(d / "config.yaml", cfg.to_yaml().encode())
         if self.data is not None and not self.fm.causal and len(self.data.label_names) == self.data.num_classes:
             from .merged import LABELS_FILE
 
@@ -520,9 +537,7 @@ class Simulation:
 
     # FedConfig fields a resumed run may change: how long it runs and where and how it is
     # executed or reported, never what is trained on what
-    RESUME_MAY_CHANGE = frozenset({"rounds", "eval_every", "eval_batch_size", "device", "backend", "mode", "threads",
-                                   "out_dir", "run_name", "checkpoint_every", "export_clients", "progress", "plots",
-                                   "deterministic"})
+    RESUME_MAY_CHANGE = RESUME_MAY_CHANGE
 
     def _check_resumable(self, d: Path) -> None:
         """Refuse to resume a run directory made with other settings (its ``config.json``), naming
@@ -536,7 +551,7 @@ class Simulation:
             raise ValueError(f"resume: cannot read the settings of the run in {d} ({p}: {e})") from e
         if not isinstance(saved, dict):
             raise ValueError(f"resume: {p} does not hold a FedConfig mapping")
-        now = json.loads(self.config.to_json())
+        now, saved = _portable_paths(json.loads(self.config.to_json())), _portable_paths(saved)
         may_change = set(self.RESUME_MAY_CHANGE)
         if float(now.get("lora_dropout") or 0) > 0:
             # dropout masks come from the device's generator and, per client, from where the client
@@ -627,11 +642,11 @@ class Simulation:
                 self._say(f"resuming {cfg.name} after round {last}")
             else:
                 self._say(f"resume: no checkpoint in {d}: starting at round 1")
-        self.write_run_files()
-        atomic_write_bytes(metrics, "".join(json.dumps(r) + "\n" for r in history.records).encode())
+        if start <= cfg.rounds:  # (a resume with fewer --rounds than done must not rewrite the run's
+            # config to a number of rounds its checkpoint and metrics have passed)
+            self.write_run_files()
+            atomic_write_bytes(metrics, "".join(json.dumps(r) + "\n" for r in history.records).encode())
 
-        total_steps = sum(self._steps(len(tr)) for tr, _ in self.data.clients) * cfg.clients_per_round \
-            / max(cfg.num_clients, 1)
         elapsed = sum(r.get("wall_time", 0.0) for r in history.records)
         cum_up = history.records[-1]["cum_bytes_up"] if history.records else 0
         cum_down = history.records[-1]["cum_bytes_down"] if history.records else 0
@@ -640,7 +655,10 @@ class Simulation:
             if self.verbose and cfg.progress:
                 from tqdm.auto import tqdm
 
-                bar = tqdm(total=int(round(total_steps)), desc=f"{cfg.strategy} round {rnd}/{cfg.rounds}",
+                # the round's own clients (sampling is a function of seed and round): with local_epochs
+                # clients run different numbers of steps
+                steps = sum(self._steps(len(self.data.clients[c][0])) for c in self.sample_clients(rnd))
+                bar = tqdm(total=steps, desc=f"{cfg.strategy} round {rnd}/{cfg.rounds}",
                            unit="client-step", leave=False)
             try:
                 rec = self.run_round(rnd, bar)
@@ -733,9 +751,12 @@ class Simulation:
 
         self.fm.set_adapters(A, B, AdapterLayout([rank]), [scaling])
         base = self.model_name if self.model_name not in ("tiny-random-bert", "tiny-random-gpt2") else None
+        # an earlier export's target weights (a FLoRA run's, say) must not outlive it beside this adapter
+        (Path(path) / "target_weights.safetensors").unlink(missing_ok=True)
         p = self.fm.mlm.export_peft(0, path, base_model_name_or_path=base)
-        save_file({"weight": self.state.head_W.detach().cpu().contiguous(),
-                   "bias": self.state.head_b.detach().cpu().contiguous()}, str(Path(p) / "head.safetensors"))
+        head = {"weight": self.state.head_W.detach().cpu().contiguous(),
+                "bias": self.state.head_b.detach().cpu().contiguous()}
+        atomic_write(Path(p) / "head.safetensors", lambda f: save_file(head, f))
         if self.state.base_weights is not None:
             # the adapter alone is not the model when the strategy changes the base (FLoRA merges,
             # full fine-tuning): the target layers' weights go beside it, in each module's own
@@ -745,7 +766,7 @@ class Simulation:
             for name, bias in zip(self.fm.layer_names, self.state.base_biases or []):
                 if bias is not None:
                     t[f"{name}.bias"] = bias.detach().cpu().contiguous()
-            save_file(t, str(Path(p) / "target_weights.safetensors"))
+            atomic_write(Path(p) / "target_weights.safetensors", lambda f: save_file(t, f))
         return Path(p)
 
     def adapter_of(self, client: int | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor], int, float]:
