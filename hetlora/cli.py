@@ -236,6 +236,8 @@ def _simulate(ns: argparse.Namespace) -> int:
     cfg = _resolve_config(ns)
     if ns.quiet:
         cfg.progress = False
+    if ns.compare:
+        _parse_compare(ns.compare)  # bad names refused before anything, --print-config included
     if ns.print_config:
         print(cfg.to_yaml(), end="")
         return 0
@@ -317,6 +319,14 @@ def _reproduce(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _check_client(ns: argparse.Namespace, sim) -> None:
+    c = getattr(ns, "client", None)
+    if c is None or getattr(ns, "glob", False):
+        return
+    if not 0 <= c < sim.config.num_clients:
+        raise ValueError(f"--client must lie in [0, {sim.config.num_clients - 1}] (the run's clients), got {c}")
+
+
 def _export(ns: argparse.Namespace) -> int:
     from hetlora.fl.sim import Simulation
 
@@ -330,6 +340,7 @@ def _export(ns: argparse.Namespace) -> int:
     # on the CPU whatever the run's device: an export only writes files, and a merged one copies
     # the whole model (two copies on a GPU could exhaust it)
     sim = Simulation.from_run_dir(ns.run_dir, device="cpu")
+    _check_client(ns, sim)
     if ns.merged:
         path = sim.export_merged(ns.out, None if ns.glob else ns.client)
     else:
@@ -394,6 +405,7 @@ def _evaluate(ns: argparse.Namespace) -> int:
     if ns.json and Path(ns.json).is_dir():
         raise ValueError(f"--json: {ns.json!r} is a directory; give a file name")
     sim = Simulation.from_run_dir(ns.run_dir, device=ns.device)
+    _check_client(ns, sim)
     sim.config.eval_samples = ns.eval_samples
     sim.setup()  # the run's data and test set; the restored state is kept
     models: list[tuple[str, object, dict]] = []  # (name, state, extra fields)

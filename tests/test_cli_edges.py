@@ -145,3 +145,22 @@ def test_causal_lm_runs_are_plotted_as_next_token_accuracy_and_perplexity(tmp_pa
 
     assert report._accuracy_name({"lm": recs}) == "global next-token accuracy"
     assert (d / "perplexity.png").stat().st_size > 1000
+
+
+def test_more_messages_name_what_the_user_typed(tmp_path, capsys):
+    assert main(["simulate", *TINY, "--out-dir", str(tmp_path), "--run-name", "r"]) == 0
+    run = tmp_path / "r"
+    cases = [
+        (["simulate", "--config", str(tmp_path), "--print-config"], "is a directory"),
+        (["simulate", "--compare", "fedprox", "--print-config"], "--compare: unknown strategy 'fedprox'"),
+        (["export", "--client", "9", str(run), str(tmp_path / "o")], "--client must lie in [0, 3]"),
+        (["evaluate", str(run), "--client", "99"], "--client must lie in [0, 3]"),
+        (["predict", str(tmp_path / "nope"), "hello"], "no directory"),
+    ]
+    for argv, fragment in cases:
+        assert main(argv) == 2, argv
+        assert fragment in _err(capsys), argv
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("[]")
+    assert main(["export", "--global", str(tmp_path / "bad"), str(tmp_path / "o2")]) == 2
+    assert "bad/config.json" in _err(capsys)

@@ -507,6 +507,8 @@ class FedConfig:
             data = json.loads(text)
         except ValueError as e:
             raise ValueError(f"FedConfig JSON: cannot parse {where} ({e})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"FedConfig JSON {where}: holds a {type(data).__name__}, not a FedConfig mapping")
         return cls.from_dict(data)
 
     def to_yaml(self, path: str | Path | None = None) -> str:
@@ -535,6 +537,8 @@ class FedConfig:
     def load(cls, path: str | Path) -> FedConfig:
         """From a ``.json``, ``.yaml`` or ``.yml`` file."""
         p = Path(path)
+        if p.is_dir():
+            raise ValueError(f"config file {p}: is a directory; give its config.yaml or config.json")
         if not p.is_file():
             raise FileNotFoundError(f"config file not found: {p}")
         if p.suffix not in (".json", ".yaml", ".yml"):

@@ -88,7 +88,7 @@ def write_merged(sim: Simulation, path: str | Path, client: int | None = None) -
                 indent=1) + "\n")
         last = _last_round(sim.run_dir)
         (tmp / EXPORT_META).write_text(json.dumps({
-            "run": str(sim.run_dir), "round": last, "strategy": cfg.strategy, "task": cfg.task,
+            "run": str(Path(sim.run_dir).resolve()), "round": last, "strategy": cfg.strategy, "task": cfg.task,
             "adapter": "global" if client is None else f"client {client}", "rank": int(rank),
             "scaling": float(scaling), "base_model": str(sim.model_name),
             "target_modules": list(fm.layer_names)}, indent=1) + "\n")
@@ -185,6 +185,8 @@ class MergedClassifier:
 
         path = Path(path)
         device = usable_device(device)
+        if not path.is_dir():
+            raise FileNotFoundError(f"path: no directory {str(path)!r} (a merged export, from hetlora export --merged)")
         if not (path / HEAD_META).is_file() or not (path / HEAD_FILE).is_file():
             what = "a causal-LM export (load it with AutoModelForCausalLM)" if (path / EXPORT_META).is_file() \
                 else "not a merged export (hetlora export --merged)"
@@ -223,7 +225,8 @@ class MergedClassifier:
         """``N`` texts -> ``[N, C]`` logits, tokenised as training was (truncated to ``max_length``);
         ``progress``: a progress bar over the batches (on standard error)."""
         if self.tokenizer is None:
-            raise ValueError("texts: this export has no tokenizer (its model had none); use logits_from_ids")
+            raise ValueError("texts: this export has no tokenizer (its model had none), so it cannot label text; "
+                             "in Python, MergedClassifier.logits_from_ids takes token ids")
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise TypeError("texts must be a sequence of strings")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
