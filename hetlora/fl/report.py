@@ -67,20 +67,22 @@ def _label(run_dir: Path, cfg: dict) -> str:
     return cfg.get("run_name") or run_dir.name
 
 
-def _accuracy_lines(runs: Mapping[str, Sequence[dict]], path: str | Path, x_of, xlabel: str, title: str) -> Path:
-    """One line per run of global test accuracy (%) against ``x_of(record)``, over the
-    records that were evaluated (and for which ``x_of`` is defined)."""
+def _lines(runs: Mapping[str, Sequence[dict]], path: str | Path, point, xlabel: str, ylabel: str, title: str,
+           log_y: bool = False) -> Path:
+    """One line per run of ``point(record)`` (an ``(x, y)`` pair, or None to leave it out)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, recs in runs.items():
-        pts = [(x_of(r), 100 * r["eval_acc"]) for r in recs if r.get("eval_acc") is not None and x_of(r) is not None]
+        pts = [p for p in map(point, recs) if p is not None]
         if pts:
             x, y = zip(*pts)
             ax.plot(x, y, marker="o", ms=3, label=label)
-    ax.set_xlabel(xlabel)
+    if log_y:
+        ax.set_yscale("log")
     if xlabel == "round":
         ax.xaxis.set_major_locator(_int_ticks())
-    ax.set_ylabel(_accuracy_name(runs) + " (%)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -88,6 +90,16 @@ def _accuracy_lines(runs: Mapping[str, Sequence[dict]], path: str | Path, x_of, 
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def _accuracy_lines(runs: Mapping[str, Sequence[dict]], path: str | Path, x_of, xlabel: str, title: str) -> Path:
+    """One line per run of global test accuracy (%) against ``x_of(record)``, over the
+    records that were evaluated (and for which ``x_of`` is defined)."""
+    def point(r: dict):
+        x = x_of(r)
+        return None if r.get("eval_acc") is None or x is None else (x, 100 * r["eval_acc"])
+
+    return _lines(runs, path, point, xlabel, _accuracy_name(runs) + " (%)", title)
 
 
 def _int_ticks():
@@ -107,24 +119,8 @@ def _accuracy_name(runs: Mapping[str, Sequence[dict]]) -> str:
 
 def plot_perplexity(runs: Mapping[str, Sequence[dict]], path: str | Path, title: str = "") -> Path:
     """A causal LM's global test perplexity vs round, one line per run (log scale)."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, recs in runs.items():
-        pts = [(r["round"], r["eval_ppl"]) for r in recs if r.get("eval_ppl") is not None]
-        if pts:
-            x, y = zip(*pts)
-            ax.plot(x, y, marker="o", ms=3, label=label)
-    ax.set_yscale("log")
-    ax.xaxis.set_major_locator(_int_ticks())
-    ax.set_xlabel("round")
-    ax.set_ylabel("global test perplexity")
-    ax.set_title(title or "perplexity vs round")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _lines(runs, path, lambda r: None if r.get("eval_ppl") is None else (r["round"], r["eval_ppl"]),
+                  "round", "global test perplexity", title or "perplexity vs round", log_y=True)
 
 
 def plot_accuracy(runs: Mapping[str, Sequence[dict]], path: str | Path, title: str = "") -> Path:
