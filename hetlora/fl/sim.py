@@ -535,9 +535,7 @@ class Simulation:
 
             atomic_write_bytes(d / LABELS_FILE, (json.dumps(list(self.data.label_names)) + "\n").encode())
 
-    # FedConfig fields a resumed run may change: how long it runs and where and how it is
-    # executed or reported, never what is trained on what
-    RESUME_MAY_CHANGE = RESUME_MAY_CHANGE
+    RESUME_MAY_CHANGE = RESUME_MAY_CHANGE  # (defined beside FedConfig: the CLI's help lists it too)
 
     def _check_resumable(self, d: Path) -> None:
         """Refuse to resume a run directory made with other settings (its ``config.json``), naming
