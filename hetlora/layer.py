@@ -438,8 +438,7 @@ class HetLoraLinear(nn.Module):
     def remove_adapter(self, k: int) -> None:
         """Drop adapter slot ``k``; the slots after it move down by one.  New parameter tensors,
         as `add_adapter`."""
-        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < self.num_adapters:
-            raise ValueError(f"k must be an adapter index in [0, {self.num_adapters - 1}], got {k!r}")
+        self._check_slot(k)
         if self.num_adapters == 1:
             raise ValueError("cannot remove the only adapter of a layer")
         rows = self.layout.rows(k)

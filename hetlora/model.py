@@ -49,6 +49,11 @@ def _under_torch_compile() -> bool:
         return False
 
 
+def _within(name: str, root: str) -> bool:
+    """Whether module ``name`` is ``root`` or lies inside it."""
+    return name == root or name.startswith(root + ".")
+
+
 class MultiLoraModel(nn.Module):
     """A transformers model whose target linear layers carry K mixed-rank LoRA adapters.
 
@@ -128,13 +133,13 @@ class MultiLoraModel(nn.Module):
                 raise ValueError(f"modules_to_save={list(modules_to_save)!r} matched no module")
             inside = {id(p) for name in top for p in model.get_submodule(name).parameters()}
             for name in top:
-                adapted = [n for n in self.lora_module_names if n == name or n.startswith(name + ".")]
+                adapted = [n for n in self.lora_module_names if _within(n, name)]
                 if adapted:  # its base weight would train, and the export would not load in peft
                     raise ValueError(f"modules_to_save: {name!r} holds the adapted layer(s) {adapted}; "
                                      "a module is either adapted or saved whole, not both")
             for pname, p in model.named_parameters(remove_duplicate=False):
                 owner = pname.rpartition(".")[0]
-                if id(p) in inside and not any(owner == t or owner.startswith(t + ".") for t in top):
+                if id(p) in inside and not any(_within(owner, t) for t in top):
                     # a tied weight (GPT-2's lm_head is its input embedding): training it would
                     # change the module outside too, which the export leaves out
                     raise ValueError(f"modules_to_save: {pname!r} is tied to a parameter of {top}; a module "

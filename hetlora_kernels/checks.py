@@ -116,6 +116,13 @@ def _scaling_tensor(values: tuple[float, ...], device: torch.device) -> torch.Te
     return t
 
 
+def finite_real(v: object, name: str) -> float:
+    """``v`` as a float: a finite real number, never a bool (``ValueError`` naming ``name``)."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite number, got {v!r}")
+    return float(v)
+
+
 def check_scaling(scaling: object, num_adapters: int, device: torch.device) -> float | torch.Tensor:
     """A finite float, or a finite ``[K]`` tensor.  Returns a float or a ``[K]`` tensor: float64
     for a float64 tensor or a sequence (so that float64 ops keep full precision), else float32.
@@ -144,10 +151,8 @@ def check_scaling(scaling: object, num_adapters: int, device: torch.device) -> f
             hit = _cached_scaling(scaling, torch.device(device))
             if hit is not None:
                 return hit
-            for i, v in enumerate(scaling):
-                if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
-                    raise ValueError(f"scaling[{i}] must be a finite number, got {v!r}")
-            return _scaling_tensor(tuple(float(v) for v in scaling), torch.device(device))
+            vals = tuple(finite_real(v, f"scaling[{i}]") for i, v in enumerate(scaling))
+            return _scaling_tensor(vals, torch.device(device))
         raise TypeError(f"scaling must be a float or a [K] tensor, got {type(scaling).__name__}")
     s = float(scaling)
     if not math.isfinite(s):

@@ -25,7 +25,6 @@ run on another backend than its forward (``use_backend`` around only one of them
 
 from __future__ import annotations
 
-import math
 import numbers
 
 import torch
@@ -181,23 +180,16 @@ def _backward(ctx, dy, dh):
 _fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _real(v, name: str) -> float:
-    """``v`` as a float, refused as the eager route's `checks.check_scaling` refuses it."""
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
-        raise ValueError(f"{name} must be a finite number, got {v!r}")
-    return float(v)
-
-
 def _scaling_args(scaling, K: int) -> tuple[torch.Tensor | None, list[float]]:
     if isinstance(scaling, torch.Tensor):
         # a 0-dim tensor is one scaling for every adapter (eager reads it with .item(), a graph break)
         return (scaling.reshape(1).repeat(K) if scaling.dim() == 0 else scaling), []
     if isinstance(scaling, numbers.Real) and not isinstance(scaling, bool):
-        return None, [_real(scaling, "scaling")]
+        return None, [checks.finite_real(scaling, "scaling")]
     if isinstance(scaling, (list, tuple)):
         if len(scaling) != K:  # (a one-entry list would otherwise pass for a float)
             raise ValueError(f"scaling must be a float or hold K={K} values, got {len(scaling)}")
-        return None, [_real(s, f"scaling[{i}]") for i, s in enumerate(scaling)]
+        return None, [checks.finite_real(s, f"scaling[{i}]") for i, s in enumerate(scaling)]
     raise TypeError(f"scaling must be a float, a sequence of K={K} floats or a [K] tensor, "
                     f"got {type(scaling).__name__}")
 
